@@ -1,0 +1,1 @@
+"""mmctl and the demo driver."""

@@ -1,0 +1,13 @@
+"""Entry point of `mm-producer`: the producer daemon (decode, preprocess, publish to the ring)."""
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """mm-producer: the producer daemon (decode, preprocess, publish to the ring)."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per modality: raw file -> numpy array. No ring, no sockets, no Python loops over elements."""

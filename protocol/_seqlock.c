@@ -1,0 +1,215 @@
+/*
+ * protocol._seqlock: the memory ordering the ring's seqlock relies on.
+ *
+ * NOTE [ring memory ordering ]
+ * A seqlock writer makes a slot's sequence odd, writes the payload, then makes it even.
+ * A reader loads the sequence, copies, then loads it again: equal and even means the copy
+ * is whole. That only holds if (a) the odd store becomes visible before any payload
+ * store, (b) every payload store becomes visible before the even store, and (c) the
+ * reader's payload loads are not satisfied before its first sequence load or after its
+ * second. x86-64 (TSO) keeps stores in order and loads in order, so there only the
+ * compiler must not reorder; Arm64 and POWER reorder both, so fences are required.
+ * Pure Python cannot emit a fence, which is why this file exists: C11 atomics give
+ * release/acquire on the sequence word plus explicit fences around the payload copy,
+ * correct on every architecture (on x86 they compile to plain moves plus a compiler
+ * barrier; the seq_cst fence used by the wake-up handshake is an mfence).
+ *
+ * The payload copies release the GIL, so a reader thread in the trainer can copy a slot
+ * into a pinned batch buffer while the training step runs.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef _Atomic uint64_t au64;
+
+static int get_buf(PyObject *obj, Py_buffer *view, int writable) {
+    return PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE);
+}
+
+static int check_range(Py_buffer *v, Py_ssize_t off, Py_ssize_t n, const char *what) {
+    if (off < 0 || n < 0 || off + n > v->len) {
+        PyErr_Format(PyExc_IndexError, "%s: range [%zd, %zd) outside buffer of %zd bytes",
+                     what, off, off + n, v->len);
+        return -1;
+    }
+    if (n == 8 && (((uintptr_t)v->buf + off) % 8) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: offset %zd is not 8-byte aligned", what, off);
+        return -1;
+    }
+    return 0;
+}
+
+#define WORD(view, off) ((au64 *)((char *)(view).buf + (off)))
+
+/* load_acquire(buf, off) -> int */
+static PyObject *py_load_acquire(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "On", &o, &off)) return NULL;
+    if (get_buf(o, &v, 0) < 0) return NULL;
+    if (check_range(&v, off, 8, "load_acquire") < 0) { PyBuffer_Release(&v); return NULL; }
+    uint64_t x = atomic_load_explicit(WORD(v, off), memory_order_acquire);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(x);
+}
+
+/* store_release(buf, off, value) */
+static PyObject *py_store_release(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long x; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnK", &o, &off, &x)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "store_release") < 0) { PyBuffer_Release(&v); return NULL; }
+    atomic_store_explicit(WORD(v, off), (uint64_t)x, memory_order_release);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* store_seq_cst(buf, off, value): a store that is also a full fence (wake-up handshake). */
+static PyObject *py_store_seq_cst(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long x; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnK", &o, &off, &x)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "store_seq_cst") < 0) { PyBuffer_Release(&v); return NULL; }
+    atomic_store_explicit(WORD(v, off), (uint64_t)x, memory_order_seq_cst);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* load_seq_cst(buf, off) -> int */
+static PyObject *py_load_seq_cst(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "On", &o, &off)) return NULL;
+    if (get_buf(o, &v, 0) < 0) return NULL;
+    if (check_range(&v, off, 8, "load_seq_cst") < 0) { PyBuffer_Release(&v); return NULL; }
+    uint64_t x = atomic_load_explicit(WORD(v, off), memory_order_seq_cst);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(x);
+}
+
+/* fetch_add(buf, off, delta) -> previous value (seq_cst) */
+static PyObject *py_fetch_add(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; long long d; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnL", &o, &off, &d)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "fetch_add") < 0) { PyBuffer_Release(&v); return NULL; }
+    uint64_t x = atomic_fetch_add_explicit(WORD(v, off), (uint64_t)d, memory_order_seq_cst);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(x);
+}
+
+/* compare_exchange(buf, off, expected, desired) -> bool */
+static PyObject *py_cas(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long e, d; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnKK", &o, &off, &e, &d)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "compare_exchange") < 0) { PyBuffer_Release(&v); return NULL; }
+    uint64_t exp = e;
+    int ok = atomic_compare_exchange_strong_explicit(WORD(v, off), &exp, (uint64_t)d,
+                                                     memory_order_seq_cst, memory_order_seq_cst);
+    PyBuffer_Release(&v);
+    return PyBool_FromLong(ok);
+}
+
+/* fence(): a full (seq_cst) memory fence. */
+static PyObject *py_fence(PyObject *self, PyObject *noargs) {
+    atomic_thread_fence(memory_order_seq_cst);
+    Py_RETURN_NONE;
+}
+
+/*
+ * write_begin(buf, seq_off) -> the odd sequence now in the slot.
+ * The release fence after the odd store keeps every later payload store behind it.
+ */
+static PyObject *py_write_begin(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "On", &o, &off)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "write_begin") < 0) { PyBuffer_Release(&v); return NULL; }
+    au64 *w = WORD(v, off);
+    uint64_t s = atomic_load_explicit(w, memory_order_relaxed);
+    if (s & 1) s += 1; /* a writer died mid-write: start from the next even value */
+    atomic_store_explicit(w, s + 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(s + 1);
+}
+
+/* write_end(buf, seq_off, odd_seq): publish; every payload store is visible before it. */
+static PyObject *py_write_end(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long s; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnK", &o, &off, &s)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "write_end") < 0) { PyBuffer_Release(&v); return NULL; }
+    atomic_store_explicit(WORD(v, off), (uint64_t)s + 1, memory_order_release);
+    PyBuffer_Release(&v);
+    Py_RETURN_NONE;
+}
+
+/* copy(dst, dst_off, src, src_off, n): memcpy with the GIL released. */
+static PyObject *py_copy(PyObject *self, PyObject *args) {
+    PyObject *d, *s; Py_ssize_t doff, soff, n; Py_buffer dv, sv;
+    if (!PyArg_ParseTuple(args, "OnOnn", &d, &doff, &s, &soff, &n)) return NULL;
+    if (get_buf(d, &dv, 1) < 0) return NULL;
+    if (get_buf(s, &sv, 0) < 0) { PyBuffer_Release(&dv); return NULL; }
+    if (check_range(&dv, doff, n, "copy dst") < 0 || check_range(&sv, soff, n, "copy src") < 0) {
+        PyBuffer_Release(&dv); PyBuffer_Release(&sv); return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    memcpy((char *)dv.buf + doff, (char *)sv.buf + soff, (size_t)n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&dv); PyBuffer_Release(&sv);
+    Py_RETURN_NONE;
+}
+
+/*
+ * read(src, seq_off, data_off, dst, dst_off, n) -> the even sequence copied, or 0 when the
+ * slot was being written (odd) or changed during the copy (torn). The copy runs without
+ * the GIL; the acquire fence after it keeps the payload loads before the second seq load.
+ */
+static PyObject *py_read(PyObject *self, PyObject *args) {
+    PyObject *s, *d; Py_ssize_t seq_off, data_off, doff, n; Py_buffer sv, dv;
+    if (!PyArg_ParseTuple(args, "OnnOnn", &s, &seq_off, &data_off, &d, &doff, &n)) return NULL;
+    if (get_buf(s, &sv, 0) < 0) return NULL;
+    if (get_buf(d, &dv, 1) < 0) { PyBuffer_Release(&sv); return NULL; }
+    if (check_range(&sv, seq_off, 8, "read seq") < 0 || check_range(&sv, data_off, n, "read src") < 0 ||
+        check_range(&dv, doff, n, "read dst") < 0) {
+        PyBuffer_Release(&sv); PyBuffer_Release(&dv); return NULL;
+    }
+    au64 *w = WORD(sv, seq_off);
+    uint64_t s1, s2;
+    Py_BEGIN_ALLOW_THREADS
+    s1 = atomic_load_explicit(w, memory_order_acquire);
+    if (!(s1 & 1)) {
+        memcpy((char *)dv.buf + doff, (char *)sv.buf + data_off, (size_t)n);
+        atomic_thread_fence(memory_order_acquire);
+        s2 = atomic_load_explicit(w, memory_order_relaxed);
+    } else {
+        s2 = s1 + 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&sv); PyBuffer_Release(&dv);
+    return PyLong_FromUnsignedLongLong((s1 == s2 && !(s1 & 1)) ? s1 : 0);
+}
+
+static PyMethodDef methods[] = {
+    {"load_acquire", py_load_acquire, METH_VARARGS, "load_acquire(buf, off) -> int"},
+    {"store_release", py_store_release, METH_VARARGS, "store_release(buf, off, value)"},
+    {"load_seq_cst", py_load_seq_cst, METH_VARARGS, "load_seq_cst(buf, off) -> int"},
+    {"store_seq_cst", py_store_seq_cst, METH_VARARGS, "store_seq_cst(buf, off, value)"},
+    {"fetch_add", py_fetch_add, METH_VARARGS, "fetch_add(buf, off, delta) -> previous"},
+    {"compare_exchange", py_cas, METH_VARARGS, "compare_exchange(buf, off, expected, desired) -> bool"},
+    {"fence", py_fence, METH_NOARGS, "fence(): full memory fence"},
+    {"write_begin", py_write_begin, METH_VARARGS, "write_begin(buf, seq_off) -> odd seq"},
+    {"write_end", py_write_end, METH_VARARGS, "write_end(buf, seq_off, odd_seq)"},
+    {"copy", py_copy, METH_VARARGS, "copy(dst, dst_off, src, src_off, n), GIL released"},
+    {"read", py_read, METH_VARARGS,
+     "read(src, seq_off, data_off, dst, dst_off, n) -> even seq, or 0 if busy/torn"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_seqlock",
+                                    "Seqlock memory ordering for the mmfeed ring.", -1, methods};
+
+PyMODINIT_FUNC PyInit__seqlock(void) { return PyModule_Create(&moddef); }

@@ -1,0 +1,138 @@
+"""One exception tree for every part of mmfeed, each class with a stable error code.
+
+The code is what crosses a wire (`{"ok": false, "error": {"code": ..., "message": ...}}`)
+and what tests and tools match on; the message is for people and always names the file,
+field or endpoint involved and what was expected.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MmfeedError(Exception):
+    """Base of every error mmfeed raises on purpose."""
+
+    code = "error"
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": str(self)}
+
+
+# --- ring -------------------------------------------------------------------------------
+
+
+class RingError(MmfeedError):
+    code = "ring_error"
+
+
+class NotARing(RingError):
+    """The shared-memory segment exists but does not start with the mmfeed magic."""
+
+    code = "not_a_ring"
+
+
+class VersionMismatch(RingError):
+    """The ring (or a control peer) speaks another protocol version; names both."""
+
+    code = "version_mismatch"
+
+    def __init__(self, what: str, found: int, expected: int):
+        self.found = found
+        self.expected = expected
+        super().__init__(
+            f"{what} speaks protocol version {found}, this mmfeed speaks version {expected}; "
+            f"run a producer and readers of the same mmfeed release"
+        )
+
+
+class RingInUse(RingError):
+    """A live producer already owns a ring of that name."""
+
+    code = "ring_in_use"
+
+
+class RingNotFound(RingError):
+    code = "ring_not_found"
+
+
+class ProducerGone(RingError):
+    """The producer that owned the ring died or was replaced; re-attach to continue."""
+
+    code = "producer_gone"
+
+
+class RingFull(RingError):
+    """Lossless mode and no slot freed before the writer's timeout."""
+
+    code = "ring_full"
+
+
+class SchemaError(MmfeedError):
+    """A schema or sample does not match its declared modalities, dtypes or shapes."""
+
+    code = "bad_schema"
+
+
+# --- input data ---------------------------------------------------------------------------
+
+
+class InputError(MmfeedError):
+    """A raw input file is unusable. Names the file, the field and what was expected."""
+
+    code = "bad_input"
+
+    def __init__(self, path: str | Path, field: str, expected: str, found: str | None = None):
+        self.path = str(path)
+        self.field = field
+        self.expected = expected
+        self.found = found
+        msg = f"{self.path}: {field}: expected {expected}"
+        if found is not None:
+            msg += f", found {found}"
+        super().__init__(msg)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d.update(file=self.path, field=self.field, expected=self.expected, found=self.found)
+        return d
+
+
+class FilterSpecError(MmfeedError, ValueError):
+    code = "bad_filter"
+
+
+# --- control ------------------------------------------------------------------------------
+
+
+class ControlError(MmfeedError):
+    code = "control_error"
+
+
+class MalformedMessage(ControlError):
+    code = "malformed"
+
+
+class MessageTooLarge(ControlError):
+    code = "too_large"
+
+
+class UnknownCommand(ControlError):
+    code = "unknown_command"
+
+
+class BadArgument(ControlError):
+    code = "bad_argument"
+
+
+class ControlTimeout(ControlError):
+    """No reply from a daemon in time; names the endpoint and the time waited."""
+
+    code = "timeout"
+
+
+class RemoteError(ControlError):
+    """The daemon answered `ok: false`; carries its code and message."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)

@@ -1,0 +1,122 @@
+"""The video filter spec: one string, parsed once, meaning the same thing everywhere.
+
+`mmctl filter SPEC` sends it, the producer daemon validates it with `FilterSpec.parse`
+before making a new generation, and the video modality applies it, on the CPU and on
+the GPU alike. Grammar (comma-separated, any order, each op at most once):
+
+    gray | grayscale          one luma channel instead of RGB
+    rgb                       three channels (the default)
+    resize=WxH                output size in pixels (e.g. resize=224x224)
+    crop=WxH[+X+Y]            crop of the source before resizing; centred without +X+Y
+    fps=R                     frame rate of the clip (frames sampled at R per second)
+    none                      the default: source size, rgb, source rate
+
+The operations are always applied as crop -> resize -> colour, whatever their order in
+the string, so `str(FilterSpec.parse(s))` is a canonical form of `s`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import FilterSpecError
+
+ACCEPTED = "gray|grayscale, rgb, resize=WxH, crop=WxH[+X+Y], fps=R, none (comma-separated)"
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_CROP = re.compile(r"^(\d{1,5})x(\d{1,5})(?:\+(\d{1,5})\+(\d{1,5}))?$")
+MAX_SIDE = 8192
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    gray: bool = False
+    width: int | None = None
+    height: int | None = None
+    crop: tuple[int, int, int | None, int | None] | None = None  # w, h, x, y
+    fps: float | None = None
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.gray else 3
+
+    @classmethod
+    def parse(cls, spec: str) -> "FilterSpec":
+        if not isinstance(spec, str):
+            raise FilterSpecError(f"filter spec must be a string, got {type(spec).__name__}")
+        text = spec.strip().lower()
+        if text in ("", "none"):
+            return cls()
+        gray: bool | None = None
+        width = height = None
+        crop = None
+        fps = None
+        seen: set[str] = set()
+        for raw in text.split(","):
+            op = raw.strip()
+            key, _, val = op.partition("=")
+            key = {"grayscale": "gray", "grey": "gray"}.get(key, key)
+            if key in seen or (key in ("gray", "rgb") and ({"gray", "rgb"} & seen)):
+                raise FilterSpecError(f"filter {spec!r}: {key!r} given twice; accepted: {ACCEPTED}")
+            seen.add(key)
+            if key in ("gray", "rgb") and not val:
+                gray = key == "gray"
+            elif key == "resize":
+                m = _SIZE.match(val)
+                if not m or not all(0 < int(g) <= MAX_SIDE for g in m.groups()):
+                    raise FilterSpecError(
+                        f"filter {spec!r}: resize={val!r}: expected WxH with 1..{MAX_SIDE} pixels"
+                    )
+                width, height = int(m.group(1)), int(m.group(2))
+            elif key == "crop":
+                m = _CROP.match(val)
+                if not m or not (0 < int(m.group(1)) <= MAX_SIDE and 0 < int(m.group(2)) <= MAX_SIDE):
+                    raise FilterSpecError(
+                        f"filter {spec!r}: crop={val!r}: expected WxH or WxH+X+Y in pixels"
+                    )
+                x = int(m.group(3)) if m.group(3) is not None else None
+                y = int(m.group(4)) if m.group(4) is not None else None
+                crop = (int(m.group(1)), int(m.group(2)), x, y)
+            elif key == "fps":
+                try:
+                    fps = float(val)
+                except ValueError:
+                    fps = -1.0
+                if not (0 < fps <= 1000):
+                    raise FilterSpecError(
+                        f"filter {spec!r}: fps={val!r}: expected a rate in (0, 1000] frames/s"
+                    )
+            else:
+                raise FilterSpecError(f"filter {spec!r}: unknown operation {op!r}; accepted: {ACCEPTED}")
+        return cls(gray=bool(gray), width=width, height=height, crop=crop, fps=fps)
+
+    def crop_box(self, src_w: int, src_h: int) -> tuple[int, int, int, int]:
+        """(x, y, w, h) of the crop inside a source frame; the whole frame without a crop."""
+        if self.crop is None:
+            return 0, 0, src_w, src_h
+        w, h, x, y = self.crop
+        w, h = min(w, src_w), min(h, src_h)
+        if x is None:
+            x, y = (src_w - w) // 2, (src_h - h) // 2
+        x = min(x, src_w - w)
+        y = min(y, src_h - h)
+        return x, y, w, h
+
+    def output_size(self, src_w: int, src_h: int) -> tuple[int, int]:
+        """(width, height) of frames this filter makes from a src_w x src_h source."""
+        if self.width is not None:
+            return self.width, self.height  # type: ignore[return-value]
+        _, _, w, h = self.crop_box(src_w, src_h)
+        return w, h
+
+    def __str__(self) -> str:
+        parts = []
+        if self.crop is not None:
+            w, h, x, y = self.crop
+            parts.append(f"crop={w}x{h}" + (f"+{x}+{y}" if x is not None else ""))
+        if self.width is not None:
+            parts.append(f"resize={self.width}x{self.height}")
+        if self.gray:
+            parts.append("gray")
+        if self.fps is not None:
+            parts.append(f"fps={self.fps:g}")
+        return ",".join(parts) or "none"

@@ -1,0 +1,283 @@
+"""The sample schema: what a sample looks like, shared by the ring and the disk cache.
+
+A sample is a set of named modalities (each a dense array with a dtype and a shape)
+plus a small fixed-size record of metadata (label, timestamp, generation, source).
+`SampleSchema` fixes the byte layout of the modalities inside one contiguous payload:
+each modality starts at a 64-byte aligned offset, in the order given. A ring slot and
+a cache record both hold exactly that payload, so a sample from disk and a sample
+from the ring are read by the same code and can be mixed in one batch.
+
+Readers never guess shapes: every slot and every cache record names the schema it
+was written with (by `schema_id`, a hash of the canonical encoding, with the encoding
+itself stored beside it once).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .errors import SchemaError
+
+ALIGN = 64
+DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+MAX_DIMS = 8
+
+
+def _align(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One named array of a sample: `video` uint8 (T, C, H, W), `lidar` float32 (C, H, W)..."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise SchemaError(
+                f"modality name {self.name!r}: expected 1-64 characters of letters, digits, _ . -"
+            )
+        dt = np.dtype(self.dtype).name if self.dtype in DTYPES or _is_dtype(self.dtype) else None
+        if dt not in DTYPES:
+            raise SchemaError(
+                f"modality {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}"
+            )
+        object.__setattr__(self, "dtype", dt)
+        shape = tuple(self.shape)
+        if not (0 < len(shape) <= MAX_DIMS) or not all(
+            isinstance(d, (int, np.integer)) and d > 0 for d in shape
+        ):
+            raise SchemaError(
+                f"modality {self.name!r}: shape {shape!r}: expected 1-{MAX_DIMS} positive integers"
+            )
+        object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_array(cls, name: str, array: np.ndarray) -> "ModalitySpec":
+        return cls(name, array.dtype.name, tuple(array.shape))
+
+    def __repr__(self) -> str:
+        return f"{self.name}:{self.dtype}{list(self.shape)}"
+
+
+def _is_dtype(s: object) -> bool:
+    try:
+        np.dtype(s)  # type: ignore[arg-type]
+        return True
+    except TypeError:
+        return False
+
+
+@dataclass(frozen=True)
+class SampleSchema:
+    """The modalities of a sample and their byte layout inside one payload."""
+
+    modalities: tuple[ModalitySpec, ...]
+    _offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _index: dict = field(init=False, repr=False, compare=False)
+    _encoded: bytes = field(init=False, repr=False, compare=False)
+    _id: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        mods = tuple(self.modalities)
+        if not mods:
+            raise SchemaError("a sample schema needs at least one modality")
+        for m in mods:
+            if not isinstance(m, ModalitySpec):
+                raise SchemaError(f"expected ModalitySpec, got {type(m).__name__}")
+        names = [m.name for m in mods]
+        if len(set(names)) != len(names):
+            raise SchemaError(f"modality names must be unique, got {names}")
+        offsets, off = [], 0
+        for m in mods:
+            offsets.append(off)
+            off = _align(off + m.nbytes)
+        object.__setattr__(self, "modalities", mods)
+        object.__setattr__(self, "_offsets", tuple(offsets))
+        object.__setattr__(self, "_index", {m.name: i for i, m in enumerate(mods)})
+        enc = json.dumps(
+            {"modalities": [m.to_dict() for m in mods]}, separators=(",", ":"), sort_keys=True
+        ).encode()
+        object.__setattr__(self, "_encoded", enc)
+        h = hashlib.blake2b(enc, digest_size=8).digest()
+        # Never 0: 0 marks "no schema" in ring slots and cache indexes.
+        object.__setattr__(self, "_id", int.from_bytes(h, "little") or 1)
+
+    # --- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "SampleSchema":
+        return cls(tuple(ModalitySpec.from_array(k, np.asarray(v)) for k, v in arrays.items()))
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> "SampleSchema":
+        """Inverse of `encode`; raises SchemaError naming what was wrong."""
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SchemaError(f"schema encoding is not JSON: {e}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("modalities"), list):
+            raise SchemaError('schema encoding: expected {"modalities": [...]}')
+        mods = []
+        for i, m in enumerate(obj["modalities"]):
+            if not isinstance(m, dict) or set(m) != {"name", "dtype", "shape"}:
+                raise SchemaError(f"schema modality #{i}: expected keys name, dtype, shape")
+            if not isinstance(m["shape"], list):
+                raise SchemaError(f"schema modality #{i}: shape must be a list")
+            mods.append(ModalitySpec(m["name"], m["dtype"], tuple(m["shape"])))
+        return cls(tuple(mods))
+
+    # --- layout ------------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        """Canonical compact JSON bytes (computed once, at construction)."""
+        return self._encoded
+
+    @property
+    def schema_id(self) -> int:
+        """64-bit hash of `encode()`: equal layouts have equal ids, in every process."""
+        return self._id
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+    @property
+    def payload_nbytes(self) -> int:
+        last = self.modalities[-1]
+        return self._offsets[-1] + last.nbytes
+
+    def spec(self, name: str) -> ModalitySpec:
+        try:
+            return self.modalities[self._index[name]]
+        except KeyError:
+            raise SchemaError(f"no modality {name!r}; the schema has {list(self.names)}") from None
+
+    def offset(self, name: str) -> int:
+        self.spec(name)
+        return self._offsets[self._index[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def views(self, payload) -> dict[str, np.ndarray]:
+        """Zero-copy arrays over a payload buffer (bytes, memoryview, mmap or uint8 array)."""
+        buf = payload if isinstance(payload, np.ndarray) else np.frombuffer(payload, np.uint8)
+        if buf.nbytes < self.payload_nbytes:
+            raise SchemaError(
+                f"payload of {buf.nbytes} bytes is smaller than the schema's {self.payload_nbytes}"
+            )
+        buf = buf.reshape(-1).view(np.uint8)
+        out = {}
+        for m, off in zip(self.modalities, self._offsets):
+            out[m.name] = buf[off : off + m.nbytes].view(m.dtype).reshape(m.shape)
+        return out
+
+    def pack_into(self, arrays: Mapping[str, np.ndarray], out) -> None:
+        """Write `arrays` into a payload buffer; checks names, dtypes and shapes first."""
+        self.check(arrays)
+        views = self.views(out)
+        for name, v in views.items():
+            np.copyto(v, arrays[name], casting="no")
+
+    def pack(self, arrays: Mapping[str, np.ndarray]) -> bytearray:
+        out = bytearray(self.payload_nbytes)
+        self.pack_into(arrays, out)
+        return out
+
+    def check(self, arrays: Mapping[str, np.ndarray]) -> None:
+        if set(arrays) != set(self.names):
+            raise SchemaError(
+                f"sample has modalities {sorted(arrays)}, schema expects {sorted(self.names)}"
+            )
+        for m in self.modalities:
+            a = arrays[m.name]
+            if a.dtype.name != m.dtype or tuple(a.shape) != m.shape:
+                raise SchemaError(
+                    f"modality {m.name!r}: expected {m.dtype}{list(m.shape)}, "
+                    f"got {a.dtype.name}{list(a.shape)}"
+                )
+
+    def __repr__(self) -> str:
+        return f"SampleSchema({', '.join(map(repr, self.modalities))}; {self.payload_nbytes} B)"
+
+
+# --- per-sample metadata ------------------------------------------------------------------
+
+SOURCE_BYTES = 64
+# index (u64), timestamp_ns (i64), generation (u32), label (i32), source (64 bytes utf-8)
+META_STRUCT = struct.Struct(f"<QqIi{SOURCE_BYTES}s")
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """The fixed-size record beside every payload; packs to `META_STRUCT.size` bytes."""
+
+    label: int = UNLABELLED
+    timestamp_ns: int = 0
+    generation: int = 0
+    source: str = ""
+    index: int = 0
+
+    def pack_into(self, buf, offset: int = 0) -> None:
+        src = self.source.encode("utf-8")[:SOURCE_BYTES]
+        META_STRUCT.pack_into(
+            buf, offset, self.index, self.timestamp_ns, self.generation, self.label, src
+        )
+
+    def pack(self) -> bytes:
+        b = bytearray(META_STRUCT.size)
+        self.pack_into(b)
+        return bytes(b)
+
+    @classmethod
+    def unpack_from(cls, buf, offset: int = 0) -> "SampleMeta":
+        index, ts, gen, label, src = META_STRUCT.unpack_from(buf, offset)
+        return cls(
+            label=label,
+            timestamp_ns=ts,
+            generation=gen,
+            source=src.rstrip(b"\0").decode("utf-8", "replace"),
+            index=index,
+        )
+
+
+@dataclass
+class Sample:
+    """A decoded sample: the schema, its metadata, and arrays (views or copies)."""
+
+    schema: SampleSchema
+    meta: SampleMeta
+    arrays: dict[str, np.ndarray]
+
+    def __repr__(self) -> str:
+        return f"Sample({self.schema!r}, label={self.meta.label}, gen={self.meta.generation})"
