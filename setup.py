@@ -1,4 +1,5 @@
-"""Builds protocol._seqlock, the C helper that gives the ring its memory ordering.
+"""Builds the C helpers: protocol._seqlock (the ring's memory ordering) and producer._lzf
+(LZF decompression for PCD binary_compressed point clouds; sequential by nature).
 
 Everything else is declared in pyproject.toml.
 """
@@ -10,6 +11,11 @@ setup(
             "protocol._seqlock",
             sources=["protocol/_seqlock.c"],
             extra_compile_args=["-O2", "-std=c11"],
-        )
+        ),
+        Extension(
+            "producer._lzf",
+            sources=["producer/_lzf.c"],
+            extra_compile_args=["-O2", "-std=c11"],
+        ),
     ]
 )
