@@ -73,6 +73,44 @@ class SchemaError(MmfeedError):
     code = "bad_schema"
 
 
+# --- disk cache ---------------------------------------------------------------------------
+
+
+class CacheError(MmfeedError):
+    code = "cache_error"
+
+
+class CacheNotFound(CacheError):
+    """No committed cache at that directory; the message says how to create one."""
+
+    code = "cache_not_found"
+
+    def __init__(self, directory: str | Path, why: str):
+        self.directory = str(directory)
+        super().__init__(
+            f"{self.directory}: no disk cache ({why}); create one with "
+            f"`mm-producer preprocess DATASET --cache {self.directory}`"
+        )
+
+
+class CacheCorrupt(CacheError):
+    """A cache file is missing, truncated or not what the format says; names the file."""
+
+    code = "cache_corrupt"
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = str(path)
+        super().__init__(
+            f"{self.path}: {what}; the cache is damaged, rebuild it with `mm-producer preprocess`"
+        )
+
+
+class CacheLocked(CacheError):
+    """Another writer holds the cache directory's lock."""
+
+    code = "cache_locked"
+
+
 # --- input data ---------------------------------------------------------------------------
 
 
