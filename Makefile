@@ -30,3 +30,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info protocol/*.so
+
+# Installs the systemd units (needs root): see README "Running under systemd".
+install-units: $(STAMP)
+	$(PY) -m cli.units $(UNITS_ARGS)
