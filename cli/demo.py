@@ -1,0 +1,226 @@
+"""`make demo`: the whole system, end to end, on a synthetic dataset of real encoded files.
+
+What it does, in order, and only through the public interfaces a user has (the console
+scripts and `mmctl`), so that it doubles as an end-to-end check:
+
+1. makes a small synthetic dataset (H.264 video whose class is visible, audio whose class is
+   audible, LiDAR and radar whose class is in the geometry, one unknown sensor), plus the real
+   recordings in ../shared/data/real when they are there (as an extra, unlabelled-by-design
+   sample folder the producer replays);
+2. `mm-producer preprocess` it to a disk cache, with the progress bar;
+3. starts `mm-producer run` (ring, replaying the dataset in a loop) and `mm-trainer run`
+   (ring + cache) as real background daemons, each with its own log file;
+4. while the trainer trains: `mmctl filter gray`, `mmctl wait GEN` (until the trainer has
+   trained a step on the grayscale generation), `mmctl mix 0.75`;
+5. stops both with SIGTERM (the trainer writes a checkpoint), checks that no process and no
+   shared-memory segment is left behind, and prints a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DATA = REPO.parent / "shared" / "data" / "real"
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: Path
+    quick: bool = False
+    train_seconds: float = 60.0
+    ring: str = ""
+
+    @property
+    def steps(self) -> int:
+        return 60 if self.quick else 400
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _script(name: str) -> str:
+    p = BIN / name
+    return str(p) if p.exists() else name
+
+
+def _mmctl(env: dict, *args: str, timeout: float = 30.0) -> dict:
+    """Run `mmctl --json ARGS` and return its last JSON line (raises on a non-zero exit)."""
+    r = subprocess.run([_script("mmctl"), "--json", *args], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "{}"
+    try:
+        obj = json.loads(last)
+    except ValueError:
+        obj = {"raw": r.stdout}
+    if r.returncode != 0:
+        raise RuntimeError(f"mmctl {' '.join(args)} exited {r.returncode}: {r.stderr.strip() or obj}")
+    return obj
+
+
+def _wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: the daemon exited with {proc.returncode}\n{tail}")
+        try:
+            v = cond()
+            if v:
+                return v
+        except Exception:  # not up yet: keep polling until the deadline
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not reached within {timeout:.0f} s")
+
+
+def make_dataset(s: DemoSettings) -> Path:
+    from producer.synth import make_dataset as synth
+
+    root = s.workdir / "dataset"
+    if root.exists():
+        shutil.rmtree(root)
+    per_class = {"train": 6, "val": 3} if s.quick else {"train": 16, "val": 6}
+    synth(root, per_class=per_class, seed=0)
+    _say(f"synthetic dataset: {sum(1 for _ in root.glob('*/*/*'))} samples in {root}")
+    return root
+
+
+def run(s: DemoSettings) -> dict:
+    s.workdir.mkdir(parents=True, exist_ok=True)
+    runtime = s.workdir / "run"
+    runtime.mkdir(exist_ok=True)
+    logs = s.workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    ckpt = s.workdir / "checkpoints"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    env = dict(os.environ, MMFEED_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
+    ring = s.ring or f"mmfeed-demo-{os.getpid()}"
+    t0 = time.monotonic()
+
+    dataset = make_dataset(s)
+    cache = s.workdir / "cache"
+    _say("preprocessing to the disk cache")
+    r = subprocess.run([_script("mm-producer"), "preprocess", str(dataset), "--cache", str(cache),
+                        "--workers", "2", "--json"], env=env, stdout=subprocess.PIPE, text=True)
+    if r.returncode not in (0, 3):
+        raise RuntimeError(f"mm-producer preprocess exited {r.returncode}")
+    pre = json.loads(r.stdout.strip().splitlines()[-1])
+
+    procs: dict[str, subprocess.Popen] = {}
+    summary: dict = {"preprocess": pre}
+    try:
+        _say(f"starting mm-producer run (ring {ring}); log: {logs / 'producer.log'}")
+        procs["producer"] = subprocess.Popen(
+            [_script("mm-producer"), "run", "--source", str(dataset), "--ring", ring, "--mode", "lossy",
+             "--loop", "--rate", "max", "--json"],
+            env=env, stdout=open(logs / "producer.out", "w"), stderr=open(logs / "producer.log", "w"),
+            start_new_session=True)
+        _wait_for(lambda: _mmctl(env, "status").get("producer"), "producer up", 60,
+                  procs["producer"], logs / "producer.log")
+        _say(f"starting mm-trainer run; log: {logs / 'trainer.log'}")
+        procs["trainer"] = subprocess.Popen(
+            [_script("mm-trainer"), "run", "--cache", str(cache), "--ring", ring, "--mix", "0.5",
+             "--checkpoint-dir", str(ckpt), "--steps", str(s.steps), "--batch-size", "8", "--json"],
+            env=env, stdout=open(logs / "trainer.out", "w"), stderr=open(logs / "trainer.log", "w"),
+            start_new_session=True)
+        _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= 5,
+                  "trainer training", 180, procs["trainer"], logs / "trainer.log")
+
+        _say("switching the video filter to grayscale while training: mmctl filter gray")
+        gen = _mmctl(env, "filter", "gray")["generation"]
+        _say(f"new generation {gen}; waiting until the trainer has trained on it: mmctl wait {gen}")
+        _mmctl(env, "wait", str(gen), "--timeout", "120", timeout=150)
+        _say("changing the live mix to 0.75: mmctl mix 0.75")
+        _mmctl(env, "mix", "0.75")
+        summary["filter_generation"] = gen
+        time.sleep(3 if s.quick else 10)  # let it train on the new mix a little for the summary
+        summary["status"] = _mmctl(env, "status")
+    finally:
+        _say("stopping both daemons with SIGTERM (the trainer writes a checkpoint)")
+        for name in ("trainer", "producer"):
+            p = procs.get(name)
+            if p and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in procs.items():
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            summary.setdefault("exit_codes", {})[name] = p.returncode
+
+    tr = _last_json(logs / "trainer.out")
+    leftovers = [p.name for p in Path("/dev/shm").glob(f"*{ring}*")]
+    summary.update(
+        trainer=tr,
+        seconds=round(time.monotonic() - t0, 1),
+        leftover_shm=leftovers,
+        checkpoints=str(ckpt),
+        logs=str(logs),
+    )
+    return summary
+
+
+def _last_json(path: Path) -> dict:
+    try:
+        lines = [l for l in path.read_text().splitlines() if l.startswith("{")]
+        return json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def print_summary(summary: dict) -> None:
+    tr = summary.get("trainer", {})
+    pre = summary.get("preprocess", {})
+    st = summary.get("status", {}).get("trainer", {}) or {}
+    rows = [
+        ("samples cached", pre.get("cached")),
+        ("samples rejected", len(pre.get("rejected", []))),
+        ("steps trained", tr.get("steps", st.get("step"))),
+        ("samples from disk", tr.get("samples_disk")),
+        ("samples live", tr.get("samples_live")),
+        ("generations trained on", tr.get("generations")),
+        ("grayscale generation", summary.get("filter_generation")),
+        ("val accuracy", tr.get("accuracy")),
+        ("samples/s", tr.get("samples_per_s")),
+        ("data-stall fraction", tr.get("stall_fraction")),
+        ("copies per live sample", tr.get("copies_per_sample")),
+        ("checkpoint", tr.get("checkpoint") or summary.get("checkpoints")),
+        ("logs", summary.get("logs")),
+        ("exit codes", summary.get("exit_codes")),
+        ("shared memory left behind", summary.get("leftover_shm") or "none"),
+        ("demo took", f"{summary.get('seconds')} s"),
+    ]
+    print("\nmmfeed demo summary")
+    for k, v in rows:
+        print(f"  {k:<26} {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cli.demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=REPO / "demo-run")
+    ap.add_argument("--quick", action="store_true", help="a shorter run (used by the test suite)")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
+    a = ap.parse_args(argv)
+    summary = run(DemoSettings(workdir=a.workdir.resolve(), quick=a.quick))
+    print_summary(summary)
+    if a.json:
+        print(json.dumps(summary, default=str))
+    ok = all(c == 0 for c in summary.get("exit_codes", {}).values()) and not summary["leftover_shm"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
