@@ -1,0 +1,486 @@
+"""CacheWriter: writes one new version of the disk cache and switches to it atomically.
+
+The format is defined (and drawn) in `protocol/cache.py`; this module only produces it.
+
+A run of `mm-producer preprocess` opens one writer, and for each dataset sample either keeps it
+(`keep_if_unchanged`: same files, same config, same classes as the committed version, so its
+record bytes are copied over with copy_file_range and nothing is decoded) or adds freshly made
+records (`add`, with arrays or with payload bytes a worker process already packed). `commit()`
+makes the new version live; anything else (an exception, a SIGKILL, leaving the `with` block
+without committing) leaves the previous version as it was, and the next writer removes the
+half-written directory.
+
+    with CacheWriter(cache_dir, classes=index.classes, config_hash=hash_config(cfg)) as w:
+        for s in samples:
+            key, fp = f"{s.split}/{s.class_name}/{s.dir.name}", fingerprint_files(s.files.values())
+            if not w.keep_if_unchanged(key, fp):
+                w.add(key, fp, s.split, schema, meta, payload=packed)
+        summary = w.commit()
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from protocol.cache import (
+    CURRENT,
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    INDEX_FILE,
+    KEYS_FILE,
+    LOCK,
+    MAGIC,
+    MANIFEST_FILE,
+    RECORD_ALIGN,
+    SCHEMAS_FILE,
+    CacheVersion,
+    align_up,
+    open_version,
+    parse_version_name,
+    read_current,
+    shard_name,
+    version_name,
+)
+from protocol.errors import CacheError, CacheLocked, CacheNotFound, MmfeedError, SchemaError
+from protocol.schema import SOURCE_BYTES, SampleMeta, SampleSchema
+
+_COPY_CHUNK = 8 << 20
+
+
+def fingerprint_files(paths: Iterable[str | Path]) -> str:
+    """Names, sizes and mtimes of a sample's files, hashed: changes when any file does.
+
+    Uses the base name, not the full path, so moving the dataset folder keeps the cache valid.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted(Path(p) for p in paths):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def hash_config(config: object) -> str:
+    """A stable digest of a (dataclass or JSON-able) config: a new config redoes every sample."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    enc = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(enc.encode(), digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """What a commit made: feeds preprocess's --json report."""
+
+    directory: Path
+    version: int
+    records: int
+    written: int        # records made by add() in this run
+    carried: int        # records copied unchanged from the previous version
+    removed_keys: int   # keys of the previous version that this run dropped
+    bytes_written: int  # payload bytes in the new version (written + carried)
+    shards: int
+    counts: dict[str, int]  # records per split
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["directory"] = str(self.directory)
+        return d
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, n: int) -> None:
+    """Copy n bytes between files in the kernel (copy_file_range: reflink or in-kernel copy),
+    falling back to large pread/pwrite chunks where the filesystem refuses."""
+    try:
+        while n:
+            done = os.copy_file_range(src, dst, n, src_off, dst_off)
+            if done == 0:
+                raise OSError(errno.EIO, "copy_file_range copied nothing (source truncated?)")
+            src_off, dst_off, n = src_off + done, dst_off + done, n - done
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while n:
+        chunk = os.pread(src, min(n, _COPY_CHUNK), src_off)
+        if not chunk:
+            raise OSError(errno.EIO, f"short read at {src_off}: source truncated")
+        _pwrite_all(dst, memoryview(chunk), dst_off)
+        src_off, dst_off, n = src_off + len(chunk), dst_off + len(chunk), n - len(chunk)
+
+
+class CacheWriter:
+    """Writes `DIR/v<N+1>/` while `DIR/CURRENT` still names version N; `commit()` switches.
+
+    One writer per directory at a time: an exclusive flock on `DIR/.lock`, which the kernel
+    drops when the process dies, so a crashed writer never blocks the next one.
+    """
+
+    # Class-level defaults make abort()/close safe after a half-built constructor.
+    _lock_fd: int | None = None
+    _fd: int | None = None
+    _finished = True
+    _prev_fds: dict[int, int] = {}
+
+    def __init__(self, cache_dir: str | Path, *, classes: list[str], config_hash: str = "",
+                 shard_bytes: int = 1 << 30, keep: int = 1):
+        if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
+            raise TypeError(f"classes must be a list of str, got {classes!r}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"classes must be unique, got {classes}")
+        if shard_bytes < RECORD_ALIGN:
+            raise ValueError(f"shard_bytes must be at least {RECORD_ALIGN}, got {shard_bytes}")
+        if keep < 0:
+            raise ValueError(f"keep must be >= 0, got {keep}")
+        self.directory = Path(cache_dir)
+        self.classes = list(classes)
+        self.config_hash = str(config_hash)
+        self.shard_bytes = int(shard_bytes)
+        self.keep = int(keep)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            self._prev = self._load_previous()
+            self._remove_leftovers()
+            existing = [parse_version_name(p.name) for p in self.directory.iterdir()]
+            self.version = max([n for n in existing if n is not None], default=0) + 1
+            self._vdir = self.directory / version_name(self.version)
+            self._vdir.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
+        self._finished = False
+        self._rows: list[tuple] = []
+        self._keys: dict[str, int] = {}          # key -> key_id in this version
+        self._key_list: list[list[str]] = []     # [key, fingerprint]
+        self._schemas: dict[int, str] = {}       # schema_id -> encoding
+        self._splits: list[str] = []
+        self._shards: list[dict] = []
+        self._shard_no = -1
+        self._pos = 0
+        self._scratch = bytearray()
+        self._prev_fds = {}
+        self._written = self._carried = 0
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CacheLocked(f"{self.directory}: another mm-producer preprocess is writing this "
+                              f"cache (it holds {self.directory / LOCK})") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
+
+    def _load_previous(self) -> CacheVersion | None:
+        """The committed version to carry records from; None when absent or unusable (then
+        every sample is redone, which is always correct)."""
+        try:
+            return open_version(self.directory)
+        except MmfeedError:
+            return None
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a crashed writer left: versions newer than CURRENT (never committed)."""
+        try:
+            current = read_current(self.directory)
+        except CacheNotFound:
+            current = 0  # nothing was ever committed: every version dir is a leftover
+        except MmfeedError:
+            return  # CURRENT is damaged: delete nothing here; commit() prunes once it is rewritten
+        for p in self.directory.iterdir():
+            n = parse_version_name(p.name)
+            if n is not None and n > current and p.is_dir():
+                shutil.rmtree(p)
+        tmp = self.directory / (CURRENT + ".tmp")
+        if tmp.exists():
+            tmp.unlink()
+
+    # --- incremental ------------------------------------------------------------------------
+
+    def _prev_keys(self) -> dict[str, tuple[int, str]]:
+        """key -> (key_id, fingerprint) of the previous version; loaded on first use."""
+        if not hasattr(self, "_prev_key_map"):
+            self._prev_key_map: dict[str, tuple[int, str]] = {}
+            if self._prev is not None:
+                path = self._prev.path / KEYS_FILE
+                try:
+                    keys = json.loads(path.read_bytes())["keys"]
+                    self._prev_key_map = {k: (i, fp) for i, (k, fp) in enumerate(keys)}
+                except (OSError, ValueError, KeyError, TypeError):
+                    self._prev_key_map = {}  # unreadable keys: redo everything
+                idx = self._prev.index
+                self._prev_order = np.argsort(idx["key_id"], kind="stable")
+                self._prev_sorted_ids = idx["key_id"][self._prev_order]
+        return self._prev_key_map
+
+    def unchanged(self, key: str, fingerprint: str) -> bool:
+        """True when the committed version holds `key` made from the same files (fingerprint),
+        the same config and the same classes (labels index classes), and this run has not
+        already written it."""
+        prev = self._prev
+        if prev is None or key in self._keys:
+            return False
+        if prev.config_hash != self.config_hash or prev.classes != self.classes:
+            return False
+        entry = self._prev_keys().get(key)
+        return entry is not None and entry[1] == fingerprint
+
+    def carry_over(self, key: str) -> int:
+        """Copy `key`'s record(s) from the committed version, byte for byte; returns the count."""
+        self._check_open()
+        entry = self._prev_keys().get(key)
+        if entry is None:
+            raise CacheError(f"{self.directory}: key {key!r} is not in the committed version")
+        if key in self._keys:
+            raise CacheError(f"{self.directory}: key {key!r} was already written in this run")
+        old_id, fingerprint = entry
+        lo, hi = np.searchsorted(self._prev_sorted_ids, [old_id, old_id + 1])
+        rows = self._prev.index[self._prev_order[lo:hi]]
+        key_id = self._new_key(key, fingerprint)
+        prev_splits = self._prev.splits
+        for r in rows:
+            sid = int(r["schema_id"])
+            if sid not in self._schemas:
+                self._schemas[sid] = self._prev.schemas[sid].encode().decode()
+            n = int(r["nbytes"])
+            shard, off = self._place(n)
+            _copy_range(self._prev_fd(int(r["shard"])), int(r["offset"]), self._fd, off, n)
+            self._rows.append((
+                off, n, sid, int(r["timestamp_ns"]), int(r["index"]), shard, int(r["label"]),
+                int(r["generation"]), key_id, self._split_id(prev_splits[int(r["split"])]),
+                bytes(r["source"]),
+            ))
+        self._carried += len(rows)
+        return len(rows)
+
+    def keep_if_unchanged(self, key: str, fingerprint: str) -> bool:
+        """`unchanged()` then `carry_over()`: True when the sample needs no work this run."""
+        if self.unchanged(key, fingerprint):
+            self.carry_over(key)
+            return True
+        return False
+
+    def _prev_fd(self, shard: int) -> int:
+        fd = self._prev_fds.get(shard)
+        if fd is None:
+            fd = os.open(self._prev.shard_paths[shard], os.O_RDONLY | os.O_CLOEXEC)
+            self._prev_fds[shard] = fd
+        return fd
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._finished:
+            raise CacheError(f"{self.directory}: this writer was already committed or aborted")
+
+    def _new_key(self, key: str, fingerprint: str) -> int:
+        self._keys[key] = len(self._key_list)
+        self._key_list.append([key, fingerprint])
+        return self._keys[key]
+
+    def _split_id(self, split: str) -> int:
+        try:
+            return self._splits.index(split)
+        except ValueError:
+            self._splits.append(split)
+            return len(self._splits) - 1
+
+    def _place(self, n: int) -> tuple[int, int]:
+        """Where the next record of n bytes goes: the next aligned offset, or a new shard when
+        it would pass shard_bytes (a record larger than a shard gets a shard of its own)."""
+        off = align_up(self._pos)
+        if self._fd is None or (off + n > self.shard_bytes and self._pos > 0):
+            self._roll()
+            off = 0
+        self._pos = off + n
+        return self._shard_no, off
+
+    def _roll(self) -> None:
+        self._finish_shard()
+        self._shard_no += 1
+        path = self._vdir / shard_name(self._shard_no)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._pos = 0
+
+    def _finish_shard(self) -> None:
+        """Pad to a page multiple (a reader may read whole pages with O_DIRECT), fsync, close."""
+        if self._fd is None:
+            return
+        size = align_up(self._pos)
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        self._shards.append({"file": shard_name(self._shard_no), "nbytes": size})
+
+    def add(self, key: str, fingerprint: str, split: str, schema: SampleSchema, meta: SampleMeta,
+            arrays: Mapping[str, np.ndarray] | None = None, *, payload=None) -> None:
+        """Append one record of `key`. Give `arrays` (checked and packed here) or `payload`, the
+        bytes of `schema.pack(arrays)` made elsewhere (a worker process). A key may have several
+        records: call add again with the same key and fingerprint."""
+        self._check_open()
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty str, got {key!r}")
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"split must be a non-empty str, got {split!r}")
+        if not isinstance(schema, SampleSchema):
+            raise TypeError(f"schema must be a SampleSchema, got {type(schema).__name__}")
+        if not isinstance(meta, SampleMeta):
+            raise TypeError(f"meta must be a SampleMeta, got {type(meta).__name__}")
+        if not -1 <= meta.label < len(self.classes):
+            raise ValueError(f"{key}: label {meta.label} is outside -1..{len(self.classes) - 1} "
+                             f"({len(self.classes)} classes)")
+        if (arrays is None) == (payload is None):
+            raise TypeError("give exactly one of arrays= or payload=")
+        n = schema.payload_nbytes
+        if payload is not None:
+            data = memoryview(payload).cast("B")
+            if data.nbytes != n:
+                raise SchemaError(f"{key}: payload of {data.nbytes} bytes, schema {schema!r} "
+                                  f"packs to {n}")
+        else:
+            if len(self._scratch) < n:
+                self._scratch = bytearray(n)
+            data = memoryview(self._scratch)[:n]
+            schema.pack_into(arrays, data)  # checks names, dtypes, shapes
+        if key in self._keys:
+            if self._key_list[self._keys[key]][1] != fingerprint:
+                raise ValueError(f"{key}: added again with another fingerprint")
+            key_id = self._keys[key]
+        else:
+            key_id = self._new_key(key, fingerprint)
+        sid = schema.schema_id
+        if sid not in self._schemas:
+            self._schemas[sid] = schema.encode().decode()
+        shard, off = self._place(n)
+        _pwrite_all(self._fd, data, off)
+        src = meta.source.encode("utf-8")[:SOURCE_BYTES]
+        self._rows.append((off, n, sid, meta.timestamp_ns, meta.index, shard, meta.label,
+                           meta.generation, key_id, self._split_id(split), src))
+        self._written += 1
+
+    # --- ending -----------------------------------------------------------------------------
+
+    def commit(self) -> CacheSummary:
+        """Make the new version durable, then live: shards, index, schemas, keys and manifest are
+        fsync'd before CURRENT is replaced by rename; then versions older than `keep` go."""
+        self._check_open()
+        try:
+            self._finish_shard()
+            index = np.array(self._rows, dtype=INDEX_DTYPE)
+            with open(self._vdir / INDEX_FILE, "wb") as f:
+                np.save(f, index, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            _write_file_synced(self._vdir / SCHEMAS_FILE,
+                               json.dumps({str(k): v for k, v in self._schemas.items()}).encode())
+            _write_file_synced(self._vdir / KEYS_FILE,
+                               json.dumps({"keys": self._key_list}, separators=(",", ":")).encode())
+            counts = {s: int(np.count_nonzero(index["split"] == i))
+                      for i, s in enumerate(self._splits)}
+            manifest = {
+                "magic": MAGIC,
+                "format_version": FORMAT_VERSION,
+                "version": self.version,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "classes": self.classes,
+                "splits": self._splits,
+                "counts": counts,
+                "records": len(index),
+                "record_align": RECORD_ALIGN,
+                "shards": self._shards,
+                "config_hash": self.config_hash,
+            }
+            _write_file_synced(self._vdir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+            _fsync_dir(self._vdir)
+            tmp = self.directory / (CURRENT + ".tmp")
+            _write_file_synced(tmp, (version_name(self.version) + "\n").encode())
+            os.replace(tmp, self.directory / CURRENT)
+            _fsync_dir(self.directory)
+        except BaseException:
+            self.abort()
+            raise
+        self._finished = True
+        removed = len(set(self._prev_keys()) - set(self._keys)) if self._prev else 0
+        self._close_prev()
+        self._prune()
+        self._unlock()
+        return CacheSummary(
+            directory=self.directory, version=self.version, records=len(index),
+            written=self._written, carried=self._carried, removed_keys=removed,
+            bytes_written=int(index["nbytes"].sum()), shards=len(self._shards), counts=counts,
+        )
+
+    def _prune(self) -> None:
+        """Remove committed versions older than the newest `keep` before this one. A reader that
+        still has one open keeps reading it: its descriptors hold the unlinked files."""
+        older = sorted(n for p in self.directory.iterdir()
+                       if (n := parse_version_name(p.name)) is not None and n < self.version)
+        for n in older[: max(0, len(older) - self.keep)]:
+            shutil.rmtree(self.directory / version_name(n), ignore_errors=True)
+
+    def _close_prev(self) -> None:
+        for fd in self._prev_fds.values():
+            os.close(fd)
+        self._prev_fds = {}
+
+    def abort(self) -> None:
+        """Throw the new version away; CURRENT and the committed version are untouched."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._close_prev()
+        shutil.rmtree(self._vdir, ignore_errors=True)
+        self._unlock()
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()  # no-op after commit(); otherwise nothing half-done becomes visible
+
+    def __repr__(self) -> str:
+        state = "finished" if self._finished else f"{len(self._rows)} records so far"
+        return f"CacheWriter({str(self.directory)!r}: version {self.version}, {state})"

@@ -1,0 +1,482 @@
+"""The disk cache: its on-disk format and `CacheReader`, which reads it at the speed of the disk.
+
+`mm-producer preprocess` runs the same pipeline as the live producer and stores each sample's
+payload (the exact bytes `SampleSchema.pack` makes, the same bytes a ring slot carries) in a
+few large shard files, described by ONE memory-mappable index. Reading a sample is one memcpy
+from a memory map of the shard into the caller's buffer (a pinned batch row, say): no per-sample
+JSON, pickle, open() or allocation on the data path.
+
+Layout (`DIR` is the cache directory)::
+
+    path                          what                                     written
+    ----------------------------  ---------------------------------------  -----------------------
+    DIR/.lock                     flock(2) held by the one live writer     CacheWriter.__init__
+    DIR/CURRENT                   "v000007\\n": the committed version      temp + fsync + rename
+                                                                           + fsync(DIR), last
+    DIR/vNNNNNN/                  one complete version (6 digits, rising)  by one writer run
+      shard-NNNNN.bin             payloads; each record starts at a        appended, ftruncated
+                                  multiple of RECORD_ALIGN (4096) so reads  to a 4096 multiple,
+                                  are page aligned (O_DIRECT-friendly);     fsync'd; rolls over at
+                                  zero padding between records              shard_bytes (1 GiB)
+      index.npy                   np.save of INDEX_DTYPE rows, one per      once, at commit
+                                  record, in record order (see below)
+      schemas.json                {"<schema_id>": "<SampleSchema.encode()>"}  once per schema
+      keys.json                   {"keys": [[key, fingerprint], ...]}:     at commit; read only
+                                  index.key_id points here; lets a re-run   by the next writer
+                                  skip samples whose files did not change
+      manifest.json               magic, format_version, version, created,  at commit, last file
+                                  classes, splits, counts, records, shards  of the version
+                                  (file + nbytes), config_hash
+
+    INDEX_DTYPE (packed, little-endian, 124 bytes a record)
+    field         type  meaning
+    offset        <u8   byte offset of the payload in its shard (multiple of 4096)
+    nbytes        <u8   payload bytes (== schema.payload_nbytes)
+    schema_id     <u8   key into schemas.json (SampleSchema.schema_id, never 0)
+    timestamp_ns  <i8   SampleMeta.timestamp_ns
+    index         <u8   SampleMeta.index
+    shard         <u4   shard-<shard>.bin
+    label         <i4   SampleMeta.label: index into manifest "classes", -1 unlabelled
+    generation    <u4   SampleMeta.generation
+    key_id        <u4   row of keys.json: which dataset sample made this record
+    split         <u2   index into manifest "splits"
+    source        S64   SampleMeta.source (utf-8, NUL padded)
+
+Why this shape:
+- Atomic: a version is complete before CURRENT names it, and CURRENT is swapped by rename, so
+  a killed writer leaves the previous version readable; the next writer deletes the leftover.
+- A reader opens the version CURRENT names and keeps its file descriptors, so a writer that
+  commits (and prunes old versions) while training runs never pulls the files from under it.
+- keys.json is apart from manifest.json because it grows with the dataset and only a writer
+  needs it; a reader (in every DataLoader worker) parses a manifest of constant size.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CacheCorrupt, CacheError, CacheNotFound, SchemaError, VersionMismatch
+from .schema import Sample, SampleMeta, SampleSchema
+
+MAGIC = "mmfeed-cache"
+FORMAT_VERSION = 1
+RECORD_ALIGN = 4096
+
+CURRENT = "CURRENT"
+LOCK = ".lock"
+INDEX_FILE = "index.npy"
+SCHEMAS_FILE = "schemas.json"
+KEYS_FILE = "keys.json"
+MANIFEST_FILE = "manifest.json"
+_VERSION_RE = re.compile(r"^v(\d{6})$")
+
+INDEX_DTYPE = np.dtype(
+    [
+        ("offset", "<u8"),
+        ("nbytes", "<u8"),
+        ("schema_id", "<u8"),
+        ("timestamp_ns", "<i8"),
+        ("index", "<u8"),
+        ("shard", "<u4"),
+        ("label", "<i4"),
+        ("generation", "<u4"),
+        ("key_id", "<u4"),
+        ("split", "<u2"),
+        ("source", "S64"),
+    ]
+)
+
+# Records this large get an MADV_WILLNEED over their whole range before the copy, so a cold read
+# is one large asynchronous read-ahead rather than a page fault per 128 KiB window.
+_WILLNEED_BYTES = 256 << 10
+
+
+def align_up(n: int, a: int = RECORD_ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.bin"
+
+
+def parse_version_name(name: str) -> int | None:
+    """`v000007` -> 7; anything else -> None (not one of ours)."""
+    m = _VERSION_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def read_current(directory: Path) -> int:
+    """The committed version number; CacheNotFound when there is none."""
+    if not directory.is_dir():
+        raise CacheNotFound(directory, "the directory does not exist")
+    path = directory / CURRENT
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise CacheNotFound(directory, f"no {CURRENT} file, so no committed version") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CacheCorrupt(path, f"unreadable: {e}") from None
+    number = parse_version_name(text.strip())
+    if number is None:
+        raise CacheCorrupt(path, f"expected a version name like v000001, found {text[:40]!r}")
+    return number
+
+
+@dataclass
+class CacheVersion:
+    """One committed version, loaded and checked: what both the reader and the writer start from."""
+
+    path: Path
+    number: int
+    manifest: dict
+    index: np.ndarray  # INDEX_DTYPE, in memory
+    schemas: dict[int, SampleSchema]
+    shard_paths: list[Path]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest["splits"])
+
+    @property
+    def config_hash(self) -> str:
+        return str(self.manifest.get("config_hash", ""))
+
+
+def _read_json(path: Path) -> object:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise CacheCorrupt(path, "missing") from None
+    except (OSError, ValueError) as e:
+        raise CacheCorrupt(path, f"not readable JSON: {e}") from None
+
+
+def open_version(directory: str | Path, number: int | None = None) -> CacheVersion:
+    """Load and check version `number` (default: the one CURRENT names) of the cache at `directory`.
+
+    Checks magic and format version first (another version -> VersionMismatch naming both),
+    then that the index, schemas and shards agree, vectorised over all records.
+    """
+    directory = Path(directory)
+    if number is None:
+        number = read_current(directory)
+    vdir = directory / version_name(number)
+    if not vdir.is_dir():
+        raise CacheCorrupt(vdir, f"{CURRENT} names this version but its directory is missing")
+
+    mpath = vdir / MANIFEST_FILE
+    manifest = _read_json(mpath)
+    if not isinstance(manifest, dict) or manifest.get("magic") != MAGIC:
+        raise CacheCorrupt(mpath, f"expected an mmfeed cache manifest (magic {MAGIC!r})")
+    found = manifest.get("format_version")
+    if found != FORMAT_VERSION:
+        raise VersionMismatch(f"disk cache {directory}", found, FORMAT_VERSION)
+    for field, kind in (("classes", list), ("splits", list), ("shards", list), ("records", int)):
+        if not isinstance(manifest.get(field), kind):
+            raise CacheCorrupt(mpath, f"field {field!r}: expected a {kind.__name__}")
+
+    ipath = vdir / INDEX_FILE
+    try:
+        index = np.load(ipath, allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheCorrupt(ipath, "missing") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise CacheCorrupt(ipath, f"not a numpy index: {e}") from None
+    if index.dtype != INDEX_DTYPE or index.ndim != 1:
+        raise CacheCorrupt(ipath, f"expected a 1-d array of INDEX_DTYPE, found {index.dtype}")
+    if len(index) != manifest["records"]:
+        raise CacheCorrupt(
+            ipath, f"expected {manifest['records']} records (manifest), found {len(index)}"
+        )
+
+    spath = vdir / SCHEMAS_FILE
+    raw = _read_json(spath)
+    if not isinstance(raw, dict):
+        raise CacheCorrupt(spath, "expected an object schema_id -> encoded schema")
+    schemas: dict[int, SampleSchema] = {}
+    for sid, enc in raw.items():
+        try:
+            schema = SampleSchema.decode(enc)
+        except SchemaError as e:
+            raise CacheCorrupt(spath, f"schema {sid}: {e}") from None
+        if str(schema.schema_id) != sid:
+            raise CacheCorrupt(spath, f"schema {sid}: its encoding hashes to {schema.schema_id}")
+        schemas[schema.schema_id] = schema
+
+    shard_paths, shard_sizes = [], []
+    for i, entry in enumerate(manifest["shards"]):
+        if not isinstance(entry, dict) or entry.get("file") != shard_name(i):
+            raise CacheCorrupt(mpath, f"shards[{i}]: expected {{'file': {shard_name(i)!r}, ...}}")
+        p = vdir / entry["file"]
+        try:
+            size = p.stat().st_size
+        except OSError as e:
+            raise CacheCorrupt(p, f"shard unreadable: {e}") from None
+        if size < int(entry.get("nbytes", 0)):
+            raise CacheCorrupt(p, f"truncated: expected {entry['nbytes']} bytes, found {size}")
+        shard_paths.append(p)
+        shard_sizes.append(size)
+
+    _check_index(ipath, index, schemas, np.array(shard_sizes, np.uint64), len(manifest["splits"]),
+                 len(manifest["classes"]))
+    return CacheVersion(vdir, number, manifest, index, schemas, shard_paths)
+
+
+def _check_index(path: Path, index: np.ndarray, schemas: dict[int, SampleSchema],
+                 shard_sizes: np.ndarray, n_splits: int, n_classes: int) -> None:
+    """Every record inside its shard, aligned, of its schema's size: checked once, vectorised."""
+    if len(index) == 0:
+        return
+    if index["shard"].max() >= len(shard_sizes):
+        raise CacheCorrupt(path, f"a record names shard {index['shard'].max()}, "
+                                 f"the manifest lists {len(shard_sizes)}")
+    if np.any(index["offset"] % RECORD_ALIGN):
+        raise CacheCorrupt(path, f"a record offset is not a multiple of {RECORD_ALIGN}")
+    ends = index["offset"] + index["nbytes"]
+    bad = np.flatnonzero(ends > shard_sizes[index["shard"]])
+    if len(bad):
+        raise CacheCorrupt(path, f"record {bad[0]} ends past the end of its shard")
+    if index["split"].max() >= n_splits:
+        raise CacheCorrupt(path, f"a record names split {index['split'].max()} of {n_splits}")
+    if index["label"].max() >= n_classes or index["label"].min() < -1:
+        raise CacheCorrupt(path, f"a record's label is outside -1..{n_classes - 1}")
+    for sid in np.unique(index["schema_id"]):
+        schema = schemas.get(int(sid))
+        if schema is None:
+            raise CacheCorrupt(path, f"schema {int(sid)} is not in {SCHEMAS_FILE}")
+        sizes = index["nbytes"][index["schema_id"] == sid]
+        if np.any(sizes != schema.payload_nbytes):
+            raise CacheCorrupt(path, f"a record of schema {int(sid)} is not "
+                                     f"{schema.payload_nbytes} bytes")
+
+
+def _as_bytes_out(out) -> np.ndarray:
+    """A writable flat uint8 view of `out`, never a copy (a copy would silently lose the data)."""
+    if isinstance(out, np.ndarray):
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writable C-contiguous array")
+        return out.reshape(-1).view(np.uint8)
+    arr = np.frombuffer(out, np.uint8)
+    if not arr.flags.writeable:
+        raise ValueError(f"out must be writable, got a read-only {type(out).__name__}")
+    return arr
+
+
+class CacheReader:
+    """Random access to one split (or all) of a committed cache version; no torch.
+
+    Opens the version CURRENT names and all its shard files at construction, then memory-maps
+    each shard lazily, once per process: a forked DataLoader worker notices the pid change and
+    maps afresh from the inherited descriptors; a pickled reader (spawn) reopens the same
+    version by path. `read_into` is the data path; `view` is for inspection and tests.
+    """
+
+    # Class-level defaults make close() safe after a half-built constructor.
+    _fds: list[int] = []
+    _maps: list = []
+    _arrays: list = []
+
+    def __init__(self, cache_dir: str | Path, split: str | None = None):
+        self.directory = Path(cache_dir)
+        self.split = split
+        self._open(open_version(self.directory))
+
+    def _open(self, v: CacheVersion) -> None:
+        self.version = v.number
+        self._vdir = v.path
+        self.classes: list[str] = v.classes
+        self.splits: list[str] = v.splits
+        index = v.index
+        if self.split is not None:
+            if self.split not in self.splits:
+                raise CacheError(
+                    f"{self.directory}: no split {self.split!r} in the cache; it has {self.splits}"
+                )
+            index = index[index["split"] == self.splits.index(self.split)]
+        # Columns as plain arrays: the hot path indexes these, not a structured row.
+        self._offset = index["offset"].astype(np.int64)
+        self._nbytes = index["nbytes"].astype(np.int64)
+        self._shard = index["shard"].astype(np.int64)
+        self._schema_id = index["schema_id"].copy()
+        self._split_id = index["split"].copy()
+        self.labels: np.ndarray = index["label"].astype(np.int64)
+        self._timestamp = index["timestamp_ns"].copy()
+        self._generation = index["generation"].copy()
+        self._meta_index = index["index"].copy()
+        self._source = index["source"].copy()
+        self._schemas = v.schemas
+        used = [self._schemas[int(s)].payload_nbytes for s in np.unique(self._schema_id)]
+        self.max_payload_nbytes: int = max(used, default=0)
+        self._fds = []
+        try:
+            for p in v.shard_paths:
+                self._fds.append(os.open(p, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as e:
+            self.close()
+            raise CacheCorrupt(p, f"cannot open shard: {e}") from None
+        self._maps = [None] * len(self._fds)
+        self._arrays = [None] * len(self._fds)
+        self._pid = os.getpid()
+
+    # --- pickling (spawn workers): same version, reopened by path ----------------------------
+
+    def __getstate__(self) -> dict:
+        return {"directory": str(self.directory), "split": self.split, "version": self.version}
+
+    def __setstate__(self, state: dict) -> None:
+        self.directory = Path(state["directory"])
+        self.split = state["split"]
+        self._open(open_version(self.directory, state["version"]))
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def _check(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < len(self._offset):
+            raise IndexError(f"record {i} out of range: {self} has {len(self._offset)} records")
+        return i
+
+    def schema(self, i: int) -> SampleSchema:
+        return self._schemas[int(self._schema_id[self._check(i)])]
+
+    def payload_nbytes(self, i: int) -> int:
+        return int(self._nbytes[self._check(i)])
+
+    def meta(self, i: int) -> SampleMeta:
+        i = self._check(i)
+        return SampleMeta(
+            label=int(self.labels[i]),
+            timestamp_ns=int(self._timestamp[i]),
+            generation=int(self._generation[i]),
+            source=self._source[i].decode("utf-8", "replace"),
+            index=int(self._meta_index[i]),
+        )
+
+    def split_of(self, i: int) -> str:
+        return self.splits[int(self._split_id[self._check(i)])]
+
+    def schema_groups(self) -> dict[int, np.ndarray]:
+        """schema_id -> indices of this reader's records with that schema (for batching by shape)."""
+        ids, inverse = np.unique(self._schema_id, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(ids) + 1))
+        return {int(s): order[bounds[k]: bounds[k + 1]] for k, s in enumerate(ids)}
+
+    # --- data -------------------------------------------------------------------------------
+
+    def _shard_array(self, shard: int) -> np.ndarray:
+        if self._pid != os.getpid():
+            # NOTE [fork]: the parent's maps are valid in a forked child, but each process maps
+            # its own so that close() in one never touches another and page-fault accounting is
+            # per worker. The descriptors are shared; mmap and pread never use their offsets.
+            self._maps = [None] * len(self._fds)
+            self._arrays = [None] * len(self._fds)
+            self._pid = os.getpid()
+        arr = self._arrays[shard]
+        if arr is None:
+            if not self._fds:
+                raise CacheError(f"{self.directory}: reader is closed")
+            size = os.fstat(self._fds[shard]).st_size
+            if size == 0:  # mmap refuses empty files; an empty shard holds no records anyway
+                arr = np.zeros(0, np.uint8)
+            else:
+                mm = mmap.mmap(self._fds[shard], size, prot=mmap.PROT_READ)
+                self._maps[shard] = mm
+                arr = np.frombuffer(mm, np.uint8)
+            self._arrays[shard] = arr
+        return arr
+
+    def _record(self, i: int) -> np.ndarray:
+        i = self._check(i)
+        shard = int(self._shard[i])
+        off, n = int(self._offset[i]), int(self._nbytes[i])
+        src = self._shard_array(shard)
+        if n >= _WILLNEED_BYTES:
+            self._maps[shard].madvise(mmap.MADV_WILLNEED, off, align_up(n, mmap.PAGESIZE))
+        return src[off: off + n]
+
+    def read_into(self, i: int, out) -> tuple[SampleSchema, SampleMeta]:
+        """Copy record `i`'s payload into `out` with one memcpy; `schema.views(out)` are its arrays.
+
+        `out` is any writable contiguous buffer of at least `payload_nbytes(i)` bytes: a numpy
+        uint8 array, a bytearray, a pinned tensor's `.numpy()`. No intermediate bytes object.
+        """
+        src = self._record(i)
+        dst = _as_bytes_out(out)
+        if dst.nbytes < src.nbytes:
+            raise ValueError(f"out holds {dst.nbytes} bytes, record {i} needs {src.nbytes}")
+        np.copyto(dst[: src.nbytes], src)
+        return self.schema(i), self.meta(i)
+
+    def read_batch_into(self, indices, out2d: np.ndarray) -> tuple[SampleSchema, list[SampleMeta]]:
+        """Read records `indices` into rows of `out2d` (uint8, (B, >= payload)); one schema only."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if out2d.ndim != 2 or out2d.dtype != np.uint8 or out2d.shape[0] < len(idx):
+            raise ValueError(f"out2d must be uint8 (>= {len(idx)}, payload), got "
+                             f"{out2d.dtype}{list(out2d.shape)}")
+        if len(idx) == 0:
+            raise ValueError("read_batch_into needs at least one index")
+        sids = self._schema_id[[self._check(i) for i in idx]]
+        if np.any(sids != sids[0]):
+            raise SchemaError(f"records {idx.tolist()} have {len(np.unique(sids))} different "
+                              f"schemas; group them with schema_groups() first")
+        metas = [self.read_into(int(i), out2d[j])[1] for j, i in enumerate(idx)]
+        return self._schemas[int(sids[0])], metas
+
+    def view(self, i: int) -> Sample:
+        """Zero-copy, read-only arrays over the memory map (they keep the map alive)."""
+        src = self._record(i)
+        schema = self.schema(i)
+        return Sample(schema, self.meta(i), schema.views(src))
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap and close; idempotent. Arrays from `view` keep their map alive until dropped."""
+        self._arrays = [None] * len(self._arrays)
+        for mm in self._maps:
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # a view() array still points into it; GC unmaps it later
+                    pass
+        self._maps = []
+        self._arrays = []
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        split = f", split={self.split!r}" if self.split else ""
+        return (f"CacheReader({str(self.directory)!r}{split}: version {getattr(self, 'version', '?')}, "
+                f"{len(getattr(self, '_offset', ()))} records)")
