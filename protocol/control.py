@@ -1,0 +1,620 @@
+"""Control messages between `mmctl` and the daemons: ZeroMQ REQ/REP carrying JSON.
+
+Wire format (version `CONTROL_VERSION`, at most `MAX_MESSAGE_BYTES` per message):
+
+    request  {"v": 1, "cmd": "filter", "args": {"spec": "gray"}}
+    reply    {"ok": true, ...}                                      (e.g. "generation": 7)
+             {"ok": false, "error": {"code": "bad_argument", "message": "..."}}
+
+JSON only, never pickle: a control socket may be reachable by other users (group mode) or
+other machines (CURVE over TCP), and unpickling is code execution.
+
+Server side (`ControlServer`): each daemon declares its commands once,
+
+    server = ControlServer(control_endpoint("producer"), {
+        "filter": Command(self.on_filter, args={"spec": str}),
+        "logs":   Command(self.on_logs, args={"n": Arg(int, required=False, default=100)}),
+        "status": Command(self.on_status),
+    })
+    while running:
+        server.poll(timeout_ms=50)       # from the main loop; or server.serve_in_thread()
+
+and the server checks everything a client can get wrong (size, UTF-8, JSON, object, version,
+command, argument names and types) before a handler runs, so a handler sees only valid
+arguments and a bad message changes nothing. A handler raises `BadArgument` (or any
+`MmfeedError`) for what only it can judge - a sensor stem that does not exist; anything else
+it raises becomes an `internal` error reply and a logged traceback. The loop never dies.
+
+Client side (`ControlClient`) is the ZeroMQ guide's Lazy Pirate: a REQ socket that lost its
+reply is stuck forever, so the client polls with a timeout, and on silence closes the socket
+(linger 0) and opens a fresh one, a bounded number of times, then raises `ControlTimeout`.
+
+TCP is opt-in and then authenticated with ZeroMQ CURVE (`CurveServerKeys`, `CurveClientKeys`,
+`keygen`); binding or connecting `tcp://` without keys is refused with a clear error.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import zmq
+
+from .errors import (
+    BadArgument,
+    ControlError,
+    ControlTimeout,
+    MalformedMessage,
+    MessageTooLarge,
+    MmfeedError,
+    RemoteError,
+    UnknownCommand,
+    VersionMismatch,
+)
+from .paths import ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
+
+CONTROL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+# ZMQ_MAXMSGSIZE is a memory guard, not the protocol limit: ZeroMQ drops the *connection* of a
+# peer that exceeds it, so that peer gets no reply at all. Between MAX_MESSAGE_BYTES and this
+# ceiling a client gets a proper `too_large` error reply instead.
+TRANSPORT_MAX_BYTES = 16 * MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+# Argument names on the wire, one place for mmctl and both daemons (docs/CONTRACTS.md).
+WIRE_ARGS: dict[str, dict[str, Any]] = {}  # filled below, after Arg is defined
+
+
+# --- command specs --------------------------------------------------------------------------
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               list: "a list", dict: "an object"}
+
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin is list:
+        (inner,) = typing.get_args(t) or (Any,)
+        return f"a list of {_type_name(inner).removeprefix('a ').removeprefix('an ')}s" \
+            if inner in _TYPE_NAMES else "a list"
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    if t is Any or t is None:
+        return "any JSON value"
+    return _TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
+
+
+def _matches(value: Any, t: Any) -> bool:
+    """JSON-aware isinstance: an int is a valid float, a bool is never an int or float."""
+    if t is Any or t is None:
+        return True
+    if isinstance(t, tuple):
+        return any(_matches(value, x) for x in t)
+    if typing.get_origin(t) is list:
+        args = typing.get_args(t)
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, t)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a command: its JSON type, whether it is required, its default.
+
+    `type` is str, int, float (ints accepted), bool, list, `list[str]`, dict, a tuple of those,
+    or `typing.Any`. A bare type in `Command(args=...)` means `Arg(type)` (required).
+    """
+
+    type: Any = Any
+    required: bool = True
+    default: Any = None
+    help: str = ""
+
+    def describe(self) -> str:
+        return _type_name(self.type)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A control command: the handler and the arguments it accepts.
+
+    The handler is called with the validated arguments as keyword arguments (defaults filled
+    in) and returns a dict merged into the `{"ok": true}` reply, or None. With `args=None`
+    the spec is read from the handler's signature and type hints.
+    """
+
+    handler: Callable[..., Mapping[str, Any] | None]
+    args: Mapping[str, Any] | None = field(default_factory=dict)
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        spec = _spec_from_signature(self.handler) if self.args is None else self.args
+        norm = {name: a if isinstance(a, Arg) else Arg(a) for name, a in spec.items()}
+        object.__setattr__(self, "args", norm)
+
+    def validate(self, cmd: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked keyword arguments for the handler, or BadArgument naming what is wrong."""
+        spec: Mapping[str, Arg] = self.args  # type: ignore[assignment]
+        accepted = ", ".join(f"{n} ({a.describe()})" for n, a in spec.items()) or "no arguments"
+        unknown = sorted(set(args) - set(spec))
+        if unknown:
+            raise BadArgument(f"{cmd}: unknown argument {unknown[0]!r}; accepted: {accepted}")
+        out: dict[str, Any] = {}
+        for name, a in spec.items():
+            if name not in args:
+                if a.required:
+                    raise BadArgument(f"{cmd}: missing argument {name!r} ({a.describe()}); "
+                                      f"accepted: {accepted}")
+                out[name] = a.default
+                continue
+            value = args[name]
+            if not _matches(value, a.type):
+                raise BadArgument(f"{cmd}: argument {name!r} must be {a.describe()}, "
+                                  f"got {type(value).__name__} {json.dumps(value)[:80]}")
+            out[name] = value
+        return out
+
+
+def _spec_from_signature(fn: Callable) -> dict[str, Arg]:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: fall back to untyped arguments
+        hints = {}
+    spec = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        t = hints.get(name, Any)
+        if typing.get_origin(t) in (typing.Union, types.UnionType):
+            t = tuple(x for x in typing.get_args(t) if x is not type(None)) or Any
+        required = p.default is p.empty
+        spec[name] = Arg(t, required=required, default=None if required else p.default)
+    return spec
+
+
+WIRE_ARGS.update({
+    "status": {},
+    "filter": {"spec": str},
+    "sensor": {"input": str, "stem": str},
+    "method": {"input": str, "name": str},
+    "segment": {"start": float, "end": float},
+    "label": {"name": str},
+    "modalities": {"enable": Arg(list[str], required=False, default=[]),
+                   "disable": Arg(list[str], required=False, default=[])},
+    "pause": {},
+    "resume": {},
+    "mix": {"fraction": float},
+    "checkpoint": {},
+    "logs": {"n": Arg(int, required=False, default=100)},
+})
+
+
+def wire_command(cmd: str, handler: Callable[..., Mapping[str, Any] | None]) -> Command:
+    """`Command(handler, args=WIRE_ARGS[cmd])`: a standard command with mmctl's argument names."""
+    return Command(handler, args=WIRE_ARGS[cmd])
+
+
+# --- CURVE ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CurveServerKeys:
+    """A server's CURVE identity and the clients it lets in.
+
+    secret_key_file: the server's `*.key_secret` from `keygen`.
+    clients_dir:     folder of allowed clients' public `*.key` files; any other key is refused.
+    """
+
+    secret_key_file: Path
+    clients_dir: Path
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """A client's CURVE identity: the server's public key and the client's own keypair."""
+
+    server_public_file: Path
+    secret_key_file: Path
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "CurveClientKeys":
+        """Keys as `keygen(directory)` lays them out (server.key, client.key_secret)."""
+        d = Path(directory)
+        return cls(d / "server.key", d / "client.key_secret")
+
+
+def keygen(directory: str | Path, names: tuple[str, ...] = ("server", "client")) -> dict[str, Path]:
+    """Write a CURVE keypair per name into `directory` (secret files mode 0600), and copy each
+    non-server public key into `directory/clients/` so that folder can be the server's
+    `clients_dir` as is. Returns name -> secret key file."""
+    import zmq.auth
+
+    d = Path(directory)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (d / "clients").mkdir(mode=0o700, exist_ok=True)
+    out = {}
+    for name in names:
+        public, secret = zmq.auth.create_certificates(str(d), name)
+        os.chmod(secret, 0o600)
+        if name != "server":
+            shutil.copy(public, d / "clients" / Path(public).name)
+        out[name] = Path(secret)
+    return out
+
+
+def _load_keypair(path: Path, what: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise ControlError(f"{what}: cannot read CURVE key file {path}: {e}") from None
+
+
+def _needs_curve(endpoint: str, curve: object | None, side: str) -> None:
+    if endpoint.startswith("tcp://") and curve is None:
+        raise ControlError(
+            f"{side} {endpoint}: TCP control is only allowed with CURVE authentication; "
+            f"create keys with `mmctl keygen DIR` and pass them (or use the default ipc:// socket)"
+        )
+
+
+# --- server --------------------------------------------------------------------------------
+
+
+def _error(err: MmfeedError) -> dict:
+    return {"ok": False, "error": {"code": err.code, "message": str(err)}}
+
+
+class ControlServer:
+    """A daemon's REP socket and the loop step that answers it.
+
+    Bind-time checks: an ipc socket file left by a dead daemon is replaced, one served by a
+    live process is refused (`EndpointInUse`); the file gets mode 0600 (0660 + chgrp with
+    `group`); `tcp://` needs `curve`. Use `poll()` from the daemon's own loop (handlers then
+    run on the daemon's thread, no locking needed) or `serve_in_thread()`.
+    """
+
+    def __init__(self, endpoint: str, commands: Mapping[str, Command | Callable], *,
+                 curve: CurveServerKeys | None = None, group: str | None = None):
+        _needs_curve(endpoint, curve, "control server")
+        self.commands: dict[str, Command] = {
+            name: c if isinstance(c, Command) else Command(c, args=None)
+            for name, c in commands.items()
+        }
+        self._ctx = zmq.Context()  # own context: one ZAP authenticator per context
+        self._auth = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._closed = False
+        self._path = self._inode = None
+        self.handled = 0
+        try:
+            self._sock = self._ctx.socket(zmq.REP)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.MAXMSGSIZE, TRANSPORT_MAX_BYTES)
+            if curve is not None:
+                self._auth = curve_server_socket(self._ctx, self._sock, curve)
+            self._path = prepare_ipc_bind(endpoint)
+            self._sock.bind(endpoint)
+            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._inode = secure_ipc_socket(self._path, group)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def poll(self, timeout_ms: int = 0, max_requests: int = 64) -> int:
+        """Wait up to `timeout_ms` for a request, answer it and whatever else is already
+        queued (at most `max_requests`, so a flood of clients cannot starve the daemon's
+        main loop), and return how many were answered. Never raises for anything a client
+        sends."""
+        n = 0
+        wait = timeout_ms
+        while n < max_requests and self._sock.poll(wait, zmq.POLLIN):
+            frames = self._sock.recv_multipart(copy=True)
+            self._sock.send(json.dumps(self._reply_to(frames), default=str).encode())
+            n += 1
+            wait = 0
+        self.handled += n
+        return n
+
+    def _reply_to(self, frames: list[bytes]) -> dict:
+        try:
+            cmd, args = self._parse(frames)
+            command = self.commands[cmd]
+            kwargs = command.validate(cmd, args)
+        except MmfeedError as e:
+            log.warning("control request refused: %s", e, extra={"code": e.code})
+            return _error(e)
+        try:
+            result = command.handler(**kwargs)
+        except MmfeedError as e:
+            log.warning("command %s refused: %s", cmd, e, extra={"code": e.code})
+            return _error(e)
+        except Exception as e:  # the loop must survive any handler bug
+            log.exception("command %s failed inside the daemon", cmd)
+            return {"ok": False, "error": {"code": "internal",
+                                           "message": f"{cmd}: internal error: {type(e).__name__}: {e}"}}
+        reply = {"ok": True}
+        if result:
+            reply.update(result)
+        return reply
+
+    def _parse(self, frames: list[bytes]) -> tuple[str, dict]:
+        if len(frames) != 1:
+            raise MalformedMessage(f"expected one message frame, got {len(frames)}")
+        raw = frames[0]
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(f"message of {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+        try:
+            msg = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise MalformedMessage(f"message is not UTF-8 text ({e.reason} at byte {e.start}); "
+                                   f"expected a JSON object") from None
+        except json.JSONDecodeError as e:
+            raise MalformedMessage(f"message is not JSON ({e.msg} at char {e.pos}); expected "
+                                   f'{{"v": {CONTROL_VERSION}, "cmd": ..., "args": {{...}}}}') from None
+        if not isinstance(msg, dict):
+            raise MalformedMessage(f"message is a JSON {type(msg).__name__}; expected an object "
+                                   f'{{"v": {CONTROL_VERSION}, "cmd": ..., "args": {{...}}}}')
+        v = msg.get("v")
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise MalformedMessage(f'message lacks an integer "v" (control protocol version '
+                                   f"{CONTROL_VERSION})")
+        if v != CONTROL_VERSION:
+            raise VersionMismatch("the control client", v, CONTROL_VERSION)
+        cmd = msg.get("cmd")
+        if not isinstance(cmd, str) or not cmd:
+            raise MalformedMessage('message lacks "cmd" (a command name string)')
+        args = msg.get("args", {})
+        if not isinstance(args, dict):
+            raise MalformedMessage(f'"args" is a JSON {type(args).__name__}; expected an object')
+        extra = sorted(set(msg) - {"v", "cmd", "args"})
+        if extra:
+            raise MalformedMessage(f"unknown message field {extra[0]!r}; expected v, cmd, args")
+        if cmd not in self.commands:
+            raise UnknownCommand(f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}")
+        return cmd, args
+
+    def serve_in_thread(self, poll_ms: int = 100) -> threading.Thread:
+        """Answer requests on a background thread until `close()`. Handlers then run on that
+        thread: they must be safe to call concurrently with the daemon's own work."""
+        if self._thread is not None:
+            raise RuntimeError("serve_in_thread() called twice")
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.poll(poll_ms)
+                except zmq.ZMQError as e:  # context terminated under us: nothing left to serve
+                    if self._stop.is_set() or e.errno == zmq.ETERM:
+                        return
+                    log.exception("control socket error; continuing")
+
+        self._thread = threading.Thread(target=loop, name=f"control {self.endpoint}", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def close(self) -> None:
+        """Stop the serving thread (if any), close the socket and remove our socket file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        sock = getattr(self, "_sock", None)
+        if sock is not None:
+            sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        self._ctx.term()
+        remove_ipc_socket(self._path, self._inode)
+
+    def __enter__(self) -> "ControlServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ControlServer({getattr(self, 'endpoint', '?')!r}, commands={sorted(self.commands)})"
+
+
+def _start_authenticator(ctx: zmq.Context, curve: CurveServerKeys):
+    from zmq.auth.thread import ThreadAuthenticator
+
+    clients = Path(curve.clients_dir)
+    if not clients.is_dir():
+        raise ControlError(f"CURVE clients folder {clients} does not exist; it must hold the "
+                           f"allowed clients' public *.key files (see `mmctl keygen`)")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(clients))
+    return auth
+
+
+def curve_server_socket(ctx: zmq.Context, sock: zmq.Socket, curve: CurveServerKeys):
+    """Make `sock` a CURVE server that admits only `curve.clients_dir`'s keys. Returns the
+    authenticator, which the caller stops when done (used by the log PUB socket)."""
+    _, secret = _load_keypair(Path(curve.secret_key_file), "server")
+    if secret is None:
+        raise ControlError(f"{curve.secret_key_file} holds no secret key (use the *.key_secret file)")
+    auth = _start_authenticator(ctx, curve)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = zmq.curve_public(secret)
+    sock.curve_server = True
+    return auth
+
+
+def curve_client_socket(sock: zmq.Socket, curve: CurveClientKeys) -> None:
+    """Give `sock` the client's keypair and the server key it must talk to."""
+    server_public, _ = _load_keypair(Path(curve.server_public_file), "client: server key")
+    public, secret = _load_keypair(Path(curve.secret_key_file), "client: own key")
+    if secret is None:
+        raise ControlError(f"{curve.secret_key_file} holds no secret key")
+    sock.curve_serverkey = server_public
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+# --- client --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a client waits, in one place.
+
+    request: seconds to wait for one reply before giving up on that socket.
+    retries: fresh sockets to try after the first silent one (0 = a single attempt).
+
+        Timeouts()                         # 2.5 s, then one retry: at most ~5 s
+        Timeouts(request=0.2, retries=0)   # a quick probe
+        Timeouts.within(10.0)              # ~10 s in all, split over the attempts
+    """
+
+    request: float = 2.5
+    retries: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.request > 0:
+            raise ValueError(f"Timeouts.request must be > 0 seconds, got {self.request}")
+        if self.retries < 0:
+            raise ValueError(f"Timeouts.retries must be >= 0, got {self.retries}")
+
+    @classmethod
+    def within(cls, total: float, retries: int = 1) -> "Timeouts":
+        return cls(request=total / (retries + 1), retries=retries)
+
+
+_START_HINTS = {
+    "producer": "mm-producer run --source SRC --ring NAME",
+    "trainer": "mm-trainer run --cache DIR --ring NAME",
+}
+
+
+def _daemon_of(endpoint: str) -> str | None:
+    path = ipc_path(endpoint)
+    if path is not None and path.name.endswith(".sock"):
+        return path.name[: -len(".sock")]
+    return None
+
+
+class ControlClient:
+    """Send one command at a time to a daemon and return its reply (Lazy Pirate).
+
+    `request("filter", spec="gray")` returns the reply dict of an `ok` reply, raises
+    `RemoteError(code, message)` for an `ok: false` one and `ControlTimeout` when no reply
+    came after `timeouts.retries + 1` attempts. Not thread-safe: one client per thread.
+    """
+
+    def __init__(self, endpoint: str, timeouts: Timeouts = Timeouts(),
+                 curve: CurveClientKeys | None = None, *, daemon: str | None = None):
+        _needs_curve(endpoint, curve, "control client")
+        self.endpoint = endpoint
+        self.timeouts = timeouts
+        self.curve = curve
+        self.daemon = daemon or _daemon_of(endpoint)
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            s = self._ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                curve_client_socket(s, self.curve)
+            s.connect(self.endpoint)
+            self._sock = s
+        return self._sock
+
+    def _discard(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def request(self, cmd: str, /, **args: Any) -> dict:
+        """Send `cmd` with `args`; return the daemon's `ok` reply as a dict."""
+        body = json.dumps({"v": CONTROL_VERSION, "cmd": cmd, "args": args}).encode()
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise MessageTooLarge(f"{cmd}: request of {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+        t0 = time.monotonic()
+        for _ in range(self.timeouts.retries + 1):
+            sock = self._socket()
+            sock.send(body)
+            if sock.poll(int(self.timeouts.request * 1000), zmq.POLLIN):
+                return self._decode(sock.recv())
+            self._discard()  # a REQ socket that lost its reply can never send again
+        raise ControlTimeout(self._silence_message(cmd, time.monotonic() - t0))
+
+    def _decode(self, raw: bytes) -> dict:
+        try:
+            reply = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MalformedMessage(f"{self.endpoint} replied with something that is not JSON "
+                                   f"({raw[:60]!r}); is it an mmfeed daemon?") from None
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise MalformedMessage(f'{self.endpoint} replied without a boolean "ok": {raw[:120]!r}')
+        if not reply["ok"]:
+            err = reply.get("error") or {}
+            raise RemoteError(str(err.get("code", "error")), str(err.get("message", "(no message)")))
+        return reply
+
+    def _silence_message(self, cmd: str, elapsed: float) -> str:
+        attempts = self.timeouts.retries + 1
+        msg = (f"no reply to {cmd!r} from {self.endpoint} after {elapsed:.1f} s "
+               f"({attempts} attempt{'s' if attempts > 1 else ''} of {self.timeouts.request:g} s)")
+        path = ipc_path(self.endpoint)
+        hint = _START_HINTS.get(self.daemon or "")
+        start = f"; start one with `{hint}`" if hint else ""
+        if path is not None and not path.exists():
+            return (f"no daemon is listening at {self.endpoint} (socket file {path} does not "
+                    f"exist){start}")
+        if path is not None:
+            from .paths import someone_listens
+
+            if not someone_listens(path):
+                return (f"no daemon is listening at {self.endpoint} (socket file {path} is left "
+                        f"over from a daemon that is gone){start}")
+            return msg + "; the daemon is there but busy or stuck"
+        return msg + f"; is the daemon running and are the CURVE keys right?{start}"
+
+    def listening(self) -> bool | None:
+        """For ipc endpoints: whether a process accepts connections there (cheap, no request).
+        None for other transports, where only a request can tell."""
+        path = ipc_path(self.endpoint)
+        if path is None:
+            return None
+        from .paths import someone_listens
+
+        return path.exists() and someone_listens(path)
+
+    def close(self) -> None:
+        self._discard()
+
+    def __enter__(self) -> "ControlClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ControlClient({self.endpoint!r}, {self.timeouts})"

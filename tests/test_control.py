@@ -1,0 +1,364 @@
+"""The control protocol over real ZeroMQ sockets: what a client can get wrong gets an error
+reply naming it, changes nothing, and never ends the server loop."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import zmq
+
+from protocol import paths
+from protocol.control import (
+    CONTROL_VERSION,
+    MAX_MESSAGE_BYTES,
+    TRANSPORT_MAX_BYTES,
+    Arg,
+    Command,
+    ControlClient,
+    ControlServer,
+    CurveClientKeys,
+    CurveServerKeys,
+    Timeouts,
+    keygen,
+)
+from protocol.errors import BadArgument, ControlError, ControlTimeout, RemoteError
+
+QUICK = Timeouts(request=0.5, retries=0)
+
+
+@pytest.fixture
+def sockdir():
+    # Short and unique: unix socket paths are limited to 107 bytes, tmp_path can be longer.
+    d = Path(tempfile.mkdtemp(prefix=f"mmc{os.getpid()}-{uuid.uuid4().hex[:6]}-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+class Daemon:
+    """A tiny stand-in daemon: a generation counter with a filter command."""
+
+    def __init__(self):
+        self.generation = 0
+        self.spec = "none"
+
+    def on_filter(self, spec):
+        if spec == "sepia":
+            raise BadArgument(f"filter {spec!r}: unknown operation; accepted: gray, rgb")
+        self.spec = spec
+        self.generation += 1
+        return {"generation": self.generation}
+
+    def on_boom(self):
+        raise ZeroDivisionError("handler bug")
+
+    def commands(self):
+        return {
+            "filter": Command(self.on_filter, args={"spec": str}),
+            "status": Command(lambda: {"generation": self.generation, "spec": self.spec}),
+            "scale": Command(lambda factor, n: {"product": factor * n},
+                             args={"factor": float, "n": Arg(int, required=False, default=2)}),
+            "boom": Command(self.on_boom),
+        }
+
+
+@pytest.fixture
+def served(sockdir):
+    daemon = Daemon()
+    server = ControlServer(f"ipc://{sockdir}/d.sock", daemon.commands())
+    server.serve_in_thread(poll_ms=20)
+    yield daemon, server
+    server.close()
+
+
+def raw_request(endpoint: str, payload: bytes, timeout_ms: int = 2000) -> dict | None:
+    """Send bytes as they are (no client-side checks) and return the decoded reply."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    try:
+        s.connect(endpoint)
+        s.send(payload)
+        if not s.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return json.loads(s.recv())
+    finally:
+        s.close(linger=0)
+
+
+def still_answers(server: ControlServer, daemon: Daemon) -> None:
+    with ControlClient(server.endpoint, QUICK) as c:
+        assert c.request("status") == {"ok": True, "generation": daemon.generation, "spec": daemon.spec}
+
+
+def test_command_reply_carries_the_handler_result(served):
+    daemon, server = served
+    with ControlClient(server.endpoint, QUICK) as c:
+        assert c.request("filter", spec="gray") == {"ok": True, "generation": 1}
+        assert c.request("status")["spec"] == "gray"
+
+
+@pytest.mark.parametrize("payload, code, words", [
+    (b"\xff\xfe\x00garbage", "malformed", "not UTF-8"),
+    (b"{not json", "malformed", "not JSON"),
+    (b'["filter", "gray"]', "malformed", "JSON list"),
+    (b'{"cmd": "status", "args": {}}', "malformed", '"v"'),
+    (b'{"v": 1, "args": {}}', "malformed", '"cmd"'),
+    (b'{"v": 1, "cmd": "filter", "args": ["gray"]}', "malformed", '"args"'),
+    (b'{"v": 1, "cmd": "status", "args": {}, "x": 1}', "malformed", "'x'"),
+], ids=["garbage", "not-json", "array", "no-version", "no-cmd", "args-list", "extra-field"])
+def test_malformed_message_gets_an_error_and_changes_nothing(served, payload, code, words):
+    daemon, server = served
+    reply = raw_request(server.endpoint, payload)
+    assert reply["ok"] is False and reply["error"]["code"] == code
+    assert words in reply["error"]["message"]
+    assert daemon.generation == 0
+    still_answers(server, daemon)
+
+
+def test_wrong_version_is_refused_naming_both_versions(served):
+    daemon, server = served
+    reply = raw_request(server.endpoint, json.dumps({"v": 99, "cmd": "filter", "args": {"spec": "gray"}}).encode())
+    assert reply["error"]["code"] == "version_mismatch"
+    assert "99" in reply["error"]["message"] and f"version {CONTROL_VERSION}" in reply["error"]["message"]
+    assert daemon.generation == 0
+    still_answers(server, daemon)
+
+
+def test_oversized_message_gets_too_large_and_server_still_answers(served):
+    daemon, server = served
+    big = json.dumps({"v": 1, "cmd": "filter", "args": {"spec": "x" * (MAX_MESSAGE_BYTES + 10)}}).encode()
+    reply = raw_request(server.endpoint, big)
+    assert reply["error"]["code"] == "too_large"
+    assert str(MAX_MESSAGE_BYTES) in reply["error"]["message"]
+    assert daemon.generation == 0
+    still_answers(server, daemon)
+
+
+def test_message_beyond_transport_limit_drops_only_that_peer(served):
+    # ZMQ_MAXMSGSIZE cuts the connection before the bytes are buffered: that peer gets no
+    # reply (a memory guard), while every other client is still served.
+    daemon, server = served
+    huge = b"{" + b" " * (TRANSPORT_MAX_BYTES + 1) + b"}"
+    assert raw_request(server.endpoint, huge, timeout_ms=500) is None
+    still_answers(server, daemon)
+
+
+def test_client_refuses_to_send_an_oversized_request(served):
+    _, server = served
+    with ControlClient(server.endpoint, QUICK) as c, pytest.raises(ControlError, match="limit"):
+        c.request("filter", spec="x" * MAX_MESSAGE_BYTES)
+
+
+def test_unknown_command_changes_nothing_and_lists_known_commands(served):
+    daemon, server = served
+    with ControlClient(server.endpoint, QUICK) as c:
+        with pytest.raises(RemoteError) as e:
+            c.request("reboot")
+    assert e.value.code == "unknown_command"
+    assert "reboot" in str(e.value) and "filter, scale, status" in str(e.value)
+    assert daemon.generation == 0
+    still_answers(server, daemon)
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"spec": 3}, "'spec' must be a string, got int"),
+    ({}, "missing argument 'spec'"),
+    ({"spec": "gray", "speed": 2}, "unknown argument 'speed'; accepted: spec (a string)"),
+], ids=["wrong-type", "missing", "unknown"])
+def test_bad_argument_names_the_argument_and_what_is_accepted(served, args, words):
+    daemon, server = served
+    with ControlClient(server.endpoint, QUICK) as c, pytest.raises(RemoteError) as e:
+        c.request("filter", **args)
+    assert e.value.code == "bad_argument" and words in str(e.value)
+    assert daemon.generation == 0
+    still_answers(server, daemon)
+
+
+def test_numbers_follow_json_types(served):
+    # An int is a fine float; a bool is never a number; defaults fill optional arguments.
+    _, server = served
+    with ControlClient(server.endpoint, QUICK) as c:
+        assert c.request("scale", factor=3)["product"] == 6
+        assert c.request("scale", factor=0.5, n=4)["product"] == 2.0
+        with pytest.raises(RemoteError, match="'factor' must be a number"):
+            c.request("scale", factor=True)
+        with pytest.raises(RemoteError, match="'n' must be an integer"):
+            c.request("scale", factor=1.0, n=2.5)
+
+
+def test_handler_refusal_is_an_error_reply_and_changes_nothing(served):
+    daemon, server = served
+    with ControlClient(server.endpoint, QUICK) as c, pytest.raises(RemoteError) as e:
+        c.request("filter", spec="sepia")
+    assert e.value.code == "bad_argument" and "accepted: gray, rgb" in str(e.value)
+    assert daemon.generation == 0
+
+
+def test_handler_exception_becomes_internal_error_and_is_logged(served, caplog):
+    daemon, server = served
+    with ControlClient(server.endpoint, QUICK) as c, pytest.raises(RemoteError) as e:
+        c.request("boom")
+    assert e.value.code == "internal" and "ZeroDivisionError: handler bug" in str(e.value)
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+    still_answers(server, daemon)
+
+
+def test_plain_callable_takes_its_spec_from_the_signature(sockdir):
+    def on_segment(start: float, end: float, loop: bool = False):
+        return {"span": end - start, "loop": loop}
+
+    with ControlServer(f"ipc://{sockdir}/sig.sock", {"segment": on_segment}) as server:
+        server.serve_in_thread(poll_ms=20)
+        with ControlClient(server.endpoint, QUICK) as c:
+            assert c.request("segment", start=1, end=3.5) == {"ok": True, "span": 2.5, "loop": False}
+            with pytest.raises(RemoteError, match="'end' must be a number"):
+                c.request("segment", start=1, end="soon")
+
+
+def test_poll_from_a_main_loop_answers_pending_requests(sockdir):
+    # The daemon-main-loop style: no thread, poll() between units of work.
+    server = ControlServer(f"ipc://{sockdir}/p.sock", {"ping": Command(lambda: {"pong": 1})})
+    try:
+        assert server.poll(0) == 0
+        ctx = zmq.Context.instance()
+        req = ctx.socket(zmq.REQ)
+        req.connect(server.endpoint)
+        req.send(json.dumps({"v": 1, "cmd": "ping", "args": {}}).encode())
+        deadline = time.monotonic() + 5
+        while server.handled == 0 and time.monotonic() < deadline:
+            server.poll(50)
+        assert json.loads(req.recv()) == {"ok": True, "pong": 1}
+        req.close(linger=0)
+    finally:
+        server.close()
+
+
+def test_ipc_socket_is_private_and_removed_on_close(sockdir):
+    server = ControlServer(f"ipc://{sockdir}/m.sock", {})
+    path = sockdir / "m.sock"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    server.close()
+    assert not path.exists()
+
+
+def test_second_server_on_a_live_socket_is_refused(sockdir):
+    with ControlServer(f"ipc://{sockdir}/x.sock", {}):
+        with pytest.raises(paths.EndpointInUse, match="live process"):
+            ControlServer(f"ipc://{sockdir}/x.sock", {})
+
+
+def test_tcp_without_curve_keys_is_refused():
+    with pytest.raises(ControlError, match="CURVE"):
+        ControlServer("tcp://127.0.0.1:0", {})
+    with pytest.raises(ControlError, match="mmctl keygen"):
+        ControlClient("tcp://127.0.0.1:5555")
+
+
+def test_client_times_out_against_a_socket_nobody_serves(sockdir):
+    endpoint = f"ipc://{sockdir}/producer.sock"
+    with ControlClient(endpoint, Timeouts(request=0.2, retries=1)) as c:
+        with pytest.raises(ControlTimeout) as e:
+            c.request("status")
+    msg = str(e.value)
+    assert endpoint in msg and "does not exist" in msg and "mm-producer run" in msg
+
+
+def test_client_timeout_reports_elapsed_time_and_attempts(sockdir):
+    # A bound socket nobody answers: the daemon is there but stuck.
+    ctx = zmq.Context.instance()
+    rep = ctx.socket(zmq.REP)
+    endpoint = f"ipc://{sockdir}/trainer.sock"
+    rep.bind(endpoint)
+    try:
+        with ControlClient(endpoint, Timeouts(request=0.2, retries=1)) as c:
+            with pytest.raises(ControlTimeout, match=r"after \d+\.\d s \(2 attempts of 0.2 s\).*busy or stuck"):
+                c.request("status")
+    finally:
+        rep.close(linger=0)
+
+
+SERVER_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from protocol.control import ControlServer, Command
+    server = ControlServer(sys.argv[1], {
+        "ping": Command(lambda: {"pid": os.getpid()}),
+        "die": Command(lambda: os._exit(1)),   # dies holding the request: no reply ever
+    })
+    print("ready", flush=True)
+    while True:
+        server.poll(100)
+""")
+
+
+def start_server(endpoint: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", SERVER_SCRIPT, endpoint], stdout=subprocess.PIPE,
+                         text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_client_recovers_after_the_daemon_restarts(sockdir):
+    endpoint = f"ipc://{sockdir}/r.sock"
+    first = start_server(endpoint)
+    second = None
+    try:
+        with ControlClient(endpoint, Timeouts(request=1.0, retries=0)) as c:
+            assert c.request("ping")["pid"] == first.pid
+            # The daemon dies while holding our request: our REQ socket now waits for a reply
+            # that never comes, and could never send again if it were kept.
+            with pytest.raises(ControlTimeout):
+                c.request("die")
+            first.wait(timeout=10)
+            second = start_server(endpoint)  # replaces the stale socket file
+            assert c.request("ping")["pid"] == second.pid
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# --- CURVE ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def curve_server(sockdir):
+    keygen(sockdir / "keys")
+    keys = sockdir / "keys"
+    server = ControlServer("tcp://127.0.0.1:0", {"ping": Command(lambda: {"pong": True})},
+                           curve=CurveServerKeys(keys / "server.key_secret", keys / "clients"))
+    server.serve_in_thread(poll_ms=20)
+    yield server, keys
+    server.close()
+
+
+def test_curve_client_with_an_allowed_key_gets_replies(curve_server):
+    server, keys = curve_server
+    assert stat.S_IMODE((keys / "client.key_secret").stat().st_mode) == 0o600
+    with ControlClient(server.endpoint, QUICK, curve=CurveClientKeys.from_dir(keys)) as c:
+        assert c.request("ping") == {"ok": True, "pong": True}
+
+
+def test_curve_client_with_an_unknown_key_gets_no_reply(curve_server, sockdir):
+    server, keys = curve_server
+    other = sockdir / "other"
+    keygen(other, names=("client",))  # a well-formed key the server was never given
+    curve = CurveClientKeys(keys / "server.key", other / "client.key_secret")
+    with ControlClient(server.endpoint, Timeouts(request=0.5, retries=0), curve=curve) as c:
+        with pytest.raises(ControlTimeout, match="CURVE keys"):
+            c.request("ping")
+
+
+def test_plain_client_without_keys_gets_no_reply_from_curve_server(curve_server):
+    server, _ = curve_server
+    assert raw_request(server.endpoint, b'{"v": 1, "cmd": "ping", "args": {}}', timeout_ms=500) is None
