@@ -123,17 +123,64 @@ static PyObject *py_fence(PyObject *self, PyObject *noargs) {
  * The release fence after the odd store keeps every later payload store behind it.
  */
 static PyObject *py_write_begin(PyObject *self, PyObject *args) {
-    PyObject *o; Py_ssize_t off; Py_buffer v;
-    if (!PyArg_ParseTuple(args, "On", &o, &off)) return NULL;
+    PyObject *o; Py_ssize_t off; Py_buffer v; unsigned long long odd = 0;
+    if (!PyArg_ParseTuple(args, "On|K", &o, &off, &odd)) return NULL;
+    if (odd && !(odd & 1)) {
+        PyErr_Format(PyExc_ValueError, "write_begin: sequence %llu is not odd", odd);
+        return NULL;
+    }
     if (get_buf(o, &v, 1) < 0) return NULL;
     if (check_range(&v, off, 8, "write_begin") < 0) { PyBuffer_Release(&v); return NULL; }
     au64 *w = WORD(v, off);
-    uint64_t s = atomic_load_explicit(w, memory_order_relaxed);
-    if (s & 1) s += 1; /* a writer died mid-write: start from the next even value */
+    uint64_t s;
+    if (odd) {
+        /* The ring passes 2n+1 for sample n, so the word also says WHICH sample it holds. */
+        s = (uint64_t)odd - 1;
+    } else {
+        s = atomic_load_explicit(w, memory_order_relaxed);
+        if (s & 1) s += 1; /* a writer died mid-write: start from the next even value */
+    }
     atomic_store_explicit(w, s + 1, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLongLong(s + 1);
+}
+
+/* fetch_or(buf, off, bits) / fetch_and(buf, off, bits) -> previous value (seq_cst). */
+static PyObject *py_fetch_or(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long x; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnK", &o, &off, &x)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "fetch_or") < 0) { PyBuffer_Release(&v); return NULL; }
+    uint64_t r = atomic_fetch_or_explicit(WORD(v, off), (uint64_t)x, memory_order_seq_cst);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(r);
+}
+
+static PyObject *py_fetch_and(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long x; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnK", &o, &off, &x)) return NULL;
+    if (get_buf(o, &v, 1) < 0) return NULL;
+    if (check_range(&v, off, 8, "fetch_and") < 0) { PyBuffer_Release(&v); return NULL; }
+    uint64_t r = atomic_fetch_and_explicit(WORD(v, off), (uint64_t)x, memory_order_seq_cst);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(r);
+}
+
+/*
+ * validate(buf, seq_off) -> the sequence now in the word, loaded AFTER an acquire fence, so
+ * every load the caller made from the slot before this call (a zero-copy view) is ordered
+ * before it. Equal to the sequence seen before reading means the view was whole.
+ */
+static PyObject *py_validate(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "On", &o, &off)) return NULL;
+    if (get_buf(o, &v, 0) < 0) return NULL;
+    if (check_range(&v, off, 8, "validate") < 0) { PyBuffer_Release(&v); return NULL; }
+    atomic_thread_fence(memory_order_acquire);
+    uint64_t x = atomic_load_explicit(WORD(v, off), memory_order_relaxed);
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(x);
 }
 
 /* write_end(buf, seq_off, odd_seq): publish; every payload store is visible before it. */
@@ -193,6 +240,42 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong((s1 == s2 && !(s1 & 1)) ? s1 : 0);
 }
 
+/*
+ * read2(src, seq_off, a_off, a_dst, a_n, b_off, b_dst, b_doff, b_n) -> even seq or 0.
+ * Like read(), but copies two ranges of one slot (its small header into a scratch buffer,
+ * its payload into the caller's buffer) between the same pair of sequence loads, so the
+ * metadata and the payload are proven to come from the same write, with one GIL release.
+ */
+static PyObject *py_read2(PyObject *self, PyObject *args) {
+    PyObject *s, *ad, *bd; Py_ssize_t seq_off, a_off, a_n, b_off, b_doff, b_n;
+    Py_buffer sv, av, bv;
+    if (!PyArg_ParseTuple(args, "OnnOnnOnn", &s, &seq_off, &a_off, &ad, &a_n, &b_off, &bd,
+                          &b_doff, &b_n)) return NULL;
+    if (get_buf(s, &sv, 0) < 0) return NULL;
+    if (get_buf(ad, &av, 1) < 0) { PyBuffer_Release(&sv); return NULL; }
+    if (get_buf(bd, &bv, 1) < 0) { PyBuffer_Release(&sv); PyBuffer_Release(&av); return NULL; }
+    if (check_range(&sv, seq_off, 8, "read2 seq") < 0 || check_range(&sv, a_off, a_n, "read2 a src") < 0 ||
+        check_range(&av, 0, a_n, "read2 a dst") < 0 || check_range(&sv, b_off, b_n, "read2 b src") < 0 ||
+        check_range(&bv, b_doff, b_n, "read2 b dst") < 0) {
+        PyBuffer_Release(&sv); PyBuffer_Release(&av); PyBuffer_Release(&bv); return NULL;
+    }
+    au64 *w = WORD(sv, seq_off);
+    uint64_t s1, s2;
+    Py_BEGIN_ALLOW_THREADS
+    s1 = atomic_load_explicit(w, memory_order_acquire);
+    if (!(s1 & 1)) {
+        memcpy(av.buf, (char *)sv.buf + a_off, (size_t)a_n);
+        memcpy((char *)bv.buf + b_doff, (char *)sv.buf + b_off, (size_t)b_n);
+        atomic_thread_fence(memory_order_acquire);
+        s2 = atomic_load_explicit(w, memory_order_relaxed);
+    } else {
+        s2 = s1 + 1;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&sv); PyBuffer_Release(&av); PyBuffer_Release(&bv);
+    return PyLong_FromUnsignedLongLong((s1 == s2 && !(s1 & 1)) ? s1 : 0);
+}
+
 static PyMethodDef methods[] = {
     {"load_acquire", py_load_acquire, METH_VARARGS, "load_acquire(buf, off) -> int"},
     {"store_release", py_store_release, METH_VARARGS, "store_release(buf, off, value)"},
@@ -201,7 +284,13 @@ static PyMethodDef methods[] = {
     {"fetch_add", py_fetch_add, METH_VARARGS, "fetch_add(buf, off, delta) -> previous"},
     {"compare_exchange", py_cas, METH_VARARGS, "compare_exchange(buf, off, expected, desired) -> bool"},
     {"fence", py_fence, METH_NOARGS, "fence(): full memory fence"},
-    {"write_begin", py_write_begin, METH_VARARGS, "write_begin(buf, seq_off) -> odd seq"},
+    {"write_begin", py_write_begin, METH_VARARGS,
+     "write_begin(buf, seq_off[, odd]) -> odd seq (stores `odd` when given)"},
+    {"fetch_or", py_fetch_or, METH_VARARGS, "fetch_or(buf, off, bits) -> previous"},
+    {"fetch_and", py_fetch_and, METH_VARARGS, "fetch_and(buf, off, bits) -> previous"},
+    {"validate", py_validate, METH_VARARGS, "validate(buf, seq_off) -> seq after an acquire fence"},
+    {"read2", py_read2, METH_VARARGS,
+     "read2(src, seq_off, a_off, a_dst, a_n, b_off, b_dst, b_doff, b_n) -> even seq or 0"},
     {"write_end", py_write_end, METH_VARARGS, "write_end(buf, seq_off, odd_seq)"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, dst_off, src, src_off, n), GIL released"},
     {"read", py_read, METH_VARARGS,
