@@ -1,0 +1,325 @@
+"""Video: a file or live source -> uint8 frames shaped by a FilterSpec.
+
+Frames are decoded by PyAV with FFmpeg's own threads and converted by swscale (or, when the
+spec crops, a libavfilter `crop,scale,format` graph) straight to the target size and to a
+*planar* pixel format (gbrp / gray). Each plane is then one contiguous copy into its place in
+one preallocated (T, C, H, W) array: no full-size numpy frame, no per-frame list to stack, no
+HWC -> CHW transpose (a strided copy that costs more than the colour conversion itself).
+
+Frame selection is by presentation time: target times `start + k / fps` (fps from the spec,
+else the stream's rate), and each target takes the first frame at or after it (half a source
+frame of slack, so a clip at the source rate takes every frame exactly once).
+
+`device="cuda"` decodes with NVDEC and converts/resizes in torch on the GPU
+(`gpu_video.py`); without a GPU it logs once and runs the CPU path.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+
+from protocol.errors import InputError
+from protocol.filters import FilterSpec
+
+log = logging.getLogger(__name__)
+
+#: swscale's scaler for every resize on the CPU path; bilinear widens its kernel when it
+#: shrinks, so a 1080p -> 224 resize is filtered, not decimated.
+#: NOTE [swscale gbrp bug]: FFmpeg 8.1's unscaled yuv420p -> gbrp path (the one PyAV 18's
+#: wheel ships) writes wrong pixels at the end of each row when the width is not a multiple
+#: of 16 (e.g. 24, 36, 120: up to 50 levels off; test_planar_conversion_is_right_at_every_width).
+#: ACCURATE_RND takes the correct path; it is also what makes swscale round like the torch path.
+INTERPOLATION = av.video.reformatter.Interpolation.BILINEAR | av.video.reformatter.Interpolation.ACCURATE_RND
+_GRAPH_FLAGS = "bilinear+accurate_rnd"
+_warned_no_cuda = False
+
+
+# --- opening and validating ---------------------------------------------------------------
+
+
+def _open(path, *, timeout=None, hwaccel=None):
+    """av.open with every failure turned into an InputError naming the source."""
+    kwargs = {}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    if hwaccel is not None:
+        kwargs["hwaccel"] = hwaccel
+    try:
+        return av.open(str(path), **kwargs)
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+        raise InputError(path, "container", "a media file or stream PyAV can open",
+                         found=f"{type(e).__name__}: {e}") from None
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise InputError(path, "video stream", "at least one video stream",
+                         found=", ".join(kinds))
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame + slice threads; FFmpeg picks the count
+    return stream
+
+
+def _stream_rate(stream) -> float | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return float(rate)
+    return None
+
+
+def _duration_s(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+def _check_segment(path, segment, duration) -> tuple[float, float]:
+    if segment is None:
+        return 0.0, math.inf
+    try:
+        start, end = float(segment[0]), float(segment[1])
+    except (TypeError, ValueError, IndexError):
+        raise InputError(path, "segment", "(start_s, end_s) numbers", found=repr(segment)) from None
+    if not (0.0 <= start < end) or math.isnan(end):
+        raise InputError(path, "segment", "0 <= start < end", found=f"({start}, {end})")
+    if duration is not None and start >= duration:
+        raise InputError(path, "segment", f"a start inside the file's {duration:.3f} s",
+                         found=f"start {start:.3f} s")
+    return start, end
+
+
+# --- conversion into a preallocated plane set ----------------------------------------------
+
+
+class _Converter:
+    """Writes one decoded frame into a (C, H, W) uint8 view, at the target size and format.
+
+    Built lazily from the first frame (its size and pixel format are only known then) and
+    reused: the swscale context / filter graph is made once per clip, not once per frame.
+    """
+
+    def __init__(self, spec: FilterSpec):
+        self.spec = spec
+        self.fmt = "gray" if spec.gray else "gbrp"
+        self._reformatter = None
+        self._graph = None
+        self._key = None
+        self.out_w = self.out_h = 0
+
+    def setup(self, frame) -> None:
+        src_w, src_h = frame.width, frame.height
+        self.out_w, self.out_h = self.spec.output_size(src_w, src_h)
+        self._key = (src_w, src_h, frame.format.name)
+        if self.spec.crop is None:
+            self._reformatter = av.video.reformatter.VideoReformatter()
+            self._graph = None
+            return
+        x, y, w, h = self.spec.crop_box(src_w, src_h)
+        g = av.filter.Graph()
+        src = g.add_buffer(width=src_w, height=src_h, format=frame.format,
+                           time_base=frame.time_base or "1/1000")
+        crop = g.add("crop", f"{w}:{h}:{x}:{y}:exact=1")
+        scale = g.add("scale", f"{self.out_w}:{self.out_h}:flags={_GRAPH_FLAGS}")
+        fmt = g.add("format", self.fmt)
+        sink = g.add("buffersink")
+        src.link_to(crop)
+        crop.link_to(scale)
+        scale.link_to(fmt)
+        fmt.link_to(sink)
+        g.configure()
+        self._graph = g
+
+    def prepare(self, frame) -> None:
+        """(Re)build for this frame's size and format: the first frame, or a live source
+        that changed resolution mid-stream."""
+        if self._key != (frame.width, frame.height, frame.format.name):
+            self.setup(frame)
+
+    def convert(self, frame):
+        """The frame at the target size in a planar format (a PyAV frame, C-owned memory)."""
+        self.prepare(frame)
+        if self._graph is None:
+            return self._reformatter.reformat(frame, self.out_w, self.out_h, self.fmt,
+                                              interpolation=INTERPOLATION)
+        self._graph.push(frame)
+        return self._graph.pull()
+
+    def into(self, frame, out: np.ndarray) -> None:
+        """Convert `frame` and copy its planes into `out` (C, H, W): one memcpy per plane."""
+        planar = self.convert(frame)
+        # gbrp stores planes as G, B, R; the output is R, G, B.
+        order = (0,) if self.fmt == "gray" else (2, 0, 1)
+        for c, p in enumerate(order):
+            plane = planar.planes[p]
+            rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+            out[c] = rows[:, : plane.width]
+
+
+# --- public API ---------------------------------------------------------------------------
+
+
+def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
+                segment: tuple[float, float] | None = None, notes: list[str] | None = None,
+                *, device: str = "cpu"):
+    """A clip of `frames` frames of `path`, sampled at spec.fps (or the source rate) from
+    `segment` = (start_s, end_s) (default: from the beginning), shaped by `spec`.
+
+    Returns uint8 (T, C, H, W): a numpy array on the CPU path, a torch CUDA tensor when
+    device="cuda" and a GPU is present. A segment with fewer than T frames repeats its last
+    frame (and says so in `notes`); one with none, or an unreadable file, raises InputError.
+    """
+    if not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"frames must be a positive int, got {frames!r}")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        if _cuda_available():
+            from . import gpu_video
+
+            return gpu_video.decode_clip_cuda(path, spec, frames, segment, notes)
+        _warn_cpu_fallback()
+    out: np.ndarray | None = None
+    conv = _Converter(spec)
+    with _open(path) as container:
+        for frame, k, first in select_frames(path, container, spec, frames, segment, notes):
+            if out is None:
+                conv.prepare(frame)
+                out = np.empty((frames, spec.channels, conv.out_h, conv.out_w), np.uint8)
+            if frame is None:  # the segment ran short: repeat the last frame
+                out[k] = out[k - 1]
+            elif k == first:
+                conv.into(frame, out[k])
+            else:  # fps above the source rate: one frame covers several targets
+                out[k] = out[first]
+    return out
+
+
+def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes):
+    """Yield (frame, k, first_k) for each of the `frames` target times, shared by the CPU
+    and CUDA paths: `frame` fills slot k, and first_k is the slot it filled first (k > first_k
+    when fps is above the source rate). Short segments end with (None, k, k) for each slot
+    left; no frame at all, a broken bitstream or a cut-short file raise InputError.
+    """
+    stream = _video_stream(container, path)
+    duration = _duration_s(container, stream)
+    start, end = _check_segment(path, segment, duration)
+    src_rate = _stream_rate(stream) or 25.0
+    fps = spec.fps or src_rate
+    if start > 0:
+        container.seek(int(start / stream.time_base), stream=stream, backward=True)
+    slack = 0.5 / src_rate
+    k = 0
+    last_t = None
+    ran_out = False  # the demuxer ended before the segment did
+    try:
+        for frame in container.decode(stream):
+            t = frame.time
+            if t is None or t < start - slack:
+                continue
+            if t >= end:
+                break
+            last_t = t
+            first = k
+            while k < frames and t >= start + k / fps - slack and start + k / fps < end:
+                yield frame, k, first
+                k += 1
+            if k >= frames:
+                break
+        else:
+            ran_out = True
+    except av.FFmpegError as e:
+        raise InputError(path, "video data", "a decodable video bitstream",
+                         found=f"{type(e).__name__} after {k} frames: {e}") from None
+    if k == 0:
+        where = f" in segment {start:g}..{end:g} s" if segment is not None else ""
+        raise InputError(path, "video stream", f"at least one decodable frame{where}", found="none")
+    if ran_out:
+        _check_not_truncated(path, stream, duration, last_t, end, src_rate)
+    if k < frames:
+        if notes is not None:
+            notes.append(f"{Path(str(path)).name}: segment has {k} of {frames} frames at "
+                         f"{fps:g} fps; repeated the last frame")
+        for j in range(k, frames):
+            yield None, j, j
+
+
+def _check_not_truncated(path, stream, duration, last_t, end, src_rate) -> None:
+    """A demuxer that stops early reads as a short clip; a file cut short must read as bad.
+
+    When decoding ran out before the segment's end (or the file's declared end), the last frame
+    must be within a few frame periods of where the container says the video stops.
+    """
+    if duration is None or last_t is None:
+        return
+    want = min(end, duration)
+    if last_t < want - 3.0 / src_rate - 0.05:
+        raise InputError(path, "video data", f"frames up to {want:.3f} s (the container's "
+                         f"declared duration)", found=f"data ends at {last_t:.3f} s (truncated?)")
+
+
+def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[float, float] = (10.0, 5.0),
+                start: float = 0.0, device: str = "cpu", notes: list[str] | None = None
+                ) -> Iterator[tuple[float, np.ndarray]]:
+    """Frames of a live or recorded source as (pts_seconds, uint8 (C, H, W)), sampled at
+    spec.fps by presentation time (every frame when spec.fps is None).
+
+    `source` is a path or any URL PyAV opens; `timeout` is av.open's (open, read) timeouts,
+    so a dead stream raises instead of hanging the producer. Each yielded array is new (the
+    consumer keeps it). Ends when the source ends; a broken stream raises InputError.
+    """
+    if device == "cuda" and not _cuda_available():
+        _warn_cpu_fallback()
+    with _open(source, timeout=timeout) as container:
+        stream = _video_stream(container, source)
+        if start > 0:
+            container.seek(int(start / stream.time_base), stream=stream, backward=True)
+        conv = _Converter(spec)
+        period = 1.0 / spec.fps if spec.fps else 0.0
+        slack = 0.5 / (_stream_rate(stream) or 1000.0)
+        next_t = None
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                t = frame.time
+                if t is None or t < start - slack:
+                    continue
+                if next_t is not None and t < next_t - slack:
+                    continue
+                next_t = (t if next_t is None else next_t) + period
+                if next_t <= t - slack:  # a gap longer than one period: restart the grid here
+                    next_t = t + period
+                conv.prepare(frame)
+                out = np.empty((spec.channels, conv.out_h, conv.out_w), np.uint8)
+                conv.into(frame, out)
+                n += 1
+                yield t, out
+        except av.FFmpegError as e:
+            raise InputError(source, "video data", "a decodable video stream",
+                             found=f"{type(e).__name__} after {n} frames: {e}") from None
+
+
+# --- CUDA seam ----------------------------------------------------------------------------
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _warn_cpu_fallback() -> None:
+    global _warned_no_cuda
+    if not _warned_no_cuda:
+        _warned_no_cuda = True
+        log.warning("video: device='cuda' asked for but no CUDA GPU is available; "
+                    "decoding on the CPU (said once)")
