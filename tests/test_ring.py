@@ -1,0 +1,499 @@
+"""The shared-memory ring, driven by real processes over real POSIX shared memory.
+
+Every payload is patterned from its sample number (each u64 word == the number), so a torn
+read (halves of two samples) is caught by one vectorised comparison per sample.
+"""
+from __future__ import annotations
+
+import grp
+import multiprocessing as mp
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import posix_ipc
+import pytest
+
+from protocol.errors import (NotARing, ProducerGone, RingFull, RingInUse, RingNotFound,
+                             SchemaError, VersionMismatch)
+from protocol.ring import RingConfig, RingReader, RingWriter
+from protocol.ring_layout import H
+from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+
+CTX = mp.get_context("fork")
+WORDS = 8 * 1024  # 64 KiB payloads: big enough that a copy can be interrupted mid-way
+SCHEMA = SampleSchema((ModalitySpec("words", "int64", (WORDS,)),))
+SLOT = SCHEMA.payload_nbytes
+
+
+def patterned(n: int) -> dict[str, np.ndarray]:
+    return {"words": np.full(WORDS, n, np.int64)}
+
+
+def meta(n: int, generation: int = 0) -> SampleMeta:
+    return SampleMeta(label=n % 7, timestamp_ns=n, generation=generation, source="test", index=n)
+
+
+def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `cond` with a deadline (never sleep "long enough")."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
+
+
+def shm_entries(name: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if name in f]
+
+
+@pytest.fixture
+def ring_name():
+    name = f"mmft-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+    yield name
+    for f in shm_entries(name):  # whatever a failing test left behind
+        try:
+            os.unlink(os.path.join("/dev/shm", f))
+        except FileNotFoundError:
+            pass
+
+
+@pytest.fixture
+def procs():
+    started: list[mp.Process] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+
+
+def start(procs, target, *args) -> mp.Process:
+    p = CTX.Process(target=target, args=args, daemon=True)
+    p.start()
+    procs.append(p)
+    return p
+
+
+# --- child processes ---------------------------------------------------------------------
+
+
+END = -2  # label of the last sample: readers stop there (the last sample is never lapped)
+
+
+def _writer_proc(name, slots, mode, seconds, ready, go, done, result_q):
+    with RingWriter.create(RingConfig(name, slots=slots, slot_bytes=SLOT, mode=mode)) as w:
+        ready.set()
+        go.wait(10)
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            w.publish(SCHEMA, meta(n), patterned(n), timeout=10)
+            n += 1
+        w.publish(SCHEMA, SampleMeta(label=END, timestamp_ns=n, index=n), patterned(n))
+        result_q.put(("writer", n + 1))
+        done.wait(30)  # keep the ring until every reader has reported
+
+
+def _checking_reader_proc(name, seed, use_view, ready, result_q):
+    rng = random.Random(seed)
+    torn = received = 0
+    last = -1
+    out = np.empty(SLOT, np.uint8)
+    words = out.view(np.int64)
+    with RingReader.attach(name, start="oldest") as r:
+        ready.set()
+        try:
+            while True:
+                if use_view:
+                    v = r.receive_view(timeout=10)
+                    if v is None:
+                        break
+                    ok = bool((v.arrays["words"] == v.meta.index).all())
+                    if not v.still_valid():
+                        continue  # overwritten while we looked: the API says discard it
+                    n = v.meta.index
+                else:
+                    got = r.receive_into(out, timeout=10)
+                    if got is None:
+                        break
+                    m = got[1]
+                    n = m.index
+                    ok = bool((words == n).all()) and m.timestamp_ns == n
+                torn += not ok
+                received += 1
+                if n <= last:
+                    torn += 1  # out of order would be as wrong as torn
+                last = n
+                if (v.meta if use_view else m).label == END:
+                    break
+                if rng.random() < 0.05:  # now and then fall behind, to get lapped
+                    time.sleep(rng.random() * 0.003)
+        except ProducerGone:
+            pass
+        s = r.stats()
+    result_q.put(("reader", seed, torn, received, s.dropped, s.received, s.position - s.start,
+                  last))
+
+
+def test_reader_never_returns_a_torn_slot(ring_name, procs):
+    # 1 writer + 3 readers (two copying, one zero-copy with still_valid) on a 4-slot ring.
+    ready, go, done, q = CTX.Event(), CTX.Event(), CTX.Event(), CTX.Queue()
+    start(procs, _writer_proc, ring_name, 4, "lossy", 1.5, ready, go, done, q)
+    assert ready.wait(10)
+    readers_ready = [CTX.Event() for _ in range(3)]
+    for seed, ev in enumerate(readers_ready):
+        start(procs, _checking_reader_proc, ring_name, seed, seed == 2, ev, q)
+    for ev in readers_ready:
+        assert ev.wait(10)
+    go.set()
+    results = [q.get(timeout=30) for _ in range(4)]
+    published = next(r[1] for r in results if r[0] == "writer")
+    done.set()  # let the writer close
+    assert published > 100
+    for _, seed, torn, received, dropped, stat_received, window, last in (
+            r for r in results if r[0] == "reader"):
+        assert torn == 0, f"reader {seed} saw {torn} torn or out-of-order samples"
+        assert received > 0
+        assert stat_received + dropped == window  # nothing vanishes without being counted
+        assert last == published - 1  # every reader reached the end
+
+
+def _slow_reader_proc(name, per_sample_s, until, ready, result_q):
+    with RingReader.attach(name, start="oldest") as r:
+        ready.set()
+        indices = []
+        out = np.empty(SLOT, np.uint8)
+        while r.stats().position < until:
+            got = r.receive_into(out, timeout=10)
+            if got is None:
+                break
+            assert (out.view(np.int64) == got[1].index).all()
+            indices.append(got[1].index)
+            time.sleep(per_sample_s)  # a deliberately slow consumer
+        s = r.stats()
+        result_q.put((indices, s.received, s.dropped, s.start, s.position))
+
+
+def test_lossy_drop_counts_add_up(ring_name, procs):
+    n_samples = 400
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT)) as w:
+        ready, q = CTX.Event(), CTX.Queue()
+        start(procs, _slow_reader_proc, ring_name, 0.001, n_samples, ready, q)
+        assert ready.wait(10)
+        for n in range(n_samples):
+            w.publish(SCHEMA, meta(n), patterned(n), timeout=0)  # lossy: never waits
+        indices, received, dropped, first, position = q.get(timeout=30)
+    assert position == n_samples
+    assert dropped > 0, "the slow reader should have been lapped"
+    assert received == len(indices)
+    assert received + dropped == n_samples - first
+    assert indices == sorted(set(indices))
+
+
+def test_lossy_writer_never_waits_for_slow_reader(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w:
+        with RingReader.attach(ring_name):  # registered, never reads
+            for n in range(50):
+                w.publish(SCHEMA, meta(n), patterned(n), timeout=0)
+            assert w.stats().published == 50
+
+
+def test_lossless_backpressure_slow_reader_misses_nothing(ring_name, procs):
+    n_samples = 120
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT,
+                                      mode="lossless")) as w:
+        ready, q = CTX.Event(), CTX.Queue()
+        start(procs, _slow_reader_proc, ring_name, 0.002, n_samples, ready, q)
+        assert ready.wait(10)
+        blocked = 0
+        for n in range(n_samples):
+            try:
+                w.publish(SCHEMA, meta(n), patterned(n), timeout=0)
+            except RingFull:
+                blocked += 1  # the reader holds the slot: wait for it for real now
+                w.publish(SCHEMA, meta(n), patterned(n), timeout=20)
+        indices, received, dropped, first, position = q.get(timeout=30)
+    assert blocked > 0, "the writer should have had to wait for the slow reader"
+    assert dropped == 0
+    assert indices == list(range(n_samples))
+
+
+def _stuck_reader_proc(name, ready):
+    r = RingReader.attach(name, start="next")  # registers, then never reads
+    ready.set()
+    signal.pause()
+
+
+def test_sigkilled_reader_does_not_block_lossless_writer_forever(ring_name, procs):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT,
+                                      mode="lossless")) as w:
+        ready = CTX.Event()
+        p = start(procs, _stuck_reader_proc, ring_name, ready)
+        assert ready.wait(10)
+        w.publish(SCHEMA, meta(0), patterned(0), timeout=0)
+        w.publish(SCHEMA, meta(1), patterned(1), timeout=0)
+        with pytest.raises(RingFull, match="slowest reader is at sample 0"):
+            w.publish(SCHEMA, meta(2), patterned(2), timeout=0.05)
+        os.kill(p.pid, signal.SIGKILL)
+        # Not reaped yet on purpose: a zombie must count as dead too.
+        w.publish(SCHEMA, meta(2), patterned(2), timeout=20)
+        assert w.stats().readers == 0
+        p.join(5)
+
+
+def test_lossless_writer_without_readers_does_not_wait(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT,
+                                      mode="lossless")) as w:
+        for n in range(10):
+            w.publish(SCHEMA, meta(n), patterned(n), timeout=0)
+
+
+def _producer_proc(name, count, ready):
+    w = RingWriter.create(RingConfig(name, slots=4, slot_bytes=SLOT))
+    for n in range(count):
+        w.publish(SCHEMA, meta(n), patterned(n))
+    ready.set()
+    signal.pause()
+
+
+def test_create_refuses_a_live_producers_ring_naming_its_pid(ring_name, procs):
+    ready = CTX.Event()
+    p = start(procs, _producer_proc, ring_name, 1, ready)
+    assert ready.wait(10)
+    with pytest.raises(RingInUse, match=f"pid {p.pid}"):
+        RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT))
+    p.kill()
+    p.join(5)
+
+
+def test_sigkilled_producer_ring_is_replaced_and_old_readers_get_producer_gone(ring_name, procs):
+    ready = CTX.Event()
+    p = start(procs, _producer_proc, ring_name, 3, ready)
+    assert ready.wait(10)
+    old = RingReader.attach(ring_name, start="oldest")
+    out = np.empty(SLOT, np.uint8)
+    assert old.receive_into(out, timeout=5)[1].index == 0
+    p.kill()
+    p.join(5)
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT)) as w:
+        assert w.stats().epoch != old.epoch
+        w.publish(SCHEMA, meta(100), patterned(100))
+        # What the dead producer published is still whole and is delivered first ...
+        assert [old.receive_into(out, timeout=5)[1].index for _ in range(2)] == [1, 2]
+        # ... then the old reader is told, never handed the new producer's samples.
+        with pytest.raises(ProducerGone, match="replaced by a new producer"):
+            old.receive_into(out, timeout=5)
+        old.close()
+        with RingReader.attach(ring_name, start="oldest") as new:
+            assert new.epoch == w.stats().epoch
+            assert new.receive_into(out, timeout=5)[1].index == 100
+
+
+def test_reader_of_a_dead_producer_gets_producer_gone(ring_name, procs):
+    ready = CTX.Event()
+    p = start(procs, _producer_proc, ring_name, 1, ready)
+    assert ready.wait(10)
+    with RingReader.attach(ring_name, start="next") as r:
+        p.kill()
+        p.join(5)
+        with pytest.raises(ProducerGone, match=f"pid {p.pid} died"):
+            r.receive_into(np.empty(SLOT, np.uint8), timeout=5)
+
+
+def test_clean_close_tells_readers_after_they_drain(ring_name):
+    w = RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT))
+    r = RingReader.attach(ring_name, start="next")
+    w.publish(SCHEMA, meta(0), patterned(0))
+    w.close()
+    out = np.empty(SLOT, np.uint8)
+    assert r.receive_into(out, timeout=1)[1].index == 0
+    with pytest.raises(ProducerGone, match="closed the ring"):
+        r.receive_into(out, timeout=1)
+    r.close()
+
+
+def test_clean_close_removes_the_dev_shm_entries(ring_name):
+    w = RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT, mode="lossless"))
+    r = RingReader.attach(ring_name)
+    assert len(shm_entries(ring_name)) == 3  # segment, writer and reader semaphores
+    r.close()
+    w.close()
+    w.close()  # idempotent
+    assert shm_entries(ring_name) == []
+
+
+def test_interpreter_exit_without_close_removes_the_ring(ring_name):
+    code = ("from protocol.ring import *; import os; "
+            f"w = RingWriter.create(RingConfig({ring_name!r}, slots=2, slot_bytes=4096)); "
+            f"assert os.path.exists('/dev/shm/{ring_name}')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    assert shm_entries(ring_name) == []
+
+
+def test_ring_and_semaphores_are_private_to_the_owner_by_default(ring_name):
+    old = os.umask(0)  # the mode must not depend on the caller's umask
+    try:
+        with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096)) as w, \
+                RingReader.attach(ring_name):
+            modes = {f: os.stat(f"/dev/shm/{f}").st_mode & 0o777 for f in shm_entries(ring_name)}
+    finally:
+        os.umask(old)
+    # segment, writer semaphore, reader semaphore
+    assert len(modes) == 3 and set(modes.values()) == {0o600}, modes
+
+
+def test_group_setting_makes_ring_and_semaphores_0660_owned_by_the_group(ring_name):
+    group = grp.getgrgid(os.getgid()).gr_name
+    old = os.umask(0o077)  # a strict umask must not cut the group bits
+    try:
+        with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096,
+                                          group=group)), RingReader.attach(ring_name):
+            st = {f: os.stat(f"/dev/shm/{f}") for f in shm_entries(ring_name)}
+    finally:
+        os.umask(old)
+    assert len(st) == 3
+    assert {s.st_mode & 0o777 for s in st.values()} == {0o660}
+    assert {s.st_gid for s in st.values()} == {os.getgid()}
+
+
+def test_late_reader_joins_at_the_newest_sample(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=8, slot_bytes=SLOT)) as w:
+        for n in range(50):
+            w.publish(SCHEMA, meta(n), patterned(n))
+        out = np.empty(SLOT, np.uint8)
+        with RingReader.attach(ring_name) as newest, \
+                RingReader.attach(ring_name, start="oldest") as oldest, \
+                RingReader.attach(ring_name, start="next") as nxt:
+            assert newest.receive_into(out, timeout=0)[1].index == 49
+            assert oldest.receive_into(out, timeout=0)[1].index == 42
+            assert nxt.receive_into(out, timeout=0) is None
+            w.publish(SCHEMA, meta(50), patterned(50))
+            assert nxt.receive_into(out, timeout=1)[1].index == 50
+
+
+def _generation_reader_proc(name, count, ready, q):
+    with RingReader.attach(name, start="next") as r:
+        ready.set()
+        seen = []
+        for _ in range(count):
+            s = r.receive(timeout=10)
+            a = s.arrays["frame"]
+            seen.append((s.meta.generation, a.shape, int(a.reshape(-1)[0]), s.schema.schema_id))
+        q.put(seen)
+
+
+def test_schema_change_across_generations_reaches_readers_with_the_right_shapes(ring_name,
+                                                                                 procs):
+    rgb = SampleSchema((ModalitySpec("frame", "uint8", (3, 16, 16)),))
+    gray = SampleSchema((ModalitySpec("frame", "uint8", (1, 32, 32)),
+                         ModalitySpec("audio", "float32", (64,))))
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=8192,
+                                      mode="lossless")) as w:
+        ready, q = CTX.Event(), CTX.Queue()
+        start(procs, _generation_reader_proc, ring_name, 12, ready, q)
+        assert ready.wait(10)
+        w.set_generation(1)
+        for n in range(6):
+            w.publish(rgb, SampleMeta(generation=1, index=n),
+                      {"frame": np.full((3, 16, 16), n, np.uint8)}, timeout=10)
+        w.set_generation(2)
+        assert w.stats().generation == 2
+        for n in range(6, 12):
+            w.publish(gray, SampleMeta(generation=2, index=n),
+                      {"frame": np.full((1, 32, 32), n, np.uint8),
+                       "audio": np.zeros(64, np.float32)}, timeout=10)
+        seen = q.get(timeout=30)
+    assert seen == [(1, (3, 16, 16), n, rgb.schema_id) for n in range(6)] + \
+                  [(2, (1, 32, 32), n, gray.schema_id) for n in range(6, 12)]
+
+
+def test_attach_refuses_other_version_and_names_both(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096)):
+        with open(f"/dev/shm/{ring_name}", "r+b") as f:  # a producer of another release
+            f.seek(H["version"])
+            f.write(struct.pack("<I", 99))
+        with pytest.raises(VersionMismatch, match="version 99.*version 1"):
+            RingReader.attach(ring_name)
+
+
+def test_attach_to_a_garbage_segment_raises_not_a_ring_showing_its_first_bytes(ring_name):
+    garbage = random.Random(7).randbytes(8192)
+    seg = posix_ipc.SharedMemory("/" + ring_name, posix_ipc.O_CREX, mode=0o600, size=8192)
+    with open(f"/dev/shm/{ring_name}", "r+b") as f:
+        f.write(garbage)
+    seg.close_fd()
+    with pytest.raises(NotARing, match=garbage[:16].hex()):
+        RingReader.attach(ring_name)
+    # A producer must not destroy what may be another program's memory either.
+    with pytest.raises(NotARing, match="not an mmfeed ring"):
+        RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096))
+    assert open(f"/dev/shm/{ring_name}", "rb").read(16) == garbage[:16]
+
+
+def test_attach_to_a_tiny_segment_raises_not_a_ring(ring_name):
+    seg = posix_ipc.SharedMemory("/" + ring_name, posix_ipc.O_CREX, mode=0o600, size=10)
+    seg.close_fd()
+    with pytest.raises(NotARing, match="10 bytes"):
+        RingReader.attach(ring_name)
+
+
+def test_attach_to_a_missing_ring_names_it_and_how_to_start_a_producer(ring_name):
+    with pytest.raises(RingNotFound, match=f"{ring_name}.*mm-producer run"):
+        RingReader.attach(ring_name)
+
+
+def test_publish_rejects_a_sample_larger_than_a_slot_naming_both_sizes(ring_name):
+    big = SampleSchema((ModalitySpec("x", "uint8", (5000,)),))
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096)) as w:
+        with pytest.raises(SchemaError, match="5000 bytes.*slot_bytes=4096"):
+            w.publish(big, SampleMeta(), {"x": np.zeros(5000, np.uint8)})
+        assert w.stats().published == 0
+
+
+def test_receive_into_rejects_a_too_small_buffer_naming_both_sizes(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        w.publish(SCHEMA, meta(0), patterned(0))
+        with pytest.raises(ValueError, match=f"100 bytes.*{SLOT} bytes"):
+            r.receive_into(np.empty(100, np.uint8), timeout=1)
+
+
+def test_zero_copy_view_reports_when_the_writer_overwrote_it(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        w.publish(SCHEMA, meta(0), patterned(0))
+        v = r.receive_view(timeout=1)
+        assert v.still_valid() and (v.arrays["words"] == 0).all()
+        assert not v.arrays["words"].flags.writeable
+        w.publish(SCHEMA, meta(1), patterned(1))
+        w.publish(SCHEMA, meta(2), patterned(2))  # same slot as sample 0
+        assert not v.still_valid()
+
+
+def test_loan_writes_in_place_and_commit_publishes(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        slot = w.loan(SCHEMA)
+        slot.arrays["words"][:] = 5
+        assert r.receive_into(np.empty(SLOT, np.uint8), timeout=0) is None  # not yet
+        assert slot.commit(meta(5)) == 0
+        s = r.receive(timeout=1)
+        assert s.meta.index == 5 and (s.arrays["words"] == 5).all()
+
+
+def test_stats_count_live_readers_and_their_drops(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        for n in range(10):
+            w.publish(SCHEMA, meta(n), patterned(n))
+        r.receive_into(np.empty(SLOT, np.uint8), timeout=1)
+        s = w.stats()
+        assert (s.published, s.readers, s.dropped, s.mode, s.slots) == (10, 1, 8, "lossy", 2)
+        assert r.stats().dropped == 8 and r.stats().received == 1
