@@ -1,12 +1,462 @@
-"""Entry point of `mmctl`: control the mmfeed daemons."""
+"""`mmctl`: steer the running mmfeed daemons over their control sockets.
+
+Parse, call, print - nothing a daemon should own lives here. Every command talks to a daemon
+through `protocol.control.ControlClient` (a timeout instead of a hang) and prints either a
+short line for people or, with `--json`, one JSON object as the last line.
+
+Which daemon gets what: filter, sensor, method, segment, label, modalities -> producer;
+mix, checkpoint, wait -> trainer; pause, resume, logs -> the daemon named (default producer);
+status -> both, side by side.
+
+Exit codes:
+    0  ok
+    1  the daemon answered with an error (bad argument, unknown sensor, ...)
+    2  usage error (bad option or argument; checked here before anything is sent)
+    3  no daemon answered in time (the message names the socket tried and how to start the
+       daemon), or `mmctl wait` reached its deadline
+"""
 from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
+from protocol import logs, paths
+from protocol.control import (
+    ControlClient,
+    CurveClientKeys,
+    Timeouts,
+    keygen as write_keys,
+)
+from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
+from protocol.filters import FilterSpec
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """mmctl: control the mmfeed daemons."""
+EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
+DAEMONS = ("producer", "trainer")
+
+EPILOG = """\b
+Exit codes:
+  0  ok
+  1  the daemon answered with an error
+  2  usage error (checked before anything is sent)
+  3  no daemon answered in time (or `wait` reached its deadline)
+\b
+Default sockets: ipc://$MMFEED_RUNTIME_DIR/{producer,trainer}.sock (under systemd
+RuntimeDirectory=mmfeed, else $XDG_RUNTIME_DIR/mmfeed). tcp:// needs CURVE keys (--keys).
+"""
+
+
+@dataclass
+class Ctl:
+    """What every subcommand needs: where the daemons are, how long to wait, how to print."""
+
+    as_json: bool
+    endpoints: dict[str, str]
+    timeouts: Timeouts
+    keys: Path | None
+    _clients: dict[str, ControlClient] = field(default_factory=dict)
+
+    def client(self, daemon: str) -> ControlClient:
+        if daemon not in self._clients:
+            endpoint = self.endpoints[daemon]
+            curve = CurveClientKeys.from_dir(self.keys) if self.keys and endpoint.startswith("tcp://") else None
+            try:
+                self._clients[daemon] = ControlClient(endpoint, self.timeouts, curve, daemon=daemon)
+            except ControlError as e:
+                self.fail(EXIT_USAGE, str(e), e.code, daemon)
+        return self._clients[daemon]
+
+    def call(self, daemon: str, cmd: str, **args: Any) -> dict:
+        """One request; every failure becomes its documented exit code."""
+        try:
+            return self.client(daemon).request(cmd, **args)
+        except ControlTimeout as e:
+            self.fail(EXIT_NO_DAEMON, f"{daemon}: {e}", e.code, daemon)
+        except RemoteError as e:
+            self.fail(EXIT_REMOTE, f"{daemon} refused {cmd}: {e}", e.code, daemon)
+        except ControlError as e:  # a reply that is not ours, a request too large, ...
+            self.fail(EXIT_REMOTE if e.code == "malformed" else EXIT_USAGE, f"{daemon}: {e}", e.code, daemon)
+
+    def emit(self, obj: dict, text: str) -> None:
+        click.echo(json.dumps(obj, default=str) if self.as_json else text)
+
+    def fail(self, exit_code: int, message: str, code: str, daemon: str | None = None) -> NoReturn:
+        if self.as_json:
+            click.echo(json.dumps({"ok": False, "daemon": daemon,
+                                   "error": {"code": code, "message": message}}))
+        else:
+            click.echo(f"mmctl: {message}", err=True)
+        raise click.exceptions.Exit(exit_code)
+
+
+pass_ctl = click.make_pass_decorator(Ctl)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the last line).")
+@click.option("--producer", metavar="ADDR", envvar="MMFEED_PRODUCER",
+              help="Producer control endpoint [default: ipc://RUNTIME_DIR/producer.sock].")
+@click.option("--trainer", metavar="ADDR", envvar="MMFEED_TRAINER",
+              help="Trainer control endpoint [default: ipc://RUNTIME_DIR/trainer.sock].")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              metavar="S", help="Seconds to wait for a daemon's reply (over two attempts).")
+@click.option("--keys", type=click.Path(file_okay=False, path_type=Path), envvar="MMFEED_KEYS",
+              help="CURVE key folder from `mmctl keygen` (needed for tcp:// endpoints).")
+@click.pass_context
+def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str | None,
+         timeout: float, keys: Path | None) -> None:
+    """mmctl: control the mmfeed daemons (mm-producer, mm-trainer)."""
+    ctx.obj = Ctl(
+        as_json=as_json,
+        endpoints={"producer": producer or paths.control_endpoint("producer"),
+                   "trainer": trainer or paths.control_endpoint("trainer")},
+        timeouts=Timeouts.within(timeout, retries=1),
+        keys=keys,
+    )
+    ctx.call_on_close(lambda: [c.close() for c in ctx.obj._clients.values()])
+
+
+# --- output helpers ---------------------------------------------------------------------------
+
+
+def _scalars(reply: dict, skip: tuple[str, ...] = ("ok",)) -> str:
+    items = []
+    for k, v in reply.items():
+        if k in skip or isinstance(v, (dict, list)):
+            continue
+        items.append(f"{k}={v}")
+    return " ".join(items)
+
+
+def _changed(ctl: Ctl, daemon: str, reply: dict) -> None:
+    """Print the result of a command that changes the output: its new generation first."""
+    gen = reply.get("generation")
+    head = f"{daemon}: generation {gen}" if gen is not None else f"{daemon}: ok"
+    rest = _scalars(reply, skip=("ok", "generation"))
+    ctl.emit({"daemon": daemon, **reply}, f"{head} {rest}".rstrip())
+
+
+# --- status -----------------------------------------------------------------------------------
+
+# (row label, status key, formatter) - the keys daemons put in their status reply (CONTRACTS.md).
+_ROWS = [
+    ("state", "state", str),
+    ("generation", "generation", str),
+    ("samples/s", "samples_per_s", lambda v: f"{v:.1f}"),
+    ("stall", "stall", lambda v: f"{100 * v:.1f}%"),
+    ("ring fill", "ring_fill", lambda v: f"{100 * v:.0f}%"),
+    ("readers", "readers", str),
+    ("dropped", "dropped", str),
+]
+
+
+def _cell(reply: dict | None, key: str, fmt) -> str:
+    if reply is None or reply.get(key) is None:
+        return "-"
+    try:
+        return fmt(reply[key])
+    except (TypeError, ValueError):
+        return str(reply[key])
+
+
+def _flat(reply: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in reply.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif not isinstance(v, list):
+            out[prefix + k] = v
+    return out
+
+
+def status_table(results: dict[str, dict]) -> str:
+    """Both daemons side by side: the fixed rows first, then whatever else they report."""
+    ok = {d: (r if r.get("ok") else None) for d, r in results.items()}
+    down = {d: "not running" if r.get("error", {}).get("code") == "timeout" else "error"
+            for d, r in results.items() if ok[d] is None}
+    rows = [("", *results)]
+    for label, key, fmt in _ROWS:
+        rows.append((label, *(down[d] if d in down and key == "state" else _cell(ok[d], key, fmt)
+                              for d in results)))
+    fixed = {key for _, key, _ in _ROWS} | {"ok", "daemon"}
+    extra = sorted({k for r in ok.values() if r for k in _flat(r)} - fixed)
+    flats = {d: _flat(r) if r else {} for d, r in ok.items()}
+    for key in extra:
+        rows.append((key, *(str(flats[d].get(key, "-")) for d in results)))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    for d, r in results.items():
+        if not r.get("ok"):
+            lines.append(f"{d}: {r['error']['message']}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("daemon", required=False, type=click.Choice(DAEMONS))
+@pass_ctl
+def status(ctl: Ctl, daemon: str | None) -> None:
+    """State of both daemons side by side (or of DAEMON): state, generation, samples/s,
+    stall, ring fill, readers, dropped. Exits 0 when any daemon answered."""
+    results: dict[str, dict] = {}
+    for d in (daemon,) if daemon else DAEMONS:
+        client = ctl.client(d)
+        try:
+            if client.listening() is False:  # no socket file or nobody behind it: don't wait
+                raise ControlTimeout(client._silence_message("status", 0.0))
+            results[d] = client.request("status")
+        except ControlTimeout as e:
+            results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+        except RemoteError as e:
+            results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+    any_ok = any(r.get("ok") for r in results.values())
+    ctl.emit({"ok": any_ok, **results}, status_table(results))
+    if not any_ok:
+        timeouts = all(r["error"]["code"] == "timeout" for r in results.values())
+        raise click.exceptions.Exit(EXIT_NO_DAEMON if timeouts else EXIT_REMOTE)
+
+
+# --- producer commands -----------------------------------------------------------------------
+
+
+@main.command("filter")
+@click.argument("spec")
+@pass_ctl
+def filter_(ctl: Ctl, spec: str) -> None:
+    """Set the video filter SPEC (gray, rgb, resize=WxH, crop=WxH[+X+Y], fps=R; comma-separated)."""
+    try:
+        FilterSpec.parse(spec)  # a fast, clear error without a round trip
+    except FilterSpecError as e:
+        ctl.fail(EXIT_USAGE, str(e), e.code)
+    _changed(ctl, "producer", ctl.call("producer", "filter", spec=spec))
+
+
+@main.command()
+@click.argument("input_name", metavar="INPUT")
+@click.argument("stem")
+@pass_ctl
+def sensor(ctl: Ctl, input_name: str, stem: str) -> None:
+    """Feed model input INPUT from the files named STEM: `sensor lidar lidar_front`."""
+    _changed(ctl, "producer", ctl.call("producer", "sensor", input=input_name, stem=stem))
+
+
+@main.command()
+@click.argument("input_name", metavar="INPUT")
+@click.argument("name")
+@pass_ctl
+def method(ctl: Ctl, input_name: str, name: str) -> None:
+    """Process INPUT with method NAME: `method radar range_doppler`."""
+    _changed(ctl, "producer", ctl.call("producer", "method", input=input_name, name=name))
+
+
+@main.command()
+@click.argument("start", type=click.FloatRange(min=0))
+@click.argument("end", type=click.FloatRange(min=0))
+@pass_ctl
+def segment(ctl: Ctl, start: float, end: float) -> None:
+    """Use the source's time segment START..END seconds."""
+    if end <= start:
+        ctl.fail(EXIT_USAGE, f"segment: END ({end:g}) must be after START ({start:g})", "bad_argument")
+    _changed(ctl, "producer", ctl.call("producer", "segment", start=start, end=end))
+
+
+@main.command()
+@click.argument("name")
+@pass_ctl
+def label(ctl: Ctl, name: str) -> None:
+    """Label live samples as class NAME."""
+    _changed(ctl, "producer", ctl.call("producer", "label", name=name))
+
+
+@main.command()
+@click.option("-e", "--enable", multiple=True, metavar="INPUT", help="Input to enable (repeatable).")
+@click.option("-d", "--disable", multiple=True, metavar="INPUT", help="Input to disable (repeatable).")
+@pass_ctl
+def modalities(ctl: Ctl, enable: tuple[str, ...], disable: tuple[str, ...]) -> None:
+    """Enable or disable model inputs; without options, show which are enabled."""
+    both = set(enable) & set(disable)
+    if both:
+        ctl.fail(EXIT_USAGE, f"modalities: {sorted(both)[0]!r} both enabled and disabled", "bad_argument")
+    reply = ctl.call("producer", "modalities", enable=list(enable), disable=list(disable))
+    if not enable and not disable and "generation" not in reply:
+        ctl.emit({"daemon": "producer", **reply},
+                 f"producer: enabled {', '.join(reply.get('enabled', [])) or '(none)'}")
+        return
+    _changed(ctl, "producer", reply)
+
+
+# --- trainer commands ------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("fraction", type=click.FloatRange(0.0, 1.0))
+@pass_ctl
+def mix(ctl: Ctl, fraction: float) -> None:
+    """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
+    reply = ctl.call("trainer", "mix", fraction=fraction)
+    ctl.emit({"daemon": "trainer", **reply}, f"trainer: live fraction {fraction:g} {_scalars(reply)}".rstrip())
+
+
+@main.command()
+@pass_ctl
+def checkpoint(ctl: Ctl) -> None:
+    """Write a checkpoint now."""
+    reply = ctl.call("trainer", "checkpoint")
+    ctl.emit({"daemon": "trainer", **reply}, f"trainer: checkpoint {_scalars(reply)}".rstrip())
+
+
+@main.command()
+@click.argument("generation", type=click.IntRange(min=0))
+@click.option("--timeout", "deadline", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              metavar="S", help="Give up (exit 3) after S seconds.")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+              metavar="S", help="Seconds between status polls.")
+@pass_ctl
+def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
+    """Return once the trainer has trained a step on GENERATION (or a later one)."""
+    client = ctl.client("trainer")
+    t0 = time.monotonic()
+    last: Any = None
+    silent = ""
+    while True:
+        try:
+            last = client.request("status").get("generation")
+            silent = ""
+        except ControlTimeout as e:  # restarting or busy: keep trying until the deadline
+            silent = str(e)
+        except RemoteError as e:
+            ctl.fail(EXIT_REMOTE, f"trainer refused status: {e}", e.code, "trainer")
+        if isinstance(last, int) and last >= generation:
+            ctl.emit({"ok": True, "daemon": "trainer", "generation": last,
+                      "waited_s": round(time.monotonic() - t0, 3)},
+                     f"trainer: trained on generation {last}")
+            return
+        if time.monotonic() - t0 >= deadline:
+            why = silent or f"the trainer's last trained generation is {last}"
+            ctl.fail(EXIT_NO_DAEMON, f"wait {generation}: gave up after {deadline:g} s; {why}",
+                     "timeout", "trainer")
+        time.sleep(interval)  # a poll interval, not a guess at how long something takes
+
+
+# --- either daemon ---------------------------------------------------------------------------
+
+
+def _daemon_arg(f):
+    return click.argument("daemon", required=False, default="producer", type=click.Choice(DAEMONS))(f)
+
+
+@main.command()
+@_daemon_arg
+@pass_ctl
+def pause(ctl: Ctl, daemon: str) -> None:
+    """Pause DAEMON (default: producer)."""
+    reply = ctl.call(daemon, "pause")
+    ctl.emit({"daemon": daemon, **reply}, f"{daemon}: paused {_scalars(reply)}".rstrip())
+
+
+@main.command()
+@_daemon_arg
+@pass_ctl
+def resume(ctl: Ctl, daemon: str) -> None:
+    """Resume DAEMON (default: producer)."""
+    reply = ctl.call(daemon, "resume")
+    ctl.emit({"daemon": daemon, **reply}, f"{daemon}: resumed {_scalars(reply)}".rstrip())
+
+
+def log_endpoint_for(control: str, daemon: str) -> str:
+    """The PUB endpoint next to a control endpoint: X.sock -> X.log.sock, tcp port + 1."""
+    path = paths.ipc_path(control)
+    if path is not None and path.name.endswith(".sock"):
+        return f"ipc://{path.with_name(path.name[:-5] + '.log.sock')}"
+    if control.startswith("tcp://") and control.rsplit(":", 1)[-1].isdigit():
+        host, port = control.rsplit(":", 1)
+        return f"{host}:{int(port) + 1}"
+    return paths.log_endpoint(daemon)
+
+
+@main.command("logs")
+@_daemon_arg
+@click.option("-f", "--follow", is_flag=True, help="Follow new records as the daemon logs them.")
+@click.option("-n", "--lines", default=50, show_default=True, type=click.IntRange(min=1),
+              help="How many recent records to show (without -f).")
+@click.option("--count", type=click.IntRange(min=1), help="With -f: stop after COUNT records.")
+@click.option("--from", "source", metavar="ADDR", help="With -f: the log PUB endpoint "
+              "[default: next to the control socket, X.sock -> X.log.sock].")
+@pass_ctl
+def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, source: str | None) -> None:
+    """Show DAEMON's recent log records (default: producer); -f follows them (from the
+    daemon's PUB socket, or from the journal when it runs under systemd)."""
+    if not follow:
+        records = ctl.call(daemon, "logs", n=lines).get("records", [])
+        ctl.emit({"ok": True, "daemon": daemon, "records": records},
+                 "\n".join(logs.format_record(r) for r in records) or f"{daemon}: no records")
+        return
+    endpoint = source or log_endpoint_for(ctl.endpoints[daemon], daemon)
+    if logs.log_socket_exists(endpoint) is False:
+        journalctl = shutil.which("journalctl")
+        unit = f"mm-{daemon}.service"
+        if journalctl and _unit_known(journalctl, unit):
+            cmd = [journalctl, "-f", "-u", unit, "-o", "json" if ctl.as_json else "cat"]
+            if count:
+                cmd[1:2] = ["-n", str(count), "--no-tail"]
+            raise click.exceptions.Exit(subprocess.call(cmd))
+        ctl.fail(EXIT_NO_DAEMON, f"{daemon}: no log socket at {endpoint} and no {unit} in the "
+                 f"journal; is {daemon} running? (start it with `mm-{daemon} run ...`)",
+                 "timeout", daemon)
+    seen = 0
+    try:
+        for rec in logs.follow(endpoint):
+            click.echo(json.dumps(rec) if ctl.as_json else logs.format_record(rec))
+            seen += 1
+            if count and seen >= count:
+                return
+    except KeyboardInterrupt:
+        return
+
+
+def _unit_known(journalctl: str, unit: str) -> bool:
+    """Whether the journal holds anything for `unit` (i.e. it runs, or ran, under systemd)."""
+    try:
+        out = subprocess.run([journalctl, "-q", "-n", "1", "-u", unit, "-o", "cat"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+# --- local helpers -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@pass_ctl
+def keygen(ctl: Ctl, directory: Path) -> None:
+    """Write CURVE keypairs for TCP control into DIRECTORY (server + client, and
+    DIRECTORY/clients/ holding the client public keys the server admits)."""
+    secrets = write_keys(directory)
+    info = {"ok": True, "server_secret": str(secrets["server"]), "server_public": str(directory / "server.key"),
+            "client_secret": str(secrets["client"]), "clients_dir": str(directory / "clients")}
+    ctl.emit(info, "\n".join([
+        f"wrote CURVE keys to {directory}",
+        f"  daemon: server secret key {info['server_secret']}, allowed clients {info['clients_dir']}",
+        f"  mmctl:  mmctl --keys {directory} --producer tcp://HOST:PORT status",
+        "  copy server.key and client.key_secret to the machine that runs mmctl; keep *_secret private",
+    ]))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: `eval "$(mmctl completion bash)"`."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    click.echo(cls(main, {}, "mmctl", "_MMCTL_COMPLETE").source())
 
 
 if __name__ == "__main__":
