@@ -1,0 +1,132 @@
+"""Unknown sensors: any file nobody has a decoder for still becomes a tensor, never dropped.
+
+With metadata (the entry under the file's stem, e.g. `"imu"` for `imu.data`) the bytes are
+an array of that dtype and shape:
+
+    {"imu": {"dtype": "int16", "shape": [10, 6]}}   # any numpy dtype name; "<i2", ">f4" ok
+                                                     # (little-endian unless the name says)
+    {"imu": {"dtype": "float32", "shape": [-1, 6]}} # one -1: inferred from the file size
+    {"imu": {"dtype": "uint8", "shape": [64], "offset": 16}}  # skip a 16-byte header
+
+`.npy` files carry their own dtype and shape. Without either, the raw bytes become a
+fixed-length vector: bytes as uint8, mean over `length` equal spans (linear interpolation
+when the file is shorter than `length`), then zero mean and unit L2 norm, so a model sees
+the file's byte profile at a fixed size whatever its length. Non-finite values become 0,
+with a note.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from protocol.errors import InputError
+
+
+def _entry(path: Path, meta: Mapping[str, Any] | None) -> tuple[dict | None, str]:
+    stem = path.name.split(".", 1)[0]
+    if meta and isinstance(meta.get(stem), Mapping):
+        return dict(meta[stem]), stem
+    return None, stem
+
+
+def _dtype(path: Path, value: Any, where: str) -> np.dtype:
+    try:
+        dt = np.dtype(value) if isinstance(value, str) else None
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or dt.kind not in "biuf" or not isinstance(value, str):
+        raise InputError(path, where, "a numeric dtype name like int16, uint8, float32, <f8",
+                         repr(value))
+    return dt if dt.byteorder in "<>|" else dt.newbyteorder("<")
+
+
+def _shape(path: Path, value: Any, where: str, nbytes: int, itemsize: int) -> tuple[int, ...]:
+    ok = (isinstance(value, list) and value
+          and all(isinstance(s, int) and not isinstance(s, bool) and (s > 0 or s == -1)
+                  for s in value) and value.count(-1) <= 1)
+    if not ok:
+        raise InputError(path, where, "a list of positive whole numbers (at most one -1)",
+                         repr(value))
+    known = int(np.prod([s for s in value if s != -1]))
+    if -1 in value:
+        if nbytes % (known * itemsize):
+            raise InputError(path, "shape", f"a multiple of {known * itemsize} bytes for "
+                             f"shape {value}", f"{nbytes} bytes")
+        return tuple(nbytes // (known * itemsize) if s == -1 else s for s in value)
+    if known * itemsize != nbytes:
+        raise InputError(path, "shape", f"{known * itemsize} bytes for shape {value} of "
+                         f"{itemsize}-byte values", f"{nbytes} bytes")
+    return tuple(value)
+
+
+def _finite(path: Path, a: np.ndarray, notes: list[str] | None) -> np.ndarray:
+    a = a.astype(np.float32)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        a[bad] = 0.0
+        if notes is not None:
+            notes.append(f"{path.name}: {int(bad.sum())} non-finite values set to 0")
+    return a
+
+
+def byte_profile(raw: np.ndarray, length: int) -> np.ndarray:
+    """uint8 bytes -> float32 (length,): span means (or interpolation), zero mean, unit norm."""
+    n = raw.size
+    if n >= length:
+        starts = (np.arange(length) * n) // length
+        widths = np.diff(np.append(starts, n))
+        v = np.add.reduceat(raw.astype(np.float64), starts) / widths
+    else:
+        v = np.interp(np.linspace(0, n - 1, length), np.arange(n), raw.astype(np.float64))
+    v -= v.mean()
+    norm = np.linalg.norm(v)
+    return (v / norm if norm > 0 else v).astype(np.float32)
+
+
+def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length: int = 256,
+                 notes: list[str] | None = None) -> np.ndarray:
+    """Any file -> float32: metadata's dtype/shape (or a .npy's own), else a (length,) vector.
+
+    InputError when the file is unreadable or empty, or its size disagrees with the
+    metadata's dtype and shape.
+    """
+    path = Path(path)
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    try:
+        nbytes = path.stat().st_size
+    except OSError as e:
+        raise InputError(path, "file", "a readable file", e.strerror or str(e)) from None
+    if nbytes == 0:
+        raise InputError(path, "size", "at least 1 byte", "0 bytes (empty file)")
+    entry, stem = _entry(path, meta)
+    try:
+        if entry is not None:
+            where = f"metadata.{stem}"
+            offset = entry.get("offset", 0)
+            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < nbytes:
+                raise InputError(path, f"{where}.offset", f"a byte offset in 0 .. {nbytes - 1}",
+                                 repr(offset))
+            dt = _dtype(path, entry.get("dtype"), f"{where}.dtype")
+            shape = _shape(path, entry.get("shape"), f"{where}.shape", nbytes - offset,
+                           dt.itemsize)
+            data = np.fromfile(path, dtype=dt, offset=offset).reshape(shape)
+            return _finite(path, data, notes)
+        if path.suffix.lower() == ".npy":
+            try:
+                data = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise InputError(path, "npy", "a NumPy array file without pickled objects",
+                                 str(e)) from None
+            if data.dtype.kind not in "biuf":
+                raise InputError(path, "dtype", "a numeric array", str(data.dtype))
+            return _finite(path, data, notes)
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise InputError(path, "file", "a readable file", e.strerror or str(e)) from None
+    if notes is not None:
+        notes.append(f"{path.name}: no dtype/shape in metadata; {nbytes} bytes -> "
+                     f"normalised byte profile of length {length}")
+    return byte_profile(raw, length)
