@@ -522,3 +522,26 @@ def test_pickled_reader_reopens_the_same_version_and_split(tmp_path):
     with pickle.loads(blob) as r2:
         assert (r2.version, r2.split) == (1, "val")
         assert_reads_back(r2, [s for s in samples if s["split"] == "val"])
+
+
+def test_record_evicted_from_page_cache_is_read_from_the_file_with_the_same_bytes(tmp_path):
+    # read_into copies from the map when the record's pages are cached, else preadv()s the file
+    # (NOTE [one copy, two ways]); this drives the second path.
+    samples = dataset(6)
+    write(tmp_path / "c", samples)
+    for shard in (tmp_path / "c" / version_name(1)).glob("shard-*.bin"):
+        fd = os.open(shard, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # commit fsync'd: pages are clean
+        os.close(fd)
+    with CacheReader(tmp_path / "c") as r:
+        if r._is_resident(r._record(0)):
+            pytest.skip("this filesystem keeps pages cached despite POSIX_FADV_DONTNEED (tmpfs?)")
+        assert_reads_back(r, samples)
+
+
+def test_prefetch_accepts_any_order_and_refuses_indices_out_of_range(tmp_path):
+    write(tmp_path / "c", dataset(6))
+    with CacheReader(tmp_path / "c") as r:
+        r.prefetch([5, 0, 0, 3])
+        with pytest.raises(IndexError, match="0..5"):
+            r.prefetch([6])
