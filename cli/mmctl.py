@@ -202,7 +202,9 @@ def status_table(results: dict[str, dict]) -> str:
 @pass_ctl
 def status(ctl: Ctl, daemon: str | None) -> None:
     """State of both daemons side by side (or of DAEMON): state, generation, samples/s,
-    stall, ring fill, readers, dropped. Exits 0 when any daemon answered."""
+    stall, ring fill, readers, dropped. Exits 0 when any daemon answered.
+
+    With --json: {"ok": ..., "producer": {...} | null, "trainer": {...} | null, "errors": {...}}."""
     results: dict[str, dict] = {}
     for d in (daemon,) if daemon else DAEMONS:
         client = ctl.client(d)
@@ -215,7 +217,10 @@ def status(ctl: Ctl, daemon: str | None) -> None:
         except RemoteError as e:
             results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
     any_ok = any(r.get("ok") for r in results.values())
-    ctl.emit({"ok": any_ok, **results}, status_table(results))
+    # JSON shape fixed in CONTRACTS.md: a daemon that did not answer is null, its error under "errors".
+    ctl.emit({"ok": any_ok, **{d: r if r.get("ok") else None for d, r in results.items()},
+              "errors": {d: r["error"] for d, r in results.items() if not r.get("ok")}},
+             status_table(results))
     if not any_ok:
         timeouts = all(r["error"]["code"] == "timeout" for r in results.values())
         raise click.exceptions.Exit(EXIT_NO_DAEMON if timeouts else EXIT_REMOTE)

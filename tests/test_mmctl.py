@@ -149,16 +149,19 @@ def test_status_reports_whichever_daemon_answers(producer):
     r = run("status")
     assert r.exit_code == 0
     assert "not running" in r.stdout and "mm-trainer run" in r.stdout
+    out = last_json(run("--json", "status"))
+    assert out["producer"]["generation"] == 1 and out["trainer"] is None
+    assert out["errors"]["trainer"]["code"] == "timeout"
 
 
 def test_status_with_no_daemon_exits_3_naming_sockets_and_how_to_start(rundir):
     r = run("--json", "status")
     assert r.exit_code == 3
     out = last_json(r)
-    assert out["ok"] is False
-    msg = out["producer"]["error"]["message"]
+    assert out["ok"] is False and out["producer"] is None and out["trainer"] is None
+    msg = out["errors"]["producer"]["message"]
     assert f"ipc://{rundir}/producer.sock" in msg and "mm-producer run" in msg
-    assert "mm-trainer run" in out["trainer"]["error"]["message"]
+    assert "mm-trainer run" in out["errors"]["trainer"]["message"]
 
 
 # --- producer commands ----------------------------------------------------------------------
