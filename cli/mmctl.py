@@ -185,8 +185,9 @@ def status_table(results: dict[str, dict]) -> str:
         rows.append((label, *(down[d] if d in down and key == "state" else _cell(ok[d], key, fmt)
                               for d in results)))
     fixed = {key for _, key, _ in _ROWS} | {"ok", "daemon"}
-    extra = sorted({k for r in ok.values() if r for k in _flat(r)} - fixed)
-    flats = {d: _flat(r) if r else {} for d, r in ok.items()}
+    # A daemon may also nest its whole status under its own name; don't show it twice.
+    flats = {d: _flat({k: v for k, v in r.items() if k != d}) if r else {} for d, r in ok.items()}
+    extra = sorted({k for f in flats.values() for k in f} - fixed)
     for key in extra:
         rows.append((key, *(str(flats[d].get(key, "-")) for d in results)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]

@@ -276,6 +276,11 @@ def _needs_curve(endpoint: str, curve: object | None, side: str) -> None:
 # --- server --------------------------------------------------------------------------------
 
 
+def _reject_constant(name: str) -> None:
+    # Python's json accepts NaN/Infinity, which are not JSON and slip past range checks.
+    raise MalformedMessage(f"message contains {name}, which is not valid JSON; send a finite number")
+
+
 def _error(err: MmfeedError) -> dict:
     return {"ok": False, "error": {"code": err.code, "message": str(err)}}
 
@@ -361,7 +366,7 @@ class ControlServer:
         if len(raw) > MAX_MESSAGE_BYTES:
             raise MessageTooLarge(f"message of {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
         try:
-            msg = json.loads(raw.decode("utf-8"))
+            msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
         except UnicodeDecodeError as e:
             raise MalformedMessage(f"message is not UTF-8 text ({e.reason} at byte {e.start}); "
                                    f"expected a JSON object") from None

@@ -115,7 +115,8 @@ def test_command_reply_carries_the_handler_result(served):
     (b'{"v": 1, "args": {}}', "malformed", '"cmd"'),
     (b'{"v": 1, "cmd": "filter", "args": ["gray"]}', "malformed", '"args"'),
     (b'{"v": 1, "cmd": "status", "args": {}, "x": 1}', "malformed", "'x'"),
-], ids=["garbage", "not-json", "array", "no-version", "no-cmd", "args-list", "extra-field"])
+    (b'{"v": 1, "cmd": "scale", "args": {"factor": NaN}}', "malformed", "NaN"),
+], ids=["garbage", "not-json", "array", "no-version", "no-cmd", "args-list", "extra-field", "nan"])
 def test_malformed_message_gets_an_error_and_changes_nothing(served, payload, code, words):
     daemon, server = served
     reply = raw_request(server.endpoint, payload)
