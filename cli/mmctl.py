@@ -407,9 +407,9 @@ def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, so
         journalctl = shutil.which("journalctl")
         unit = f"mm-{daemon}.service"
         if journalctl and _unit_known(journalctl, unit):
-            cmd = [journalctl, "-f", "-u", unit, "-o", "json" if ctl.as_json else "cat"]
-            if count:
-                cmd[1:2] = ["-n", str(count), "--no-tail"]
+            # --count with the journal: its last COUNT records, without following.
+            follow_or_last = ["-n", str(count)] if count else ["-f"]
+            cmd = [journalctl, *follow_or_last, "-u", unit, "-o", "json" if ctl.as_json else "cat"]
             raise click.exceptions.Exit(subprocess.call(cmd))
         ctl.fail(EXIT_NO_DAEMON, f"{daemon}: no log socket at {endpoint} and no {unit} in the "
                  f"journal; is {daemon} running? (start it with `mm-{daemon} run ...`)",

@@ -60,7 +60,7 @@ from .errors import (
     UnknownCommand,
     VersionMismatch,
 )
-from .paths import ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
+from .paths import bound_inode, ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
 
 CONTROL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -316,8 +316,9 @@ class ControlServer:
                 self._auth = curve_server_socket(self._ctx, self._sock, curve)
             self._path = prepare_ipc_bind(endpoint)
             self._sock.bind(endpoint)
+            self._inode = bound_inode(self._path)  # from here on, a failure removes our file
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._inode = secure_ipc_socket(self._path, group)
+            secure_ipc_socket(self._path, group)
         except BaseException:
             self._teardown()
             raise

@@ -28,7 +28,7 @@ from typing import IO, Any, Iterator
 
 import zmq
 
-from .paths import ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
+from .paths import bound_inode, ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
 
 # LogRecord attributes that are not user fields (plus the ones Formatter adds).
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -137,8 +137,9 @@ class PubHandler(logging.Handler):
                 self._auth = curve_server_socket(self._ctx, self._sock, curve)
             self._path = prepare_ipc_bind(endpoint)
             self._sock.bind(endpoint)
+            self._inode = bound_inode(self._path)  # from here on, a failure removes our file
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._inode = secure_ipc_socket(self._path, group)
+            secure_ipc_socket(self._path, group)
         except BaseException:
             self.close()
             raise

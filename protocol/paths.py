@@ -117,11 +117,16 @@ def prepare_ipc_bind(endpoint: str) -> Path | None:
     return path
 
 
-def secure_ipc_socket(path: Path | None, group: str | None = None) -> int | None:
-    """After bind: mode 0600, or 0660 and chgrp `group`. Returns the file's inode, so that
-    `remove_ipc_socket` later removes our file and never a successor's."""
+def bound_inode(path: Path | None) -> int | None:
+    """Inode of the socket file we just bound, so that `remove_ipc_socket` later removes our
+    file and never a successor's."""
+    return None if path is None else path.stat().st_ino
+
+
+def secure_ipc_socket(path: Path | None, group: str | None = None) -> None:
+    """After bind: mode 0600, or 0660 and chgrp `group`."""
     if path is None:
-        return None
+        return
     if group is not None:
         import grp
 
@@ -133,7 +138,6 @@ def secure_ipc_socket(path: Path | None, group: str | None = None) -> int | None
         os.chmod(path, 0o660)
     else:
         os.chmod(path, 0o600)
-    return path.stat().st_ino
 
 
 def remove_ipc_socket(path: Path | None, inode: int | None) -> None:

@@ -252,6 +252,21 @@ def test_ipc_socket_is_private_and_removed_on_close(sockdir):
     assert not path.exists()
 
 
+def test_group_setting_makes_the_socket_group_readable(sockdir):
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name  # a group this process may chgrp to
+    with ControlServer(f"ipc://{sockdir}/g.sock", {}, group=group):
+        st = (sockdir / "g.sock").stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == os.getgid()
+
+
+def test_unknown_group_is_a_clear_error(sockdir):
+    with pytest.raises(ControlError, match="group 'no-such-group-mmfeed' does not exist"):
+        ControlServer(f"ipc://{sockdir}/g.sock", {}, group="no-such-group-mmfeed")
+    assert not (sockdir / "g.sock").exists()
+
+
 def test_second_server_on_a_live_socket_is_refused(sockdir):
     with ControlServer(f"ipc://{sockdir}/x.sock", {}):
         with pytest.raises(paths.EndpointInUse, match="live process"):
