@@ -38,17 +38,24 @@ class Grid:
     def cells(self) -> int:
         return self.shape[0] * self.shape[1]
 
-    def cell_index(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Flat cell index of every point inside the grid, and the mask of those points."""
+    def cell_index(self, x: np.ndarray, y: np.ndarray,
+                   keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Flat cell index of every point inside the grid (and `keep`, when given), and the
+        indices of those points into x/y, so callers gather other columns once."""
         (x0, x1), (y0, y1) = self.x_range, self.y_range
         h, w = self.shape
         inside = (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
-        row = ((x[inside] - x0) * (h / (x1 - x0))).astype(np.intp)
-        col = ((y[inside] - y0) * (w / (y1 - y0))).astype(np.intp)
+        if keep is not None:
+            inside &= keep
+        sel = np.flatnonzero(inside)
+        row = ((x[sel] - x0) * (h / (x1 - x0))).astype(np.intp)
+        col = ((y[sel] - y0) * (w / (y1 - y0))).astype(np.intp)
         # float rounding can put a point a hair below x1 into row h; clamp it back.
         np.minimum(row, h - 1, out=row)
         np.minimum(col, w - 1, out=col)
-        return row * w + col, inside
+        row *= w
+        row += col
+        return row, sel
 
 
 def cell_count(idx: np.ndarray, cells: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from protocol.errors import InputError
 
@@ -280,7 +281,11 @@ def _resize(a: np.ndarray, out: tuple[int, int]) -> np.ndarray:
         if n_in == n_out:
             continue
         starts = (np.arange(n_out) * n_in) // n_out
-        if n_in > n_out:
+        if n_in % n_out == 0:  # whole blocks: a reshape-mean, much cheaper than reduceat
+            k = n_in // n_out
+            a = (a.reshape(n_out, k, -1).mean(axis=1) if axis == 0
+                 else a.reshape(a.shape[0], n_out, k).mean(axis=2))
+        elif n_in > n_out:
             widths = np.diff(np.append(starts, n_in)).astype(a.dtype)
             a = np.add.reduceat(a, starts, axis=axis)
             a = a / (widths[:, None] if axis == 0 else widths[None, :])
@@ -305,13 +310,15 @@ def _check_cube(cube: np.ndarray) -> np.ndarray:
     return cube
 
 
-def _range_fft(cube: np.ndarray, cfg: RadarConfig) -> np.ndarray:
+def _range_fft(cube: np.ndarray, cfg: RadarConfig) -> torch.Tensor:
     """Windowed FFT over samples; a real cube keeps the non-negative half of the spectrum."""
     real = not np.iscomplexobj(cube)
-    x = cube.astype(np.float32 if real else np.complex64, copy=False)
-    if cfg.remove_dc:
-        x = x - x.mean(axis=1, keepdims=True)
-    spec = np.fft.fft(x * _window(cfg.window, x.shape[1])[None, :, None], axis=1)
+    x = torch.from_numpy(np.ascontiguousarray(cube, np.float32 if real else np.complex64))
+    with torch.no_grad():
+        if cfg.remove_dc:
+            x = x - x.mean(dim=1, keepdim=True)
+        win = torch.from_numpy(_window(cfg.window, x.shape[1]))[None, :, None]
+        spec = torch.fft.fft(x * win, dim=1)
     return spec[:, : x.shape[1] // 2] if real else spec
 
 
@@ -323,10 +330,22 @@ def range_doppler(cube: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndar
     does not matter), then area-resized and put in dB.
     """
     cube = _check_cube(cube)
-    rng = _range_fft(cube, cfg)
-    win = _window(cfg.window, rng.shape[0])[:, None, None]
-    dop = np.fft.fftshift(np.fft.fft(rng * win, axis=0), axes=0)
-    power = (dop.real ** 2 + dop.imag ** 2).mean(axis=2)      # (chirps, range)
+    chirps, samples = cube.shape[:2]
+    real = not np.iscomplexobj(cube)
+    x = torch.from_numpy(np.ascontiguousarray(cube, np.float32 if real else np.complex64))
+    with torch.no_grad():
+        if cfg.remove_dc:
+            x = x - x.mean(dim=1, keepdim=True)
+        # Windows are separable and FFTs linear: one multiply by the 2-D window, one fft2,
+        # and the fftshift on the small power map rather than on the cube. torch.fft, not
+        # numpy: measured 4x faster on this cube (BENCHMARKS.md "modalities").
+        win = torch.from_numpy(_window(cfg.window, chirps)[:, None]
+                               * _window(cfg.window, samples)[None, :])
+        spec = torch.fft.fft2(x * win[:, :, None], dim=(0, 1))
+        if real:
+            spec = spec[:, : samples // 2]
+        power = (spec.real.square() + spec.imag.square()).mean(dim=2).numpy()  # (chirps, range)
+    power = np.fft.fftshift(power, axes=0)                    # zero Doppler in the middle
     return _to_image(power.T, cfg)
 
 
@@ -338,10 +357,10 @@ def range_azimuth(cube: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndar
     """
     cube = _check_cube(cube)
     rng = _range_fft(cube, cfg)
-    ang = np.fft.fftshift(np.fft.fft(rng, n=max(cfg.angle_bins, rng.shape[2]), axis=2),
-                          axes=2)
-    power = (ang.real ** 2 + ang.imag ** 2).mean(axis=0)      # (range, angle)
-    return _to_image(power, cfg)
+    with torch.no_grad():
+        ang = torch.fft.fft(rng, n=max(cfg.angle_bins, rng.shape[2]), dim=2)
+        power = (ang.real.square() + ang.imag.square()).mean(dim=0).numpy()  # (range, angle)
+    return _to_image(np.fft.fftshift(power, axes=1), cfg)
 
 
 def points_bev(points: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarray:
@@ -352,12 +371,12 @@ def points_bev(points: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarr
         raise ValueError(f"points_bev: points must be (N, >=5) x, y, z, rcs, velocity; got "
                          f"{points.shape}")
     grid = _grid.Grid(tuple(cfg.x_range), tuple(cfg.y_range), tuple(cfg.out_shape))
-    idx, inside = grid.cell_index(points[:, 0], points[:, 1])
+    idx, sel = grid.cell_index(points[:, 0], points[:, 1])
     count = _grid.cell_count(idx, grid.cells)
     lo, hi = cfg.rcs_range
-    rcs = np.clip((points[inside, 3] - lo) / (hi - lo), 0.0, 1.0)
+    rcs = np.clip((points[sel, 3] - lo) / (hi - lo), 0.0, 1.0)
     rcs_max = _grid.cell_max(idx, rcs, grid.cells, empty=0.0)
-    velocity = np.clip(_grid.cell_mean(idx, points[inside, 4], count) / cfg.velocity_max,
+    velocity = np.clip(_grid.cell_mean(idx, points[sel, 4], count) / cfg.velocity_max,
                        -1.0, 1.0)
     density = _grid.log_density(count, cfg.density_saturation)
     return np.stack([rcs_max, velocity, density]).reshape(3, *cfg.out_shape).astype(np.float32)
