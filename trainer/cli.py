@@ -1,12 +1,103 @@
 """Entry point of `mm-trainer`: the trainer daemon (train on the ring and the disk cache)."""
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import click
+
+
+def _default_checkpoint_dir() -> Path:
+    """$MMFEED_CHECKPOINT_DIR, else systemd's $STATE_DIRECTORY/checkpoints, else ./checkpoints:
+    SIGTERM always has somewhere to write its checkpoint."""
+    if os.environ.get("MMFEED_CHECKPOINT_DIR"):
+        return Path(os.environ["MMFEED_CHECKPOINT_DIR"])
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) / "checkpoints"
+    return Path("checkpoints")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """mm-trainer: the trainer daemon (train on the ring and the disk cache)."""
+
+
+@main.command()
+@click.option("--cache", "cache", required=True, type=click.Path(path_type=Path),
+              help="Disk cache directory written by `mm-producer preprocess`.")
+@click.option("--ring", default=None, help="Live ring name; without it, disk only.")
+@click.option("--mix", type=float, default=None,
+              help="Live fraction in [0, 1] (default 0.5 with --ring, else 0); `mmctl mix`.")
+@click.option("--model", default=None, help="Your model as module:factory "
+              "(factory(example_schema, num_classes) -> nn.Module); default late fusion.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,
+              help="Where checkpoints go and are resumed from "
+                   "(default $MMFEED_CHECKPOINT_DIR, $STATE_DIRECTORY/checkpoints, ./checkpoints).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Epochs over this rank's disk shard (counted in steps).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes for the disk; 0 = one in-process reader thread.")
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient accumulation: micro-batches per optimiser step.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True)
+@click.option("--eval-interval", type=click.IntRange(min=0), default=0,
+              help="Evaluate on val every N steps (0: at the end only).")
+@click.option("--checkpoint-interval", type=click.IntRange(min=0), default=0,
+              help="Write a checkpoint every N steps (0: at exit and on request only).")
+@click.option("--keep", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Checkpoints kept.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--ring-start", type=click.Choice(["newest", "oldest", "next"]), default="newest",
+              show_default=True)
+@click.option("--no-resume", is_flag=True, help="Ignore checkpoints already in --checkpoint-dir.")
+@click.option("--control", default=None, help="Control endpoint (default ipc://RUNTIME/trainer.sock).")
+@click.option("--log-endpoint", default=None, help="Log PUB endpoint (default next to --control).")
+@click.option("--log-interval", type=float, default=10.0, show_default=True,
+              help="Seconds between metric log lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
+def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
+        amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
+        control, log_endpoint, log_interval, as_json) -> None:
+    """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
+    from protocol.cache import CacheReader
+    from protocol.errors import MmfeedError
+
+    from .daemon import DaemonConfig, run_daemon
+    from .loop import TrainConfig
+    from .model import load_factory
+
+    def usage(msg: str) -> None:
+        click.echo(f"mm-trainer run: {msg}", err=True)
+        sys.exit(2)
+
+    try:  # a missing or broken cache is a clear error before anything starts
+        with CacheReader(cache, "train") as r:
+            if len(r) == 0:
+                usage(f"--cache {cache}: the cache has no 'train' records")
+    except MmfeedError as e:
+        usage(f"--cache {cache}: {e}")
+    if model:
+        try:
+            load_factory(model)
+        except ValueError as e:
+            usage(str(e))
+    try:
+        cfg = TrainConfig(cache=cache, ring=ring, mix=mix, model=model,
+                          checkpoint_dir=checkpoint_dir or _default_checkpoint_dir(),
+                          steps=steps, epochs=epochs, batch_size=batch_size, workers=workers,
+                          lr=lr, accum=accum, amp=amp, log_interval=log_interval,
+                          eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
+                          keep=keep, seed=seed, device=device, ring_start=ring_start,
+                          resume=not no_resume)
+    except ValueError as e:
+        usage(str(e))
+    sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,
+                                          json=as_json)))
 
 
 if __name__ == "__main__":

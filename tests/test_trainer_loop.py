@@ -1,0 +1,147 @@
+"""The training loop on the disk cache: learns, checkpoints atomically, resumes exactly."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_data import CLASSES, build_cache  # noqa: E402
+
+from trainer import checkpoint as ckpt  # noqa: E402
+from trainer.loop import Trainer, TrainConfig  # noqa: E402
+from trainer.model import LateFusion, build_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return build_cache(tmp_path_factory.mktemp("cache") / "c")
+
+
+def _train(tr: Trainer, steps: int) -> None:
+    while tr.step < steps:
+        assert tr.step_once(timeout=10.0), "no batch from the disk loader within 10 s"
+
+
+def test_training_reaches_clearly_above_chance_val_accuracy(cache, tmp_path):
+    tr = Trainer(TrainConfig(cache=cache, steps=40, batch_size=16, checkpoint_dir=tmp_path))
+    try:
+        _train(tr, 40)
+        acc = tr.evaluate()
+    finally:
+        tr.close()
+    # Chance is 1/3 over three balanced classes.
+    assert acc is not None and acc >= 0.7, f"val accuracy {acc}"
+
+
+def test_resume_continues_the_step_count_with_the_saved_state(cache, tmp_path):
+    cfg = dict(cache=cache, batch_size=8, checkpoint_dir=tmp_path)
+    tr = Trainer(TrainConfig(steps=5, **cfg))
+    try:
+        _train(tr, 5)
+        path = tr.save_checkpoint()
+    finally:
+        tr.close()
+    saved = ckpt.load(path)
+    tr2 = Trainer(TrainConfig(steps=8, **cfg))  # finds the checkpoint in checkpoint_dir
+    try:
+        assert tr2.step == 5
+        for k, v in tr2.model.state_dict().items():
+            assert torch.equal(v, saved["model"][k]), k
+        opt = tr2.optimizer.state_dict()
+        assert opt["state"].keys() == saved["optimizer"]["state"].keys()
+        for i, s in opt["state"].items():
+            assert torch.equal(s["exp_avg"], saved["optimizer"]["state"][i]["exp_avg"])
+        # The RNG is where the checkpoint left it: the next draw is the same.
+        assert torch.equal(torch.get_rng_state(), saved["rng"]["torch"])
+        assert tr2.disk_position == tuple(saved["disk_position"])
+        _train(tr2, 8)
+        assert tr2.step == 8
+    finally:
+        tr2.close()
+
+
+def test_checkpoint_is_written_atomically_and_only_n_are_kept(tmp_path):
+    for step in range(1, 6):
+        ckpt.save(tmp_path, step, {"step": step, "w": torch.ones(3) * step}, keep=2)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    # no temp file survives; the two newest remain and load back
+    assert names == ["ckpt-00000004.pt", "ckpt-00000005.pt"]
+    assert ckpt.load(ckpt.latest_checkpoint(tmp_path))["step"] == 5
+
+
+def test_truncated_checkpoint_is_refused_with_its_name(tmp_path):
+    p = tmp_path / "ckpt-00000001.pt"
+    p.write_bytes(b"PK\x03\x04 not a checkpoint")
+    with pytest.raises(ValueError, match="ckpt-00000001.pt"):
+        ckpt.load(p)
+
+
+def test_rng_state_round_trips_numpy_python_and_torch():
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_default_model_gives_zero_features_for_a_missing_modality(cache):
+    from protocol.cache import CacheReader
+
+    with CacheReader(cache, "train") as r:
+        schema = r.schema(0)
+    m = LateFusion(schema, len(CLASSES))
+    out = m({"vec": torch.randn(4, 8)})  # no video in this batch
+    assert out.shape == (4, len(CLASSES))
+
+
+def tiny_factory(example_schema, num_classes):
+    """A user model: mean of every input, then a linear layer."""
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.names = sorted(example_schema.names)
+            self.fc = torch.nn.Linear(len(self.names), num_classes)
+
+        def forward(self, inputs):
+            x = torch.stack([inputs[n].flatten(1).mean(1) for n in self.names], dim=1)
+            return self.fc(x)
+
+    return Tiny()
+
+
+def test_user_model_plugs_in_as_module_factory(cache, tmp_path):
+    tr = Trainer(TrainConfig(cache=cache, steps=2, batch_size=8, checkpoint_dir=tmp_path,
+                             model="test_trainer_loop:tiny_factory"))
+    try:
+        _train(tr, 2)
+        assert type(tr.model).__name__ == "Tiny"
+    finally:
+        tr.close()
+
+
+@pytest.mark.parametrize("spec, what", [("nocolon", "module:factory"),
+                                        ("no_such_module_x:f", "cannot import"),
+                                        ("trainer.model:nope", "no attribute")])
+def test_bad_model_spec_is_a_clear_error(spec, what, cache):
+    from protocol.cache import CacheReader
+
+    with CacheReader(cache, "train") as r:
+        schema = r.schema(0)
+    with pytest.raises(ValueError, match=what):
+        build_model(spec, schema, 3)
+
+
+def test_gradient_accumulation_takes_several_batches_per_step(cache, tmp_path):
+    tr = Trainer(TrainConfig(cache=cache, steps=3, batch_size=8, accum=2, checkpoint_dir=tmp_path))
+    try:
+        _train(tr, 3)
+        assert tr.step == 3 and tr.samples_disk == 3 * 2 * 8
+    finally:
+        tr.close()

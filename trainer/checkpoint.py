@@ -1,0 +1,108 @@
+"""Checkpoints written atomically and resumed exactly.
+
+A checkpoint that is half-written when the machine loses power, or when systemd's stop timeout
+SIGKILLs us, must never replace a good one. So `save()` writes `.ckpt-NNNNNNNN.pt.tmp-PID`,
+fsyncs it, renames it over the final name (atomic on POSIX) and fsyncs the directory so the
+rename itself is durable. Readers therefore see either the old set of files or the new one.
+
+Resuming "with the same state" means: model and optimiser (and AMP scaler) state, the step and
+epoch counters, and every RNG that decides what comes next (torch CPU and CUDA, numpy, Python's
+`random`), so a resumed run draws the same dropout masks and shuffles as an uninterrupted one.
+Files are loaded with `weights_only=True`: a checkpoint is data, never code to unpickle.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"ckpt-{step:08d}.pt"
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp files are never listed)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG that decides the next sample or mask, as tensors and plain values only."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": np_state[0], "pos": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])]},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["pos"].numpy().astype(np.uint32), int(n["rest"][0]),
+                         int(n["rest"][1]), float(n["rest"][2])))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write `state` as the checkpoint of `step` atomically; keep the newest `keep`. Returns its path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_path(d, step)
+    tmp = d / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(d)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(d)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `save` (tensors and plain values only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise ValueError(f"checkpoint {path} is not a readable mmfeed checkpoint: {e}") from None

@@ -1,0 +1,218 @@
+"""The trainer daemon: the training loop plus control socket, signals, sd_notify and logs.
+
+Everything runs on the main thread, between steps: the control server is polled (handlers
+never race the loop), WATCHDOG=1 is sent from here (a stuck loop stops it, which is the point),
+and SIGTERM only sets a flag that the loop reads at the next step boundary, then writes a
+checkpoint and exits 0.
+
+Under torchrun, rank 0 owns the control socket, the log PUB socket and sd_notify; at every
+step all ranks agree on (stop, checkpoint, pause, live fraction) with one tiny all_reduce, so
+they stop, pause and checkpoint at the same step (a rank that ran ahead would hang in DDP).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from protocol.control import ControlServer, wire_command
+from protocol.errors import BadArgument
+from protocol.logs import close_daemon_logging, logs_command, setup_daemon_logging
+from protocol.notify import Notifier, watchdog_interval
+
+from .loop import Dist, Trainer, TrainConfig
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class DaemonConfig:
+    control: str | None = None        # endpoint; None = paths.control_endpoint("trainer")
+    log_endpoint: str | None = None   # None = paths.log_endpoint("trainer")
+    json: bool = False
+
+
+class TrainerDaemon:
+    def __init__(self, cfg: TrainConfig, dcfg: DaemonConfig, trainer: Trainer, d: Dist):
+        self.cfg, self.dcfg, self.trainer, self.dist = cfg, dcfg, trainer, d
+        self.stop_requested = False
+        self.stop_reason = ""
+        self.paused = False
+        self.checkpoint_requested = False
+        self.server: ControlServer | None = None
+        self.notifier = Notifier() if d.rank == 0 else None
+
+    # --- control commands (rank 0, main thread) ----------------------------------------------
+
+    def on_status(self) -> dict:
+        st = self.trainer.status()
+        st["state"] = "paused" if self.paused else st["state"]
+        return st
+
+    def on_mix(self, fraction: float) -> dict:
+        if math.isnan(fraction) or not 0.0 <= fraction <= 1.0:
+            raise BadArgument(f"mix: fraction must be in [0, 1], got {fraction}")
+        if fraction > 0 and self.trainer.live is None:
+            raise BadArgument("mix: this trainer has no ring (start it with --ring NAME); "
+                              "only fraction 0 is possible")
+        previous = self.trainer.mixer.fraction
+        self.trainer.mixer.set_fraction(fraction)
+        log.info("live fraction changed", extra={"previous": previous, "fraction": fraction})
+        return {"fraction": fraction, "previous": previous}
+
+    def on_checkpoint(self) -> dict:
+        if self.cfg.checkpoint_dir is None:
+            raise BadArgument("checkpoint: this trainer has no --checkpoint-dir")
+        if self.dist.enabled:  # a collective: written by every rank at the next step boundary
+            self.checkpoint_requested = True
+            return {"scheduled": True, "step": self.trainer.step}
+        path = self.trainer.save_checkpoint()
+        return {"checkpoint": str(path), "step": self.trainer.step}
+
+    def on_pause(self) -> dict:
+        self.paused = True
+        log.info("paused", extra={"step": self.trainer.step})
+        return {"state": "paused", "step": self.trainer.step}
+
+    def on_resume(self) -> dict:
+        self.paused = False
+        log.info("resumed", extra={"step": self.trainer.step})
+        return {"state": "running", "step": self.trainer.step}
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_requested = True
+        self.stop_reason = signal.Signals(signum).name
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def _sync(self) -> tuple[bool, bool, bool]:
+        """(stop, checkpoint, paused) agreed by all ranks; rank 0's live fraction everywhere."""
+        if not self.dist.enabled:
+            stop, ck, self.checkpoint_requested = self.stop_requested, self.checkpoint_requested, False
+            return stop, ck, self.paused
+        r0 = self.dist.rank == 0
+        t = torch.tensor([float(self.stop_requested), float(r0 and self.checkpoint_requested),
+                          float(r0 and self.paused),
+                          self.trainer.mixer.fraction if r0 else -1.0], dtype=torch.float64)
+        if self.trainer.device.type == "cuda":
+            t = t.to(self.trainer.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = t.cpu()
+        self.checkpoint_requested = False
+        if not r0 and abs(float(t[3]) - self.trainer.mixer.fraction) > 1e-12:
+            self.trainer.mixer.set_fraction(float(t[3]))
+        self.paused = bool(t[2])
+        return bool(t[0]), bool(t[1]), bool(t[2])
+
+    def run(self) -> int:
+        tr = self.trainer
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
+        if self.dist.rank == 0:
+            from protocol.paths import control_endpoint
+
+            self.server = ControlServer(self.dcfg.control or control_endpoint("trainer"), {
+                "status": wire_command("status", self.on_status),
+                "mix": wire_command("mix", self.on_mix),
+                "checkpoint": wire_command("checkpoint", self.on_checkpoint),
+                "pause": wire_command("pause", self.on_pause),
+                "resume": wire_command("resume", self.on_resume),
+                "logs": logs_command(),
+            })
+        wd = watchdog_interval()
+        last_wd = last_log = time.monotonic()
+        tr.state = "running"
+        if self.notifier:
+            self.notifier.ready(f"training, control at {self.server.endpoint}")
+        log.info("training started", extra={
+            "step": tr.step, "total_steps": tr.total_steps, "ring": self.cfg.ring,
+            "mix": tr.mixer.fraction, "device": str(tr.device), "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+            "control": self.server.endpoint if self.server else None})
+        try:
+            while True:
+                if self.server is not None:
+                    self.server.poll(0)
+                now = time.monotonic()
+                if self.notifier and wd and now - last_wd >= wd:
+                    self.notifier.watchdog()
+                    last_wd = now
+                stop, ck, paused = self._sync()
+                if stop:
+                    log.info("stopping on %s at step %d", self.stop_reason or "request", tr.step)
+                    break
+                if tr.total_steps is not None and tr.step >= tr.total_steps:
+                    break
+                if ck:
+                    tr.save_checkpoint()
+                if paused:
+                    tr.state = "paused"
+                    if self.server is not None:
+                        self.server.poll(50)
+                    else:
+                        time.sleep(0.05)  # non-zero ranks: the next _sync is the wait
+                    continue
+                tr.state = "running"
+                got = tr.step_once(timeout=0.5 if not self.dist.enabled else 30.0)
+                if got:
+                    if self.cfg.eval_interval and tr.step % self.cfg.eval_interval == 0:
+                        tr.evaluate()
+                    if self.cfg.checkpoint_interval and tr.step % self.cfg.checkpoint_interval == 0:
+                        tr.save_checkpoint()
+                if time.monotonic() - last_log >= self.cfg.log_interval:
+                    last_log = time.monotonic()
+                    m = tr.reset_meter()
+                    if m:
+                        log.info("train", extra=m)
+                        if self.notifier:
+                            self.notifier.status(f"step {tr.step} loss {m.get('loss')}")
+            tr.state = "stopping"
+            if self.notifier:
+                self.notifier.stopping()
+            if not self.stop_requested:
+                acc = tr.evaluate()
+                if acc is not None:
+                    log.info("evaluation", extra={"step": tr.step, "accuracy": round(acc, 4)})
+            tr.save_checkpoint()
+            summary = tr.summary()
+            log.info("training finished", extra={k: v for k, v in summary.items()
+                                                  if not isinstance(v, (list, dict))})
+            if self.dcfg.json and self.dist.rank == 0:
+                print(json.dumps(summary), flush=True)
+            return 0
+        finally:
+            tr.close()
+            if self.server is not None:
+                self.server.close()
+
+
+def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
+    """Set up distribution and logging, build the trainer, run; the exit code."""
+    d = Dist.from_env()
+    if d.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
+    if d.rank == 0:
+        from protocol.paths import log_endpoint
+
+        setup_daemon_logging("trainer", dcfg.log_endpoint or log_endpoint("trainer"))
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format=f"%(levelname)s trainer[rank {d.rank}] %(message)s")
+    try:
+        trainer = Trainer(cfg, d)
+        return TrainerDaemon(cfg, dcfg, trainer, d).run()
+    finally:
+        if d.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+        if d.rank == 0:
+            close_daemon_logging()

@@ -1,0 +1,503 @@
+"""Host loader threads (disk cache, live ring) and the device prefetcher.
+
+Two threads fill pinned host batches, the training loop takes them through `DevicePrefetcher`:
+
+    CacheReader ──memcpy──► pinned batch ─┐
+                                          ├─ LiveDiskMixer ─► DevicePrefetcher ─► model
+    ring slot ────memcpy──► pinned batch ─┘                   (side stream + event on CUDA)
+
+NOTE [one host copy]: a live sample crosses host memory once. `RingLoader` runs in the trainer's
+own process and copies the slot's payload (read through a zero-copy `receive_view`) straight
+into the row of a preallocated pinned batch buffer: the copy is numpy's memcpy, which releases
+the GIL. DataLoader workers would copy the slot into a worker tensor, pickle it through shared
+memory, then pin it: three copies. Every copy is counted (`LoaderStats.copies`) and the count
+per live sample is shown in `status`.
+
+NOTE [shutdown order]: 1) set the stop event; 2) the loader threads notice it within one
+receive timeout (they never block without one) and stop; 3) join them; 4) only then close the
+ring reader and the cache reader, which the threads were using. A thread blocked on a full
+output queue also wakes on the stop event (it puts with a timeout).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from protocol.errors import ProducerGone, RingError, RingNotFound
+from protocol.schema import SampleSchema
+
+from .batching import (BatchKey, BufferPool, HostBatch, group_batches, modality_views,
+                       pin_available, row_bytes)
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+
+
+class LoaderError(RuntimeError):
+    """An exception inside a loader thread, re-raised in the consumer with where it happened."""
+
+
+@dataclass
+class LoaderStats:
+    batches: int = 0
+    samples: int = 0
+    copies: int = 0          # host copies of samples made by this loader
+    dropped: int = 0         # samples read but discarded (torn lossy read, partial at shutdown)
+    reattached: int = 0
+    generations: set = field(default_factory=set)
+
+
+class _LoaderThread:
+    """A daemon thread that puts HostBatches into a bounded queue; `get(timeout)` takes them."""
+
+    name = "loader"
+
+    def __init__(self, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self.stats = LoaderStats()
+        self.finished = False  # ran out of data (a finite epoch count); no more batches
+        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+
+    def start(self) -> "_LoaderThread":
+        self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # crosses to the consumer, which re-raises it with context
+            self._error = e
+            log.exception("%s thread failed", self.name)
+        finally:
+            self.finished = True
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _put(self, batch: HostBatch) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(batch, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        batch.release()
+        return False
+
+    def get(self, timeout: float | None = 0.0) -> HostBatch | None:
+        """The next batch, or None if none arrived within `timeout` (0 = only if ready)."""
+        try:
+            if timeout is not None and timeout <= 0:
+                return self._q.get_nowait()
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            if self._error is not None:
+                raise LoaderError(f"{self.name} thread failed: {self._error!r}") from self._error
+            return None
+
+    def ready(self) -> bool:
+        return not self._q.empty()
+
+    @property
+    def exhausted(self) -> bool:
+        return self.finished and self._q.empty()
+
+    def close(self) -> None:
+        """Stop and join (NOTE [shutdown order]); releases queued buffers."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        while True:
+            try:
+                self._q.get_nowait().release()
+            except queue.Empty:
+                break
+
+
+class DiskLoader(_LoaderThread):
+    """Reads shuffled, schema-grouped batches of a CacheReader into pinned pool buffers.
+
+    Each rank reads its own shard (`group_batches`); `position` (epoch, batch) of the last
+    batch handed out is saved in checkpoints so a resumed run continues the same order.
+    """
+
+    name = "disk loader"
+
+    def __init__(self, reader, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, epochs: int | None = None,
+                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None):
+        super().__init__(depth)
+        self.reader = reader
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.epochs = epochs
+        self.start_at = start
+        self._groups = reader.schema_groups()
+        self._pools: dict[int, BufferPool] = {}
+        self._pin = pin
+        self._labels = torch.as_tensor(reader.labels, dtype=torch.int64)
+        self._depth = depth
+
+    def batches_per_epoch(self) -> int:
+        return len(group_batches(self._groups, self.batch_size, shuffle=False, seed=0, epoch=0,
+                                 rank=self.rank, world_size=self.world_size))
+
+    def _pool(self, schema: SampleSchema) -> BufferPool:
+        pool = self._pools.get(schema.schema_id)
+        if pool is None:
+            pool = self._pools[schema.schema_id] = BufferPool(
+                schema, self.batch_size, count=self._depth + 2, pin=self._pin)
+        return pool
+
+    def _run(self) -> None:
+        epoch, skip = self.start_at
+        while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
+            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
+                                 seed=self.seed, epoch=epoch, rank=self.rank,
+                                 world_size=self.world_size)
+            for k in range(skip, len(plan)):
+                idx = plan[k]
+                schema = self.reader.schema(int(idx[0]))
+                pool = self._pool(schema)
+                pair = None
+                while pair is None:
+                    if self._stop.is_set():
+                        return
+                    pair = pool.get(timeout=_POLL_S)
+                buf, labels = pair
+                _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                labels[: len(idx)] = self._labels[torch.from_numpy(idx)]
+                gen = metas[0].generation
+                b = HostBatch(schema, gen, buf, labels, len(idx), live=0, copies=len(idx),
+                              on_release=lambda pair=pair, pool=pool: pool.put(pair))
+                b.position = (epoch, k + 1)  # type: ignore[attr-defined]
+                self.stats.batches += 1
+                self.stats.samples += len(idx)
+                self.stats.copies += len(idx)
+                if not self._put(b):
+                    return
+            epoch, skip = epoch + 1, 0
+
+
+class RingLoader(_LoaderThread):
+    """The live-ring reader thread: slot -> pinned batch row, one copy (NOTE [one host copy]).
+
+    Samples are grouped by (schema, generation); a batch is handed out when it is full, when
+    the next sample has another key (a generation changed: it will not come back), or when it
+    has waited `max_wait_s` (a slow stream still gets trained on). A producer that goes away is
+    a warning and a re-attach loop, never an exception. With `world_size > 1` every rank keeps
+    the samples whose `meta.index % world_size == rank`, so ranks do not train on duplicates.
+    """
+
+    name = "ring loader"
+
+    def __init__(self, ring: str, batch_size: int, *, start: str = "newest", rank: int = 0,
+                 world_size: int = 1, max_wait_s: float = 0.5, depth: int = 2,
+                 pin: bool | None = None, attach: Callable | None = None):
+        super().__init__(depth)
+        self.ring = ring
+        self.batch_size = batch_size
+        self.start_pos = start
+        self.rank, self.world_size = rank, world_size
+        self.max_wait_s = max_wait_s
+        self._pin = pin
+        self._depth = depth
+        self._pools: dict[int, BufferPool] = {}
+        self.reader = None
+        self.attached = False
+        self.generation_seen = -1
+
+    def _attach(self):
+        from protocol.ring import RingReader
+
+        warned = False
+        while not self._stop.is_set():
+            try:
+                r = RingReader.attach(self.ring, start=self.start_pos)
+                if warned or self.stats.reattached:
+                    log.warning("ring %s: attached to a new producer (epoch %#x)", self.ring,
+                                r.epoch)
+                return r
+            except (RingNotFound, ProducerGone) as e:
+                if not warned:
+                    log.warning("ring %s not available (%s); waiting for a producer", self.ring, e)
+                    warned = True
+                self._stop.wait(0.1)
+        return None
+
+    def _pool(self, schema: SampleSchema) -> BufferPool:
+        pool = self._pools.get(schema.schema_id)
+        if pool is None:
+            pool = self._pools[schema.schema_id] = BufferPool(
+                schema, self.batch_size, count=self._depth + 2, pin=self._pin)
+        return pool
+
+    def _run(self) -> None:
+        open_: dict | None = None  # key, pool, buf, views, labels, n, since
+
+        def emit() -> bool:
+            nonlocal open_
+            o, open_ = open_, None
+            if o is None or o["n"] == 0:
+                if o is not None:
+                    o["pool"].put((o["buf"], o["labels"]))
+                return True
+            b = HostBatch(o["schema"], o["key"].generation, o["buf"], o["labels"], o["n"],
+                          live=o["n"], copies=o["n"],
+                          on_release=lambda p=(o["buf"], o["labels"]), pool=o["pool"]: pool.put(p))
+            self.stats.batches += 1
+            return self._put(b)
+
+        while not self._stop.is_set():
+            if self.reader is None:
+                self.reader = self._attach()
+                if self.reader is None:
+                    break
+                self.attached = True
+            try:
+                view = self.reader.receive_view(timeout=_POLL_S)
+            except ProducerGone as e:
+                log.warning("ring %s: %s; re-attaching", self.ring, e)
+                self.stats.reattached += 1
+                self._drop_reader()
+                if open_ is not None and not emit():
+                    return
+                continue
+            if view is None:
+                if open_ is not None and time.monotonic() - open_["since"] > self.max_wait_s:
+                    if not emit():
+                        return
+                continue
+            meta = view.meta
+            if self.world_size > 1 and meta.index % self.world_size != self.rank:
+                continue
+            key = BatchKey(view.schema.schema_id, meta.generation)
+            if open_ is not None and open_["key"] != key:
+                if not emit():  # a new generation or schema: never mix shapes in a batch
+                    return
+            if open_ is None:
+                pool = self._pool(view.schema)
+                pair = None
+                while pair is None:
+                    if self._stop.is_set():
+                        return
+                    pair = pool.get(timeout=_POLL_S)
+                buf, labels = pair
+                open_ = {"key": key, "schema": view.schema, "pool": pool, "buf": buf,
+                         "rows": buf.numpy(),
+                         "labels": labels, "n": 0, "since": time.monotonic()}
+            j = open_["n"]
+            row = view.schema.views(open_["rows"][j])
+            for name, src in view.arrays.items():
+                np.copyto(row[name], src)  # the one host copy of this sample
+            if not view.still_valid():  # lossy: overwritten while we copied; discard the row
+                self.stats.dropped += 1
+                continue
+            open_["labels"][j] = meta.label
+            open_["n"] = j + 1
+            self.stats.samples += 1
+            self.stats.copies += 1
+            self.stats.generations.add(meta.generation)
+            self.generation_seen = meta.generation
+            if open_["n"] == self.batch_size and not emit():
+                return
+        if open_ is not None:
+            self.stats.dropped += open_["n"]
+            open_["pool"].put((open_["buf"], open_["labels"]))
+
+    def _drop_reader(self) -> None:
+        r, self.reader = self.reader, None
+        self.attached = False
+        if r is not None:
+            try:
+                r.close()
+            except (RingError, OSError):
+                pass
+
+    def close(self) -> None:
+        super().close()
+        self._drop_reader()
+
+
+@dataclass
+class DeviceBatch:
+    """A batch on the training device: per-modality views, labels and where it came from."""
+
+    schema: SampleSchema
+    generation: int
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    n: int
+    live: int
+    copies: int
+    host: HostBatch | None = None
+
+    def release(self) -> None:
+        """On the CPU path the inputs are views of the host buffer: call after converting."""
+        if self.host is not None:
+            self.host.release()
+            self.host = None
+
+
+class DevicePrefetcher:
+    """Moves host batches to the device one step ahead, overlapping the copy with compute.
+
+    CUDA: the whole (B, row) pinned buffer goes over in ONE non_blocking copy on a side stream;
+    an event recorded after it is waited on by the compute stream when the batch is taken
+    (`wait_event`, not a host sync), so compute never waits for a copy that could have started
+    earlier; the host buffer returns to its pool only once that event completed.
+    CPU: a clean no-op - the batch's views of the host buffer are handed through unchanged.
+    """
+
+    def __init__(self, get: Callable[[float], HostBatch | None], device: torch.device):
+        self._get = get
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._next: tuple[DeviceBatch, object] | None = None
+        self._in_flight: list[tuple[HostBatch, object]] = []
+
+    def _upload(self, hb: HostBatch) -> tuple[DeviceBatch, object]:
+        if not self.cuda:
+            db = DeviceBatch(hb.schema, hb.generation, hb.inputs(), hb.labels[: hb.n], hb.n,
+                             hb.live, hb.copies, host=hb)
+            return db, None
+        with torch.cuda.stream(self._stream):
+            data = hb.data.to(self.device, non_blocking=True)
+            labels = hb.labels[: hb.n].to(self.device, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        db = DeviceBatch(hb.schema, hb.generation, modality_views(hb.schema, data), labels,
+                         hb.n, hb.live, hb.copies)
+        self._in_flight.append((hb, ev))
+        return db, ev
+
+    def _recycle(self) -> None:
+        keep = []
+        for hb, ev in self._in_flight:
+            if ev.query():
+                hb.release()
+            else:
+                keep.append((hb, ev))
+        self._in_flight = keep
+
+    def get(self, timeout: float) -> DeviceBatch | None:
+        """The next device batch (None if none within `timeout`); starts the next upload."""
+        if self.cuda:
+            self._recycle()
+        cur = self._next
+        self._next = None
+        if cur is None:
+            hb = self._get(timeout)
+            if hb is None:
+                return None
+            cur = self._upload(hb)
+        if self.cuda:
+            hb = self._get(0.0)  # start the following copy now, behind this step's compute
+            if hb is not None:
+                self._next = self._upload(hb)
+            db, ev = cur
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            for t in (*db.inputs.values(), db.labels):
+                t.record_stream(torch.cuda.current_stream(self.device))
+            return db
+        return cur[0]
+
+    def close(self) -> None:
+        if self._next is not None:
+            db, _ = self._next
+            db.release()
+            self._next = None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            for hb, _ in self._in_flight:
+                hb.release()
+            self._in_flight = []
+
+
+class _RawBatches(torch.utils.data.Dataset):
+    """Worker side of `WorkerDiskLoader`: a whole index batch -> one (B, row) uint8 tensor."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitems__(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        schema = self.reader.schema(int(idx[0]))
+        buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
+        self.reader.read_batch_into(idx, buf.numpy())
+        return buf, torch.as_tensor(self.reader.labels[idx], dtype=torch.int64), int(idx[0])
+
+
+def _identity(x):
+    return x
+
+
+class WorkerDiskLoader(DiskLoader):
+    """`--workers N`: the disk side read by N DataLoader worker processes instead of a thread.
+
+    For a disk that needs more than one reading core. Costs more host copies per sample
+    (worker buffer -> shared memory -> pinned on CUDA), which `LoaderStats.copies` counts.
+    """
+
+    name = "disk loader (workers)"
+
+    def __init__(self, reader, batch_size: int, *, workers: int, **kw):
+        super().__init__(reader, batch_size, **kw)
+        self.workers = workers
+
+    def _plans(self):
+        epoch, skip = self.start_at
+        while self.epochs is None or epoch < self.epochs:
+            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
+                                 seed=self.seed, epoch=epoch, rank=self.rank,
+                                 world_size=self.world_size)
+            for k in range(skip, len(plan)):
+                yield (epoch, k + 1), plan[k].tolist()
+            epoch, skip = epoch + 1, 0
+
+    def _run(self) -> None:
+        from collections import deque as _deque
+
+        positions: _deque = _deque()
+
+        def sampler():
+            for pos, idx in self._plans():
+                positions.append(pos)
+                yield idx
+
+        pin = pin_available() if self._pin is None else self._pin
+        dl = torch.utils.data.DataLoader(
+            _RawBatches(self.reader), batch_sampler=sampler(), num_workers=self.workers,
+            collate_fn=_identity, pin_memory=pin, prefetch_factor=2,
+            multiprocessing_context="fork")
+        copies = 3 if pin else 2  # mmap -> worker tensor -> shared memory (-> pinned)
+        it = iter(dl)
+        try:
+            for buf, labels, first in it:
+                if self._stop.is_set():
+                    return
+                n = buf.shape[0]
+                b = HostBatch(self.reader.schema(first), self.reader.meta(first).generation,
+                              buf, labels, n, live=0, copies=copies * n)
+                b.position = positions.popleft()  # type: ignore[attr-defined]
+                self.stats.batches += 1
+                self.stats.samples += n
+                self.stats.copies += copies * n
+                if not self._put(b):
+                    return
+        finally:
+            del it
