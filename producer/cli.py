@@ -9,5 +9,10 @@ def main() -> None:
     """mm-producer: the producer daemon (decode, preprocess, publish to the ring)."""
 
 
+from .preprocess import preprocess  # noqa: E402
+
+main.add_command(preprocess)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,252 @@
+"""THE pipeline: one sample's raw files -> the model inputs, the same for disk and ring.
+
+`mm-producer preprocess` (disk sink) and `mm-producer run` (ring sink) both call
+`Pipeline(config).process(sample)`, so a sample from the cache and one from the ring are made
+by the same code and share a schema for a given config; the trainer can mix them in a batch.
+
+Model inputs (name -> array):
+
+    video   uint8   (T, C, H, W)   decode_clip: T = clip_frames, C/H/W from the filter spec
+    audio   float32 (1, M, F)      log_mel: M = audio.n_mels, F = audio.n_frames
+    lidar   float32 (3, H, W)      bev(load_points): grid from the BevConfig
+    radar   float32 (1, H, W)      range_doppler / range_azimuth; (3, H, W) for points_bev
+    <stem>  float32 (...)          one per unknown-sensor file (`imu.data` -> `imu`): its
+                                   metadata dtype/shape, else (unknown_len,)
+
+Decisions (documented in docs/dataset.md too):
+- Which file feeds `lidar` / `radar` / `video` / `audio` is `config.sensors[input]`; without a
+  setting, the plain stem (`lidar`) when present, else the first of that kind in sorted order.
+  A sensor that is set but absent from a sample is NOT replaced by another one (that would mix
+  two viewpoints under one input): the input is left out and a note says so.
+- A sample missing an input that others have is processed with what it has. The schema then
+  lacks that input; the trainer groups batches by schema and the model zero-fills. The
+  preprocess report notes it, so a folder missing its audio by mistake is visible.
+- A bad file raises InputError from its modality function (no separate validate() pass: the
+  reader that understands the format is the one that can say what is wrong). An unexpected
+  exception inside a modality is turned into an InputError naming the file, so one odd file
+  can never stop a daemon or a preprocess run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from protocol.errors import InputError
+from protocol.filters import FilterSpec
+from protocol.schema import SampleMeta
+
+from .dataset import SampleFiles
+from .metadata import timestamp_ns
+from .modalities import audio, lidar, radar, unknown, video
+from .modalities.audio import AudioConfig
+from .modalities.lidar import BevConfig
+from .modalities.radar import RadarConfig
+
+#: Model inputs fed by one chosen file of their kind; unknown sensors add one input per stem.
+INPUTS = ("video", "audio", "lidar", "radar")
+#: Only inputs with more than one way to process them take a method.
+METHODS = {"radar": tuple(radar.METHODS)}
+#: Bump when the code changes what an unchanged config produces: every cached sample is redone.
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that decides what a sample's arrays look like; a new value is a new
+    generation for the ring and a new `config_hash()` for the cache.
+
+    `filter` also accepts a spec string; `enabled` None means every input the sample has.
+    """
+
+    filter: FilterSpec = field(default_factory=FilterSpec)
+    clip_frames: int = 8
+    segment: tuple[float, float] | None = None
+    sensors: dict[str, str] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=lambda: {"radar": "range_doppler"})
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    lidar: BevConfig = field(default_factory=BevConfig)
+    radar: RadarConfig = field(default_factory=RadarConfig)
+    unknown_len: int = 256
+    enabled: frozenset[str] | None = None
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.filter, str):
+            put("filter", FilterSpec.parse(self.filter))
+        if not isinstance(self.filter, FilterSpec):
+            raise TypeError(f"PipelineConfig.filter: expected FilterSpec or str, got "
+                            f"{type(self.filter).__name__}")
+        if isinstance(self.clip_frames, bool) or not isinstance(self.clip_frames, int) \
+                or self.clip_frames < 1:
+            raise ValueError(f"PipelineConfig.clip_frames: expected an int >= 1, got "
+                             f"{self.clip_frames!r}")
+        if self.segment is not None:
+            try:
+                start, end = (float(x) for x in self.segment)
+            except (TypeError, ValueError):
+                raise ValueError(f"PipelineConfig.segment: expected (start_s, end_s), got "
+                                 f"{self.segment!r}") from None
+            if not 0 <= start < end:
+                raise ValueError(f"PipelineConfig.segment: expected 0 <= start < end, got "
+                                 f"({start}, {end})")
+            put("segment", (start, end))
+        sensors = dict(self.sensors)
+        for inp, stem in sensors.items():
+            if inp not in INPUTS:
+                raise ValueError(f"PipelineConfig.sensors: input {inp!r} is not one of "
+                                 f"{', '.join(INPUTS)}")
+            if not isinstance(stem, str) or not stem or "/" in stem or "." in stem:
+                raise ValueError(f"PipelineConfig.sensors[{inp!r}]: expected a file stem like "
+                                 f"'{inp}_front', got {stem!r}")
+        put("sensors", sensors)
+        methods = {"radar": "range_doppler", **dict(self.methods)}
+        for inp, method in methods.items():
+            if inp not in METHODS:
+                raise ValueError(f"PipelineConfig.methods: input {inp!r} has no methods; "
+                                 f"inputs with methods: {', '.join(METHODS)}")
+            if method not in METHODS[inp]:
+                raise ValueError(f"PipelineConfig.methods[{inp!r}]: expected one of "
+                                 f"{', '.join(METHODS[inp])}, got {method!r}")
+        put("methods", methods)
+        if isinstance(self.unknown_len, bool) or not isinstance(self.unknown_len, int) \
+                or self.unknown_len < 1:
+            raise ValueError(f"PipelineConfig.unknown_len: expected an int >= 1, got "
+                             f"{self.unknown_len!r}")
+        if self.enabled is not None:
+            if isinstance(self.enabled, str):
+                raise TypeError("PipelineConfig.enabled: expected a set of input names, got a str")
+            put("enabled", frozenset(self.enabled))
+
+    def with_changes(self, **changes: Any) -> "PipelineConfig":
+        """A copy with run-time switches applied (what `mmctl filter/sensor/method/segment`
+        send). `sensors` and `methods` are merged into the current ones, so
+        `with_changes(sensors={"lidar": "lidar_front"})` keeps the other inputs' settings;
+        `filter` may be a spec string. Raises ValueError/FilterSpecError on bad values."""
+        for key in ("sensors", "methods"):
+            if key in changes:
+                changes[key] = {**getattr(self, key), **dict(changes[key])}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-able canonical form: what `config_hash` hashes and `status` can show."""
+        return {
+            "pipeline_version": PIPELINE_VERSION,
+            "filter": str(self.filter),
+            "clip_frames": self.clip_frames,
+            "segment": list(self.segment) if self.segment is not None else None,
+            "sensors": dict(sorted(self.sensors.items())),
+            "methods": dict(sorted(self.methods.items())),
+            "audio": dataclasses.asdict(self.audio),
+            "lidar": dataclasses.asdict(self.lidar),
+            "radar": dataclasses.asdict(self.radar),
+            "unknown_len": self.unknown_len,
+            "enabled": sorted(self.enabled) if self.enabled is not None else None,
+        }
+
+    def config_hash(self) -> str:
+        """Hex digest of `to_dict()`: equal configs hash equal in every process (no Python
+        hash(), whose string seed differs per process; sets are sorted first)."""
+        enc = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=list)
+        return hashlib.blake2b(enc.encode(), digest_size=16).hexdigest()
+
+
+def sample_meta(sample: SampleFiles, *, generation: int = 0, index: int = 0) -> SampleMeta:
+    """The fixed-size record stored beside a sample's payload: label, time, source key."""
+    return SampleMeta(label=sample.label, timestamp_ns=timestamp_ns(sample.metadata),
+                      generation=generation, source=sample.key, index=index)
+
+
+class Pipeline:
+    """Applies one PipelineConfig; cheap to build, holds no open files (fork-safe)."""
+
+    def __init__(self, config: PipelineConfig | None = None):
+        self.config = config if config is not None else PipelineConfig()
+
+    def _on(self, name: str) -> bool:
+        return self.config.enabled is None or name in self.config.enabled
+
+    def sensor_for(self, sample: SampleFiles, inp: str, notes: list[str] | None = None
+                   ) -> str | None:
+        """The stem that feeds model input `inp` in this sample, or None (see module doc)."""
+        chosen = self.config.sensors.get(inp)
+        if chosen is not None:
+            if chosen in sample.files:
+                return chosen
+            if notes is not None and sample.stems(inp):
+                notes.append(f"{sample.key}: {inp} sensor {chosen!r} absent (has "
+                             f"{', '.join(sample.stems(inp))}); {inp} left out")
+            return None
+        stems = sample.stems(inp)
+        if not stems:
+            return None
+        return inp if inp in stems else stems[0]
+
+    def inputs_of(self, sample: SampleFiles) -> list[str]:
+        """The model inputs `process` would produce for this sample (no decoding)."""
+        names = [i for i in INPUTS if self._on(i) and self.sensor_for(sample, i) is not None]
+        return names + [s for s in sample.stems("unknown") if self._on(s)]
+
+    def _one(self, inp: str, path: Path, meta: dict, notes: list[str] | None) -> np.ndarray:
+        c = self.config
+        if inp == "video":
+            return video.decode_clip(path, c.filter, c.clip_frames, c.segment, notes)
+        if inp == "audio":
+            return audio.log_mel(path, c.audio, c.segment, notes)
+        if inp == "lidar":
+            return lidar.bev(lidar.load_points(path, meta, notes), c.lidar)
+        if inp == "radar":
+            return radar.process(path, c.methods["radar"], c.radar, meta, notes)
+        return unknown.load_unknown(path, meta, c.unknown_len, notes)
+
+    def process(self, sample: SampleFiles, notes: list[str] | None = None
+                ) -> dict[str, np.ndarray]:
+        """Model input name -> array for one sample; InputError names the bad file/field."""
+        out: dict[str, np.ndarray] = {}
+        meta = sample.metadata
+        jobs = [(i, self.sensor_for(sample, i, notes)) for i in INPUTS if self._on(i)]
+        jobs += [(s, s) for s in sample.stems("unknown") if self._on(s)]
+        for name, stem in jobs:
+            if stem is None:
+                continue
+            path = sample.files[stem]
+            try:
+                out[name] = self._one(name, path, meta, notes)
+            except InputError:
+                raise
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # an odd file must not stop the run: report it like bad input
+                raise InputError(path, name, f"a file the {name if name in INPUTS else 'unknown'}"
+                                 f" reader accepts", f"{type(e).__name__}: {e}") from e
+        if not out:
+            raise InputError(sample.dir, "inputs", "at least one enabled model input (enabled: "
+                             f"{sorted(self.config.enabled) if self.config.enabled else 'all'})",
+                             ", ".join(sorted(sample.files)) or "no files")
+        return out
+
+
+def union_inputs(pipeline: Pipeline, samples: Iterable[SampleFiles]) -> list[str]:
+    """Every input any sample produces, in output order: what a sample 'should' have."""
+    seen: dict[str, None] = {}
+    for s in samples:
+        for name in pipeline.inputs_of(s):
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+def missing_inputs(pipeline: Pipeline, sample: SampleFiles, expected: Iterable[str]
+                   ) -> list[str]:
+    have = set(pipeline.inputs_of(sample))
+    return [n for n in expected if n not in have and n in INPUTS]
+
+
+__all__ = ["INPUTS", "METHODS", "PIPELINE_VERSION", "Pipeline", "PipelineConfig",
+           "missing_inputs", "sample_meta", "union_inputs"]
