@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic datasets of real encoded files, made once per session.
+
+They are read-only by convention: a test that changes files (touch, truncate, chmod) copies
+the dataset into its own tmp_path first (`copy_dataset`), so tests never depend on order.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from producer.synth import make_bad_samples, make_dataset
+
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """3 classes x (4 train + 2 val) good samples: video, audio, lidar (+lidar_front in every
+    third), radar ADC cube, imu.data (with metadata dtype/shape in even samples)."""
+    root = tmp_path_factory.mktemp("synth") / "dataset"
+    return make_dataset(root, per_class={"train": 4, "val": 2}, seed=0)
+
+
+@pytest.fixture(scope="session")
+def bad_dataset(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """Good samples plus one folder per bad-input case (producer.synth.BAD_CASES/NOTED_CASES)."""
+    root = tmp_path_factory.mktemp("bad") / "dataset"
+    make_dataset(root, per_class={"train": 2, "val": 1}, seed=1)
+    return root, make_bad_samples(root)
+
+
+@pytest.fixture
+def copy_dataset(tmp_path):
+    """copy_dataset(src) -> a private copy under tmp_path (symlinks kept as links)."""
+    def copy(src: Path) -> Path:
+        dst = tmp_path / "dataset"
+        shutil.copytree(src, dst, symlinks=True)
+        return dst
+    return copy

@@ -1,0 +1,198 @@
+"""THE pipeline: shapes per config, run-time switches, bad files, and real recordings."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from producer.dataset import index_dataset
+from producer.modalities import lidar
+from producer.pipeline import Pipeline, PipelineConfig
+from producer.synth import link_real_recordings
+from producer.synth import REAL_DIR as REAL_DATA
+from protocol.errors import FilterSpecError, InputError
+from protocol.filters import FilterSpec
+
+
+
+@pytest.fixture(scope="module")
+def index(synth_dataset):
+    return index_dataset(synth_dataset)
+
+
+@pytest.fixture(scope="module")
+def multi(index):
+    """A sample with two LiDAR files (lidar.bin and lidar_front.bin)."""
+    return next(s for s in index.samples if "lidar_front" in s.files)
+
+
+def test_default_config_gives_every_input_with_its_dtype_and_shape(multi):
+    out = Pipeline().process(multi)
+    assert list(out) == ["video", "audio", "lidar", "radar", "imu"]
+    assert out["video"].dtype == np.uint8 and out["video"].shape == (8, 3, 48, 64)
+    assert out["audio"].dtype == np.float32 and out["audio"].shape == (1, 64, 101)
+    assert out["lidar"].dtype == np.float32 and out["lidar"].shape == (3, 160, 160)
+    assert out["radar"].dtype == np.float32 and out["radar"].shape == (1, 64, 64)
+    assert out["imu"].dtype == np.float32 and out["imu"].shape == (50, 6)  # metadata shape
+
+
+def test_shapes_are_the_same_for_every_sample_of_one_config(index):
+    pipe = Pipeline(PipelineConfig(filter="resize=32x24"))
+    shapes = {tuple((k, v.shape) for k, v in pipe.process(s).items() if k != "imu")
+              for s in index.samples}
+    assert len(shapes) == 1
+
+
+@pytest.mark.parametrize("spec, channels, size", [
+    ("gray", 1, (48, 64)), ("resize=32x16", 3, (16, 32)), ("gray,resize=20x20", 1, (20, 20)),
+    ("crop=32x32", 3, (32, 32))])
+def test_filter_spec_sets_video_channels_and_size(multi, spec, channels, size):
+    v = Pipeline(PipelineConfig(filter=spec, clip_frames=4)).process(multi)["video"]
+    assert v.shape == (4, channels, *size)
+
+
+def test_gray_is_the_luma_of_the_same_frames(multi):
+    rgb = Pipeline(PipelineConfig()).process(multi)["video"].astype(np.float32)
+    gray = Pipeline(PipelineConfig(filter="gray")).process(multi)["video"].astype(np.float32)
+    luma = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    assert np.abs(gray[:, 0] - luma).mean() < 6.0  # BT.601 limited range rounding
+
+
+def test_sensor_switch_feeds_lidar_from_the_other_file(multi):
+    base = Pipeline().process(multi)["lidar"]
+    front = Pipeline(PipelineConfig(sensors={"lidar": "lidar_front"})).process(multi)["lidar"]
+    expected = lidar.bev(lidar.load_points(multi.files["lidar_front"], multi.metadata))
+    np.testing.assert_array_equal(front, expected)
+    assert not np.array_equal(front, base)
+
+
+def test_a_switched_sensor_absent_from_a_sample_leaves_the_input_out_with_a_note(index):
+    single = next(s for s in index.samples if "lidar_front" not in s.files)
+    notes: list[str] = []
+    out = Pipeline(PipelineConfig(sensors={"lidar": "lidar_front"})).process(single, notes)
+    assert "lidar" not in out and "video" in out
+    assert any("lidar_front" in n and "left out" in n for n in notes)
+
+
+def test_radar_method_switch_changes_the_output(multi):
+    rd = Pipeline().process(multi)["radar"]
+    ra = Pipeline(PipelineConfig(methods={"radar": "range_azimuth"})).process(multi)["radar"]
+    assert rd.shape == ra.shape == (1, 64, 64)
+    assert not np.allclose(rd, ra)
+
+
+def test_with_changes_merges_switches_and_parses_filter_strings():
+    cfg = PipelineConfig(sensors={"radar": "radar_b"})
+    new = cfg.with_changes(sensors={"lidar": "lidar_front"}, filter="gray", clip_frames=4)
+    assert new.sensors == {"radar": "radar_b", "lidar": "lidar_front"}
+    assert new.filter == FilterSpec(gray=True) and new.clip_frames == 4
+    assert cfg.sensors == {"radar": "radar_b"}  # the original is untouched
+    assert new.config_hash() != cfg.config_hash()
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"methods": {"radar": "fft3d"}}, ValueError), ({"methods": {"lidar": "bev"}}, ValueError),
+    ({"sensors": {"sonar": "sonar"}}, ValueError), ({"sensors": {"lidar": "a/b"}}, ValueError),
+    ({"clip_frames": 0}, ValueError), ({"segment": (2.0, 1.0)}, ValueError),
+    ({"filter": "sepia"}, FilterSpecError)])
+def test_bad_switch_values_are_refused_before_anything_runs(changes, error):
+    with pytest.raises(error):
+        PipelineConfig().with_changes(**changes)
+
+
+def test_config_hash_is_stable_across_processes():
+    cfg = PipelineConfig(filter="gray", enabled={"video", "audio", "lidar"},
+                         sensors={"lidar": "lidar_front"})
+    code = ("from producer.pipeline import PipelineConfig as C; print(C(filter='gray', "
+            "enabled={'lidar', 'audio', 'video'}, sensors={'lidar': 'lidar_front'})"
+            ".config_hash())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, env={"PYTHONHASHSEED": "123"}).stdout.strip()
+    assert other == cfg.config_hash()
+    assert PipelineConfig().config_hash() != cfg.config_hash()
+
+
+def test_enabled_limits_the_inputs(multi):
+    out = Pipeline(PipelineConfig(enabled={"audio", "imu"})).process(multi)
+    assert list(out) == ["audio", "imu"]
+
+
+def test_unknown_sensor_is_never_dropped_with_or_without_metadata(index):
+    with_meta = next(s for s in index.samples if "imu" in s.metadata)
+    without = next(s for s in index.samples if "imu" not in s.metadata)
+    assert Pipeline().process(with_meta)["imu"].shape == (50, 6)
+    notes: list[str] = []
+    assert Pipeline().process(without, notes)["imu"].shape == (256,)
+    assert any("imu.data" in n for n in notes)
+
+
+def test_a_sample_missing_a_modality_is_processed_with_what_it_has(bad_dataset):
+    root, made = bad_dataset
+    sample = next(s for s in index_dataset(root).samples if s.dir == made["missing_audio"])
+    out = Pipeline().process(sample)
+    assert "audio" not in out and {"video", "lidar", "radar"} <= set(out)
+
+
+@pytest.mark.parametrize("case, file, field", [
+    ("truncated_video", "video.mp4", "container"),
+    ("lidar_not_multiple_of_16", "lidar.bin", "size"),
+    ("radar_size_disagrees", "radar.bin", "shape")])
+def test_a_bad_modality_file_raises_input_error_naming_file_and_field(bad_dataset, case, file,
+                                                                      field):
+    root, made = bad_dataset
+    sample = next(s for s in index_dataset(root).samples if s.dir == made[case])
+    with pytest.raises(InputError) as info:
+        Pipeline().process(sample)
+    assert info.value.path == str(made[case] / file) and info.value.field == field
+
+
+def _nearest_mean_accuracy(train: list, val: list) -> float:
+    xs = np.stack([x for x, _ in train]).reshape(len(train), -1)
+    ys = np.array([y for _, y in train])
+    means = np.stack([xs[ys == c].mean(0) for c in np.unique(ys)])
+    hits = [int(np.argmin(((means - x.reshape(-1)) ** 2).sum(1)) == y) for x, y in val]
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("inp", ["video", "audio", "radar"])
+def test_synthetic_classes_are_separable_in_each_modality(index, inp):
+    # If the bytes arrived scrambled, a nearest-class-mean classifier would sit at chance (1/3).
+    pipe = Pipeline(PipelineConfig(enabled={inp}))
+    feats = {s.key: (pipe.process(s)[inp].astype(np.float32), s.label) for s in index.samples}
+    train = [v for k, v in feats.items() if k.startswith("train/")]
+    val = [v for k, v in feats.items() if k.startswith("val/")]
+    if inp == "video":  # colour is the class mark that survives random positions
+        train = [(x.mean(axis=(0, 2, 3)), y) for x, y in train]
+        val = [(x.mean(axis=(0, 2, 3)), y) for x, y in val]
+    assert _nearest_mean_accuracy(train, val) == 1.0
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real recordings not present at {REAL_DATA}")
+def test_the_pipeline_runs_on_the_real_recordings(tmp_path):
+    made = link_real_recordings(tmp_path, REAL_DATA)
+    assert made, "the README lists these files; link_real_recordings found none"
+    index = index_dataset(tmp_path)
+    assert index.problems == []
+    by_name = {s.dir.name: s for s in index.samples}
+    notes: list[str] = []
+    walk = Pipeline(PipelineConfig(filter="resize=96x54", clip_frames=4)).process(
+        by_name["0000"], notes)
+    assert walk["video"].shape == (4, 3, 54, 96)
+    assert walk["audio"].shape == (1, 64, 101) and np.isfinite(walk["audio"]).all()
+    assert walk["lidar"].shape == (3, 160, 160) and walk["lidar"][2].max() > 0  # KITTI points
+    assert walk["radar"].shape == (1, 64, 64)  # DCA1000 frame decoded via metadata
+    nus = Pipeline(PipelineConfig(sensors={"lidar": "lidar_top"})).process(by_name["0000"])
+    assert not np.array_equal(nus["lidar"], walk["lidar"])
+    kinect = Pipeline(PipelineConfig(sensors={"lidar": "lidar_kinect"}, enabled={"lidar"}))
+    assert kinect.process(by_name["0000"])["lidar"].shape == (3, 160, 160)
+
+    car_notes: list[str] = []
+    car = Pipeline(PipelineConfig(clip_frames=2)).process(by_name["0001"], car_notes)
+    assert car["video"].shape == (2, 3, 432, 768) and "lidar" not in car
+    assert any("resampled 48000 Hz -> 16000 Hz" in n for n in car_notes)
+    points = Pipeline(PipelineConfig(sensors={"radar": "radar_points"},
+                                     methods={"radar": "points_bev"}, enabled={"radar"}))
+    bev = points.process(by_name["0001"])["radar"]
+    assert bev.shape == (3, 64, 64) and bev[2].max() > 0  # View-of-Delft points landed

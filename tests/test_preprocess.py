@@ -1,0 +1,177 @@
+"""`mm-producer preprocess` end to end through the real CLI: report, exit status, cache
+contents, incremental re-runs, and an interrupted run that must not damage the cache."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from producer.cli import main
+from producer.synth import BAD_CASES, NOTED_CASES
+from protocol.cache import CacheReader
+
+MM_PRODUCER = Path(sys.executable).parent / "mm-producer"
+
+
+def _run(*args: str, check_rc: int | None = None) -> tuple[int, dict | None, str]:
+    r = subprocess.run([str(MM_PRODUCER), "preprocess", *args], capture_output=True, text=True,
+                       timeout=240)
+    if check_rc is not None:
+        assert r.returncode == check_rc, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    summary = json.loads(last) if last.startswith("{") else None
+    return r.returncode, summary, r.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_run(bad_dataset, tmp_path_factory):
+    root, made = bad_dataset
+    cache = tmp_path_factory.mktemp("bad_cache") / "cache"
+    rc, summary, stderr = _run(str(root), "--cache", str(cache), "--workers", "2", "--json")
+    return rc, summary, stderr, cache, root, made
+
+
+def test_some_rejected_exits_3_and_the_json_summary_is_the_last_line(bad_run):
+    rc, summary, stderr, *_ = bad_run
+    assert rc == 3, stderr[-3000:]
+    assert {"cached", "reused", "rejected", "notes", "classes", "seconds",
+            "samples_per_s"} <= set(summary)
+    assert summary["classes"] == ["circle", "square", "stripes"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_every_bad_case_is_reported_with_file_and_field(bad_run, case):
+    _, summary, _, _, _, made = bad_run
+    file, field = BAD_CASES[case]
+    [r] = [r for r in summary["rejected"] if r["sample"] == f"train/circle/bad_{case}"]
+    assert r["file"] == str(made[case] / file).rstrip("/")
+    if field is not None:
+        assert r["field"] == field
+    assert r["expected"]
+
+
+@pytest.mark.parametrize("case", sorted(NOTED_CASES))
+def test_resampled_audio_and_missing_modality_are_cached_and_noted(bad_run, case):
+    _, summary, _, cache, _, _ = bad_run
+    key = f"train/circle/bad_{case}"
+    assert all(r["sample"] != key for r in summary["rejected"])
+    assert any(n.startswith(key) and NOTED_CASES[case] in n for n in summary["notes"])
+    with CacheReader(cache) as reader:
+        assert key in {reader.meta(i).source for i in range(len(reader))}
+
+
+def test_every_good_sample_is_cached_with_its_label(bad_run):
+    _, summary, _, cache, root, made = bad_run
+    good = [p for p in root.glob("*/*/*") if p.is_dir() and not p.name.startswith("bad_")]
+    expected = {f"{p.parts[-3]}/{p.parts[-2]}/{p.name}": p.parts[-2] for p in good}
+    expected.update({f"train/circle/{made[c].name}": "circle" for c in NOTED_CASES})
+    with CacheReader(cache) as reader:
+        assert reader.classes == ["circle", "square", "stripes"]
+        got = {}
+        for i in range(len(reader)):
+            meta = reader.meta(i)
+            got[meta.source] = reader.classes[meta.label]
+            arrays = reader.view(i).arrays
+            assert arrays["video"].shape == (8, 3, 48, 64)
+        assert got == expected
+    assert summary["cached"] == len(expected)
+
+
+def test_the_human_report_names_every_rejected_sample(bad_run):
+    _, summary, stderr, *_ = bad_run
+    assert f"rejected {len(summary['rejected'])} sample(s):" in stderr
+    for r in summary["rejected"]:
+        assert r["message"] in stderr
+
+
+def test_progress_lines_go_to_stderr_when_it_is_not_a_tty(bad_run):
+    stderr = bad_run[2]
+    assert "preprocess [" in stderr and "samples/s" in stderr and "ETA" in stderr
+
+
+def test_every_sample_cached_exits_0(synth_dataset, tmp_path):
+    rc, summary, _ = _run(str(synth_dataset), "--cache", str(tmp_path / "c"), "--workers", "1",
+                          "--json", "--split", "val", check_rc=0)
+    assert summary["rejected"] == [] and summary["cached"] == 6 == summary["processed"]
+
+
+def test_rerun_reuses_every_sample_and_a_touched_one_is_redone(synth_dataset, copy_dataset,
+                                                              tmp_path):
+    root = copy_dataset(synth_dataset)
+    cache = str(tmp_path / "cache")
+    _, first, _ = _run(str(root), "--cache", cache, "--workers", "2", "--json", check_rc=0)
+    _, again, _ = _run(str(root), "--cache", cache, "--workers", "2", "--json", check_rc=0)
+    assert again["reused"] == again["cached"] == first["cached"] and again["processed"] == 0
+    wav = root / "train" / "square" / "0001" / "audio.wav"
+    st = wav.stat()
+    os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _, third, _ = _run(str(root), "--cache", cache, "--workers", "2", "--json", check_rc=0)
+    assert third["processed"] == 1 and third["reused"] == first["cached"] - 1
+    with CacheReader(cache) as reader:
+        assert len(reader) == first["cached"]
+
+
+def test_a_config_change_redoes_every_sample(synth_dataset, tmp_path):
+    cache = str(tmp_path / "cache")
+    _run(str(synth_dataset), "--cache", cache, "--split", "val", "--workers", "1", check_rc=0)
+    _, s, _ = _run(str(synth_dataset), "--cache", cache, "--split", "val", "--workers", "1",
+                   "--clip-frames", "3", "--filter", "gray", "--json", check_rc=0)
+    assert s["reused"] == 0 and s["processed"] == 6
+    with CacheReader(cache) as reader:
+        assert reader.view(0).arrays["video"].shape == (3, 1, 48, 64)
+
+
+def test_sigkill_mid_run_leaves_the_previous_cache_readable(synth_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    _, first, _ = _run(str(synth_dataset), "--cache", str(cache), "--workers", "1", "--json",
+                       check_rc=0)
+    # A changed config redoes every sample, so the second run writes v000002 for a while.
+    proc = subprocess.Popen([str(MM_PRODUCER), "preprocess", str(synth_dataset), "--cache",
+                             str(cache), "--workers", "1", "--clip-frames", "16", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = cache / "v000002" / "shard-00000.bin"
+    deadline = time.monotonic() + 120
+    try:
+        while not (shard.exists() and shard.stat().st_size > 0):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the second run never started writing"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    with CacheReader(cache) as reader:  # still the first version, complete
+        assert reader.version == 1 and len(reader) == first["cached"]
+        assert reader.view(len(reader) - 1).arrays["video"].shape[0] == 8
+    # ...and the next run removes the half-written leftover and commits in its place.
+    _, after, _ = _run(str(synth_dataset), "--cache", str(cache), "--workers", "1", "--json",
+                       check_rc=0)
+    assert after["reused"] == first["cached"] and after["version"] == 2
+    with CacheReader(cache) as reader:
+        assert reader.version == 2 and len(reader) == first["cached"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{missing}", "--cache", "{tmp}/c"], "does not exist"),
+    (["{data}", "--cache", "{tmp}/c", "--filter", "sepia"], "sepia"),
+    (["{data}", "--cache", "{tmp}/c", "--method", "radar", "fft9"], "fft9"),
+    (["{data}", "--cache", "{tmp}/c", "--sensor", "sonar", "sonar"], "sonar"),
+    (["{empty}", "--cache", "{tmp}/c"], "no split folders"),
+    (["{data}"], "--cache"),
+])
+def test_usage_errors_exit_2_and_say_what_is_wrong(synth_dataset, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    fill = {"missing": tmp_path / "nope", "tmp": tmp_path, "data": synth_dataset,
+            "empty": tmp_path / "empty"}
+    result = CliRunner().invoke(main, ["preprocess", *[a.format(**fill) for a in args]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "c").exists()
