@@ -102,7 +102,8 @@ class LiveProducer:
     def start(self) -> "LiveProducer":
         self.proc.start()
         deadline = time.monotonic() + 20
-        while not Path(f"/dev/shm/{self.name}").exists():
+        shm = Path(f"/dev/shm/{self.name}")
+        while not (shm.exists() and shm.stat().st_size >= 256):  # created and sized
             if time.monotonic() > deadline or not self.proc.is_alive():
                 raise RuntimeError(f"producer for ring {self.name} did not start")
             time.sleep(0.01)

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from protocol.cache import CacheReader
-from protocol.errors import ProducerGone, RingNotFound
+from protocol.errors import NotARing, ProducerGone, RingNotFound
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
@@ -129,7 +129,8 @@ class RingDataset(IterableDataset):
 
     def __init__(self, ring: str, *, batch_size: int | None = None, start: str = "newest",
                  max_samples: int | None = None, idle_timeout: float | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, with_meta: bool = False):
+        self.with_meta = with_meta  # yield (inputs, label, {"index", "generation"}) per sample
         self.ring = ring
         self.batch_size = batch_size
         self.start = start
@@ -144,14 +145,15 @@ class RingDataset(IterableDataset):
         while deadline is None or time.monotonic() < deadline:
             try:
                 return RingReader.attach(self.ring, start=self.start)
-            except (RingNotFound, ProducerGone) as e:
+            except (RingNotFound, ProducerGone, NotARing) as e:
+                # NotARing too: a producer inside create() has not sized the segment yet.
                 if not warned:
                     log.warning("ring %s: %s; waiting for a producer", self.ring, e)
                     warned = True
                 time.sleep(0.05)  # polling for a producer to appear; no event to wait on
         return None
 
-    def _samples(self) -> Iterator[tuple[SampleSchema, int, dict[str, torch.Tensor], int]]:
+    def _samples(self) -> Iterator[tuple[SampleSchema, object, dict[str, torch.Tensor], int]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, nshards = self.rank * nw + wid, self.world_size * nw
@@ -188,19 +190,22 @@ class RingDataset(IterableDataset):
                     continue  # lossy: overwritten while copied
                 tensors = {k: v[0] for k, v in modality_views(schema, out.unsqueeze(0)).items()}
                 got += 1
-                yield schema, view.meta.generation, tensors, view.meta.label
+                yield schema, view.meta, tensors, view.meta.label
         finally:
             if reader is not None:
                 reader.close()
 
     def __iter__(self):
         if self.batch_size is None:
-            for _, _, tensors, label in self._samples():
-                yield tensors, label
+            for _, meta, tensors, label in self._samples():
+                if self.with_meta:
+                    yield tensors, label, {"index": meta.index, "generation": meta.generation}
+                else:
+                    yield tensors, label
             return
         batcher = SchemaBatcher(self.batch_size, flush_on_change=True)
-        for schema, gen, tensors, label in self._samples():
-            for group in batcher.add((schema.schema_id, gen), (tensors, label)):
+        for schema, meta, tensors, label in self._samples():
+            for group in batcher.add((schema.schema_id, meta.generation), (tensors, label)):
                 yield collate_samples(group)
         for group in batcher.flush():
             yield collate_samples(group)

@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from protocol.errors import ProducerGone, RingError, RingNotFound
+from protocol.errors import NotARing, ProducerGone, RingError, RingNotFound
 from protocol.schema import SampleSchema
 
 from .batching import (BatchKey, BufferPool, HostBatch, group_batches, modality_views,
@@ -228,7 +228,8 @@ class RingLoader(_LoaderThread):
                     log.warning("ring %s: attached to a new producer (epoch %#x)", self.ring,
                                 r.epoch)
                 return r
-            except (RingNotFound, ProducerGone) as e:
+            except (RingNotFound, ProducerGone, NotARing) as e:
+                # NotARing too: a producer inside create() has not sized the segment yet.
                 if not warned:
                     log.warning("ring %s not available (%s); waiting for a producer", self.ring, e)
                     warned = True

@@ -1,0 +1,138 @@
+"""Batching by schema, views over pinned buffers, shape adapters, the cache dataset."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_data import build_cache  # noqa: E402
+
+from protocol.schema import SampleSchema  # noqa: E402
+from trainer.adapt import AdaptError, ShapeAdapter, adapt_tensor  # noqa: E402
+from trainer.batching import group_batches, modality_views, row_bytes  # noqa: E402
+from trainer.datasets import CacheDataset, GroupedBatchSampler, LiveDiskMixer  # noqa: E402
+
+
+def test_batches_never_mix_schemas_and_ranks_get_disjoint_equal_shards():
+    groups = {1: np.arange(0, 37), 2: np.arange(37, 50)}
+    plans = [group_batches(groups, 8, shuffle=True, seed=3, epoch=1, rank=r, world_size=2)
+             for r in range(2)]
+    assert len(plans[0]) == len(plans[1])  # DDP needs the same number of steps per rank
+    for plan in plans:
+        for b in plan:
+            assert len({1 if i < 37 else 2 for i in b}) == 1
+    seen = [set(np.concatenate(p).tolist()) for p in plans]
+    assert seen[0] | seen[1] == set(range(50))
+
+
+def test_modality_views_of_a_batch_buffer_equal_the_schema_layout():
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.integers(0, 255, (2, 3, 5), dtype=np.uint8),
+              "b": rng.normal(size=(7,)).astype(np.float32),
+              "c": rng.integers(0, 60000, (4,), dtype=np.uint16)}
+    schema = SampleSchema.from_arrays(arrays)
+    buf = torch.zeros((3, row_bytes(schema)), dtype=torch.uint8)
+    schema.pack_into(arrays, buf.numpy()[1])
+    views = modality_views(schema, buf)
+    for k, a in arrays.items():
+        assert views[k].shape == (3, *a.shape)
+        assert np.array_equal(views[k][1].numpy(), a), k
+
+
+@pytest.mark.parametrize("have, want", [
+    ((1, 12, 12), (3, 16, 16)),      # grayscale + smaller -> rgb
+    ((3, 16, 16), (1, 16, 16)),      # rgb -> gray
+    ((2, 1, 8, 8), (4, 3, 16, 16)),  # clip: frames, channels and size
+    ((5,), (8,)),                    # vector padded
+    ((12,), (8,)),                   # vector truncated
+])
+def test_adapter_maps_any_shape_of_the_same_rank_to_the_expected_one(have, want):
+    out = adapt_tensor(torch.rand(2, *have), want)
+    assert tuple(out.shape) == (2, *want)
+
+
+def test_gray_to_rgb_repeats_the_channel():
+    x = torch.rand(1, 1, 4, 4)
+    out = adapt_tensor(x, (3, 4, 4))
+    assert all(torch.equal(out[0, c], x[0, 0]) for c in range(3))
+
+
+def test_adapter_logs_once_per_generation_and_input(caplog):
+    ad = ShapeAdapter({"video": (3, 8, 8)})
+    with caplog.at_level(logging.WARNING, logger="trainer.adapt"):
+        for _ in range(5):
+            ad({"video": torch.rand(2, 1, 8, 8)}, generation=2)
+        ad({"video": torch.rand(2, 1, 6, 6)}, generation=3)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2 and "generation 2" in msgs[0] and "generation 3" in msgs[1]
+
+
+def test_adapter_drops_an_input_of_another_rank_instead_of_crashing(caplog):
+    ad = ShapeAdapter({"video": (3, 8, 8), "vec": (8,)})
+    out = ad({"video": torch.rand(2, 8, 8, 2, 2), "vec": torch.rand(2, 8)}, generation=4)
+    assert set(out) == {"vec"}
+    with pytest.raises(AdaptError):
+        adapt_tensor(torch.rand(2, 8), (3, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return build_cache(tmp_path_factory.mktemp("cache") / "c", n_train=30, n_val=6)
+
+
+def test_cache_dataset_items_equal_the_cached_arrays(cache):
+    ds = CacheDataset(cache, "train")
+    inputs, label = ds[4]
+    ref = ds.reader.view(4)
+    assert label == ref.meta.label
+    for k, a in ref.arrays.items():
+        assert np.array_equal(inputs[k].numpy(), a)
+
+
+def test_cache_dataset_in_dataloader_workers_gives_one_schema_batches(cache):
+    ds = CacheDataset(cache, "train")
+    dl = DataLoader(ds, batch_sampler=GroupedBatchSampler(ds, 8, seed=1), num_workers=2,
+                    collate_fn=CacheDataset.collate)
+    labels = []
+    for inputs, lab in dl:
+        assert inputs["video"].shape[1:] == (2, 3, 16, 16)
+        labels.append(lab)
+    got = torch.cat(labels)
+    assert len(got) == len(ds) and sorted(got.tolist()) == sorted(ds.labels.tolist())
+
+
+class _Src:
+    def __init__(self, items):
+        self.items = list(items)
+
+    def get(self, timeout):
+        return self.items.pop(0) if self.items else None
+
+
+def test_mixer_follows_a_changed_fraction_when_both_sides_keep_up():
+    live, disk = _Src([("L", torch.zeros(4))] * 400), _Src([("D", torch.zeros(4))] * 400)
+    mx = LiveDiskMixer(live, disk, 0.25, window=200)
+    got = [mx.get(0.1)[0] for _ in range(100)]
+    assert abs(got.count("L") / 100 - 0.25) <= 0.02
+    mx.set_fraction(0.8)
+    got = [mx.get(0.1)[0] for _ in range(100)]
+    assert abs(got[50:].count("L") / 50 - 0.8) <= 0.04
+
+
+def test_mixer_falls_back_to_disk_when_the_ring_is_empty_and_says_so():
+    mx = LiveDiskMixer(_Src([]), _Src([("D", torch.zeros(4))] * 50), 0.5)
+    got = [mx.get(0.1)[0] for _ in range(20)]
+    assert got == ["D"] * 20 and mx.achieved == 0.0 and mx.live_misses == 20
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_mixer_refuses_a_fraction_outside_0_1(bad):
+    mx = LiveDiskMixer(_Src([]), _Src([]), 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        mx.set_fraction(bad)
