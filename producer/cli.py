@@ -13,6 +13,10 @@ from .preprocess import preprocess  # noqa: E402
 
 main.add_command(preprocess)
 
+from .run import run  # noqa: E402
+
+main.add_command(run)
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,707 @@
+"""The producer daemon: one main loop that turns a source into samples in the ring and obeys
+control commands between samples.
+
+    start:  ring (new epoch; a stale one is replaced) -> control socket -> READY=1
+    loop:   answer control (poll, never long) -> heartbeat/watchdog -> one sample:
+            source item -> Pipeline.process -> ring.publish
+    stop:   SIGTERM/SIGINT set a flag; the current sample is finished, the ring is removed,
+            STOPPING=1, exit 0
+
+NOTE [one thread]: the control server is polled from this loop, so handlers run on the same
+thread as the pipeline and need no lock; the price is that a command waits for the sample in
+progress (one pipeline call, tens of milliseconds). Nothing in the loop blocks longer than
+that: recorded-speed pacing, lossless back-pressure, pause and source back-off all wait by
+polling the control socket with a short timeout. Live network sources are the exception the
+loop cannot bound (a read blocks up to the read timeout), so they are decoded on a reader
+thread that hands finished clips over a small queue.
+
+NOTE [proving a change]: a change that alters samples is checked in three steps before its
+generation exists: argument checks (`generations.py`), then - for dataset and file sources -
+one real sample made with the new config (a filter that makes samples too big for a ring slot,
+or a segment no sample has, is refused here with the reason), and only then the commit and
+`RingWriter.set_generation`. The proof sample is not wasted: it is the first sample of the
+new generation. A refused change leaves config, generation and source position as they were.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from protocol import logs, notify, paths
+from protocol.control import Command, ControlServer, wire_command
+from protocol.errors import BadArgument, InputError, MmfeedError, RingFull
+from protocol.filters import FilterSpec
+from protocol.ring import RingConfig, RingWriter
+from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
+
+from .dataset import SampleFiles
+from .generations import Generation, Generations, SourceFacts
+from .pipeline import Pipeline, PipelineConfig
+from .sources import (Clip, DatasetReplay, MediaSource, SourceError, WatchFolder,
+                      open_source)
+
+log = logging.getLogger("producer.daemon")
+
+STATUS_INTERVAL_S = 10.0      # a log line and a STATUS= line this often, never per sample
+RATE_WINDOW_S = 5.0           # samples/s is measured over this window
+BACKOFF_START_S = 0.25
+BACKOFF_MAX_S = 10.0
+IDLE_POLL_MS = 50             # control poll while paused, waiting or backing off
+_PROOF_TRIES = 3              # samples tried to prove a change when some are bad
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything `mm-producer run` was started with."""
+
+    source: str
+    ring: str
+    mode: str = "lossy"
+    control: str | None = None
+    slots: int = 8
+    slot_bytes: int = 8 << 20
+    loop: bool = False
+    rate: str = "max"                 # "recorded" | "max"
+    watch: Path | None = None
+    label: str | None = None
+    classes: tuple[str, ...] = ()
+    filter: str = "none"
+    clip_frames: int = 8
+    group: str | None = None
+    log_endpoint: str | None = None
+    timeouts: tuple[float, float] = (10.0, 5.0)
+    splits: tuple[str, ...] | None = None
+
+
+@dataclass
+class _Counters:
+    published: int = 0
+    skipped: int = 0            # bad samples left out (each reported once in the log)
+    source_errors: int = 0      # source failures, each followed by a back-off
+    retries: int = 0            # retries since the last success (reset when data flows)
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class ProducerDaemon:
+    """`mm-producer run`: see the module docstring. `start()`, then `run()` until stopped."""
+
+    def __init__(self, opts: RunOptions, *, out=sys.stdout, json_lines: bool = False):
+        self.opts = opts
+        self.out = out
+        self.json_lines = json_lines
+        self.counters = _Counters()
+        self.state = "starting"
+        self.paused = False
+        self._stop = False
+        self._source: DatasetReplay | MediaSource | None = None
+        self._watch = WatchFolder(opts.watch) if opts.watch else None
+        self._pending: tuple[Any, dict | None, int] | None = None  # (item, arrays, generation)
+        self._backoff = BACKOFF_START_S
+        self._retry_at = 0.0
+        self._rates: collections.deque[tuple[float, int]] = collections.deque()
+        self._schemas: dict[tuple, SampleSchema] = {}
+        self._last_published: SampleSchema | None = None
+        self._clip_reader: _ClipReader | None = None
+        self._pace_origin: float | None = None
+        self._paused_at: float | None = None
+        self.ring: RingWriter | None = None
+        self.server: ControlServer | None = None
+        self.notifier = notify.Notifier()
+        self.gens: Generations | None = None
+        self.pipeline: Pipeline | None = None
+        self.t_start = time.monotonic()
+
+    # --- start ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        opts = self.opts
+        logs.setup_daemon_logging("producer", opts.log_endpoint or paths.log_endpoint("producer"),
+                                  group=opts.group)
+        spec = FilterSpec.parse(opts.filter)  # FilterSpecError: a usage error, before anything
+        base = PipelineConfig(filter=spec, clip_frames=opts.clip_frames)
+        try:
+            self._open_source()
+            facts = self._facts()
+        except SourceError as e:
+            # The daemon still comes up (systemd keeps it; the stream may appear later).
+            self._source_failed(e)
+            facts = SourceFacts({}, tuple(opts.classes))
+        self.gens = Generations(base, facts, opts.label)
+        self.pipeline = Pipeline(base)
+        self.ring = RingWriter.create(RingConfig(opts.ring, slots=opts.slots,
+                                                 slot_bytes=opts.slot_bytes, mode=opts.mode,
+                                                 group=opts.group))
+        self.ring.set_generation(1)
+        endpoint = opts.control or paths.control_endpoint("producer")
+        self.server = ControlServer(endpoint, self._commands(), group=opts.group)
+        if self.state == "starting":
+            self.state = "running"
+        self.notifier.ready(self._status_line())
+        self._watchdog_every = notify.watchdog_interval()
+        self._next_watchdog = time.monotonic()
+        self._next_status = time.monotonic() + STATUS_INTERVAL_S
+        stats = self.ring.stats()
+        log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
+                                          "epoch": f"{stats.epoch:#x}", "source": opts.source})
+        self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
+                    "logs": opts.log_endpoint or paths.log_endpoint("producer"),
+                    "epoch": stats.epoch, "generation": 1, "pid": os.getpid()})
+
+    def abort(self) -> None:
+        """Undo a start() that failed half-way: nothing of ours is left behind."""
+        if self.server is not None:
+            self.server.close()
+        if self.ring is not None:
+            self.ring.close()
+        logs.close_daemon_logging()
+
+    def _commands(self) -> dict[str, Command]:
+        return {
+            "status": wire_command("status", self.on_status),
+            "filter": wire_command("filter", self.on_filter),
+            "sensor": wire_command("sensor", self.on_sensor),
+            "method": wire_command("method", self.on_method),
+            "segment": wire_command("segment", self.on_segment),
+            "label": wire_command("label", self.on_label),
+            "modalities": wire_command("modalities", self.on_modalities),
+            "pause": wire_command("pause", self.on_pause),
+            "resume": wire_command("resume", self.on_resume),
+            "logs": logs.logs_command(),
+        }
+
+    def _facts(self) -> SourceFacts:
+        stems = {k: set(v) for k, v in self._source.stems().items()} if self._source else {}
+        if self._watch is not None:
+            self._watch.scan()
+            for k, v in self._watch.stems().items():
+                stems.setdefault(k, set()).update(v)
+        classes = tuple(self._source.classes) if self._source and self._source.classes \
+            else tuple(self.opts.classes)
+        return SourceFacts({k: frozenset(v) for k, v in stems.items()}, classes)
+
+    def _open_source(self) -> None:
+        self._source = open_source(self.opts.source, loop=self.opts.loop,
+                                   splits=list(self.opts.splits) if self.opts.splits else None,
+                                   timeouts=self.opts.timeouts)
+        for p in self._source.problems:
+            log.warning("sample left out of the replay: %s", p, extra={"file": p.path})
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> dict:
+        """Serve until stopped; returns the exit summary."""
+        try:
+            while not self._stop:
+                self._housekeeping()
+                if self.paused or self.state in ("finished",):
+                    self.server.poll(IDLE_POLL_MS)
+                    continue
+                if self._source is None or self.state == "source-error":
+                    self._retry_source()
+                    continue
+                try:
+                    self._step()
+                except SourceError as e:
+                    self._source_failed(e)
+        finally:
+            summary = self._shutdown()
+        return summary
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        self.server.poll(0)
+        self.ring.heartbeat()
+        self._sample_rate(now)
+        if self._watchdog_every is not None and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + self._watchdog_every
+        if now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL_S
+            line = self._status_line()
+            self.notifier.status(line)
+            log.info("status", extra={"state": self.state, "published": self.counters.published,
+                                      "samples_per_s": round(self._rate(), 2),
+                                      "generation": self.gens.current.number})
+
+    def _idle(self, seconds: float) -> None:
+        """Wait up to `seconds` while answering control (the loop's only way to wait)."""
+        self.server.poll(max(0, min(IDLE_POLL_MS, int(seconds * 1000))))
+
+    # --- sources: one step -------------------------------------------------------------------
+
+    def _step(self) -> None:
+        if isinstance(self._source, DatasetReplay):
+            self._step_dataset()
+        else:
+            self._step_media()
+
+    def _step_dataset(self) -> None:
+        src: DatasetReplay = self._source  # type: ignore[assignment]
+        gen = self.gens.current
+        if self._pending is None:
+            item = src.next()
+            if item is None:
+                self._finish()
+                return
+            self._pending = (item, None, gen.number)
+        item, arrays, made_for = self._pending
+        if not self._due(item.offset_s):
+            return
+        if arrays is None or made_for != gen.number:
+            try:
+                arrays = self.pipeline.process(self._with_segment_meta(item.sample), None)
+            except InputError as e:
+                self._pending = None
+                src.check_alive()  # a vanished folder is the source's failure, not the sample's
+                self._skip(item.sample.key, e)
+                return
+        self._pending = None
+        seg = gen.config.segment
+        ts = item.timestamp_ns + (int(seg[0] * 1e9) if seg else 0)
+        self._publish(arrays, gen, item.sample.label, ts, item.sample.key, item.index)
+
+    def _with_segment_meta(self, sample: SampleFiles) -> SampleFiles:
+        return sample
+
+    def _step_media(self) -> None:
+        reader = self._clip_reader
+        gen = self.gens.current
+        if reader is None or reader.generation != gen.number:
+            if reader is not None:
+                reader.stop()
+            start = gen.config.segment[0] if gen.config.segment else 0.0
+            if reader is not None and self._source.path is not None and reader.last_end_s:
+                start = max(start, reader.last_end_s)
+            self._clip_reader = reader = _ClipReader(self._source, gen, start)
+        try:
+            clip = reader.get(IDLE_POLL_MS / 1000)
+        except SourceError:
+            self._clip_reader = None
+            raise
+        if clip is None:
+            if reader.done:
+                self._clip_reader = None
+                if not self._source.loop:  # looping: the next step reopens at the start
+                    self._finish()
+            return
+        seg = gen.config.segment
+        if seg is not None and clip.start_s >= seg[1]:
+            reader.stop()
+            self._clip_reader = None
+            if not self._source.loop:
+                self._finish()
+            return
+        arrays = self._live_arrays(clip, gen)
+        if arrays is None:
+            return
+        self._publish(arrays, gen, UNLABELLED, clip.timestamp_ns,
+                      f"{Path(self._source.url).name}@{clip.start_s:.2f}s", clip.index)
+
+    def _live_arrays(self, clip: Clip, gen: Generation) -> dict[str, np.ndarray] | None:
+        """The clip's video plus whatever the pipeline makes of the files beside it (the
+        file's own audio segment, watched sensor files aligned by timestamp)."""
+        files: dict[str, Path] = {}
+        src: MediaSource = self._source  # type: ignore[assignment]
+        if src.path is not None and "audio" in self._facts_cache().stems:
+            files["audio"] = src.path
+        if self._watch is not None:
+            self._watch.scan()
+            files.update(self._aligned_watch_files(clip))
+        out: dict[str, np.ndarray] = {}
+        if _on(gen.config, "video"):
+            out["video"] = clip.video
+        if files:
+            sample = SampleFiles("live", "", UNLABELLED, Path(src.url).parent if src.path else
+                                 Path("."), files, {})
+            wanted = {n for n in files if _on(gen.config, n)}
+            if not wanted:
+                return out
+            config = gen.config.with_changes(enabled=frozenset(wanted),
+                                             segment=(clip.start_s, clip.end_s))
+            try:
+                out.update(Pipeline(config).process(sample, None))
+            except InputError as e:
+                self._skip(f"clip@{clip.start_s:.2f}s", e)
+                return None
+        return out
+
+    def _aligned_watch_files(self, clip: Clip) -> dict[str, Path]:
+        from .align import align
+
+        out = {}
+        centre = np.array([clip.timestamp_ns / 1e9 + (clip.end_s - clip.start_s) / 2])
+        for stem, times in self._watch.times.items():
+            if times.size == 0:
+                continue
+            tol = max((clip.end_s - clip.start_s), 0.5)
+            a = align(centre, times / 1e9, tol, stem)
+            if a.index[0] >= 0:
+                out[stem] = self._watch.paths[stem][a.index[0]]
+        return out
+
+    def _facts_cache(self) -> SourceFacts:
+        return self.gens.facts
+
+    def _due(self, offset_s: float) -> bool:
+        """Recorded-speed pacing: True when the item is due, else wait a little (answering
+        control) and return False so the loop comes back."""
+        if self.opts.rate != "recorded":
+            return True
+        now = time.monotonic()
+        if self._pace_origin is None:
+            self._pace_origin = now - offset_s
+        wait = self._pace_origin + offset_s - now
+        if wait <= 0:
+            return True
+        self._idle(wait)
+        return False
+
+    # --- publishing ------------------------------------------------------------------------
+
+    def _schema_for(self, arrays: Mapping[str, np.ndarray]) -> SampleSchema:
+        key = tuple((n, a.dtype.str, a.shape) for n, a in arrays.items())
+        schema = self._schemas.get(key)
+        if schema is None:
+            schema = SampleSchema(tuple(ModalitySpec.from_array(n, a) for n, a in arrays.items()))
+            if len(self._schemas) > 256:
+                self._schemas.clear()
+            self._schemas[key] = schema
+        return schema
+
+    def _publish(self, arrays, gen: Generation, own_label: int, ts_ns: int, source: str,
+                 index: int) -> None:
+        schema = self._schema_for(arrays)
+        if schema.payload_nbytes > self.ring.config.slot_bytes:
+            # Only possible for live URLs, whose changes cannot be proven beforehand.
+            self._skip(source, MmfeedError(
+                f"sample of {schema.payload_nbytes} bytes does not fit the ring's slot_bytes "
+                f"{self.ring.config.slot_bytes}"))
+            return
+        if schema is not self._last_published:
+            self._last_published = schema
+            log.info("sample schema", extra={"generation": gen.number, "schema": repr(schema)})
+        meta = SampleMeta(label=self.gens.label_index(gen, own_label), timestamp_ns=ts_ns,
+                          generation=gen.number, source=source, index=index)
+        while True:
+            try:
+                self.ring.publish(schema, meta, arrays, timeout=IDLE_POLL_MS / 1000)
+                break
+            except RingFull:  # lossless and the slowest reader is behind: keep answering
+                self._housekeeping()
+                if self._stop:
+                    return
+        c = self.counters
+        c.published += 1
+        if c.retries:
+            log.info("source recovered", extra={"after_retries": c.retries})
+            c.retries = 0
+            self._backoff = BACKOFF_START_S
+
+    def _skip(self, key: str, err: Exception) -> None:
+        c = self.counters
+        c.skipped += 1
+        c.last_error = f"{key}: {err}"
+        c.last_error_at = time.time()
+        log.warning("bad sample skipped", extra={"sample": key, "error": str(err)})
+
+    def _finish(self) -> None:
+        self.state = "finished"
+        log.info("source finished", extra={"published": self.counters.published})
+
+    # --- source failures ---------------------------------------------------------------------
+
+    def _source_failed(self, err: Exception) -> None:
+        c = self.counters
+        c.source_errors += 1
+        c.last_error = str(err)
+        c.last_error_at = time.time()
+        self.state = "source-error"
+        self._pending = None
+        if self._clip_reader is not None:
+            self._clip_reader.stop()
+            self._clip_reader = None
+        self._retry_at = time.monotonic() + self._backoff
+        log.warning("source failed; retrying", extra={"error": str(err),
+                                                      "retry_in_s": round(self._backoff, 2),
+                                                      "retries": c.retries})
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def _retry_source(self) -> None:
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            self._idle(wait)
+            return
+        self.counters.retries += 1
+        try:
+            if self._source is None or isinstance(self._source, DatasetReplay):
+                self._open_source()
+            else:
+                self._source.check_alive()
+            if self.gens is not None:
+                self.gens.facts = self._facts()
+            self._pace_origin = None
+            self.state = "running"
+        except SourceError as e:
+            self._source_failed(e)
+
+    # --- control handlers ----------------------------------------------------------------------
+
+    def on_status(self) -> dict:
+        stats = self.ring.stats()
+        c = self.counters
+        fill = min(stats.published, stats.slots) / stats.slots  # slots holding a sample
+        return {
+            "state": "paused" if self.paused else self.state,
+            "generation": self.gens.current.number,
+            "config": self.gens.current.summary(),
+            "enabled": self.gens.enabled(),
+            "source": self._source.describe() if self._source else self.opts.source,
+            "published": c.published,
+            "samples_per_s": round(self._rate(), 3),
+            "skipped": c.skipped,
+            "source_errors": c.source_errors,
+            "retries": c.retries,
+            "last_error": c.last_error,
+            "ring": stats.name,
+            "mode": stats.mode,
+            "epoch": stats.epoch,
+            "ring_fill": round(fill, 3),
+            "readers": stats.readers,
+            "dropped": stats.dropped,
+            "heartbeat_age_s": round(stats.heartbeat_age_s, 3),
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.t_start, 1),
+        }
+
+    def on_filter(self, spec: str) -> dict:
+        return self._change(self.gens.propose_filter(spec))
+
+    def on_sensor(self, input: str, stem: str) -> dict:  # noqa: A002 - the wire name
+        self._refresh_facts()
+        return self._change(self.gens.propose_sensor(input, stem))
+
+    def on_method(self, input: str, name: str) -> dict:  # noqa: A002
+        return self._change(self.gens.propose_method(input, name))
+
+    def on_segment(self, start: float, end: float) -> dict:
+        return self._change(self.gens.propose_segment(start, end))
+
+    def on_label(self, name: str) -> dict:
+        return self._change(self.gens.propose_label(name))
+
+    def on_modalities(self, enable: list[str], disable: list[str]) -> dict:
+        if not enable and not disable:
+            return {"enabled": self.gens.enabled()}
+        self._refresh_facts()
+        return self._change(self.gens.propose_modalities(enable, disable))
+
+    def on_pause(self) -> dict:
+        if not self.paused:
+            self.paused = True
+            self._paused_at = time.monotonic()
+            log.info("paused", extra={"published": self.counters.published})
+        return {"state": "paused"}
+
+    def on_resume(self) -> dict:
+        if self.paused:
+            self.paused = False
+            if self._pace_origin is not None and self._paused_at is not None:
+                self._pace_origin += time.monotonic() - self._paused_at
+            log.info("resumed", extra={"published": self.counters.published})
+        return {"state": self.state}
+
+    def _refresh_facts(self) -> None:
+        if self._watch is not None and self._source is not None:
+            self.gens.facts = self._facts()
+
+    def _change(self, gen: Generation) -> dict:
+        """Prove a proposed generation on a real sample, then commit it (NOTE [proving a
+        change]). BadArgument leaves everything as it was."""
+        proof = self._prove(gen)
+        self.gens.commit(gen)
+        self.pipeline = Pipeline(gen.config)
+        self.ring.set_generation(gen.number)
+        if proof is not None:
+            self._pending = (proof[0], proof[1], gen.number)
+        log.info("new generation", extra={"generation": gen.number, "change": gen.reason})
+        self.notifier.status(self._status_line())
+        return {"generation": gen.number}
+
+    def _prove(self, gen: Generation):
+        src = self._source
+        slot_bytes = self.ring.config.slot_bytes
+        if isinstance(src, DatasetReplay) and self.state == "running":
+            trial = Pipeline(gen.config)
+            tries = 0
+            while tries < _PROOF_TRIES:
+                tries += 1
+                item = self._pending[0] if self._pending is not None else src.next()
+                if item is None:
+                    return None
+                self._pending = (item, None, -1)
+                try:
+                    arrays = trial.process(item.sample, None)
+                except InputError as e:
+                    try:  # the sample's fault or the change's?
+                        self.pipeline.process(item.sample, None)
+                    except InputError:
+                        self._pending = None
+                        self._skip(item.sample.key, e)
+                        continue
+                    raise BadArgument(f"{gen.reason}: refused, it cannot make sample "
+                                      f"{item.sample.key}: {e}") from None
+                need = self._schema_for(arrays).payload_nbytes
+                if need > slot_bytes:
+                    raise BadArgument(f"{gen.reason}: refused, its samples need {need} bytes "
+                                      f"but a ring slot holds {slot_bytes} (--slot-bytes)")
+                return item, arrays
+            return None
+        if isinstance(src, MediaSource) and src.path is not None and _on(gen.config, "video"):
+            need = _media_payload_estimate(src, gen, self._last_schema())
+            if need is not None and need > slot_bytes:
+                raise BadArgument(f"{gen.reason}: refused, its samples need {need} bytes but a "
+                                  f"ring slot holds {slot_bytes} (--slot-bytes)")
+        return None
+
+    def _last_schema(self) -> SampleSchema | None:
+        return self._last_published
+
+    # --- status and shutdown -----------------------------------------------------------------
+
+    def _sample_rate(self, now: float) -> None:
+        q = self._rates
+        if not q or now - q[-1][0] >= 0.25:
+            q.append((now, self.counters.published))
+            while len(q) > 2 and now - q[0][0] > RATE_WINDOW_S:
+                q.popleft()
+
+    def _rate(self) -> float:
+        """Samples/s over the last RATE_WINDOW_S seconds."""
+        now = time.monotonic()
+        if not self._rates:
+            return 0.0
+        t0, n0 = self._rates[0]
+        return (self.counters.published - n0) / (now - t0) if now - t0 > 1e-3 else 0.0
+
+    def _status_line(self) -> str:
+        g = self.gens.current.number if self.gens else 0
+        return (f"{'paused' if self.paused else self.state}: generation {g}, "
+                f"{self.counters.published} samples published, {self.counters.skipped} skipped")
+
+    def _emit(self, obj: dict) -> None:
+        if self.json_lines:
+            print(json.dumps(obj), file=self.out, flush=True)
+
+    def _shutdown(self) -> dict:
+        self.notifier.stopping()
+        if self._clip_reader is not None:
+            self._clip_reader.stop()
+        stats = self.ring.stats() if self.ring is not None else None
+        summary = {"event": "exit", "published": self.counters.published,
+                   "skipped": self.counters.skipped,
+                   "source_errors": self.counters.source_errors,
+                   "generation": self.gens.current.number if self.gens else 0,
+                   "ring": stats.name if stats else self.opts.ring,
+                   "epoch": stats.epoch if stats else None,
+                   "uptime_s": round(time.monotonic() - self.t_start, 3)}
+        log.info("producer stopping", extra={k: v for k, v in summary.items() if k != "event"})
+        if self.server is not None:
+            self.server.close()
+        if self.ring is not None:
+            self.ring.close()
+        self.notifier.close()
+        logs.close_daemon_logging()
+        self._emit(summary)
+        return summary
+
+
+def _on(config: PipelineConfig, name: str) -> bool:
+    return config.enabled is None or name in config.enabled
+
+
+def _media_payload_estimate(src: MediaSource, gen: Generation,
+                            last: SampleSchema | None) -> int | None:
+    """Payload bytes of a media-file sample under `gen`: the last schema with the video
+    reshaped to what the filter makes of the file's frame size."""
+    import av
+
+    try:
+        with av.open(str(src.path)) as c:
+            st = c.streams.video[0]
+            w, h = st.codec_context.width, st.codec_context.height
+    except (av.FFmpegError, OSError, IndexError):
+        return None
+    spec = gen.config.filter
+    ow, oh = spec.output_size(w, h)
+    mods = [m for m in (last.modalities if last else ()) if m.name != "video"]
+    mods.insert(0, ModalitySpec("video", "uint8", (gen.config.clip_frames, spec.channels, oh, ow)))
+    return SampleSchema(tuple(mods)).payload_nbytes
+
+
+class _ClipReader:
+    """Decodes clips of one generation on a thread (NOTE [one thread]): a network read that
+    blocks for seconds must not keep the main loop from answering control."""
+
+    def __init__(self, source: MediaSource, gen: Generation, start_s: float):
+        self.generation = gen.number
+        self.done = False
+        self.last_end_s = start_s
+        self._q: queue.Queue = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._error: SourceError | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(source, gen.config.filter, gen.config.clip_frames, start_s),
+            name=f"clips-gen{gen.number}", daemon=True)
+        self._thread.start()
+
+    def _run(self, source: MediaSource, spec: FilterSpec, frames: int, start: float) -> None:
+        try:
+            for clip in source.clips(spec, frames, start):
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(clip, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except SourceError as e:
+            self._error = e
+        except Exception as e:  # never let a decoder bug kill the thread silently
+            self._error = SourceError(f"{source.url}: {type(e).__name__}: {e}")
+        finally:
+            self.done = True
+
+    def get(self, timeout: float) -> Clip | None:
+        try:
+            clip = self._q.get(timeout=timeout)
+            self.last_end_s = clip.end_s
+            return clip
+        except queue.Empty:
+            if self.done and self._q.empty():
+                if self._error is not None:
+                    raise self._error
+            return None
+
+    def stop(self) -> None:
+        self._stop.set()

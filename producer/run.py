@@ -1,0 +1,78 @@
+"""`mm-producer run`: the live producer daemon's command line (the daemon is daemon.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from protocol.errors import FilterSpecError, MmfeedError
+from protocol.filters import FilterSpec
+
+from .daemon import ProducerDaemon, RunOptions
+
+EXIT_USAGE = 2
+
+
+def _classes(value: str | None) -> tuple[str, ...]:
+    """`--classes`: a dataset folder (its class folders) or a comma-separated list."""
+    if not value:
+        return ()
+    if Path(value).is_dir():
+        from .dataset import index_dataset
+
+        return tuple(index_dataset(value).classes)
+    return tuple(c.strip() for c in value.split(",") if c.strip())
+
+
+@click.command("run")
+@click.option("--source", "src", required=True, metavar="SRC",
+              help="Dataset folder (replayed in time order), media file, or URL PyAV opens.")
+@click.option("--ring", required=True, metavar="NAME", help="Shared-memory ring name.")
+@click.option("--mode", type=click.Choice(["lossy", "lossless"]), default="lossy", show_default=True)
+@click.option("--control", metavar="ADDR", default=None,
+              help="Control endpoint (default ipc://$MMFEED_RUNTIME_DIR/producer.sock).")
+@click.option("--logs", "log_endpoint", metavar="ADDR", default=None,
+              help="Log PUB endpoint (default next to the control socket).")
+@click.option("--slots", type=click.IntRange(min=2), default=8, show_default=True)
+@click.option("--slot-bytes", type=click.IntRange(min=4096), default=8 << 20, show_default=True,
+              help="Largest sample payload a slot holds.")
+@click.option("--loop", is_flag=True, help="Start over at the end of the source.")
+@click.option("--rate", type=click.Choice(["recorded", "max"]), default="recorded",
+              show_default=True, help="Replay at recorded speed, or as fast as the ring takes it.")
+@click.option("--watch", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder where sensor files named <stem>_<timestamp>.<ext> arrive.")
+@click.option("--label", default=None, metavar="NAME", help="Class of live samples.")
+@click.option("--classes", default=None, metavar="LIST|DATASET",
+              help="Class names for --label on media/URL sources (comma list or a dataset folder).")
+@click.option("--filter", "filter_spec", default="none", show_default=True, metavar="SPEC",
+              help="Initial video filter (gray, resize=WxH, crop=WxH[+X+Y], fps=R).")
+@click.option("--clip-frames", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--split", "splits", multiple=True, help="Dataset split(s) to replay (default all).")
+@click.option("--group", default=None, help="Group allowed to read the ring and sockets (0660).")
+@click.option("--open-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--read-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON line when ready and a summary JSON line at exit.")
+def run(src, ring, mode, control, log_endpoint, slots, slot_bytes, loop, rate, watch, label,
+        classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout,
+        as_json) -> None:
+    """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM."""
+    try:
+        FilterSpec.parse(filter_spec)
+    except FilterSpecError as e:
+        raise click.BadParameter(str(e), param_hint="--filter") from None
+    opts = RunOptions(source=src, ring=ring, mode=mode, control=control, slots=slots,
+                      slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch, label=label,
+                      classes=_classes(classes), filter=filter_spec, clip_frames=clip_frames,
+                      group=group, log_endpoint=log_endpoint,
+                      timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None)
+    daemon = ProducerDaemon(opts, json_lines=as_json)
+    daemon.install_signals()
+    try:
+        daemon.start()
+    except MmfeedError as e:  # ring in use, socket in use, bad label...: say so, exit 1
+        click.echo(f"mm-producer run: {e}", err=True)
+        daemon.abort()
+        sys.exit(1)
+    daemon.run()

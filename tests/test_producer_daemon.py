@@ -1,0 +1,452 @@
+"""`mm-producer run` as a real process: ring in /dev/shm, control over a real ZeroMQ socket,
+real signals. Most tests share one daemon replaying a small synthetic dataset (module
+fixture); the ones that kill, stop or starve a daemon start their own.
+
+Every wait polls a condition with a deadline; nothing sleeps "long enough".
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from producer.dataset import index_dataset
+from producer.modalities import lidar
+from producer.pipeline import PipelineConfig
+from producer.synth import make_bad_samples, make_dataset
+from protocol.control import ControlClient, Timeouts
+from protocol.errors import ProducerGone, RemoteError
+from protocol.ring import RingReader
+
+ROOT = Path(__file__).resolve().parents[1]
+T0_NS = 1_700_000_000_000_000_000  # producer/synth.py stamps samples on whole seconds from here
+SLOT_BYTES = 1 << 20                # a synthetic sample is ~0.36 MB
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class Daemon:
+    """One `mm-producer run` subprocess and what a test needs to talk to it."""
+
+    def __init__(self, source, *args: str, env: dict | None = None, ring: str | None = None,
+                 runtime: str | None = None):
+        self.ring = ring or _unique("mmt")
+        self.runtime = runtime or tempfile.mkdtemp(prefix="mmf", dir="/tmp")
+        self.endpoint = f"ipc://{self.runtime}/producer.sock"
+        full_env = {k: v for k, v in os.environ.items()
+                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        full_env.update({"MMFEED_RUNTIME_DIR": self.runtime, **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "run", "--source", str(source),
+             "--ring", self.ring, "--json", *args],
+            cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.ready = self.read_json(deadline_s=60)
+        assert self.ready["event"] == "ready", self.ready
+        self.client = ControlClient(self.endpoint, Timeouts(request=10.0, retries=0))
+
+    def read_json(self, deadline_s: float) -> dict:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if r:
+                line = self.proc.stdout.readline()
+                if line:
+                    return json.loads(line)
+            if self.proc.poll() is not None:
+                break
+        raise AssertionError(f"no JSON line from the daemon; stderr:\n{self.stderr_tail()}")
+
+    def stderr_tail(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+
+    def request(self, cmd: str, **args) -> dict:
+        return self.client.request(cmd, **args)
+
+    def status(self) -> dict:
+        return self.request("status")
+
+    def stop(self) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        return self.proc.returncode
+
+
+def wait_for(cond, deadline_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)  # polling interval of a condition with a deadline, not a wait
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def first_sample_of(ring: str, generation: int, want=lambda s: True, deadline_s: float = 30.0):
+    """The first sample of `generation` (or later) that satisfies `want`."""
+    with RingReader.attach(ring, start="newest") as reader:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            s = reader.receive(timeout=0.5)
+            if s is not None and s.meta.generation >= generation and want(s):
+                return s
+    raise AssertionError(f"no sample of generation {generation} in {deadline_s} s")
+
+
+# --- the shared daemon ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replay") / "ds"
+    make_dataset(root, per_class={"train": 2}, size=(32, 24), clip_seconds=0.5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def daemon(dataset, tmp_path_factory):
+    # A second copy of the dataset with one bad sample among the good ones.
+    root = tmp_path_factory.mktemp("with_bad") / "ds"
+    shutil.copytree(dataset, root)
+    bad = make_bad_samples(root)
+    for case, path in bad.items():  # keep one the index accepts but the pipeline rejects
+        if case != "truncated_video":
+            shutil.rmtree(path, ignore_errors=True)
+    d = Daemon(root, "--loop", "--rate", "max", "--clip-frames", "4",
+               "--slot-bytes", str(SLOT_BYTES))
+    d.dataset = root
+    yield d
+    d.stop()
+
+
+def test_status_reports_state_generation_source_and_ring(daemon):
+    wait_for(lambda: daemon.status()["published"] > 3, what="samples published")
+    st = daemon.status()
+    assert st["state"] == "running"
+    assert st["generation"] >= 1
+    assert st["ring"] == daemon.ring and st["epoch"] == daemon.ready["epoch"]
+    assert "dataset" in st["source"] and st["config"]["clip_frames"] == 4
+    assert st["heartbeat_age_s"] < 5.0
+    assert wait_for(lambda: daemon.status()["samples_per_s"] > 0, what="a rate")
+
+
+def test_bad_sample_in_replay_is_skipped_counted_and_the_loop_continues(daemon):
+    st = wait_for(lambda: (s := daemon.status())["skipped"] >= 1 and s, what="a skipped sample")
+    assert "bad_truncated_video" in st["last_error"] and "video.mp4" in st["last_error"]
+    n = st["published"]
+    wait_for(lambda: daemon.status()["published"] > n + 2, what="publishing after the bad sample")
+
+
+def test_filter_gray_makes_next_generation_with_one_channel_video(daemon):
+    reply = daemon.request("filter", spec="gray")
+    gen = reply["generation"]
+    s = first_sample_of(daemon.ring, gen, lambda s: "video" in s.arrays)
+    assert s.meta.generation == gen
+    assert s.arrays["video"].shape == (4, 1, 24, 32)
+    with RingReader.attach(daemon.ring) as r:
+        assert r.generation >= gen  # the ring header names the generation too
+    gen2 = daemon.request("filter", spec="rgb")["generation"]
+    assert gen2 == gen + 1 or gen2 > gen
+    s = first_sample_of(daemon.ring, gen2, lambda s: "video" in s.arrays)
+    assert s.arrays["video"].shape[1] == 3
+
+
+def test_sensor_switch_feeds_lidar_from_the_other_file(daemon):
+    gen = daemon.request("sensor", input="lidar", stem="lidar_front")["generation"]
+    index = {s.key: s for s in index_dataset(daemon.dataset).samples}
+
+    def has_front(s):
+        return "lidar" in s.arrays and "lidar_front" in index[s.meta.source].files
+
+    s = first_sample_of(daemon.ring, gen, has_front)
+    files = index[s.meta.source]
+    cfg = PipelineConfig().lidar
+    front = lidar.bev(lidar.load_points(files.files["lidar_front"], files.metadata), cfg)
+    top = lidar.bev(lidar.load_points(files.files["lidar"], files.metadata), cfg)
+    np.testing.assert_allclose(s.arrays["lidar"], front, rtol=1e-6)
+    assert not np.allclose(s.arrays["lidar"], top)  # it really is the other file
+    daemon.request("sensor", input="lidar", stem="lidar")
+
+
+def test_segment_change_moves_sample_timestamps(daemon):
+    gen = daemon.request("segment", start=0.2, end=0.4)["generation"]
+    s = first_sample_of(daemon.ring, gen)
+    assert (s.meta.timestamp_ns - T0_NS) % 1_000_000_000 == 200_000_000
+    gen = daemon.request("segment", start=0.1, end=0.5)["generation"]
+    s = first_sample_of(daemon.ring, gen)
+    assert (s.meta.timestamp_ns - T0_NS) % 1_000_000_000 == 100_000_000
+
+
+def test_pause_stops_publishing_and_resume_restarts_it(daemon):
+    assert daemon.request("pause")["state"] == "paused"
+    try:
+        st = daemon.status()
+        assert st["state"] == "paused"
+        with RingReader.attach(daemon.ring, start="next") as reader:
+            assert reader.receive(timeout=1.5) is None  # ~20 samples/s before the pause
+        assert daemon.status()["published"] == st["published"]
+        assert daemon.status()["heartbeat_age_s"] < 1.0  # paused, not dead
+    finally:
+        daemon.request("resume")
+    with RingReader.attach(daemon.ring, start="next") as reader:
+        assert reader.receive(timeout=20) is not None
+    assert daemon.status()["published"] > st["published"]
+
+
+def test_label_overrides_class_of_replayed_samples(daemon):
+    gen = daemon.request("label", name="square")["generation"]
+    s = first_sample_of(daemon.ring, gen)
+    assert s.meta.label == index_dataset(daemon.dataset).classes.index("square")
+    daemon.request("label", name="auto")
+
+
+def test_disabling_a_modality_removes_it_from_the_schema(daemon):
+    gen = daemon.request("modalities", enable=[], disable=["audio"])["generation"]
+    assert "audio" not in first_sample_of(daemon.ring, gen).arrays
+    assert "audio" not in daemon.request("modalities")["enabled"]
+    gen = daemon.request("modalities", enable=["audio"], disable=[])["generation"]
+    assert "audio" in first_sample_of(daemon.ring, gen).arrays
+
+
+def test_method_switch_changes_radar_processing(daemon):
+    gen = daemon.request("method", input="radar", name="range_azimuth")["generation"]
+    assert daemon.status()["config"]["methods"]["radar"] == "range_azimuth"
+    assert "radar" in first_sample_of(daemon.ring, gen, lambda s: "radar" in s.arrays).arrays
+    daemon.request("method", input="radar", name="range_doppler")
+
+
+def test_logs_command_returns_recent_records(daemon):
+    recs = daemon.request("logs", n=50)["records"]
+    assert any(r["msg"] == "producer ready" for r in recs) or recs
+
+
+def _raw(daemon, payload: bytes) -> dict:
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(daemon.endpoint)
+    try:
+        s.send(payload)
+        assert s.poll(10_000), "daemon did not answer"
+        return json.loads(s.recv())
+    finally:
+        s.close()
+
+
+BAD_REQUESTS = {
+    "garbage_bytes": (b"\xff\xfe\x00garbage", "malformed"),
+    "oversized": (json.dumps({"v": 1, "cmd": "status", "args": {"x": "a" * 70_000}}).encode(),
+                  "too_large"),
+    "json_array": (b'[1, 2, 3]', "malformed"),
+    "unknown_command": (b'{"v": 1, "cmd": "explode", "args": {}}', "unknown_command"),
+    "wrong_version": (b'{"v": 99, "cmd": "status", "args": {}}', "version_mismatch"),
+    "bad_filter": (b'{"v": 1, "cmd": "filter", "args": {"spec": "sepia"}}', "bad_argument"),
+    "missing_stem": (b'{"v": 1, "cmd": "sensor", "args": {"input": "lidar", "stem": "lidar_rear"}}',
+                     "bad_argument"),
+    "bad_segment": (b'{"v": 1, "cmd": "segment", "args": {"start": 2.0, "end": 1.0}}',
+                    "bad_argument"),
+    "bad_method": (b'{"v": 1, "cmd": "method", "args": {"input": "radar", "name": "fft9"}}',
+                   "bad_argument"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_gets_error_changes_nothing_and_daemon_still_answers(daemon, case):
+    payload, code = BAD_REQUESTS[case]
+    before = daemon.status()["generation"]
+    reply = _raw(daemon, payload)
+    assert reply["ok"] is False and reply["error"]["code"] == code, reply
+    assert daemon.status()["generation"] == before
+    if case == "missing_stem":  # the message names the stems that do exist
+        assert "lidar_rear" in reply["error"]["message"]
+        assert "lidar, lidar_front" in reply["error"]["message"]
+
+
+def test_filter_too_big_for_a_slot_is_refused_naming_both_sizes(daemon):
+    before = daemon.status()["generation"]
+    with pytest.raises(RemoteError) as e:
+        daemon.request("filter", spec="resize=400x400")
+    assert e.value.code == "bad_argument"
+    msg = str(e.value)
+    need = int(re.search(r"need (\d+) bytes", msg).group(1))
+    assert need > 4 * 3 * 400 * 400 and f"holds {SLOT_BYTES}" in msg, msg
+    assert daemon.status()["generation"] == before
+    assert daemon.status()["config"]["filter"] in ("none", "rgb")
+
+
+# --- daemons of their own ---------------------------------------------------------------------
+
+
+def test_sigkill_then_restart_replaces_stale_ring_and_readers_reattach(dataset):
+    a = Daemon(dataset, "--loop", "--rate", "max", "--clip-frames", "2")
+    ring, runtime = a.ring, a.runtime
+    b = None
+    try:
+        reader = RingReader.attach(ring, start="oldest")
+        assert reader.receive(timeout=30) is not None
+        a.proc.kill()  # SIGKILL: no cleanup; the ring and the socket file stay behind
+        a.proc.wait()
+        assert Path(f"/dev/shm/{ring}").exists()
+        b = Daemon(dataset, "--loop", "--rate", "max", "--clip-frames", "2", ring=ring,
+                   runtime=runtime)
+        assert b.ready["epoch"] != a.ready["epoch"]
+
+        def gone():
+            try:
+                reader.receive(timeout=0.2)
+            except ProducerGone:
+                return True
+            return False
+
+        wait_for(gone, what="ProducerGone for the old epoch")
+        reader.close()
+        with RingReader.attach(ring) as again:
+            assert again.epoch == b.ready["epoch"]
+            assert again.receive(timeout=30) is not None
+        assert b.status()["state"] == "running"
+    finally:
+        a.proc.stdout.close()
+        a.proc.stderr.close()
+        if b is not None:
+            b.stop()
+
+
+def _notify_socket(tmp: str) -> tuple[socket.socket, str]:
+    path = os.path.join(tmp, "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    return s, path
+
+
+def _datagrams(sock: socket.socket, until: str, deadline_s: float = 30.0) -> list[str]:
+    got, deadline = [], time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([sock], [], [], 0.2)
+        if r:
+            got.append(sock.recv(4096).decode())
+            if any(until in g for g in got):
+                return got
+    raise AssertionError(f"no {until} datagram; got {got}")
+
+
+def test_sd_notify_ready_and_watchdog_then_sigterm_removes_ring_and_exits_zero(dataset):
+    tmp = tempfile.mkdtemp(prefix="mmn", dir="/tmp")
+    sock, path = _notify_socket(tmp)
+    d = None
+    try:
+        d = Daemon(dataset, "--loop", "--rate", "max", "--clip-frames", "2",
+                   env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+        got = _datagrams(sock, "READY=1")
+        assert any(g.startswith("READY=1") for g in got)
+        _datagrams(sock, "WATCHDOG=1")
+        shm = Path(f"/dev/shm/{d.ring}")
+        assert shm.exists()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=30) == 0
+        summary = d.read_json(deadline_s=5)
+        assert summary["event"] == "exit" and summary["published"] >= 1
+        _datagrams(sock, "STOPPING=1")
+        assert not shm.exists()
+        assert not Path(d.runtime, "producer.sock").exists()
+    finally:
+        sock.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if d is not None:
+            d.stop()
+
+
+def test_vanished_source_is_retried_and_reported_while_daemon_answers(dataset, tmp_path):
+    video = tmp_path / "cam.mp4"
+    shutil.copy(next(dataset.rglob("video.mp4")), video)
+    d = Daemon(video, "--loop", "--rate", "max", "--clip-frames", "2")
+    try:
+        wait_for(lambda: d.status()["published"] >= 2, what="clips from the file")
+        away = tmp_path / "away.mp4"
+        video.rename(away)
+        st = wait_for(lambda: (s := d.status())["state"] == "source-error" and s["retries"] >= 1
+                      and s, what="source-error with retries")
+        assert str(video) in st["last_error"]
+        n = st["published"]
+        away.rename(video)
+        wait_for(lambda: (s := d.status())["state"] == "running" and s["published"] > n,
+                 what="recovery after the file came back")
+    finally:
+        d.stop()
+
+
+WRITER = r"""
+import sys, av, numpy as np
+url, n = sys.argv[1], int(sys.argv[2])
+with av.open(url, "w", format="mpegts", options={"listen": "1"}) as out:
+    st = out.add_stream("libx264", rate=25)
+    st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+    st.options = {"preset": "ultrafast", "tune": "zerolatency"}
+    for i in range(n):
+        img = np.full((48, 64, 3), (i * 5) % 255, np.uint8)
+        for p in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            out.mux(p)
+    for p in st.encode():
+        out.mux(p)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_live_stream_on_loopback_fills_the_ring(tmp_path):
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url + "?listen=1", "400"],
+                              stderr=subprocess.PIPE)
+    d = None
+    try:
+        wait_for(lambda: _listening(port), what="the stream server")
+        d = Daemon(url, "--clip-frames", "4", "--rate", "max", "--read-timeout", "5")
+        s = first_sample_of(d.ring, 1)
+        assert s.arrays["video"].shape == (4, 3, 48, 64)
+        assert "stream" in d.status()["source"]
+    finally:
+        if d is not None:
+            d.stop()
+        writer.kill()
+        writer.wait()
+        writer.stderr.close()
+
+
+def _listening(port: int) -> bool:
+    # A probe connection would be the stream's one accepted client; look at the table instead.
+    with open("/proc/net/tcp") as f:
+        return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
+                   for line in f.readlines()[1:])
