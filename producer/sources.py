@@ -291,8 +291,9 @@ def parse_stamped_name(name: str) -> tuple[str, int] | None:
     if m is None:
         return None
     text = m.group("ts")
-    if "." in text:
-        return m.group("stem"), int(round(float(text) * 1e9))
+    if "." in text:  # integer arithmetic: a float has no room for ns at epoch magnitude
+        whole, frac = text.split(".")
+        return m.group("stem"), int(whole) * 10**9 + int((frac + "0" * 9)[:9])
     v = int(text)
     scale = 1 if v >= 10**17 else 1_000 if v >= 10**14 else 1_000_000 if v >= 10**11 else 10**9
     return m.group("stem"), v * scale
