@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -181,8 +182,13 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
             for i, s, fp in todo:
                 store(i, s, fp, process_packed(s, pipeline))
         else:
+            # NOTE [forkserver]: a plain fork copies the caller's FFmpeg/BLAS thread state; after
+            # the caller has decoded anything (the bench, a daemon, a notebook) forked workers
+            # can die at their first decode. Workers fork from a clean server process instead.
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["producer.preprocess"])
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                     initargs=(config,)) as pool:
+                                     initargs=(config,), mp_context=ctx) as pool:
                 window: collections.deque[tuple[int, SampleFiles, str, Future]] = \
                     collections.deque()
                 pending = iter(todo)
