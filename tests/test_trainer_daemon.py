@@ -1,0 +1,175 @@
+"""`mm-trainer run` as a real process: control socket, signals, --json summary, torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_data import build_cache, unique_name  # noqa: E402
+
+from protocol.control import ControlClient, Timeouts  # noqa: E402
+from protocol.errors import RemoteError  # noqa: E402
+from trainer.cli import main  # noqa: E402
+
+VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return build_cache(tmp_path_factory.mktemp("cache") / "c", n_train=60, n_val=30)
+
+
+def _env(tmp_path: Path) -> dict:
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    return {**os.environ, "MMFEED_RUNTIME_DIR": str(run), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def _wait(cond, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def daemon(cache, tmp_path):
+    """A long `mm-trainer run` (disk only) with its control endpoint; killed at the end."""
+    endpoint = f"ipc://{tmp_path}/t.sock"
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
+         "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--control", endpoint,
+         "--log-endpoint", f"ipc://{tmp_path}/t.log.sock", "--log-interval", "0.2"],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = ControlClient(endpoint, Timeouts(request=2.0, retries=0))
+
+    def status():
+        try:
+            return client.request("status")
+        except Exception:
+            if proc.poll() is not None:
+                raise AssertionError(f"trainer exited: {proc.communicate()[1][-2000:]}")
+            return None
+
+    _wait(lambda: (s := status()) and s["step"] >= 2 and s, what="trainer steps")
+    yield proc, client, endpoint, tmp_path / "ck"
+    client.close()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(daemon):
+    proc, client, _, ck = daemon
+    step = client.request("status")["step"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    saved = sorted(ck.glob("ckpt-*.pt"))
+    assert saved and int(saved[-1].stem.split("-")[1]) >= step
+
+
+def test_control_commands_pause_resume_mix_checkpoint_and_status(daemon):
+    proc, client, _, ck = daemon
+    st = client.request("status")
+    for key in ("step", "epoch", "loss", "samples_per_s", "stall_fraction", "live_fraction",
+                "live_fraction_target", "generations_seen", "generation", "copies_per_sample",
+                "state"):
+        assert key in st, key
+    assert client.request("pause")["state"] == "paused"
+    s1 = _wait(lambda: (s := client.request("status"))["state"] == "paused" and s, what="paused")
+    s2 = client.request("status")
+    assert s2["step"] == s1["step"]  # no step while paused
+    client.request("resume")
+    _wait(lambda: client.request("status")["step"] > s2["step"], what="training again")
+    reply = client.request("checkpoint")
+    assert Path(reply["checkpoint"]).exists()
+    assert client.request("mix", fraction=0.0)["fraction"] == 0.0
+    with pytest.raises(RemoteError) as e:
+        client.request("mix", fraction=0.5)  # no ring: only 0 is possible
+    assert e.value.code == "bad_argument"
+    with pytest.raises(RemoteError) as e:
+        client.request("mix", fraction=2.0)
+    assert e.value.code == "bad_argument"
+    assert "records" in client.request("logs", n=5)
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"not json", "malformed"),
+    (b'["a list"]', "malformed"),
+    (b'{"v": 1, "cmd": "mix", "args": {"fraction": "lots"}}', "bad_argument"),
+    (b'{"v": 1, "cmd": "explode", "args": {}}', "unknown_command"),
+    (b'{"v": 99, "cmd": "status", "args": {}}', "version_mismatch"),
+])
+def test_malformed_control_messages_get_errors_and_the_trainer_keeps_training(daemon, raw, code):
+    proc, client, endpoint, _ = daemon
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(raw)
+        assert s.poll(5000), "no reply"
+        reply = json.loads(s.recv())
+    finally:
+        s.close()
+    assert reply["ok"] is False and reply["error"]["code"] == code
+    step = client.request("status")["step"]
+    _wait(lambda: client.request("status")["step"] > step, what="training to go on")
+
+
+def test_missing_cache_is_a_clear_error_and_exit_code_2(tmp_path):
+    r = CliRunner().invoke(main, ["run", "--cache", str(tmp_path / "nope"), "--steps", "1"])
+    assert r.exit_code == 2
+    assert "no disk cache" in r.output and "mm-producer preprocess" in r.output
+
+
+def test_corrupt_cache_is_refused_at_start_with_exit_code_2(tmp_path, cache):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    (broken / (broken / "CURRENT").read_text().strip() / "index.npy").write_bytes(b"junk")
+    r = CliRunner().invoke(main, ["run", "--cache", str(broken), "--steps", "1"])
+    assert r.exit_code == 2 and "index.npy" in r.output
+
+
+def test_run_prints_a_json_summary_last(cache, tmp_path):
+    p = subprocess.run(
+        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "4",
+         "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--json"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    for key in ("steps", "samples_disk", "samples_live", "generations", "accuracy",
+                "samples_per_s", "stall_fraction", "copies_per_sample", "checkpoint"):
+        assert key in summary, key
+    assert summary["steps"] == 4 and Path(summary["checkpoint"]).exists()
+
+
+def test_two_rank_torchrun_run_completes(cache, tmp_path):
+    port = 29500 + os.getpid() % 1000
+    p = subprocess.run(
+        [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "trainer.cli", "run", "--cache", str(cache), "--steps", "4", "--batch-size", "4",
+         "--checkpoint-dir", str(tmp_path / "ck"), "--control", f"ipc://{tmp_path}/t.sock",
+         "--json"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["accuracy"] is not None
