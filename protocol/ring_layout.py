@@ -31,7 +31,8 @@ Header (HEADER_STRUCT, little-endian)::
      96     8  published        producer       atomic seq_cst, samples published so far
     104     8  generation       producer       atomic, current layout generation
     112     8  waiting_mask     both           atomic: bit i = reader i sleeps on its semaphore
-    120     8  writer_waiting   both           atomic: 1 = writer sleeps on its semaphore
+    120     8  writer_waiting   both           atomic: writer sleeps until a reader reaches
+                                               this value - 1 (0 = writer awake)
     128     8  active_mask      readers        atomic: bit i = reader entry i is registered
     136   120  reserved
 

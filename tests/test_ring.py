@@ -497,3 +497,15 @@ def test_stats_count_live_readers_and_their_drops(ring_name):
         s = w.stats()
         assert (s.published, s.readers, s.dropped, s.mode, s.slots) == (10, 1, 8, "lossy", 2)
         assert r.stats().dropped == 8 and r.stats().received == 1
+
+
+def test_publish_refuses_a_wrong_shape_before_touching_the_ring(ring_name):
+    # A (1,) array would broadcast silently into the slot if only np.copyto checked it.
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        with pytest.raises(SchemaError, match=r"'words': expected int64\[8192\], got int64\[1\]"):
+            w.publish(SCHEMA, meta(0), {"words": np.zeros(1, np.int64)})
+        with pytest.raises(SchemaError, match="schema expects"):
+            w.publish(SCHEMA, meta(0), {**patterned(0), "extra": np.zeros(1, np.int64)})
+        w.publish(SCHEMA, meta(0), patterned(0))  # the ring is still usable
+        assert r.receive_into(np.empty(SLOT, np.uint8), timeout=1)[1].index == 0
