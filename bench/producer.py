@@ -1,0 +1,138 @@
+"""Producer daemon throughput against the pipeline alone, and control-to-sample latency.
+
+    python -m bench.producer [--quick] [--json]
+
+Figure: samples/s that `mm-producer run --rate max --loop` publishes into the ring while
+replaying a synthetic dataset with video + audio + lidar + radar (+ an unknown sensor), counted
+from the ring header over a fixed window. Limit: `Pipeline(config).process` alone, in this
+process, on the same samples in the same order - what the daemon would reach if the ring,
+the control socket, heartbeats and the loop cost nothing. It is measured before and after the
+daemon run and averaged, so load drift on a shared machine hits both sides alike.
+
+Second figure (in the JSON as `filter_latency_ms_p50`): seconds from sending `filter` through
+a `ControlClient` (what `mmctl filter` does) to the first sample of the new generation read
+from the ring by a reader in this process, median over several gray/rgb switches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench._common import report, want_json
+from producer.dataset import index_dataset
+from producer.pipeline import Pipeline, PipelineConfig
+from producer.sources import DatasetReplay
+from producer.synth import make_dataset
+from protocol.control import ControlClient, Timeouts
+from protocol.ring import RingReader
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP_FRAMES = 8
+
+
+def pipeline_rate(root: Path, seconds: float) -> float:
+    """Samples/s of the pipeline alone, in replay order, looping, for about `seconds`."""
+    replay = DatasetReplay(root, loop=True)
+    pipe = Pipeline(PipelineConfig(clip_frames=CLIP_FRAMES))
+    for _ in range(3):  # warm-up: imports, FFT plans, page cache
+        pipe.process(replay.next().sample)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pipe.process(replay.next().sample)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def start_daemon(root: Path, ring: str, runtime: str) -> subprocess.Popen:
+    env = {**os.environ, "MMFEED_RUNTIME_DIR": runtime}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "run", "--source", str(root), "--ring", ring,
+         "--loop", "--rate", "max", "--clip-frames", str(CLIP_FRAMES), "--json"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            line = proc.stdout.readline()
+            if line and json.loads(line).get("event") == "ready":
+                return proc
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("mm-producer run did not become ready")
+
+
+def daemon_rate(ring: str, seconds: float) -> float:
+    """Samples/s published, read from the ring header (no reader competing for the CPU)."""
+    with RingReader.attach(ring, register=False) as r:
+        deadline = time.monotonic() + 60
+        while r.ring_stats().published < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)  # warm-up: first samples out
+        n0, t0 = r.ring_stats().published, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            time.sleep(0.1)   # sampling interval of a counter, not a wait for an event
+        n1, t1 = r.ring_stats().published, time.perf_counter()
+    return (n1 - n0) / (t1 - t0)
+
+
+def filter_latencies(ring: str, endpoint: str, switches: int) -> list[float]:
+    client = ControlClient(endpoint, Timeouts(request=30.0, retries=0))
+    out = []
+    with RingReader.attach(ring, start="next") as reader:
+        for i in range(switches):
+            spec = "gray" if i % 2 == 0 else "rgb"
+            t0 = time.perf_counter()
+            gen = client.request("filter", spec=spec)["generation"]
+            while True:
+                s = reader.receive(timeout=30)
+                if s is None:
+                    raise RuntimeError(f"no sample of generation {gen} within 30 s")
+                if s.meta.generation >= gen:
+                    out.append(time.perf_counter() - t0)
+                    break
+    client.close()
+    return out
+
+
+def main() -> None:
+    as_json = want_json()
+    quick = "--quick" in sys.argv[1:]
+    window = 4.0 if quick else 10.0
+    with tempfile.TemporaryDirectory(prefix="mmbench") as tmp:
+        root = Path(tmp) / "ds"
+        make_dataset(root, per_class={"train": 2 if quick else 4}, size=(64, 48),
+                     clip_seconds=1.0)
+        n_samples = len(index_dataset(root).samples)
+        before = pipeline_rate(root, window)
+        runtime = tempfile.mkdtemp(prefix="mmb", dir="/tmp")
+        ring = f"bench-producer-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        proc = start_daemon(root, ring, runtime)
+        try:
+            daemon = daemon_rate(ring, window)
+            lat = filter_latencies(ring, f"ipc://{runtime}/producer.sock", 4 if quick else 8)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        after = pipeline_rate(root, window)
+    limit = (before + after) / 2
+    report("producer", daemon, "samples/s", "pipeline alone", limit, as_json,
+           pipeline_before=round(before, 3), pipeline_after=round(after, 3),
+           samples=n_samples, clip_frames=CLIP_FRAMES,
+           filter_latency_ms_p50=round(statistics.median(lat) * 1e3, 1),
+           filter_latency_ms=[round(x * 1e3, 1) for x in lat])
+    if not as_json:
+        print(f"filter -> first sample of the new generation: p50 "
+              f"{statistics.median(lat) * 1e3:.1f} ms over {len(lat)} switches "
+              f"(min {min(lat) * 1e3:.1f}, max {max(lat) * 1e3:.1f})")
+
+
+if __name__ == "__main__":
+    main()
