@@ -509,3 +509,11 @@ def test_publish_refuses_a_wrong_shape_before_touching_the_ring(ring_name):
             w.publish(SCHEMA, meta(0), {**patterned(0), "extra": np.zeros(1, np.int64)})
         w.publish(SCHEMA, meta(0), patterned(0))  # the ring is still usable
         assert r.receive_into(np.empty(SLOT, np.uint8), timeout=1)[1].index == 0
+
+
+def test_ring_demo_exchanges_samples_across_generations_and_leaves_nothing_behind():
+    res = subprocess.run([sys.executable, "-m", "cli.ring_demo", "--seconds", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "generation 2: video (4, 1, 96, 96)" in res.stdout
+    assert "nothing left in /dev/shm" in res.stdout and res.stdout.rstrip().endswith("OK")
