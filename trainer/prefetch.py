@@ -39,6 +39,7 @@ from .batching import (BatchKey, BufferPool, HostBatch, group_batches, modality_
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_END = object()  # put by a loader thread after its last batch
 
 
 class LoaderError(RuntimeError):
@@ -66,6 +67,7 @@ class _LoaderThread:
         self._error: BaseException | None = None
         self.stats = LoaderStats()
         self.finished = False  # ran out of data (a finite epoch count); no more batches
+        self._ended = False
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
 
     def start(self) -> "_LoaderThread":
@@ -80,6 +82,13 @@ class _LoaderThread:
             log.exception("%s thread failed", self.name)
         finally:
             self.finished = True
+            # Wake a consumer blocked in get() now, rather than at the end of its timeout.
+            while not self._stop.is_set():
+                try:
+                    self._q.put(_END, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -96,21 +105,32 @@ class _LoaderThread:
 
     def get(self, timeout: float | None = 0.0) -> HostBatch | None:
         """The next batch, or None if none arrived within `timeout` (0 = only if ready)."""
+        if self._ended:
+            return self._fail_or_none()
         try:
             if timeout is not None and timeout <= 0:
-                return self._q.get_nowait()
-            return self._q.get(timeout=timeout)
+                item = self._q.get_nowait()
+            else:
+                item = self._q.get(timeout=timeout)
         except queue.Empty:
-            if self._error is not None:
-                raise LoaderError(f"{self.name} thread failed: {self._error!r}") from self._error
-            return None
+            return self._fail_or_none()
+        if item is _END:
+            self._ended = True
+            return self._fail_or_none()
+        return item
+
+    def _fail_or_none(self) -> None:
+        if self._error is not None:
+            raise LoaderError(f"{self.name} thread failed: {self._error!r}") from self._error
+        return None
 
     def ready(self) -> bool:
         return not self._q.empty()
 
     @property
     def exhausted(self) -> bool:
-        return self.finished and self._q.empty()
+        """No batch will come any more (a finite epoch count was read to the end)."""
+        return self._ended or (self.finished and self._q.empty())
 
     def close(self) -> None:
         """Stop and join (NOTE [shutdown order]); releases queued buffers."""
@@ -119,9 +139,11 @@ class _LoaderThread:
             self._thread.join(timeout=10)
         while True:
             try:
-                self._q.get_nowait().release()
+                item = self._q.get_nowait()
             except queue.Empty:
                 break
+            if item is not _END:
+                item.release()
 
 
 class DiskLoader(_LoaderThread):
