@@ -62,8 +62,20 @@ def _video_stream(container, path):
         raise InputError(path, "video stream", "at least one video stream",
                          found=", ".join(kinds))
     stream = container.streams.video[0]
-    stream.thread_type = "AUTO"  # frame + slice threads; FFmpeg picks the count
+    stream.thread_type = "AUTO"  # frame + slice threads
+    # 0 lets FFmpeg pick one thread per core. Worker pools that already run one process per
+    # core set it to 1 (set_decode_threads): N workers x N decoder threads oversubscribe.
+    stream.codec_context.thread_count = _DECODE_THREADS
     return stream
+
+
+_DECODE_THREADS = 0
+
+
+def set_decode_threads(n: int) -> None:
+    """Decoder threads per open stream in this process (0: one per core, FFmpeg's default)."""
+    global _DECODE_THREADS
+    _DECODE_THREADS = max(0, int(n))
 
 
 def _stream_rate(stream) -> float | None:
