@@ -114,6 +114,7 @@ class ProducerDaemon:
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self._schemas: dict[tuple, SampleSchema] = {}
         self._last_published: SampleSchema | None = None
+        self._reported: set[tuple[str, str]] = set()
         self._clip_reader: _ClipReader | None = None
         self._pace_origin: float | None = None
         self._paused_at: float | None = None
@@ -422,7 +423,13 @@ class ProducerDaemon:
         c.skipped += 1
         c.last_error = f"{key}: {err}"
         c.last_error_at = time.time()
-        log.warning("bad sample skipped", extra={"sample": key, "error": str(err)})
+        # Once per sample and error: a looping replay meets the same bad file every pass.
+        said = (key, str(err))
+        if said not in self._reported:
+            if len(self._reported) > 10_000:
+                self._reported.clear()
+            self._reported.add(said)
+            log.warning("bad sample skipped", extra={"sample": key, "error": str(err)})
 
     def _finish(self) -> None:
         self.state = "finished"

@@ -55,10 +55,12 @@ class Daemon:
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         full_env.update({"MMFEED_RUNTIME_DIR": self.runtime, **(env or {})})
+        # stderr to a file: a pipe nobody drains would block the daemon once it is full.
+        self.log = open(Path(self.runtime, "stderr.log"), "w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "producer.cli", "run", "--source", str(source),
              "--ring", self.ring, "--json", *args],
-            cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=self.log)
         self.ready = self.read_json(deadline_s=60)
         assert self.ready["event"] == "ready", self.ready
         self.client = ControlClient(self.endpoint, Timeouts(request=10.0, retries=0))
@@ -76,9 +78,8 @@ class Daemon:
         raise AssertionError(f"no JSON line from the daemon; stderr:\n{self.stderr_tail()}")
 
     def stderr_tail(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read().decode(errors="replace")[-3000:]
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-3000:]
 
     def request(self, cmd: str, **args) -> dict:
         return self.client.request(cmd, **args)
@@ -95,8 +96,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                raise AssertionError(f"SIGTERM did not stop the daemon:\n{self.stderr_tail()}")
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.log.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
         return self.proc.returncode
 
@@ -335,7 +337,7 @@ def test_sigkill_then_restart_replaces_stale_ring_and_readers_reattach(dataset):
         assert b.status()["state"] == "running"
     finally:
         a.proc.stdout.close()
-        a.proc.stderr.close()
+        a.log.close()
         if b is not None:
             b.stop()
 
@@ -425,7 +427,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_live_stream_on_loopback_fills_the_ring(tmp_path):
+def test_live_stream_on_loopback_fills_the_ring_with_watched_lidar_aligned(dataset, tmp_path):
+    # A recorder drops a lidar frame every 0.1 s of wall-clock time into the watched folder;
+    # the daemon stamps clips with wall-clock time and pairs each with the nearest frame.
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    scene = next(dataset.rglob("lidar.bin")).read_bytes()
+    now = time.time_ns() // 100_000_000 * 100_000_000
+    for k in range(-50, 300):
+        (watch / f"lidar_{now + k * 100_000_000}.bin").write_bytes(scene)
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, url + "?listen=1", "400"],
@@ -433,9 +443,12 @@ def test_live_stream_on_loopback_fills_the_ring(tmp_path):
     d = None
     try:
         wait_for(lambda: _listening(port), what="the stream server")
-        d = Daemon(url, "--clip-frames", "4", "--rate", "max", "--read-timeout", "5")
+        d = Daemon(url, "--clip-frames", "4", "--rate", "max", "--read-timeout", "5",
+                   "--watch", str(watch))
         s = first_sample_of(d.ring, 1)
         assert s.arrays["video"].shape == (4, 3, 48, 64)
+        expected = lidar.bev(lidar.load_points(next(watch.iterdir())), PipelineConfig().lidar)
+        np.testing.assert_allclose(s.arrays["lidar"], expected, rtol=1e-6)
         assert "stream" in d.status()["source"]
     finally:
         if d is not None:
