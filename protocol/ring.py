@@ -691,7 +691,11 @@ class RingReader:
         return self
 
     def _open(self, shm: posix_ipc.SharedMemory, start: str, register: bool) -> None:
-        size = shm.size
+        size = os.fstat(shm.fd).st_size
+        deadline = time.monotonic() + _STARTUP_WAIT_S
+        while size == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # a producer between shm_open and ftruncate inside create()
+            size = os.fstat(shm.fd).st_size
         if size < 256:
             head = b""
             if size:
@@ -701,7 +705,7 @@ class RingReader:
             raise NotARing(
                 f"{_SHM_DIR}{self.name} is {size} bytes, too small for an mmfeed ring header "
                 f"(256); first bytes {_first_bytes(head)}")
-        self._map = _Mapping(shm)
+        self._map = _Mapping(shm, size)
         mm = self._mm = self._map.mm
         deadline = time.monotonic() + _STARTUP_WAIT_S
         while bytes(mm[:8]) == b"\0" * 8 and time.monotonic() < deadline:
@@ -732,6 +736,7 @@ class RingReader:
         self._wsem = None
         self._sem = None
         self._closed = False
+        self._pid = os.getpid()
         if sl.load_acquire(mm, H["state"]) == STATE_CLOSED:
             raise ProducerGone(f"ring {self.name}: its producer pid {hdr.producer_pid} closed it")
         published = sl.load_seq_cst(mm, H["published"])
@@ -817,6 +822,11 @@ class RingReader:
 
     def _next(self, timeout, cap, out):
         self._check_open()
+        if os.getpid() != self._pid:
+            # A forked child shares the parent's reader entry and position: both would move
+            # it. DataLoader workers must attach in their own process (in __iter__).
+            raise RingError(f"reader of ring {self.name} was attached in pid {self._pid} and "
+                            f"used in pid {os.getpid()}; attach in each process")
         if self._pending is not None:
             self._advance(self._pending)
             self._pending = None

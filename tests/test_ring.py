@@ -517,3 +517,20 @@ def test_ring_demo_exchanges_samples_across_generations_and_leaves_nothing_behin
     assert res.returncode == 0, res.stdout + res.stderr
     assert "generation 2: video (4, 1, 96, 96)" in res.stdout
     assert "nothing left in /dev/shm" in res.stdout and res.stdout.rstrip().endswith("OK")
+
+
+def _use_inherited_reader(reader, q):
+    try:
+        reader.receive_into(np.empty(SLOT, np.uint8), timeout=0)
+        q.put("used")
+    except Exception as e:  # noqa: BLE001 - the type and message are what is checked
+        q.put(f"{type(e).__name__}: {e}")
+
+
+def test_a_reader_inherited_through_fork_refuses_to_be_used(ring_name, procs):
+    # Parent and child would move one reader entry's position; workers must attach themselves.
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)), \
+            RingReader.attach(ring_name) as r:
+        q = CTX.Queue()
+        start(procs, _use_inherited_reader, r, q)
+        assert q.get(timeout=10).startswith("RingError: reader of ring")
