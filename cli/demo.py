@@ -42,7 +42,12 @@ class DemoSettings:
 
     @property
     def steps(self) -> int:
-        return 60 if self.quick else 400
+        """Steps trained before the demo stops the trainer with SIGTERM."""
+        return 60 if self.quick else 300
+
+    @property
+    def eval_interval(self) -> int:
+        return 20 if self.quick else 50
 
 
 def _say(msg: str) -> None:
@@ -132,7 +137,8 @@ def run(s: DemoSettings) -> dict:
         _say(f"starting mm-trainer run; log: {logs / 'trainer.log'}")
         procs["trainer"] = subprocess.Popen(
             [_script("mm-trainer"), "run", "--cache", str(cache), "--ring", ring, "--mix", "0.5",
-             "--checkpoint-dir", str(ckpt), "--steps", str(s.steps), "--batch-size", "8", "--json"],
+             "--checkpoint-dir", str(ckpt), "--steps", "1000000", "--batch-size", "8",
+             "--eval-interval", str(s.eval_interval), "--log-interval", "5", "--json"],
             env=env, stdout=open(logs / "trainer.out", "w"), stderr=open(logs / "trainer.log", "w"),
             start_new_session=True)
         _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= 5,
@@ -145,7 +151,9 @@ def run(s: DemoSettings) -> dict:
         _say("changing the live mix to 0.75: mmctl mix 0.75")
         _mmctl(env, "mix", "0.75")
         summary["filter_generation"] = gen
-        time.sleep(3 if s.quick else 10)  # let it train on the new mix a little for the summary
+        _say(f"training on until step {s.steps} (evaluating on val every {s.eval_interval} steps)")
+        _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= s.steps,
+                  f"trainer at step {s.steps}", 600, procs["trainer"], logs / "trainer.log")
         summary["status"] = _mmctl(env, "status")
     finally:
         _say("stopping both daemons with SIGTERM (the trainer writes a checkpoint)")

@@ -80,6 +80,24 @@ def test_short_audio_is_zero_padded_and_said_so(tmp_path):
     assert any("padded with silence" in n for n in notes)
 
 
+def test_exact_length_audio_is_not_reported_as_cropped(tmp_path):
+    # A file of exactly the configured length loses nothing; a note would be noise in every
+    # preprocess report (the synthetic demo dataset is made of such files).
+    cfg = audio.AudioConfig()
+    p = write_wav(tmp_path / "exact.wav", tone(440, cfg.duration_s, cfg.sample_rate), cfg.sample_rate)
+    notes: list[str] = []
+    audio.log_mel(p, cfg, notes=notes)
+    assert notes == []
+
+
+def test_longer_audio_is_cropped_and_said_so(tmp_path):
+    cfg = audio.AudioConfig()
+    p = write_wav(tmp_path / "long.wav", tone(440, 2 * cfg.duration_s, cfg.sample_rate), cfg.sample_rate)
+    notes: list[str] = []
+    audio.log_mel(p, cfg, notes=notes)
+    assert any("cropped" in n for n in notes)
+
+
 def test_segment_window_starts_at_its_start(tmp_path):
     # 0..1 s silence, 1..2 s tone: the window (1.0, 2.0) is all tone, (0.0, 0.5) all silence.
     x = np.concatenate([np.zeros(16000, np.int16), tone(440, 1.0, 16000)])

@@ -202,7 +202,10 @@ def load_samples(path: str | Path, cfg: AudioConfig, segment: tuple[float, float
             notes.append(f"{name}: mixed {channels} channels to mono")
         if n < cfg.n_samples:
             notes.append(f"{name}: {n / sr:.3f} s of audio padded with silence to {cfg.duration_s:g} s")
-        elif not ran_out:
+        elif not ran_out and (duration is None
+                              or duration - start > cfg.duration_s + cfg.hop / sr):
+            # Only a real crop is worth a line in the report: a file of exactly the configured
+            # length also stops the decode early (the buffer is full), but loses nothing.
             notes.append(f"{name}: cropped to {cfg.duration_s:g} s from {start:g} s")
     return out
 
