@@ -545,3 +545,116 @@ def test_prefetch_accepts_any_order_and_refuses_indices_out_of_range(tmp_path):
         r.prefetch([5, 0, 0, 3])
         with pytest.raises(IndexError, match="0..5"):
             r.prefetch([6])
+
+
+# --- batched reads (the trainer's data path) -------------------------------------------------
+
+
+def video_samples(n: int) -> list[dict]:
+    """n records of ONE schema (9 KiB video clips, 12 KiB apart on disk), all in train."""
+    return [dict(key=f"train/car/v{i:03d}", fp=f"fp{i}", split="train", label=i % 3,
+                 kind="video", arrays=make_sample("video", 100 + i),
+                 meta=SampleMeta(label=i % 3, timestamp_ns=i * 1000 + 1, generation=i % 4,
+                                 source=f"train/v{i:03d}", index=i))
+            for i in range(n)]
+
+
+def drop_from_page_cache(cache: Path) -> None:
+    """Evict the (clean, unmapped) shard pages, so a reader opened next finds them cold."""
+    for p in sorted(cache.glob("v*/shard-*.bin")):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def rows_for(reader: CacheReader, n: int, extra: int = 64) -> np.ndarray:
+    return np.full((n, reader.max_payload_nbytes + extra), 0xAB, np.uint8)
+
+
+def test_batched_read_equals_single_reads_across_shards_in_shuffled_order(tmp_path):
+    samples = video_samples(40)
+    summary = write(tmp_path / "c", samples, shard_bytes=64 << 10)  # 5 records a shard
+    assert summary.shards >= 8
+    idx = np.random.default_rng(3).permutation(40)[:33]
+    idx[5] = idx[20]  # a record asked for twice lands in both rows
+    with CacheReader(tmp_path / "c") as r:
+        out = rows_for(r, len(idx))
+        schema, metas = r.read_batch_into(idx, out)
+        single = np.empty(r.max_payload_nbytes, np.uint8)
+        n = schema.payload_nbytes
+        assert len(metas) == len(idx)
+        for row, i in enumerate(idx):
+            _, meta = r.read_into(int(i), single)
+            assert bytes(out[row, :n]) == bytes(single[:n])
+            assert (out[row, n:] == 0xAB).all()  # nothing written past the payload
+            assert metas[row] == meta == samples[i]["meta"]
+            for name, a in schema.views(out[row]).items():
+                np.testing.assert_array_equal(a, samples[i]["arrays"][name])
+        np.testing.assert_array_equal(metas.generation, [samples[i]["meta"].generation for i in idx])
+        np.testing.assert_array_equal(metas.label, r.labels[idx])
+        assert metas[1:3] == [metas[1], metas[2]]
+
+
+def test_cold_batched_read_is_exact_and_reads_back_to_back_records_in_one_call(tmp_path,
+                                                                               monkeypatch):
+    samples = video_samples(24)
+    write(tmp_path / "c", samples, shard_bytes=128 << 10)  # 10 records a shard: 3 shards
+    drop_from_page_cache(tmp_path / "c")
+    calls = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: calls.append(a[2]) or real_preadv(*a))
+    idx = np.random.default_rng(1).permutation(24)  # every record: runs of neighbours on disk
+    with CacheReader(tmp_path / "c") as r:
+        out = rows_for(r, len(idx))
+        schema, metas = r.read_batch_into(idx, out)
+        assert metas.cold > 0, "the shard pages were still cached after POSIX_FADV_DONTNEED"
+        assert 0 < len(calls) < metas.cold  # coalesced: fewer reads than cold records
+        for row, i in enumerate(idx):
+            for name, a in schema.views(out[row]).items():
+                np.testing.assert_array_equal(a, samples[i]["arrays"][name])
+        _, again = r.read_batch_into(idx, out)  # now read in: served from the map
+        assert again.cold == 0
+
+
+def test_batched_read_fills_rows_of_a_strided_buffer(tmp_path):
+    samples = video_samples(6)
+    write(tmp_path / "c", samples)
+    with CacheReader(tmp_path / "c") as r:
+        big = np.zeros((6, r.max_payload_nbytes + 4096), np.uint8)
+        out = big[:, : r.max_payload_nbytes]  # rows contiguous, the whole not
+        assert not out.flags.c_contiguous
+        schema, _ = r.read_batch_into([5, 0, 3, 1, 4, 2], out)
+        for row, i in enumerate([5, 0, 3, 1, 4, 2]):
+            for name, a in schema.views(out[row]).items():
+                np.testing.assert_array_equal(a, samples[i]["arrays"][name])
+        assert not big[:, r.max_payload_nbytes:].any()
+
+
+def test_batched_read_refuses_bad_indices_buffers_and_a_closed_reader(tmp_path):
+    write(tmp_path / "c", dataset())
+    r = CacheReader(tmp_path / "c")
+    vid = r.schema_groups()[r.schema(0).schema_id]
+    n = r.payload_nbytes(0)
+    with pytest.raises(SchemaError, match="schema_groups"):
+        r.read_batch_into([0, 3], np.empty((2, r.max_payload_nbytes), np.uint8))
+    with pytest.raises(IndexError, match="out of range"):
+        r.read_batch_into([0, 12], np.empty((2, n), np.uint8))
+    with pytest.raises(IndexError, match="out of range"):
+        r.read_batch_into([-1], np.empty((1, n), np.uint8))
+    with pytest.raises(ValueError, match="at least one"):
+        r.read_batch_into([], np.empty((1, n), np.uint8))
+    with pytest.raises(ValueError, match="needs"):
+        r.read_batch_into(vid, np.empty((len(vid), n - 1), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        r.read_batch_into(vid, np.empty((len(vid) - 1, n), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        r.read_batch_into(vid, np.empty((len(vid), n), np.float32))
+    with pytest.raises(ValueError, match="writable"):
+        ro = np.empty((len(vid), n), np.uint8)
+        ro.flags.writeable = False
+        r.read_batch_into(vid, ro)
+    r.close()
+    with pytest.raises(CacheError, match="closed"):
+        r.read_batch_into(vid, np.empty((len(vid), n), np.uint8))

@@ -174,3 +174,39 @@ def test_cpu_prefetcher_is_a_no_op_over_the_host_buffer(cache):
         finally:
             pf.close()
             loader.close()
+
+
+def test_cache_dataset_batch_equals_its_items_in_shuffled_order(cache):
+    ds = CacheDataset(cache, "train")
+    idx = np.random.default_rng(7).permutation(len(ds))[:13]
+    inputs, labels = ds.__getitems__(idx)
+    assert labels.tolist() == ds.labels[idx].tolist()
+    for row, i in enumerate(idx):
+        one, label = ds[int(i)]
+        assert label == labels[row]
+        for k, t in one.items():
+            assert torch.equal(inputs[k][row], t)
+
+
+def test_disk_loader_batches_hold_exactly_the_records_of_their_plan(cache):
+    from trainer.prefetch import DiskLoader
+
+    ds = CacheDataset(cache, "train")
+    loader = DiskLoader(ds.reader, 8, epochs=1, shuffle=True, seed=4).start()
+    seen = []
+    try:
+        while not loader.exhausted:
+            b = loader.get(1.0)
+            if b is None:
+                continue
+            for row in range(b.n):
+                # match the row to its record by content: every record is distinct
+                one = {k: v[row] for k, v in b.inputs().items()}
+                hits = [i for i in range(len(ds))
+                        if all(torch.equal(ds[i][0][k], t) for k, t in one.items())]
+                assert len(hits) == 1 and b.labels[row] == ds.labels[hits[0]]
+                seen.append(hits[0])
+            b.release()
+    finally:
+        loader.close()
+    assert sorted(seen) == list(range(len(ds)))

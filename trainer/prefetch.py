@@ -198,8 +198,12 @@ class DiskLoader(_LoaderThread):
                     pair = pool.get(timeout=_POLL_S)
                 buf, labels = pair
                 _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                if metas.cold and k + 1 < len(plan):
+                    # reading from disk: start the next batch's reads now, behind this one's
+                    # training (warm batches skip this: fadvise walks the page cache per page)
+                    self.reader.prefetch(plan[k + 1])
                 labels[: len(idx)] = self._labels[torch.from_numpy(idx)]
-                gen = metas[0].generation
+                gen = int(metas.generation[0])
                 b = HostBatch(schema, gen, buf, labels, len(idx), live=0, copies=len(idx),
                               on_release=lambda pair=pair, pool=pool: pool.put(pair))
                 b.position = (epoch, k + 1)  # type: ignore[attr-defined]
