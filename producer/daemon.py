@@ -15,6 +15,14 @@ polling the control socket with a short timeout. Live network sources are the ex
 loop cannot bound (a read blocks up to the read timeout), so they are decoded on a reader
 thread that hands finished clips over a small queue.
 
+NOTE [media generations]: a media file or stream is opened once and demuxed for video and
+audio together (`demux.py`); a control change is handed to the reader thread and takes
+effect at its next clip boundary, without reopening (a listen-once stream would not survive
+a reopen). Each clip carries the generation it was made under and is published under it, so
+the clips already decoded when the change came are still published, under the old number,
+and the ring's generations never go backwards. Only a segment change on a file reopens it
+(to seek).
+
 NOTE [proving a change]: a change that alters samples is checked in three steps before its
 generation exists: argument checks (`generations.py`), then - for dataset and file sources -
 one real sample made with the new config (a filter that makes samples too big for a ring slot,
@@ -49,6 +57,8 @@ from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
 from .dataset import SampleFiles
 from .generations import Generation, Generations, SourceFacts
 from .pipeline import Pipeline, PipelineConfig
+from .demux import ClipSettings
+from .modalities import audio
 from .sources import (Clip, DatasetReplay, MediaSource, SourceError, WatchFolder,
                       open_source)
 
@@ -270,7 +280,7 @@ class ProducerDaemon:
             return
         if arrays is None or made_for != gen.number:
             try:
-                arrays = self.pipeline.process(self._with_segment_meta(item.sample), None)
+                arrays = self.pipeline.process(item.sample, None)
             except InputError as e:
                 self._pending = None
                 src.check_alive()  # a vanished folder is the source's failure, not the sample's
@@ -281,19 +291,20 @@ class ProducerDaemon:
         ts = item.timestamp_ns + (int(seg[0] * 1e9) if seg else 0)
         self._publish(arrays, gen, item.sample.label, ts, item.sample.key, item.index)
 
-    def _with_segment_meta(self, sample: SampleFiles) -> SampleFiles:
-        return sample
-
     def _step_media(self) -> None:
+        src: MediaSource = self._source  # type: ignore[assignment]
         reader = self._clip_reader
         gen = self.gens.current
-        if reader is None or reader.generation != gen.number:
-            if reader is not None:
-                reader.stop()
+        if reader is not None and reader.generation != gen.number:
+            if src.path is not None and gen.config.segment != reader.segment:
+                reader.stop()  # a file seeks to the new segment: the one change that reopens
+                reader = self._clip_reader = None
+            else:
+                reader.switch(gen)  # from the next clip boundary on (NOTE in demux.py)
+        if reader is None:
             start = gen.config.segment[0] if gen.config.segment else 0.0
-            if reader is not None and self._source.path is not None and reader.last_end_s:
-                start = max(start, reader.last_end_s)
-            self._clip_reader = reader = _ClipReader(self._source, gen, start)
+            self._clip_reader = reader = _ClipReader(src, gen, start,
+                                                     gen.config.audio.sample_rate)
         try:
             clip = reader.get(IDLE_POLL_MS / 1000)
         except SourceError:
@@ -302,48 +313,53 @@ class ProducerDaemon:
         if clip is None:
             if reader.done:
                 self._clip_reader = None
-                if not self._source.loop:  # looping: the next step reopens at the start
+                if not src.loop:  # looping: the next step reopens at the start
                     self._finish()
             return
-        seg = gen.config.segment
+        if "audio" not in self.gens.facts.stems and src.has_audio():
+            self.gens.facts = self._facts()  # a stream's audio is known once it is open
+        made_for: Generation = clip.tag  # the generation in force at the clip's boundary
+        seg = made_for.config.segment
         if seg is not None and clip.start_s >= seg[1]:
             reader.stop()
             self._clip_reader = None
-            if not self._source.loop:
+            if not src.loop:
                 self._finish()
             return
-        arrays = self._live_arrays(clip, gen)
+        arrays = self._live_arrays(clip, made_for)
         if arrays is None:
             return
-        self._publish(arrays, gen, UNLABELLED, clip.timestamp_ns,
-                      f"{Path(self._source.url).name}@{clip.start_s:.2f}s", clip.index)
+        self._publish(arrays, made_for, UNLABELLED, clip.timestamp_ns,
+                      f"{Path(src.url).name}@{clip.start_s:.2f}s", clip.index)
 
     def _live_arrays(self, clip: Clip, gen: Generation) -> dict[str, np.ndarray] | None:
-        """The clip's video plus whatever the pipeline makes of the files beside it (the
-        file's own audio segment, watched sensor files aligned by timestamp)."""
-        files: dict[str, Path] = {}
-        src: MediaSource = self._source  # type: ignore[assignment]
-        if src.path is not None and "audio" in self._facts_cache().stems:
-            files["audio"] = src.path
-        if self._watch is not None:
-            self._watch.scan()
-            files.update(self._aligned_watch_files(clip))
+        """The clip's video and audio (demuxed together, so a listen-once stream has both)
+        plus whatever the pipeline makes of watched sensor files aligned by timestamp."""
         out: dict[str, np.ndarray] = {}
-        if _on(gen.config, "video"):
+        cfg = gen.config
+        if _on(cfg, "video"):
             out["video"] = clip.video
-        if files:
-            sample = SampleFiles("live", "", UNLABELLED, Path(src.url).parent if src.path else
-                                 Path("."), files, {})
-            wanted = {n for n in files if _on(gen.config, n)}
-            if not wanted:
-                return out
-            config = gen.config.with_changes(enabled=frozenset(wanted),
-                                             segment=(clip.start_s, clip.end_s))
-            try:
-                out.update(Pipeline(config).process(sample, None))
-            except InputError as e:
-                self._skip(f"clip@{clip.start_s:.2f}s", e)
-                return None
+        if clip.audio is not None and _on(cfg, "audio"):
+            # The clip's span, padded or cut to the configured length: the same shape and
+            # meaning as the pipeline's `log_mel(file, segment=(start, end))`.
+            samples = np.zeros(cfg.audio.n_samples, np.float32)
+            n = min(clip.audio.size, samples.size)
+            samples[:n] = clip.audio[:n]
+            out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
+        if self._watch is None:
+            return out
+        self._watch.scan()
+        files = self._aligned_watch_files(clip)
+        wanted = {n for n in files if _on(cfg, n)}
+        if not wanted:
+            return out
+        sample = SampleFiles("live", "", UNLABELLED, self._watch.directory, files, {})
+        config = cfg.with_changes(enabled=frozenset(wanted), segment=(clip.start_s, clip.end_s))
+        try:
+            out.update(Pipeline(config).process(sample, None))
+        except InputError as e:
+            self._skip(f"clip@{clip.start_s:.2f}s", e)
+            return None
         return out
 
     def _aligned_watch_files(self, clip: Clip) -> dict[str, Path]:
@@ -359,9 +375,6 @@ class ProducerDaemon:
             if a.index[0] >= 0:
                 out[stem] = self._watch.paths[stem][a.index[0]]
         return out
-
-    def _facts_cache(self) -> SourceFacts:
-        return self.gens.facts
 
     def _due(self, offset_s: float) -> bool:
         """Recorded-speed pacing: True when the item is due, else wait a little (answering
@@ -666,24 +679,32 @@ def _media_payload_estimate(src: MediaSource, gen: Generation,
 
 
 class _ClipReader:
-    """Decodes clips of one generation on a thread (NOTE [one thread]): a network read that
-    blocks for seconds must not keep the main loop from answering control."""
+    """Decodes clips on a thread (NOTE [one thread]): a network read that blocks for seconds
+    must not keep the main loop from answering control. One reader lives as long as its
+    open of the source; `switch(gen)` changes the clips it makes from the next clip boundary
+    on, without reopening (a listen-once stream cannot be opened again)."""
 
-    def __init__(self, source: MediaSource, gen: Generation, start_s: float):
-        self.generation = gen.number
+    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int):
+        self.segment = gen.config.segment
+        self.switch(gen)
         self.done = False
-        self.last_end_s = start_s
         self._q: queue.Queue = queue.Queue(maxsize=2)
         self._stop = threading.Event()
         self._error: SourceError | None = None
-        self._thread = threading.Thread(
-            target=self._run, args=(source, gen.config.filter, gen.config.clip_frames, start_s),
-            name=f"clips-gen{gen.number}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(source, start_s, audio_rate),
+                                        name=f"clips-{Path(source.url).name}", daemon=True)
         self._thread.start()
 
-    def _run(self, source: MediaSource, spec: FilterSpec, frames: int, start: float) -> None:
+    def switch(self, gen: Generation) -> None:
+        # One attribute store: the decoding thread reads it whole at its next clip boundary.
+        c = gen.config
+        self._settings = ClipSettings(c.filter, c.clip_frames, c.segment, gen)
+        self.generation = gen.number
+
+    def _run(self, source: MediaSource, start: float, audio_rate: int) -> None:
         try:
-            for clip in source.clips(spec, frames, start):
+            for clip in source.clips(self._settings.spec, self._settings.frames, start,
+                                     audio_rate=audio_rate, settings=lambda: self._settings):
                 while not self._stop.is_set():
                     try:
                         self._q.put(clip, timeout=0.1)
@@ -701,9 +722,7 @@ class _ClipReader:
 
     def get(self, timeout: float) -> Clip | None:
         try:
-            clip = self._q.get(timeout=timeout)
-            self.last_end_s = clip.end_s
-            return clip
+            return self._q.get(timeout=timeout)
         except queue.Empty:
             if self.done and self._q.empty():
                 if self._error is not None:

@@ -7,9 +7,10 @@ Three kinds of source, told apart by `open_source(SRC)`:
                    when a sample has none), optionally looping. Items are `SampleFiles`: the
                    pipeline turns them into arrays, exactly as `preprocess` does.
 * `MediaSource`    a media file or any URL PyAV opens (rtsp, udp, http, tcp, a v4l2 device).
-                   Frames come from `video.iter_frames` (which applies the filter) grouped
-                   into clips of T frames; audio of the same file, when present, and sensor
-                   files from a watched folder are handed to the pipeline beside the clip.
+                   One open and one demux (`demux.py`) give clips of T filtered frames with
+                   the audio samples of the same span; the filter can change between clips
+                   without reopening (a listen-once stream survives it). Sensor files from a
+                   watched folder are handed to the pipeline beside the clip.
 * `WatchFolder`    sensor files a recorder drops into a folder, named with their timestamp
                    (`lidar_top_1700000000.125.bin`, `radar-1700000000125000000.bin`),
                    picked up by polling and aligned with the video by timestamp.
@@ -24,9 +25,10 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +36,7 @@ from protocol.errors import InputError, MmfeedError
 from protocol.filters import FilterSpec
 
 from .dataset import SampleFiles, index_dataset, kind_of
+from .demux import ClipSettings
 from .metadata import timestamp_ns
 
 #: Interval between samples that carry no timestamp, for `--rate recorded` (seconds).
@@ -175,22 +178,27 @@ def _has_timestamp(meta: dict) -> bool:
 
 @dataclass
 class Clip:
-    """T consecutive frames of a media source and the time span they cover."""
+    """T consecutive frames of a media source, the audio of the same span, and that span."""
 
-    video: np.ndarray            # uint8 (T, C, H, W), already filtered by video.iter_frames
+    video: np.ndarray            # uint8 (T, C, H, W), shaped by `spec`
     start_s: float               # pts of the first frame
     end_s: float                 # pts of the last frame + one frame period
     timestamp_ns: int            # wall-clock time of the first frame (for sensor alignment)
     index: int
     spec: FilterSpec
+    audio: np.ndarray | None = None   # float32 mono samples of [start_s, end_s) at the
+                                      # asked audio rate; None: not asked for, or no audio
+    tag: Any = None                   # ClipSettings.tag of the settings it was made with
 
 
 class MediaSource:
-    """A media file or URL decoded by PyAV, as clips of T frames.
+    """A media file or URL decoded by PyAV, as clips of T frames with their audio.
 
-    `clips(spec, frames, start_s)` is a generator; a filter change closes it and opens a new
-    one (a file resumes where it was; a live URL is simply re-opened). Opening and reading
-    are bounded by `timeouts` (open, read) so a dead stream raises SourceError.
+    `clips(spec, frames, start_s)` opens the source once and demuxes video and audio
+    together (`demux.demux_clips`). With `settings` (a callable returning ClipSettings) the
+    filter, clip length and pts window are re-read at every clip boundary, so a control
+    change needs no reopen. Opening and reading are bounded by `timeouts` (open, read) so a
+    dead stream raises SourceError.
     """
 
     kind = "media"
@@ -206,53 +214,53 @@ class MediaSource:
         self.problems: list[InputError] = []
         self._count = 0
         self._wall_offset_ns: int | None = None
+        self._has_audio: bool | None = None   # known once opened (a stream is never probed)
         if self.path is not None and not self.path.is_file():
             raise SourceError(f"media file {self.path}: not found")
 
     def has_audio(self) -> bool:
-        """Whether the file has an audio stream (live URLs: audio is not decoded)."""
-        if self.path is None:
-            return False
-        import av
+        """Whether the source has an audio stream. A file is probed; a stream is only known
+        once `clips()` has opened it (probing would use up a listen-once server)."""
+        if self._has_audio is None and self.path is not None:
+            import av
 
-        try:
-            with av.open(str(self.path)) as c:
-                return bool(c.streams.audio)
-        except (av.FFmpegError, OSError):
-            return False
+            try:
+                with av.open(str(self.path)) as c:
+                    self._has_audio = bool(c.streams.audio)
+            except (av.FFmpegError, OSError):
+                return False
+        return bool(self._has_audio)
 
     def stems(self) -> dict[str, set[str]]:
         return {"video": {"video"}, **({"audio": {"audio"}} if self.has_audio() else {})}
 
-    def clips(self, spec: FilterSpec, frames: int, start_s: float = 0.0) -> Iterator[Clip]:
-        """Clips of `frames` frames from `start_s` on; SourceError when the source fails."""
-        from .modalities import video
+    def clips(self, spec: FilterSpec, frames: int, start_s: float = 0.0, *,
+              audio_rate: int | None = None,
+              settings: Callable[[], ClipSettings] | None = None) -> Iterator[Clip]:
+        """Clips from `start_s` on; SourceError when the source fails. `audio_rate`: give
+        each clip its audio as mono samples at this rate. `settings`: re-read at each clip
+        boundary (it overrides `spec` and `frames`)."""
+        from .demux import demux_clips
 
         if self.path is not None and not self.path.is_file():
             raise SourceError(f"media file {self.path}: disappeared")
-        buf: np.ndarray | None = None
-        k, t0, last = 0, 0.0, 0.0
-        period = 1.0 / spec.fps if spec.fps else None
+        if settings is None:
+            fixed = ClipSettings(spec, frames)
+            settings = lambda: fixed  # noqa: E731
+
+        def opened(has_audio: bool) -> None:
+            self._has_audio = has_audio
+
         try:
-            for t, frame in video.iter_frames(self.url, spec, timeout=self.timeouts,
-                                              start=start_s):
-                if buf is None or buf.shape[1:] != frame.shape:
-                    buf = np.empty((frames, *frame.shape), np.uint8)
-                    k = 0
-                if k == 0:
-                    t0 = t
-                buf[k] = frame
-                k += 1
-                step = period or max(t - last, 1e-3)
-                last = t
-                if k == frames:
-                    if self._wall_offset_ns is None:
-                        self._wall_offset_ns = time.time_ns() - int(t0 * 1e9)
-                    clip = Clip(buf, t0, t + step, self._wall_offset_ns + int(t0 * 1e9),
-                                self._count, spec)
-                    self._count += 1
-                    buf, k = None, 0
-                    yield clip
+            for c in demux_clips(self.url, settings, audio_rate=audio_rate, start_s=start_s,
+                                 timeout=self.timeouts, on_open=opened):
+                if self._wall_offset_ns is None:
+                    self._wall_offset_ns = time.time_ns() - int(c.start_s * 1e9)
+                clip = Clip(c.video, c.start_s, c.end_s,
+                            self._wall_offset_ns + int(c.start_s * 1e9), self._count,
+                            c.settings.spec, c.audio, c.settings.tag)
+                self._count += 1
+                yield clip
         except InputError as e:
             raise SourceError(f"{self.url}: {e}") from None
         if self.path is not None and not self.path.is_file():

@@ -24,8 +24,11 @@ import numpy as np
 import pytest
 import zmq
 
+sys.path.insert(0, str(Path(__file__).parent))
+import _av_stream  # noqa: E402
+
 from producer.dataset import index_dataset
-from producer.modalities import lidar
+from producer.modalities import audio, lidar
 from producer.pipeline import PipelineConfig
 from producer.synth import make_bad_samples, make_dataset
 from protocol.control import ControlClient, Timeouts
@@ -463,3 +466,61 @@ def _listening(port: int) -> bool:
     with open("/proc/net/tcp") as f:
         return any(line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"
                    for line in f.readlines()[1:])
+
+
+def _clip_start(s) -> float:
+    return float(s.meta.source.rsplit("@", 1)[1].rstrip("s"))
+
+
+def test_live_stream_with_audio_gives_samples_with_the_tone_and_switches_filter_unplugged():
+    # One connection only (listen=1): a producer that reopened the stream for the audio, or to
+    # apply the filter, would find nobody listening and fall into source-error.
+    port = _av_stream.free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    writer = _av_stream.spawn(url + "?listen=1", seconds=60)
+    d = None
+    try:
+        wait_for(lambda: _av_stream.listening(port), what="the stream server")
+        d = Daemon(url, "--clip-frames", "4", "--rate", "max", "--read-timeout", "5")
+        s = first_sample_of(d.ring, 1, lambda s: s.meta.index >= 3)  # past the AAC priming
+        assert set(s.arrays) == {"video", "audio"}
+        assert s.arrays["video"].shape == (4, 3, 48, 64)
+        mel = s.arrays["audio"][0]
+        cfg = PipelineConfig().audio
+        assert mel.shape == (cfg.n_mels, cfg.n_frames)
+        # The clip spans 4 frames at 25 fps = 0.16 s: that much is the tone, the rest of the
+        # configured second is padding at the log floor (as for a file's segment).
+        loud = mel.max(axis=0) > np.log(cfg.eps) + 10
+        span_frames = 0.16 * cfg.sample_rate / cfg.hop
+        assert loud[:int(span_frames) - 2].all() and not loud[int(span_frames) + 4:].any()
+        fb = audio.mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
+        tone_bin = int(np.argmax(fb[:, round(_av_stream.TONE_HZ * cfg.n_fft / cfg.sample_rate)]))
+        assert int(np.argmax(mel[:, loud].mean(axis=1))) == tone_bin
+        assert "audio" in d.request("modalities")["enabled"]
+
+        with RingReader.attach(d.ring, start="next") as reader:
+            gen = d.request("filter", spec="gray")["generation"]
+            seen = []
+            deadline = time.monotonic() + 30
+            while sum(x.meta.generation == gen for x in seen) < 2 and time.monotonic() < deadline:
+                x = reader.receive(timeout=0.5)
+                if x is not None:
+                    seen.append(x)
+        new = [x for x in seen if x.meta.generation == gen]
+        assert len(new) >= 2, f"no samples of generation {gen}: {[x.meta for x in seen]}"
+        assert all(x.arrays["video"].shape == (4, 1, 48, 64) and "audio" in x.arrays for x in new)
+        gens = [x.meta.generation for x in seen]
+        assert gens == sorted(gens)  # the switch is at one clip boundary, never back and forth
+        # Same connection: clip numbers and stream time run on across the switch.
+        assert [x.meta.index for x in seen] == list(range(seen[0].meta.index,
+                                                          seen[0].meta.index + len(seen)))
+        np.testing.assert_allclose(np.diff([_clip_start(x) for x in seen]), 0.16, atol=0.011)
+        st = d.status()
+        assert st["state"] == "running" and st["source_errors"] == 0, st
+        assert writer.poll() is None  # the server still has its one client
+    finally:
+        if d is not None:
+            d.stop()
+        writer.kill()
+        writer.wait()
+        writer.stderr.close()

@@ -1,16 +1,23 @@
-"""producer/sources.py on real files: replay order, looping, media clips, watched folders."""
+"""producer/sources.py and demux.py on real files: replay order, looping, media clips with
+their audio, settings switched between clips, watched folders."""
 from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from producer.demux import AudioWindow, ClipSettings
 from producer.sources import (DatasetReplay, MediaSource, SourceError, WatchFolder,
                               open_source, parse_stamped_name)
 from producer.synth import make_dataset
 from protocol.filters import FilterSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _av_stream  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +112,72 @@ def test_watch_folder_picks_up_new_files_in_time_order_and_reports_unstamped(tmp
     assert [p.name for p in w.paths["lidar"]][0] == "lidar_1700000000.0.bin"
     assert w.ignored == {"notes.txt"}
     assert w.stems() == {"lidar": {"lidar"}}
+
+
+# --- one demux: video clips with the audio of their span; settings switched between clips ---
+
+
+@pytest.fixture(scope="module")
+def av_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("av") / "tone.mkv"
+    _av_stream.write(str(path), 2.0, "matroska", paced=False)
+    return path
+
+
+def _peak_hz(x: np.ndarray, rate: int) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(x)))) * rate / x.size
+
+
+def test_media_clips_carry_the_audio_of_their_own_time_span(av_file):
+    src = MediaSource(str(av_file))
+    clips = list(src.clips(FilterSpec(), 4, audio_rate=16000))
+    assert src.has_audio() and src.stems()["audio"] == {"audio"}
+    assert len(clips) == 12  # 50 frames at 25 fps: 12 whole clips of 4
+    for c in clips:
+        span = c.end_s - c.start_s
+        assert span == pytest.approx(4 / _av_stream.FPS, abs=1e-6)
+        assert c.audio.dtype == np.float32 and c.audio.size == round(span * 16000)
+        assert _peak_hz(c.audio, 16000) == pytest.approx(_av_stream.TONE_HZ, abs=16000 / c.audio.size)
+        assert np.abs(c.audio).max() > 0.3  # the signal, not silence (0.5 in each channel)
+    starts = np.array([c.start_s for c in clips])
+    np.testing.assert_allclose(np.diff(starts), 4 / _av_stream.FPS, atol=1e-6)
+
+
+def test_media_clips_without_audio_rate_decode_video_only(av_file):
+    clip = next(MediaSource(str(av_file)).clips(FilterSpec(), 2))
+    assert clip.audio is None and clip.video.shape == (2, 3, 48, 64)
+
+
+def test_settings_change_takes_effect_at_a_clip_boundary_without_losing_frames(av_file):
+    current = {"s": ClipSettings(FilterSpec(), 4, tag="before")}
+    src = MediaSource(str(av_file))
+    clips = []
+    for c in src.clips(FilterSpec(), 4, audio_rate=16000, settings=lambda: current["s"]):
+        clips.append(c)
+        if len(clips) == 2:
+            current["s"] = ClipSettings(FilterSpec.parse("gray,resize=32x24"), 3, tag="after")
+    tags = [c.tag for c in clips]
+    k = tags.index("after")
+    assert k >= 2 and tags == ["before"] * k + ["after"] * (len(clips) - k)
+    assert all(c.video.shape == (4, 3, 48, 64) for c in clips[:k])
+    assert all(c.video.shape == (3, 1, 24, 32) and c.spec.gray for c in clips[k:])
+    for a, b in zip(clips, clips[1:]):  # one open, no frame skipped or repeated at the seam
+        assert b.start_s == pytest.approx(a.end_s, abs=1e-6)
+    assert all(c.audio.size == round((c.end_s - c.start_s) * 16000) for c in clips)
+
+
+def test_audio_window_fills_gaps_with_silence_and_bounds_its_memory():
+    w = AudioWindow(100, keep_s=2.0)
+    w.sync(10.0)
+    w.append(np.ones(50, np.float32))           # 10.0 .. 10.5
+    w.sync(11.0)                                 # 0.5 s missing from the stream
+    w.append(np.full(50, 2.0, np.float32))      # 11.0 .. 11.5
+    got = w.take(10.25, 11.25)
+    np.testing.assert_array_equal(got, np.r_[np.ones(25), np.zeros(50), np.full(25, 2.0)])
+    np.testing.assert_array_equal(w.take(11.4, 11.7), np.r_[np.full(10, 2.0), np.zeros(20)])
+    w.append(np.full(150, 3.0, np.float32))     # past keep_s: the oldest samples go
+    assert w.end_s == pytest.approx(13.0) and w.t0 == pytest.approx(11.0)
+    np.testing.assert_array_equal(w.take(10.0, 11.0), np.zeros(100))
+    w.sync(1.0)                                  # timestamps jumped back: start over
+    w.append(np.ones(10, np.float32))
+    assert w.t0 == 1.0 and w.end_s == pytest.approx(1.1)

@@ -318,6 +318,14 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
                              found=f"{type(e).__name__} after {n} frames: {e}") from None
 
 
+# The same opening and conversion for producer/demux.py, which decodes video and audio from
+# one open of a stream that cannot be opened twice (a listen-once tcp/udp/rtsp source).
+open_container = _open
+first_video_stream = _video_stream
+stream_rate = _stream_rate
+FrameConverter = _Converter
+
+
 # --- CUDA seam ----------------------------------------------------------------------------
 
 
