@@ -18,6 +18,7 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -453,6 +454,31 @@ def keygen(ctl: Ctl, directory: Path) -> None:
         f"  mmctl:  mmctl --keys {directory} --producer tcp://HOST:PORT status",
         "  copy server.key and client.key_secret to the machine that runs mmctl; keep *_secret private",
     ]))
+
+
+@main.command("install-units")
+@click.option("--unit-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/etc/systemd/system"), show_default=True)
+@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("/etc/mmfeed/mmfeed.env"), show_default=True,
+              help="Settings file the units read (an example is written if it is missing).")
+@click.option("--no-enable", is_flag=True, help="Install without `systemctl enable`.")
+@click.option("--no-user", is_flag=True, help="Do not create the mmfeed system user and group.")
+@click.option("--dry-run", is_flag=True, help="Print what would be done; change nothing.")
+@pass_ctl
+def install_units_(ctl: Ctl, unit_dir: Path, env_file: Path, no_enable: bool, no_user: bool,
+                   dry_run: bool) -> None:
+    """Install the systemd units (mm-producer, mm-trainer, mmfeed.target) for this install.
+
+    ExecStart points at the console scripts of the Python environment mmctl runs from."""
+    from .units import UnitSettings, install_units
+
+    if not dry_run and os.geteuid() != 0 and not os.access(unit_dir, os.W_OK):
+        ctl.fail(EXIT_USAGE, f"writing to {unit_dir} needs root: re-run with sudo, or --dry-run "
+                 f"to see the steps, or --unit-dir DIR", "permission")
+    settings = UnitSettings(unit_dir=unit_dir, env_path=env_file)
+    res = install_units(settings, enable=not no_enable, create_user=not no_user, dry_run=dry_run)
+    ctl.emit(res, "\n".join(res["steps"]))
 
 
 @main.command()

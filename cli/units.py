@@ -54,14 +54,15 @@ def write_units(settings: UnitSettings, dest: Path) -> list[Path]:
 
 def install_units(settings: UnitSettings, *, enable: bool, create_user: bool, dry_run: bool) -> dict:
     steps: list[str] = []
+    did = "would write" if dry_run else "wrote"
     if not dry_run:
         write_units(settings, settings.unit_dir)
-    steps.append(f"wrote {', '.join(UNIT_FILES)} to {settings.unit_dir}")
+    steps.append(f"{did} {', '.join(UNIT_FILES)} to {settings.unit_dir}")
     if not settings.env_path.exists():
         if not dry_run:
             settings.env_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / "systemd" / ENV_FILE, settings.env_path)
-        steps.append(f"wrote example settings to {settings.env_path} (edit MMFEED_SOURCE, MMFEED_CACHE)")
+        steps.append(f"{did} example settings to {settings.env_path} (edit MMFEED_SOURCE, MMFEED_CACHE)")
     commands = []
     if create_user:
         commands.append(["useradd", "--system", "--user-group", "--home-dir", "/var/lib/mmfeed",
@@ -73,7 +74,11 @@ def install_units(settings: UnitSettings, *, enable: bool, create_user: bool, dr
         steps.append("$ " + " ".join(cmd))
         if dry_run:
             continue
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError:
+            steps.append(f"  skipped: {cmd[0]} is not installed on this machine")
+            continue
         if r.returncode != 0 and not (cmd[0] == "useradd" and r.returncode == 9):  # 9: exists
             steps.append(f"  failed ({r.returncode}): {r.stderr.strip()}")
     return {"ok": True, "dry_run": dry_run, "unit_dir": str(settings.unit_dir), "steps": steps}

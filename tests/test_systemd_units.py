@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,3 +117,28 @@ def test_install_units_dry_run_writes_nothing(tmp_path):
     res = install_units(s, enable=True, create_user=True, dry_run=True)
     assert not (tmp_path / "units").exists() and not s.env_path.exists()
     assert any("systemctl enable mmfeed.target" in step for step in res["steps"])
+
+
+def test_mmctl_install_units_dry_run_prints_the_steps_as_json():
+    from click.testing import CliRunner
+
+    from cli.mmctl import main
+
+    r = CliRunner().invoke(main, ["--json", "install-units", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert res["dry_run"] and res["steps"][0].startswith("would write mm-producer.service")
+
+
+def test_mmctl_install_units_writes_units_for_this_environment(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.mmctl import main
+
+    r = CliRunner().invoke(main, ["install-units", "--unit-dir", str(tmp_path), "--env-file",
+                                  str(tmp_path / "mmfeed.env"), "--no-enable", "--no-user"])
+    assert r.exit_code == 0, r.output
+    text = (tmp_path / "mm-producer.service").read_text()
+    # ExecStart points at this environment's console script, which exists
+    exec_start = next(l for l in text.splitlines() if l.startswith("ExecStart="))
+    assert Path(exec_start.split("=", 1)[1].split()[0]).exists()

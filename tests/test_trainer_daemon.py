@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import os
 import signal
 import subprocess
@@ -173,3 +175,53 @@ def test_two_rank_torchrun_run_completes(cache, tmp_path):
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["accuracy"] is not None
+
+
+def _notify_socket(directory: Path):
+    """A real AF_UNIX datagram socket standing in for systemd's notify socket."""
+    import socket
+
+    path = str(directory / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.5)
+    return sock, path
+
+
+def _datagrams_until(sock, wanted: str, timeout: float = 60.0) -> list[str]:
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.extend(sock.recv(4096).decode().splitlines())
+        except OSError:  # socket.timeout: keep waiting until the deadline
+            continue
+        if any(line.startswith(wanted) for line in got):
+            return got
+    raise AssertionError(f"no {wanted!r} from the trainer within {timeout} s; got {got}")
+
+
+def test_sd_notify_ready_watchdog_and_stopping_under_a_stand_in_systemd(cache, tmp_path):
+    # systemd's Type=notify + WatchdogSec contract (systemd/mm-trainer.service): READY=1 once the
+    # control socket is up, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+    d = Path(tempfile.mkdtemp(prefix="mmtn", dir="/tmp"))  # AF_UNIX paths must stay short
+    sock, path = _notify_socket(d)
+    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
+         "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"),
+         "--control", f"ipc://{d}/t.sock", "--log-endpoint", f"ipc://{d}/t.log.sock"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert any(l.startswith("READY=1") for l in _datagrams_until(sock, "READY=1"))
+        _datagrams_until(sock, "WATCHDOG=1")
+        _datagrams_until(sock, "WATCHDOG=1")  # repeatedly, not once
+        proc.send_signal(signal.SIGTERM)
+        _datagrams_until(sock, "STOPPING=1")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
