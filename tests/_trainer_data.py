@@ -50,7 +50,7 @@ def unique_name(prefix: str = "mmt") -> str:
 
 
 def _produce(name: str, mode: str, rate: float, gray_after: int | None, start_index: int,
-             stop, seed: int) -> None:
+             stop, seed: int, alternate_schemas: bool = False) -> None:
     from protocol.ring import RingConfig, RingWriter
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -70,6 +70,10 @@ def _produce(name: str, mode: str, rate: float, gray_after: int | None, start_in
                 arrays = make_sample(rng, label, hw=12, channels=1)
             else:
                 arrays = make_sample(rng, label)
+            if alternate_schemas and i % 2:
+                # An unknown sensor only every other recording carries: a second schema
+                # interleaved with the first, sample by sample.
+                arrays["imu"] = rng.standard_normal(6).astype(np.float32)
             schema = SampleSchema.from_arrays(arrays)
             try:
                 w.publish(schema, SampleMeta(label=label, index=i, generation=gen, source="live"),
@@ -92,11 +96,13 @@ class LiveProducer:
     """A RingWriter in its own process, publishing learnable samples until stopped."""
 
     def __init__(self, name: str, *, mode: str = "lossy", rate: float = 0.0,
-                 gray_after: int | None = None, start_index: int = 0, seed: int = 1):
+                 gray_after: int | None = None, start_index: int = 0, seed: int = 1,
+                 alternate_schemas: bool = False):
         ctx = mp.get_context("fork")
         self.stop_event = ctx.Event()
         self.proc = ctx.Process(target=_produce, args=(name, mode, rate, gray_after, start_index,
-                                                       self.stop_event, seed), daemon=True)
+                                                       self.stop_event, seed, alternate_schemas),
+                                daemon=True)
         self.name = name
 
     def start(self) -> "LiveProducer":

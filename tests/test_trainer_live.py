@@ -158,3 +158,23 @@ def test_ring_dataset_batches_never_mix_shapes(ring):
         assert inputs["video"].shape[0] == labels.shape[0] <= 5
         shapes.append(tuple(inputs["video"].shape[1:]))
     assert set(shapes) == {(2, 3, 16, 16), (2, 1, 12, 12)}
+
+
+def test_interleaved_schemas_still_fill_whole_batches(ring):
+    # Two schemas alternating sample by sample (an unknown sensor only some recordings carry):
+    # the loader keeps one open batch per (schema, generation), so batches come out full and
+    # never mixed, instead of one or two samples each.
+    name, start = ring
+    start(mode="lossless", alternate_schemas=True)
+    loader = RingLoader(name, batch_size=8, start="oldest", max_wait_s=30.0).start()
+    try:
+        batches = []
+        while len(batches) < 6:
+            b = loader.get(timeout=10.0)
+            assert b is not None, "no batch within 10 s"
+            batches.append((b.n, b.schema.names))
+            b.release()
+        assert all(n == 8 for n, _ in batches), batches
+        assert {names for _, names in batches} == {("video", "vec"), ("video", "vec", "imu")}
+    finally:
+        loader.close()

@@ -218,10 +218,10 @@ class DiskLoader(_LoaderThread):
 class RingLoader(_LoaderThread):
     """The live-ring reader thread: slot -> pinned batch row, one copy (NOTE [one host copy]).
 
-    Samples are grouped by (schema, generation); a batch is handed out when it is full, when
-    the next sample has another key (a generation changed: it will not come back), or when it
-    has waited `max_wait_s` (a slow stream still gets trained on). A producer that goes away is
-    a warning and a re-attach loop, never an exception. With `world_size > 1` every rank keeps
+    Samples are grouped by (schema, generation) into up to MAX_OPEN_BATCHES open batches; a
+    batch is handed out when it is full, when a newer generation arrives (an older one will not
+    come back), or when it has waited `max_wait_s` (a slow stream still gets trained on). A
+    producer that goes away is a warning and a re-attach loop, never an exception. With `world_size > 1` every rank keeps
     the samples whose `meta.index % world_size == rank`, so ranks do not train on duplicates.
     """
 
@@ -269,78 +269,100 @@ class RingLoader(_LoaderThread):
                 schema, self.batch_size, count=self._depth + 2, pin=self._pin)
         return pool
 
-    def _run(self) -> None:
-        open_: dict | None = None  # key, pool, buf, views, labels, n, since
+    # Open batches kept at once: one per (schema, generation) seen recently. Samples of several
+    # schemas interleave in a real stream (an unknown sensor whose metadata only some recordings
+    # carry, a generation switch): closing the batch at every schema change would hand the
+    # model batches of one or two samples. A new key beyond this many evicts the oldest bucket.
+    MAX_OPEN_BATCHES = 4
 
-        def emit() -> bool:
-            nonlocal open_
-            o, open_ = open_, None
-            if o is None or o["n"] == 0:
-                if o is not None:
-                    o["pool"].put((o["buf"], o["labels"]))
+    def _run(self) -> None:
+        buckets: dict[BatchKey, dict] = {}  # key -> schema, pool, buf, rows, labels, n, since
+
+        def emit(key: BatchKey) -> bool:
+            o = buckets.pop(key)
+            if o["n"] == 0:
+                o["pool"].put((o["buf"], o["labels"]))
                 return True
-            b = HostBatch(o["schema"], o["key"].generation, o["buf"], o["labels"], o["n"],
+            b = HostBatch(o["schema"], key.generation, o["buf"], o["labels"], o["n"],
                           live=o["n"], copies=o["n"],
                           on_release=lambda p=(o["buf"], o["labels"]), pool=o["pool"]: pool.put(p))
             self.stats.batches += 1
             return self._put(b)
 
-        while not self._stop.is_set():
-            if self.reader is None:
-                self.reader = self._attach()
+        def emit_all() -> bool:
+            return all(emit(k) for k in list(buckets))
+
+        def emit_stale() -> bool:
+            now = time.monotonic()
+            return all(emit(k) for k, o in list(buckets.items())
+                       if now - o["since"] > self.max_wait_s)
+
+        try:
+            while not self._stop.is_set():
                 if self.reader is None:
-                    break
-                self.attached = True
-            try:
-                view = self.reader.receive_view(timeout=_POLL_S)
-            except ProducerGone as e:
-                log.warning("ring %s: %s; re-attaching", self.ring, e)
-                self.stats.reattached += 1
-                self._drop_reader()
-                if open_ is not None and not emit():
-                    return
-                continue
-            if view is None:
-                if open_ is not None and time.monotonic() - open_["since"] > self.max_wait_s:
-                    if not emit():
+                    self.reader = self._attach()
+                    if self.reader is None:
+                        break
+                    self.attached = True
+                try:
+                    view = self.reader.receive_view(timeout=_POLL_S)
+                except ProducerGone as e:
+                    log.warning("ring %s: %s; re-attaching", self.ring, e)
+                    self.stats.reattached += 1
+                    self._drop_reader()
+                    if not emit_all():
                         return
-                continue
-            meta = view.meta
-            if self.world_size > 1 and meta.index % self.world_size != self.rank:
-                continue
-            key = BatchKey(view.schema.schema_id, meta.generation)
-            if open_ is not None and open_["key"] != key:
-                if not emit():  # a new generation or schema: never mix shapes in a batch
-                    return
-            if open_ is None:
-                pool = self._pool(view.schema)
-                pair = None
-                while pair is None:
-                    if self._stop.is_set():
+                    continue
+                if view is None:
+                    if not emit_stale():
                         return
-                    pair = pool.get(timeout=_POLL_S)
-                buf, labels = pair
-                open_ = {"key": key, "schema": view.schema, "pool": pool, "buf": buf,
-                         "rows": buf.numpy(),
-                         "labels": labels, "n": 0, "since": time.monotonic()}
-            j = open_["n"]
-            row = view.schema.views(open_["rows"][j])
-            for name, src in view.arrays.items():
-                np.copyto(row[name], src)  # the one host copy of this sample
-            if not view.still_valid():  # lossy: overwritten while we copied; discard the row
-                self.stats.dropped += 1
-                continue
-            open_["labels"][j] = meta.label
-            open_["n"] = j + 1
-            self.stats.samples += 1
-            self.stats.copies += 1
-            self.stats.generations.add(meta.generation)
-            self.generation_seen = meta.generation
-            if open_["n"] == self.batch_size and not emit():
-                return
-        if open_ is not None:
-            self.stats.dropped += open_["n"]
-            open_["pool"].put((open_["buf"], open_["labels"]))
+                    continue
+                meta = view.meta
+                if self.world_size > 1 and meta.index % self.world_size != self.rank:
+                    continue
+                key = BatchKey(view.schema.schema_id, meta.generation)
+                o = buckets.get(key)
+                if o is None:
+                    # An older generation never comes back once a newer one arrives: hand its
+                    # partial batches out now instead of waiting for max_wait_s.
+                    older = [k for k in buckets if k.generation < meta.generation]
+                    if not all(emit(k) for k in older):
+                        return
+                    if len(buckets) >= self.MAX_OPEN_BATCHES:
+                        oldest = min(buckets, key=lambda k: buckets[k]["since"])
+                        if not emit(oldest):
+                            return
+                    pool = self._pool(view.schema)
+                    pair = None
+                    while pair is None:
+                        if self._stop.is_set():
+                            return
+                        pair = pool.get(timeout=_POLL_S)
+                    buf, labels = pair
+                    o = buckets[key] = {"schema": view.schema, "pool": pool, "buf": buf,
+                                        "rows": buf.numpy(), "labels": labels, "n": 0,
+                                        "since": time.monotonic()}
+                j = o["n"]
+                row = view.schema.views(o["rows"][j])
+                for name, src in view.arrays.items():
+                    np.copyto(row[name], src)  # the one host copy of this sample
+                if not view.still_valid():  # lossy: overwritten while we copied; discard the row
+                    self.stats.dropped += 1
+                    continue
+                o["labels"][j] = meta.label
+                o["n"] = j + 1
+                self.stats.samples += 1
+                self.stats.copies += 1
+                self.stats.generations.add(meta.generation)
+                self.generation_seen = meta.generation
+                if o["n"] == self.batch_size and not emit(key):
+                    return
+                if not emit_stale():
+                    return
+        finally:
+            for o in buckets.values():
+                self.stats.dropped += o["n"]
+                o["pool"].put((o["buf"], o["labels"]))
 
     def _drop_reader(self) -> None:
         r, self.reader = self.reader, None
