@@ -10,10 +10,18 @@ How a run goes, and why:
 2. Open one CacheWriter. For each sample, `keep_if_unchanged(key, fingerprint)`: same files
    (names, sizes, mtimes, metadata.json included), same `config_hash()`, same classes -> its
    records are copied over without decoding. Only the rest go to the workers.
-3. Worker processes (ProcessPoolExecutor) each build the Pipeline once, process a sample and
-   return the payload already packed by `SampleSchema.pack` (bytes, not arrays: one pickle of
-   one buffer), or the InputError as a dict. The parent writes in dataset order, so a re-run
-   makes the same cache layout; at most 2 x workers samples are in flight (bounded memory).
+3. Worker processes (ProcessPoolExecutor, forked from a forkserver started at the very
+   beginning so its imports overlap the indexing) each build the Pipeline once and take
+   chunks of up to 8 samples per task. Each sample's payload is packed by `SampleSchema.pack`
+   and appended to the chunk's scratch file in TMPDIR; only offsets, schema encodings and
+   notes travel back through the pool (or an InputError as a dict). The parent writes the
+   payloads into the shard from a memory map of that file, in dataset order, so a re-run
+   makes the same cache layout; at most 2 chunks per worker are in flight (bounded memory).
+   A worker that dies hard (segfault in FFmpeg, os._exit, OOM kill) breaks the pool: the
+   chunks in flight are re-run one sample at a time in fresh processes, the sample whose
+   process dies is rejected (field "worker", found "worker exited with signal N"), and a new
+   pool goes on with the rest (`_WorkerRuns`). `workers=0` (API only) runs in the caller's
+   process, without that isolation (profiling, debugging).
 4. `commit()` switches CURRENT atomically; an interrupted run leaves the previous version.
 
 Exit status (DESIGN.md): 0 every sample cached, 3 some rejected and the rest cached, 2 usage
@@ -23,12 +31,20 @@ line is the summary object; the human report then goes to stderr.
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import json
+import math
+import mmap
 import multiprocessing
 import os
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -45,13 +61,29 @@ from .pipeline import METHODS, Pipeline, PipelineConfig, missing_inputs, sample_
 # --- worker side -----------------------------------------------------------------------------
 
 _PIPELINE: Pipeline | None = None
+#: TEST HOOK (see CRASH_ENV): the sample key whose processing kills its worker, and how.
+_CRASH_ON: tuple[str, str] | None = None
+
+#: TEST HOOK, not a setting: `MMFEED_TEST_CRASH_ON=<sample key>[:exit|:segv]` makes the worker
+#: that processes that sample die hard (`os._exit(1)`, or SIGSEGV sent to itself) before
+#: decoding it, so the tests can prove a crashing worker costs only its own sample. Read once by
+#: the parent and handed to the workers; when unset (always, outside tests) nothing is checked.
+CRASH_ENV = "MMFEED_TEST_CRASH_ON"
 
 
-def _init_worker(config: PipelineConfig) -> None:
+def _crash_hook_from_env() -> tuple[str, str] | None:
+    value = os.environ.get(CRASH_ENV)
+    if not value:
+        return None
+    key, _, how = value.partition(":")
+    return key, how or "segv"
+
+
+def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None) -> None:
     """Each worker is one process per core already: keep torch (radar FFTs) and the video
     decoder single-threaded inside it, or the pool oversubscribes the cores (measured: the
     modality calls ran 3-7x slower in workers than alone before this)."""
-    global _PIPELINE
+    global _PIPELINE, _CRASH_ON
     import torch
 
     from .modalities import video
@@ -59,6 +91,14 @@ def _init_worker(config: PipelineConfig) -> None:
     torch.set_num_threads(1)
     video.set_decode_threads(1)
     _PIPELINE = Pipeline(config)
+    _CRASH_ON = crash_on
+
+
+def _maybe_crash(key: str) -> None:
+    if _CRASH_ON is not None and key == _CRASH_ON[0]:
+        if _CRASH_ON[1] == "exit":
+            os._exit(1)
+        os.kill(os.getpid(), signal.SIGSEGV)
 
 
 def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
@@ -74,6 +114,200 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
         return None, e.to_dict(), notes
     schema = SampleSchema.from_arrays(arrays)
     return schema.encode(), schema.pack(arrays), notes
+
+
+#: A chunk's result per sample: (schema encoding, where its payload is, notes) with the payload
+#: as (offset, nbytes) in the chunk's scratch file, or the bytes themselves when the scratch
+#: file could not be written; (None, error dict, notes) for a rejected sample.
+Result = tuple[bytes | None, tuple[int, int] | bytes | bytearray | dict, list[str]]
+
+
+def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
+    """Several samples in one task (one round trip through the pool per chunk, not per sample).
+
+    WHY a scratch file: the packed payloads (~1 MB a sample) used to come back pickled through
+    the pool's pipe - a pickle, 16 pipe writes of 64 KiB that each wait for the parent to
+    read, an unpickle - and in the profile that send was 10% of the workers' time. Now each is
+    appended to `scratch` (one write into the page cache) and only offsets travel back; the
+    parent writes them into the shard from a memory map of that file.
+    """
+    out: list[Result] = []
+    fd = None
+    pos = 0
+    try:
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError:
+        fd = None  # e.g. no space in TMPDIR: fall back to returning the bytes
+    try:
+        for s in samples:
+            _maybe_crash(s.key)
+            enc, payload, notes = process_packed(s)
+            if enc is not None and fd is not None:
+                try:
+                    n = os.pwrite(fd, payload, pos)
+                    if n == len(payload):
+                        payload, pos = (pos, n), pos + n
+                except OSError:
+                    pass  # keep the bytes: they travel back through the pipe instead
+            out.append((enc, payload, notes))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return out
+
+
+def _isolated_main(conn, config: PipelineConfig, crash_on, sample: SampleFiles,
+                   scratch: str) -> None:
+    """Child process body for re-running one suspect sample alone (see `_Isolator`)."""
+    _init_worker(config, crash_on)
+    conn.send(process_chunk([sample], scratch))
+    conn.close()
+
+
+# --- running chunks in worker processes ------------------------------------------------------
+
+Item = tuple[int, SampleFiles, str]  # (dataset index, sample, fingerprint)
+
+
+def _chunk_size(n: int, workers: int) -> int:
+    """Samples per task: about 8 tasks per worker (so the last ones still balance the cores),
+    at most 8 samples (bounded scratch space and memory), at least 1."""
+    return max(1, min(8, math.ceil(n / (workers * 8))))
+
+
+def exit_description(exitcode: int | None) -> str:
+    """`worker exited with signal 11 (SIGSEGV)` / `worker exited with status 1`."""
+    if exitcode is None:
+        return "worker exited (status unknown)"
+    if exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        return f"worker exited with signal {-exitcode}{name}"
+    return f"worker exited with status {exitcode}"
+
+
+def start_worker_server() -> multiprocessing.context.BaseContext:
+    """Start the forkserver the workers fork from, without waiting for it.
+
+    WHY early: the server imports producer.preprocess (torch alone is 1-3 s on a busy 2-core
+    machine) before it can fork the first worker. Started before the dataset is indexed and
+    fingerprinted, that import runs while the parent does its own work instead of after.
+    NOTE [forkserver]: a plain fork copies the caller's FFmpeg/BLAS thread state; after the
+    caller has decoded anything (the bench, a daemon, a notebook) forked workers can die at
+    their first decode. Workers fork from a clean server process instead.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["producer.preprocess"])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    return ctx
+
+
+class _WorkerRuns:
+    """Runs chunks of samples on a process pool, in dataset order, and survives workers that
+    die hard (a segfault in FFmpeg, os._exit, the OOM killer).
+
+    WHY this shape: a dead worker breaks a ProcessPoolExecutor for good (BrokenProcessPool on
+    every future in flight), and the pool cannot say which sample killed it. So every chunk
+    in flight is a suspect: chunks that had finished are stored as usual, each sample of the
+    others is re-run alone in a fresh process, and only the one whose process dies is rejected
+    (a sample that crashed once by chance, e.g. under memory pressure, is simply cached). Then
+    a new pool takes the rest. Suspects are handled before anything newer, so the cache is
+    still written in dataset order.
+    """
+
+    def __init__(self, config: PipelineConfig, workers: int, scratch_dir: Path,
+                 store: Callable[[Item, Result, mmap.mmap | None], None],
+                 reject_crash: Callable[[Item, str], None]):
+        self.config, self.workers, self.scratch_dir = config, workers, scratch_dir
+        self.store, self.reject_crash = store, reject_crash
+        self.crash_on = _crash_hook_from_env()
+        self.seq = itertools.count()
+        self.ctx = start_worker_server()
+        self.pool_restarts = 0
+
+    def _pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, initializer=_init_worker,
+                                   initargs=(self.config, self.crash_on), mp_context=self.ctx)
+
+    def _scratch(self) -> str:
+        return str(self.scratch_dir / f"chunk-{next(self.seq)}.bin")
+
+    def _store_chunk(self, items: list[Item], results: list[Result], scratch: str) -> None:
+        mm = None
+        try:
+            if any(isinstance(r[1], tuple) for r in results):
+                with open(scratch, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            for item, result in zip(items, results):
+                self.store(item, result, mm)
+        finally:
+            if mm is not None:
+                mm.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+
+    def run(self, todo: list[Item]) -> None:
+        size = _chunk_size(len(todo), self.workers)
+        pending = collections.deque(todo[k:k + size] for k in range(0, len(todo), size))
+        window: collections.deque[tuple[list[Item], str, Future]] = collections.deque()
+        pool = self._pool()
+        try:
+            while pending or window:
+                # at most 2 chunks per worker in flight: bounded memory and scratch space
+                while pending and len(window) < 2 * self.workers:
+                    items, scratch = pending.popleft(), self._scratch()
+                    window.append((items, scratch, pool.submit(
+                        process_chunk, [s for _, s, _ in items], scratch)))
+                items, scratch, fut = window.popleft()
+                try:
+                    results = fut.result()
+                except BrokenProcessPool:
+                    window.appendleft((items, scratch, fut))
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    self._recover(window)
+                    window.clear()
+                    pool = self._pool()
+                    self.pool_restarts += 1
+                    continue
+                self._store_chunk(items, results, scratch)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _recover(self, window) -> None:
+        for items, scratch, fut in window:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._store_chunk(items, fut.result(), scratch)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+            for item in items:
+                self._isolated(item)
+
+    def _isolated(self, item: Item) -> None:
+        """Re-run one suspect sample alone in a fresh process; reject it only if that dies."""
+        scratch = self._scratch()
+        recv, send = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_isolated_main, daemon=True,
+                                args=(send, self.config, self.crash_on, item[1], scratch))
+        proc.start()
+        send.close()
+        try:
+            results = recv.recv()
+        except EOFError:  # it died before answering
+            results = None
+        finally:
+            recv.close()
+            proc.join()
+        if results is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+            self.reject_crash(item, exit_description(proc.exitcode))
+        else:
+            self._store_chunk([item], results, scratch)
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -146,6 +380,8 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                    progress: bool = True, index: DatasetIndex | None = None) -> dict:
     """Index, process and commit; returns the summary dict (what --json prints)."""
     t0 = time.perf_counter()
+    if workers > 0:
+        start_worker_server()  # its imports overlap the indexing and fingerprinting below
     root = Path(dataset)
     if index is None:
         index = index_dataset(root, splits)
@@ -156,6 +392,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
     bar = Progress(len(index.samples) + len(index.problems), enabled=progress)
     bar.advance(len(index.problems), rejected=len(index.problems))
     reused = 0
+    pool_restarts = 0
     with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash()) as w:
         todo: list[tuple[int, SampleFiles, str]] = []
         for i, s in enumerate(index.samples):
@@ -176,39 +413,42 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
             else:
                 todo.append((i, s, fp))
 
-        def store(i: int, s: SampleFiles, fp: str, result) -> None:
+        def store(item: Item, result: Result, scratch: mmap.mmap | None = None) -> None:
+            i, s, fp = item
             enc, payload, sample_notes = result
             notes.extend(f"{s.key}: {n}" for n in sample_notes)
             if enc is None:
                 rejected.append(_rejection(payload, s.key))
                 bar.advance(rejected=1)
                 return
-            w.add(s.key, fp, s.split, SampleSchema.decode(enc), sample_meta(s, index=i),
-                  payload=payload)
+            if isinstance(payload, tuple):  # (offset, nbytes) in the chunk's scratch file
+                payload = memoryview(scratch)[payload[0]:payload[0] + payload[1]]
+            try:
+                w.add(s.key, fp, s.split, SampleSchema.decode(enc), sample_meta(s, index=i),
+                      payload=payload)
+            finally:
+                if isinstance(payload, memoryview):
+                    payload.release()  # or the scratch map cannot be closed
             bar.advance()
 
-        if workers <= 1 or len(todo) <= 1:
-            for i, s, fp in todo:
-                store(i, s, fp, process_packed(s, pipeline))
-        else:
-            # NOTE [forkserver]: a plain fork copies the caller's FFmpeg/BLAS thread state; after
-            # the caller has decoded anything (the bench, a daemon, a notebook) forked workers
-            # can die at their first decode. Workers fork from a clean server process instead.
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["producer.preprocess"])
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                     initargs=(config,), mp_context=ctx) as pool:
-                window: collections.deque[tuple[int, SampleFiles, str, Future]] = \
-                    collections.deque()
-                pending = iter(todo)
-                for item in pending:
-                    window.append((*item, pool.submit(process_packed, item[1])))
-                    if len(window) >= 2 * workers:
-                        i, s, fp, fut = window.popleft()
-                        store(i, s, fp, fut.result())
-                while window:
-                    i, s, fp, fut = window.popleft()
-                    store(i, s, fp, fut.result())
+        def reject_crash(item: Item, found: str) -> None:
+            s = item[1]
+            rejected.append(_rejection(InputError(
+                s.dir, "worker", "a sample the pipeline can process without crashing", found),
+                s.key))
+            bar.advance(rejected=1)
+
+        if workers <= 0:  # in this process: no isolation (profiling, debugging)
+            for item in todo:
+                store(item, process_packed(item[1], pipeline))
+        elif todo:
+            scratch_dir = Path(tempfile.mkdtemp(prefix="mmfeed-preprocess-"))
+            try:
+                runs = _WorkerRuns(config, workers, scratch_dir, store, reject_crash)
+                runs.run(todo)
+                pool_restarts = runs.pool_restarts
+            finally:
+                shutil.rmtree(scratch_dir, ignore_errors=True)
         summary = w.commit()
     bar.finish()
     seconds = time.perf_counter() - t0
@@ -227,6 +467,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "seconds": round(seconds, 3),
         "samples_per_s": round((processed + reused) / seconds, 2) if seconds > 0 else None,
         "processed_per_s": round(processed / seconds, 2) if seconds > 0 else None,
+        "pool_restarts": pool_restarts,
     }
 
 
@@ -285,6 +526,7 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
     cached, 3 some samples rejected (each reported with file, field and what was expected)
     and the rest cached, 2 usage error.
     """
+    start_worker_server()  # imports in the background while the dataset is indexed
     index = index_dataset(dataset, list(splits) or None)
     if not index.splits and index.problems and index.problems[0].field == "splits":
         raise click.UsageError(f"{dataset}: no split folders ({', '.join(SPLITS)}); expected "

@@ -159,6 +159,41 @@ def test_sigkill_mid_run_leaves_the_previous_cache_readable(synth_dataset, tmp_p
         assert reader.version == 2 and len(reader) == first["cached"]
 
 
+def _run_env(env: dict, *args: str) -> tuple[int, dict | None, str]:
+    r = subprocess.run([str(MM_PRODUCER), "preprocess", *args], capture_output=True, text=True,
+                       timeout=240, env={**os.environ, **env})
+    last = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    return r.returncode, json.loads(last) if last.startswith("{") else None, r.stderr
+
+
+@pytest.mark.parametrize("how, workers, found", [
+    ("segv", "2", f"worker exited with signal {int(signal.SIGSEGV)} (SIGSEGV)"),
+    ("exit", "1", "worker exited with status 1"),
+])
+def test_a_sample_that_kills_its_worker_is_the_only_one_rejected(synth_dataset, tmp_path, how,
+                                                                   workers, found):
+    # The test hook (producer.preprocess.CRASH_ENV) kills whichever worker process takes this
+    # sample - a stand-in for a segfault inside FFmpeg or the OOM killer. The run must rebuild
+    # its pool, find the culprit by re-running the suspects alone, and cache everything else.
+    samples = sorted(p for p in synth_dataset.glob("*/*/*") if p.is_dir())
+    culprit = samples[1]
+    key = "/".join(culprit.parts[-3:])
+    cache = tmp_path / "cache"
+    rc, summary, stderr = _run_env({"MMFEED_TEST_CRASH_ON": f"{key}:{how}"}, str(synth_dataset),
+                                   "--cache", str(cache), "--workers", workers, "--json")
+    assert rc == 3, stderr[-3000:]
+    assert summary["rejected"] == [{
+        "sample": key, "file": str(culprit), "field": "worker",
+        "expected": "a sample the pipeline can process without crashing", "found": found,
+        "message": f"{culprit}: worker: expected a sample the pipeline can process without "
+                   f"crashing, found {found}"}]
+    assert summary["pool_restarts"] >= 1
+    with CacheReader(cache) as reader:
+        cached = sorted(reader.meta(i).source for i in range(len(reader)))
+    assert cached == sorted("/".join(p.parts[-3:]) for p in samples if p != culprit)
+    assert summary["cached"] == len(samples) - 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["{missing}", "--cache", "{tmp}/c"], "does not exist"),
     (["{data}", "--cache", "{tmp}/c", "--filter", "sepia"], "sepia"),
