@@ -249,15 +249,22 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _prepare(self, batch) -> dict[str, torch.Tensor]:
+    def _prepare(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Model inputs and labels that no longer depend on the batch's host buffer.
+
+        On the CPU the batch is a view of a pooled host buffer that the loader thread refills
+        as soon as it is released, so inputs AND labels are copied out first (cross_entropy
+        keeps its target for backward: a shared label view would be overwritten mid-step).
+        """
         inputs = {}
         for k, v in batch.inputs.items():
             if v.dtype == torch.uint8:
                 inputs[k] = v.to(torch.float32).div_(255.0)
             else:
-                inputs[k] = v.to(torch.float32)
-        batch.release()  # CPU path: the float copies no longer need the host buffer
-        return self.adapter(inputs, batch.generation)
+                inputs[k] = v.to(torch.float32, copy=True)
+        labels = batch.labels if batch.labels.device.type != "cpu" else batch.labels.clone()
+        batch.release()
+        return self.adapter(inputs, batch.generation), labels
 
     def step_once(self, timeout: float = 1.0) -> bool:
         """Train on one optimiser step's worth of batches; False when no data came in time."""
@@ -275,8 +282,7 @@ class Trainer:
                 if k == 0:
                     return False
                 break
-            inputs = self._prepare(batch)
-            labels = batch.labels
+            inputs, labels = self._prepare(batch)
             sync = k == self.cfg.accum - 1 or self.ddp is None
             ctx = net.no_sync() if (self.ddp is not None and not sync) else _null()
             with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -353,11 +359,11 @@ class Trainer:
                     if loader.exhausted:
                         break
                     continue
-                inputs = self._prepare(b)
+                inputs, labels = self._prepare(b)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                     enabled=self.amp_dtype is not None):
                     pred = self.model(inputs).argmax(dim=1)
-                correct += int((pred == b.labels).sum())
+                correct += int((pred == labels).sum())
                 total += b.n
         finally:
             pf.close()
