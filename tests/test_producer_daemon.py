@@ -6,6 +6,7 @@ Every wait polls a condition with a deadline; nothing sleeps "long enough".
 """
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -524,3 +526,129 @@ def test_live_stream_with_audio_gives_samples_with_the_tone_and_switches_filter_
         writer.kill()
         writer.wait()
         writer.stderr.close()
+
+
+# --- delivery modes, permissions, pacing --------------------------------------------------------
+
+
+def test_lossless_producer_waits_for_a_slow_reader_and_drops_nothing(dataset):
+    slots = 4
+    d = Daemon(dataset, "--mode", "lossless", "--loop", "--rate", "max", "--clip-frames", "2",
+               "--slots", str(slots))
+    try:
+        with RingReader.attach(d.ring, start="next") as reader:
+            start = reader.stats().position
+            got = []
+            for consumed in range(8):
+                # The producer fills every slot this reader has not freed, then waits for it:
+                # the published count follows the reader, whatever the speeds.
+                full = start + consumed + slots
+                wait_for(lambda: d.status()["published"] == full,
+                         what=f"the producer to fill the ring up to sample {full}")
+                assert d.status()["published"] == full  # and it stays there until we read
+                s = reader.receive(timeout=10)
+                assert s is not None
+                got.append(s.meta.index)
+            assert reader.stats().dropped == 0
+        assert got == list(range(got[0], got[0] + len(got)))  # every sample, in order
+        st = d.status()
+        assert st["mode"] == "lossless" and st["dropped"] == 0 and st["state"] == "running"
+    finally:
+        d.stop()
+
+
+def _other_group() -> tuple[str, int]:
+    """A group that is not the process's own (so a chgrp shows), when we may use one."""
+    if os.getuid() == 0:
+        for name in ("daemon", "nogroup", "users"):
+            try:
+                g = grp.getgrnam(name)
+            except KeyError:
+                continue
+            if g.gr_gid != os.getgid():
+                return g.gr_name, g.gr_gid
+    g = grp.getgrgid(os.getgid())
+    return g.gr_name, g.gr_gid
+
+
+def _ipc_path(endpoint: str) -> str:
+    assert endpoint.startswith("ipc://"), endpoint
+    return endpoint.removeprefix("ipc://")
+
+
+def test_group_option_makes_ring_and_sockets_0660_with_that_group(dataset):
+    name, gid = _other_group()
+    d = Daemon(dataset, "--group", name, "--loop", "--rate", "max", "--clip-frames", "2")
+    try:
+        for path in (f"/dev/shm/{d.ring}", _ipc_path(d.endpoint), _ipc_path(d.ready["logs"])):
+            st = os.stat(path)
+            assert stat.S_IMODE(st.st_mode) == 0o660, (path, oct(st.st_mode))
+            assert st.st_gid == gid, (path, st.st_gid, gid)
+        with RingReader.attach(d.ring) as reader:  # a group reader's view: samples flow
+            assert reader.receive(timeout=30) is not None
+    finally:
+        d.stop()
+
+
+def test_without_group_ring_and_sockets_are_owner_only(daemon):
+    for path in (f"/dev/shm/{daemon.ring}", _ipc_path(daemon.endpoint)):
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600, (path, oct(st.st_mode))
+
+
+def test_unknown_group_is_refused_at_start_naming_it_and_leaves_nothing(dataset):
+    ring, group = _unique("mmt"), f"nogroup-{uuid.uuid4().hex[:6]}"
+    runtime = tempfile.mkdtemp(prefix="mmf", dir="/tmp")
+    try:
+        p = subprocess.run([sys.executable, "-m", "producer.cli", "run", "--source", str(dataset),
+                            "--ring", ring, "--group", group], cwd=ROOT, capture_output=True,
+                           env={**os.environ, "MMFEED_RUNTIME_DIR": runtime}, timeout=60)
+        assert p.returncode == 1, p.stderr.decode()
+        err = p.stderr.decode()
+        assert group in err and "Traceback" not in err, err
+        assert not Path(f"/dev/shm/{ring}").exists()
+        assert not Path(runtime, "producer.sock").exists()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+SHORT, LONG = 0.1, 0.5   # recorded gaps between samples (s), alternating
+
+
+@pytest.fixture
+def uneven_dataset(dataset, tmp_path):
+    """The dataset re-stamped with alternating short and long gaps between samples."""
+    root = tmp_path / "ds"
+    shutil.copytree(dataset, root)
+    t = T0_NS
+    for k, meta in enumerate(sorted(root.rglob("metadata.json"))):
+        m = json.loads(meta.read_text())
+        m["timestamp_ns"] = t
+        meta.write_text(json.dumps(m))
+        t += int((SHORT if k % 2 == 0 else LONG) * 1e9)
+    return root
+
+
+def test_recorded_rate_paces_samples_by_their_recorded_timestamps(uneven_dataset):
+    d = Daemon(uneven_dataset, "--loop", "--rate", "recorded", "--clip-frames", "2")
+    try:
+        stamps, arrivals = [], []
+        with RingReader.attach(d.ring, start="next") as reader:
+            while len(stamps) < 8:
+                s = reader.receive(timeout=10)
+                assert s is not None, d.stderr_tail()
+                arrivals.append(time.monotonic())
+                stamps.append(s.meta.timestamp_ns)
+        ts_gaps = np.diff(stamps) / 1e9
+        wall_gaps = np.diff(arrivals)
+        long_ = np.isclose(ts_gaps, LONG, atol=1e-3)
+        assert (long_ | np.isclose(ts_gaps, SHORT, atol=1e-3)).all(), ts_gaps
+        assert long_.any() and (~long_).any()
+        # Behaviour, not speed: arrivals are spaced like the recording (long gaps stay long,
+        # short ones short), and a paced replay never runs ahead of the recording. A replay
+        # as fast as the ring takes it spaces every sample alike and fails both.
+        assert wall_gaps[long_].mean() > wall_gaps[~long_].mean() + (LONG - SHORT) / 2, \
+            (ts_gaps, wall_gaps)
+        assert wall_gaps.sum() >= 0.7 * ts_gaps.sum(), (ts_gaps, wall_gaps)
+    finally:
+        d.stop()
