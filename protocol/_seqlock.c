@@ -22,6 +22,15 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
 
 typedef _Atomic uint64_t au64;
 
@@ -276,6 +285,44 @@ static PyObject *py_read2(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong((s1 == s2 && !(s1 & 1)) ? s1 : 0);
 }
 
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * spin_until(buf, off, target, max_ns) -> the word's value, loaded with acquire: returns as
+ * soon as it is >= target, else after about max_ns of spinning (GIL released, a pause
+ * instruction per probe). WHY: on a multi-core machine the peer usually publishes (or frees
+ * a slot) within microseconds; a semaphore sleep costs a futex wake-up on the other side
+ * (tens of us under KVM) and lets the scheduler put the woken process on the waker's core,
+ * which serialises the two copies that should overlap. A bounded spin removes both; the
+ * caller falls back to its lost-wake-up-safe sleep when the spin runs out.
+ */
+static PyObject *py_spin_until(PyObject *self, PyObject *args) {
+    PyObject *o; Py_ssize_t off; unsigned long long target, max_ns; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "OnKK", &o, &off, &target, &max_ns)) return NULL;
+    if (get_buf(o, &v, 0) < 0) return NULL;
+    if (check_range(&v, off, 8, "spin_until") < 0) { PyBuffer_Release(&v); return NULL; }
+    au64 *w = WORD(v, off);
+    uint64_t x = atomic_load_explicit(w, memory_order_acquire);
+    if (x < target && max_ns) {
+        Py_BEGIN_ALLOW_THREADS
+        uint64_t end = now_ns() + max_ns;
+        for (unsigned i = 1;; i++) {
+            CPU_RELAX();
+            x = atomic_load_explicit(w, memory_order_acquire);
+            if (x >= target) break;
+            if ((i & 63) == 0 && now_ns() >= end) break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&v);
+    return PyLong_FromUnsignedLongLong(x);
+}
+
 static PyMethodDef methods[] = {
     {"load_acquire", py_load_acquire, METH_VARARGS, "load_acquire(buf, off) -> int"},
     {"store_release", py_store_release, METH_VARARGS, "store_release(buf, off, value)"},
@@ -293,6 +340,8 @@ static PyMethodDef methods[] = {
      "read2(src, seq_off, a_off, a_dst, a_n, b_off, b_dst, b_doff, b_n) -> even seq or 0"},
     {"write_end", py_write_end, METH_VARARGS, "write_end(buf, seq_off, odd_seq)"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, dst_off, src, src_off, n), GIL released"},
+    {"spin_until", py_spin_until, METH_VARARGS,
+     "spin_until(buf, off, target, max_ns) -> value (acquire) once >= target or after max_ns"},
     {"read", py_read, METH_VARARGS,
      "read(src, seq_off, data_off, dst, dst_off, n) -> even seq, or 0 if busy/torn"},
     {NULL, NULL, 0, NULL},
