@@ -500,6 +500,8 @@ class RingWriter:
             if lo is None or n < lo + self._slots:
                 return
             left = spin_end - time.monotonic_ns() if spin_end else 0
+            if deadline is not None:
+                left = min(left, int((deadline - time.monotonic()) * 1e9))
             if left > 0:
                 # See "Convoys": the slowest reader is usually mid-copy on the other core.
                 # One budget for the whole wait: several readers never multiply it.

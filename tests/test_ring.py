@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -534,3 +535,118 @@ def test_a_reader_inherited_through_fork_refuses_to_be_used(ring_name, procs):
         q = CTX.Queue()
         start(procs, _use_inherited_reader, r, q)
         assert q.get(timeout=10).startswith("RingError: reader of ring")
+
+
+# --- spinning before sleeping (see "Convoys" in protocol/ring.py) -----------------------
+
+
+_U64_ALL = (1 << 64) - 1
+
+
+def _bit_set(name: str, word: str, bit: int) -> bool:
+    """Read one header word of the ring from outside (a fresh unregistered reader)."""
+    from protocol import _seqlock as sl
+    with RingReader.attach(name, register=False) as peek:
+        return bool(sl.load_seq_cst(peek._mm, H[word]) & bit)
+
+
+def _receive_in_thread(r, out, results):
+    def run():
+        try:
+            results.append(r.receive_into(out, timeout=None))
+        except Exception as e:  # noqa: BLE001 - the test checks what was raised
+            results.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_an_idle_reader_spins_only_briefly_then_sleeps_and_is_woken(ring_name):
+    # If the spin were unbounded the waiting bit would never be set: the reader would burn
+    # a core forever and a dead producer would go unnoticed.
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        results: list = []
+        t = _receive_in_thread(r, np.empty(SLOT, np.uint8), results)
+        wait_until(lambda: _bit_set(ring_name, "waiting_mask", 1 << r._idx),
+                   what="the reader to set its waiting bit and sleep")
+        w.publish(SCHEMA, meta(0), patterned(0))
+        t.join(10)
+        assert not t.is_alive() and results[0][1].index == 0
+
+
+def test_a_sleeping_reader_notices_its_producer_die(ring_name, procs):
+    ready = CTX.Event()
+    p = start(procs, _producer_proc, ring_name, 1, ready)
+    assert ready.wait(10)
+    with RingReader.attach(ring_name, start="next") as r:
+        results: list = []
+        t = _receive_in_thread(r, np.empty(SLOT, np.uint8), results)
+        wait_until(lambda: _bit_set(ring_name, "waiting_mask", 1 << r._idx),
+                   what="the reader to sleep")
+        p.kill()
+        p.join(5)
+        t.join(10)  # timeout=None: only noticing the death ends this wait
+        assert not t.is_alive()
+        assert isinstance(results[0], ProducerGone) and f"pid {p.pid} died" in str(results[0])
+
+
+def test_a_lossless_writer_spins_only_briefly_then_sleeps_until_the_reader_frees_space(
+        ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT,
+                                      mode="lossless")) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        w.publish(SCHEMA, meta(0), patterned(0), timeout=0)
+        w.publish(SCHEMA, meta(1), patterned(1), timeout=0)
+        done: list = []
+        t = threading.Thread(target=lambda: done.append(
+            w.publish(SCHEMA, meta(2), patterned(2), timeout=20)), daemon=True)
+        t.start()
+        wait_until(lambda: _bit_set(ring_name, "writer_waiting", _U64_ALL),
+                   what="the writer to give up spinning and ask to be woken")
+        out = np.empty(SLOT, np.uint8)
+        assert r.receive_into(out, timeout=5)[1].index == 0
+        t.join(10)
+        assert done == [2]
+        assert [r.receive_into(out, timeout=5)[1].index for _ in range(2)] == [1, 2]
+
+
+def _pinned_ring_proc(name, q):
+    # A process that may run on one CPU only: its peer cannot run while it spins.
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    try:
+        with RingWriter.create(RingConfig(name, slots=2, slot_bytes=SLOT,
+                                          mode="lossless")) as w, \
+                RingReader.attach(name, start="next") as r:
+            out = np.empty(SLOT, np.uint8)
+            got = []
+            for n in range(6):
+                w.publish(SCHEMA, meta(n), patterned(n), timeout=5)
+                got.append(r.receive_into(out, timeout=5)[1].index)
+            q.put((w._spin_ns, r._spin_ns, got))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        q.put(repr(e))
+
+
+def test_a_process_pinned_to_one_cpu_never_spins(ring_name, procs):
+    q = CTX.Queue()
+    start(procs, _pinned_ring_proc, ring_name, q)
+    assert q.get(timeout=20) == (0, 0, [0, 1, 2, 3, 4, 5])
+
+
+def _attach_in_child(name, q):
+    try:
+        with RingReader.attach(name, start="oldest") as r:
+            q.put(r.receive_into(np.empty(SLOT, np.uint8), timeout=5)[1].index)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        q.put(repr(e))
+
+
+def test_a_reader_attached_in_a_forked_child_works_there(ring_name, procs):
+    # The fork check compares a counter bumped at fork with its value at attach: a reader
+    # attached after the fork, in the child, must not be mistaken for an inherited one.
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w:
+        w.publish(SCHEMA, meta(5), patterned(5))
+        q = CTX.Queue()
+        start(procs, _attach_in_child, ring_name, q)
+        assert q.get(timeout=10) == 5
