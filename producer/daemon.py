@@ -93,6 +93,7 @@ class RunOptions:
     log_endpoint: str | None = None
     timeouts: tuple[float, float] = (10.0, 5.0)
     splits: tuple[str, ...] | None = None
+    device: str = "cpu"               # "cpu" | "auto" | "cuda": where the ring's frames live
 
 
 @dataclass
@@ -152,9 +153,9 @@ class ProducerDaemon:
             facts = SourceFacts({}, tuple(opts.classes))
         self.gens = Generations(base, facts, opts.label)
         self.pipeline = Pipeline(base)
-        self.ring = RingWriter.create(RingConfig(opts.ring, slots=opts.slots,
-                                                 slot_bytes=opts.slot_bytes, mode=opts.mode,
-                                                 group=opts.group))
+        self.ring = _open_ring(RingConfig(opts.ring, slots=opts.slots,
+                                          slot_bytes=opts.slot_bytes, mode=opts.mode,
+                                          group=opts.group), opts.device)
         self.ring.set_generation(1)
         endpoint = opts.control or paths.control_endpoint("producer")
         self.server = ControlServer(endpoint, self._commands(), group=opts.group)
@@ -169,7 +170,8 @@ class ProducerDaemon:
                                           "epoch": f"{stats.epoch:#x}", "source": opts.source})
         self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
                     "logs": opts.log_endpoint or paths.log_endpoint("producer"),
-                    "epoch": stats.epoch, "generation": 1, "pid": os.getpid()})
+                    "epoch": stats.epoch, "generation": 1, "pid": os.getpid(),
+                    "ring_memory": self._ring_memory()})
 
     def abort(self) -> None:
         """Undo a start() that failed half-way: nothing of ours is left behind."""
@@ -509,9 +511,14 @@ class ProducerDaemon:
             "readers": stats.readers,
             "dropped": stats.dropped,
             "heartbeat_age_s": round(stats.heartbeat_age_s, 3),
+            "ring_memory": self._ring_memory(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
+
+    def _ring_memory(self) -> str:
+        """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
+        return "host" if isinstance(self.ring, RingWriter) else "gpu"
 
     def on_filter(self, spec: str) -> dict:
         return self._change(self.gens.propose_filter(spec))
@@ -653,6 +660,20 @@ class ProducerDaemon:
         logs.close_daemon_logging()
         self._emit(summary)
         return summary
+
+
+def _open_ring(config: RingConfig, device: str) -> RingWriter:
+    """The ring for `--device`: "cpu" is the host ring exactly as before (torch's CUDA state is
+    never touched); "auto"/"cuda" go through producer.gpu_slots.open_writer, which puts frames
+    in GPU slots when CUDA is there and otherwise logs once that they go through host memory.
+    Returns a RingWriter or a GpuSlotWriter (same surface: publish, stats, heartbeat, ...)."""
+    if device == "cpu":
+        return RingWriter.create(config)
+    if device not in ("auto", "cuda"):
+        raise BadArgument(f"device {device!r}: expected 'cpu', 'auto' or 'cuda'")
+    from .gpu_slots import open_writer
+
+    return open_writer(config, gpu=device)
 
 
 def _on(config: PipelineConfig, name: str) -> bool:

@@ -1,6 +1,7 @@
 """`mm-producer run`: the live producer daemon's command line (the daemon is daemon.py)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,19 @@ from protocol.filters import FilterSpec
 from .daemon import ProducerDaemon, RunOptions
 
 EXIT_USAGE = 2
+
+
+def _require_cuda() -> None:
+    """`--device cuda` on a machine without a usable GPU is a usage error (exit 2), before
+    anything is created: asking for GPU slots must never silently give host memory."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise click.BadParameter(
+            f"cuda asked for, but torch {torch.__version__} sees no CUDA device (CUDA build: "
+            f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use --device auto or cpu",
+            param_hint="--device")
 
 
 def _classes(value: str | None) -> tuple[str, ...]:
@@ -52,21 +66,29 @@ def _classes(value: str | None) -> tuple[str, ...]:
 @click.option("--group", default=None, help="Group allowed to read the ring and sockets (0660).")
 @click.option("--open-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True,
+              help="Where frames go: cuda = GPU ring slots (CUDA IPC; the ring carries only "
+                   "descriptors); cpu = host shared memory; auto = cuda when a GPU is present, "
+                   "else cpu (said once in the log).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON line when ready and a summary JSON line at exit.")
 def run(src, ring, mode, control, log_endpoint, slots, slot_bytes, loop, rate, watch, label,
-        classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout,
+        classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
         as_json) -> None:
     """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM."""
     try:
         FilterSpec.parse(filter_spec)
     except FilterSpecError as e:
         raise click.BadParameter(str(e), param_hint="--filter") from None
+    if device == "cuda":
+        _require_cuda()
     opts = RunOptions(source=src, ring=ring, mode=mode, control=control, slots=slots,
                       slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch, label=label,
                       classes=_classes(classes), filter=filter_spec, clip_frames=clip_frames,
                       group=group, log_endpoint=log_endpoint,
-                      timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None)
+                      timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
+                      device=device)
     daemon = ProducerDaemon(opts, json_lines=as_json)
     daemon.install_signals()
     try:

@@ -49,7 +49,7 @@ from protocol.schema import SampleMeta, SampleSchema
 log = logging.getLogger(__name__)
 
 __all__ = ["GpuRingReader", "GpuSlotView", "GpuReaderStats", "open_reader", "select_path",
-           "NO_CUDA_MESSAGE"]
+           "gpu_slot_refusal", "NO_CUDA_MESSAGE"]
 
 NO_CUDA_MESSAGE = "no CUDA device: GPU slots off, frames go through host shared memory"
 _said_no_cuda = False
@@ -211,6 +211,16 @@ class GpuRingReader:
                 f"attach with trainer.gpu_ring.open_reader(), which picks the host path then")
         self._ensure_mapped()
         return GpuDescriptor.unpack_from(self._desc, self._schemas), meta
+
+    def peek(self, timeout: float | None = None) -> SampleSchema | None:
+        """The schema of the next sample, without consuming it (None on timeout): a loader
+        picks the batch buffer for that schema, then calls receive_batch_into."""
+        if self._held is None:
+            got = self._next_descriptor(timeout)
+            if got is None:
+                return None
+            self._held = got
+        return self._held[0].schema
 
     def receive_into(self, out: torch.Tensor, timeout: float | None = None
                      ) -> tuple[SampleSchema, SampleMeta] | None:
@@ -422,6 +432,23 @@ def select_path(name: str, device: str | torch.device | None = "auto") -> str:
     if not cuda:
         _say_no_cuda_once()
     return "gpu-slots" if has_table else "host"
+
+
+def gpu_slot_refusal(ring: RingReader) -> str | None:
+    """Why a host-memory reader cannot train from `ring`, or None when it can: the ring's
+    producer (this epoch) publishes GPU slot descriptors, so its frames are not in the ring."""
+    try:
+        table = GpuSlotTable.attach(ring.name, ring.epoch)
+    except (StaleGpuTable, GpuTableError):
+        return None
+    backend = table.export.backend
+    table.close()
+    where = "GPU memory (CUDA IPC slots)" if backend == "cuda" else f"a {backend} slot pool"
+    return (f"ring {ring.name.lstrip('/')}: its producer keeps frames in {where} and the ring "
+            f"carries only slot descriptors; this trainer reads host memory ("
+            f"{'no CUDA device' if not torch.cuda.is_available() else 'device is not CUDA'}). "
+            f"Run the producer with --device cpu, or the trainer with --device cuda on the "
+            f"producer's machine")
 
 
 def open_reader(name: str, device: str | torch.device | None = "auto", **attach_kw

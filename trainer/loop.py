@@ -185,7 +185,14 @@ class Trainer:
         else:
             self.disk = DiskLoader(self.train_reader, cfg.batch_size, **common).start()
         self.live = None
-        if cfg.ring:
+        if cfg.ring and self.device.type == "cuda":
+            # GPU slot rings by device copies, host rings as RingLoader (trainer/gpu_loader.py).
+            from .gpu_loader import GpuRingLoader
+
+            self.live = GpuRingLoader(cfg.ring, cfg.batch_size, device=self.device,
+                                      start=cfg.ring_start, rank=d.rank,
+                                      world_size=d.world_size).start()
+        elif cfg.ring:
             self.live = RingLoader(cfg.ring, cfg.batch_size, start=cfg.ring_start,
                                    rank=d.rank, world_size=d.world_size).start()
         self.mixer = LiveDiskMixer(self.live, self.disk, cfg.mix or 0.0,

@@ -31,13 +31,16 @@ import numpy as np
 import torch
 
 from protocol.errors import NotARing, ProducerGone, RingError, RingNotFound
+from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 
+from .gpu_ring import gpu_slot_refusal
 from .batching import (BatchKey, BufferPool, HostBatch, group_batches, modality_views,
                        pin_available, row_bytes)
 
 log = logging.getLogger(__name__)
 
+DESCRIPTOR_SCHEMA_ID = DESCRIPTOR_SCHEMA.schema_id  # a GPU slot descriptor, not a payload
 _POLL_S = 0.05
 _END = object()  # put by a loader thread after its last batch
 
@@ -253,6 +256,7 @@ class RingLoader(_LoaderThread):
                 if warned or self.stats.reattached:
                     log.warning("ring %s: attached to a new producer (epoch %#x)", self.ring,
                                 r.epoch)
+                self._on_gpu_slots(r, gpu_slot_refusal(r))
                 return r
             except (RingNotFound, ProducerGone, NotARing) as e:
                 # NotARing too: a producer inside create() has not sized the segment yet.
@@ -268,6 +272,14 @@ class RingLoader(_LoaderThread):
             pool = self._pools[schema.schema_id] = BufferPool(
                 schema, self.batch_size, count=self._depth + 2, pin=self._pin)
         return pool
+
+    def _on_gpu_slots(self, reader, refusal: str | None) -> None:
+        """The ring's producer writes frames into GPU slots (`refusal` says so; None: it does
+        not). This host loader cannot read them: refuse, naming both sides. The CUDA trainer's
+        loader (trainer/gpu_loader.py) overrides this to switch to the GPU slot path."""
+        if refusal is not None:
+            reader.close()
+            raise RingError(refusal)
 
     # Open batches kept at once: one per (schema, generation) seen recently. Samples of several
     # schemas interleave in a real stream (an unknown sensor whose metadata only some recordings
@@ -318,6 +330,11 @@ class RingLoader(_LoaderThread):
                         return
                     continue
                 meta = view.meta
+                if view.schema.schema_id == DESCRIPTOR_SCHEMA_ID:
+                    # A GPU-slot producer that was still writing its slot table at attach.
+                    self._on_gpu_slots(self.reader, gpu_slot_refusal(self.reader) or (
+                        f"ring {self.ring}: samples are GPU slot descriptors"))
+                    continue
                 if self.world_size > 1 and meta.index % self.world_size != self.rank:
                     continue
                 key = BatchKey(view.schema.schema_id, meta.generation)
@@ -417,6 +434,13 @@ class DevicePrefetcher:
         self._in_flight: list[tuple[HostBatch, object]] = []
 
     def _upload(self, hb: HostBatch) -> tuple[DeviceBatch, object]:
+        if self.cuda and hb.buf.device == self.device:
+            # Already on the device (GPU ring slots, trainer/gpu_loader.py): nothing to upload.
+            # The buffer goes back to its pool from the loop's release() after the step's
+            # kernels that read it were queued; the pool orders its refill after them.
+            labels = hb.labels[: hb.n].to(self.device)
+            return DeviceBatch(hb.schema, hb.generation, hb.inputs(), labels, hb.n, hb.live,
+                               hb.copies, host=hb), None
         if not self.cuda:
             db = DeviceBatch(hb.schema, hb.generation, hb.inputs(), hb.labels[: hb.n], hb.n,
                              hb.live, hb.copies, host=hb)
@@ -456,7 +480,8 @@ class DevicePrefetcher:
             if hb is not None:
                 self._next = self._upload(hb)
             db, ev = cur
-            torch.cuda.current_stream(self.device).wait_event(ev)
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
             for t in (*db.inputs.values(), db.labels):
                 t.record_stream(torch.cuda.current_stream(self.device))
             return db
