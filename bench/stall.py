@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -127,7 +128,20 @@ def _run(steps: int, batch: int, a, iters, cache: Path | None, ring: str | None,
             reader.close()
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--device" in argv:  # --device cuda: fed from GPU ring slots (bench/stall_cuda.py)
+        i = argv.index("--device")
+        device = argv[i + 1] if i + 1 < len(argv) else ""
+        if device not in ("cpu", "cuda"):
+            print(f"python -m bench.stall: --device {device!r}: expected cpu or cuda",
+                  file=sys.stderr)
+            return 2
+        del argv[i:i + 2]
+        if device == "cuda":
+            from bench.stall_cuda import main as stall_cuda
+
+            return stall_cuda(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
@@ -176,4 +190,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    out = main()
+    sys.exit(out if isinstance(out, int) else 0)

@@ -216,3 +216,16 @@ def test_gpu_ring_loader_batches_hold_exactly_the_producers_bytes_on_the_gpu():
     finally:
         loader.close()
         prod.stop()
+
+
+@no_cuda
+@pytest.mark.parametrize("bench", ["decode", "stall", "ring_cuda"])
+def test_cuda_benchmarks_without_a_gpu_say_why_and_exit_2(bench, capsys):
+    import importlib
+    import json
+
+    main = importlib.import_module(f"bench.{bench}").main
+    assert main(["--device", "cuda", "--json"]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "skipped: no CUDA device" in lines[0]
+    assert json.loads(lines[-1])["skipped"].startswith("no CUDA device")
