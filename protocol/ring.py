@@ -353,6 +353,7 @@ class RingWriter:
         self._slot_schema = [0] * hdr.slots       # schema_id last written into each slot
         self._views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._specs: dict[int, list] = {}           # schema_id -> [(name, dtype, shape)]
+        self._nbytes: dict[int, int] = {}           # schema_id -> payload bytes (checked)
         self._reader_sems: dict[int, posix_ipc.Semaphore] = {}
         self._n = 0
         self._loaned: Slot | None = None
@@ -387,15 +388,20 @@ class RingWriter:
         if self._loaned is not None and not self._loaned._done:
             raise RingError(f"ring {self.name}: sample {self._loaned.number} is loaned and not "
                             f"committed; commit it before loaning another")
-        need = schema.payload_nbytes
-        if need > self._slot_bytes:
-            raise SchemaError(
-                f"ring {self.name}: sample payload of {need} bytes ({schema!r}) does not fit "
-                f"slot_bytes={self._slot_bytes}; create the ring with slot_bytes >= {need}")
-        enc = schema.encode()
-        if len(enc) > SCHEMA_MAX:
-            raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes exceeds "
-                              f"the slot's {SCHEMA_MAX} bytes; use fewer modalities")
+        sid = schema.schema_id
+        need = self._nbytes.get(sid)
+        if need is None:  # first sample of this schema: check it once, not per sample
+            need = schema.payload_nbytes
+            if need > self._slot_bytes:
+                raise SchemaError(
+                    f"ring {self.name}: sample payload of {need} bytes ({schema!r}) does not "
+                    f"fit slot_bytes={self._slot_bytes}; create the ring with slot_bytes >= "
+                    f"{need}")
+            enc = schema.encode()
+            if len(enc) > SCHEMA_MAX:
+                raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes "
+                                  f"exceeds the slot's {SCHEMA_MAX} bytes; use fewer modalities")
+            self._nbytes[sid] = need
         n = self._n
         if self._lossless:
             self._wait_for_space(n, timeout)
@@ -403,8 +409,8 @@ class RingWriter:
         off = self._slot_off[i]
         mm = self._mm
         sl.write_begin(mm, off, 2 * n + 1)
-        sid = schema.schema_id
         if self._slot_schema[i] != sid:
+            enc = schema.encode()
             struct.pack_into("<I", mm, off + S["schema_len"], len(enc))
             base = off + SLOT_HEADER_BYTES - SCHEMA_MAX
             mm[base:base + len(enc)] = enc
@@ -420,8 +426,8 @@ class RingWriter:
     def _commit(self, slot: Slot, meta: SampleMeta) -> None:
         mm, off, n = self._mm, slot._off, slot.number
         meta.pack_into(mm, off + S["meta"])
-        struct.pack_into("<QQ", mm, off + S["schema_id"], slot.schema.schema_id,
-                         slot.schema.payload_nbytes)
+        sid = slot.schema.schema_id
+        struct.pack_into("<QQ", mm, off + S["schema_id"], sid, self._nbytes[sid])
         sl.write_end(mm, off, 2 * n + 1)
         sl.store_seq_cst(mm, H["published"], n + 1)
         sl.store_release(mm, H["heartbeat_ns"], time.monotonic_ns())
