@@ -22,6 +22,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
 #include <time.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -293,9 +294,10 @@ static uint64_t now_ns(void) {
 }
 
 /*
- * spin_until(buf, off, target, max_ns) -> the word's value, loaded with acquire: returns as
- * soon as it is >= target, else after about max_ns of spinning (GIL released, a pause
- * instruction per probe). WHY: on a multi-core machine the peer usually publishes (or frees
+ * spin_until(buf, off, target, max_ns[, yield_every]) -> the word's value, loaded with acquire:
+ * returns as soon as it is >= target, else after about max_ns of spinning (GIL released, a
+ * pause instruction per probe; with yield_every, a sched_yield() every that many probes, so
+ * a spinner on an oversubscribed CPU lets the runnable peer it waits for have the core). WHY: on a multi-core machine the peer usually publishes (or frees
  * a slot) within microseconds; a semaphore sleep costs a futex wake-up on the other side
  * (tens of us under KVM) and lets the scheduler put the woken process on the waker's core,
  * which serialises the two copies that should overlap. A bounded spin removes both; the
@@ -303,7 +305,13 @@ static uint64_t now_ns(void) {
  */
 static PyObject *py_spin_until(PyObject *self, PyObject *args) {
     PyObject *o; Py_ssize_t off; unsigned long long target, max_ns; Py_buffer v;
-    if (!PyArg_ParseTuple(args, "OnKK", &o, &off, &target, &max_ns)) return NULL;
+    unsigned int yield_every = 0;
+    if (!PyArg_ParseTuple(args, "OnKK|I", &o, &off, &target, &max_ns, &yield_every)) return NULL;
+    if (yield_every & (yield_every - 1) || (yield_every && yield_every < 64)) {
+        PyErr_Format(PyExc_ValueError, "spin_until: yield_every %u is not 0 or a power of two >= 64",
+                     yield_every);
+        return NULL;
+    }
     if (get_buf(o, &v, 0) < 0) return NULL;
     if (check_range(&v, off, 8, "spin_until") < 0) { PyBuffer_Release(&v); return NULL; }
     au64 *w = WORD(v, off);
@@ -315,7 +323,10 @@ static PyObject *py_spin_until(PyObject *self, PyObject *args) {
             CPU_RELAX();
             x = atomic_load_explicit(w, memory_order_acquire);
             if (x >= target) break;
-            if ((i & 63) == 0 && now_ns() >= end) break;
+            if ((i & 63) == 0) {
+                if (now_ns() >= end) break;
+                if (yield_every && (i & (yield_every - 1)) == 0) sched_yield();
+            }
         }
         Py_END_ALLOW_THREADS
     }
@@ -341,7 +352,8 @@ static PyMethodDef methods[] = {
     {"write_end", py_write_end, METH_VARARGS, "write_end(buf, seq_off, odd_seq)"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, dst_off, src, src_off, n), GIL released"},
     {"spin_until", py_spin_until, METH_VARARGS,
-     "spin_until(buf, off, target, max_ns) -> value (acquire) once >= target or after max_ns"},
+     "spin_until(buf, off, target, max_ns[, yield_every]) -> value (acquire) once >= target "
+     "or after max_ns"},
     {"read", py_read, METH_VARARGS,
      "read(src, seq_off, data_off, dst, dst_off, n) -> even seq, or 0 if busy/torn"},
     {NULL, NULL, 0, NULL},

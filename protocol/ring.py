@@ -29,7 +29,9 @@ Failures this module exists to prevent, and how:
   microseconds away; a semaphore sleep would cost the waker a futex wake-up per sample
   (20-200 us measured under KVM) and let the scheduler run the woken reader on the writer's
   core, so the two copies that should overlap ran one after the other. The spin only
-  shortens the wait: it is a read, so every ordering argument above is unchanged.
+  shortens the wait: it is a read, so every ordering argument above is unchanged. It
+  yields the CPU every few microseconds (more processes than cores: the peer may need ours)
+  and is off when the process may use one CPU only.
 * A dead peer holding everybody back. A lossless writer waits only for registered readers
   whose pid is alive (a SIGKILLed or zombie reader is evicted); a reader notices a dead,
   closed or replaced producer while it waits and raises `ProducerGone`.
@@ -68,6 +70,10 @@ _SLICE_S = 0.1          # longest single sleep: how soon a dead peer is noticed
 # How long a waiting side spins before it sleeps (see "Convoys"): about two 1 MiB copies.
 # `_spin_budget_ns()` makes it zero on one CPU, where the peer cannot run while we spin.
 _SPIN_NS = 50_000
+# Pause-probes between sched_yield() calls inside a spin (about 5 us): when more processes
+# than cores want to run (4 readers + a writer on 2 cores), a spinner hands its core to the
+# runnable peer instead of holding it for the whole budget.
+_SPIN_YIELD = 256
 _STARTUP_WAIT_S = 2.0   # how long attach/create wait for a producer that is still starting
 _MAX_NAME = 200
 _U64 = (1 << 64) - 1
@@ -88,14 +94,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _spin_budget_ns() -> int:
-    """`_SPIN_NS`, or 0 when this process may run on one CPU only (taskset, cgroup cpuset):
-    there the peer we wait for cannot run while we spin, so every spin would be pure loss.
-    Asked at create/attach, not at import, so a process pinned after import is seen."""
+def _cpus_allowed() -> int:
+    """How many CPUs this process may run on (taskset, cgroup cpuset). Asked at
+    create/attach, not at import, so a process pinned after import is seen."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux: trust the core count
-        cpus = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def _spin_budget_ns(cpus: int) -> int:
+    """`_SPIN_NS`, or 0 on one CPU: there the peer we wait for cannot run while we spin, so
+    every spin would be pure loss."""
     return _SPIN_NS if cpus > 1 else 0
 
 
@@ -371,7 +381,7 @@ class RingWriter:
         sl.store_release(mm, H["state"], STATE_LIVE)
         self._closed = False
         self._owner_pid = os.getpid()
-        self._spin_ns = _spin_budget_ns()
+        self._spin_ns = _spin_budget_ns(_cpus_allowed())
         self._finalizer = weakref.finalize(self, _finalize_writer, self.name, self._hdr.epoch,
                                            self._hdr.max_readers, self._map.inode,
                                            self._owner_pid)
@@ -511,7 +521,7 @@ class RingWriter:
             if left > 0:
                 # See "Convoys": the slowest reader is usually mid-copy on the other core.
                 # One budget for the whole wait: several readers never multiply it.
-                sl.spin_until(mm, where, n - self._slots + 1, left)
+                sl.spin_until(mm, where, n - self._slots + 1, left, _SPIN_YIELD)
                 continue
             # Sleep until half the ring is free, not one slot: one wake-up per slots/2
             # samples instead of a context switch per sample. Stored as target + 1 (0 = awake).
@@ -791,7 +801,7 @@ class RingReader:
         self._closed = False
         self._pid = os.getpid()
         self._forks = _fork_count
-        self._spin_ns = _spin_budget_ns()
+        self._spin_ns = _spin_budget_ns(_cpus_allowed())
         if sl.load_acquire(mm, H["state"]) == STATE_CLOSED:
             raise ProducerGone(f"ring {self.name}: its producer pid {hdr.producer_pid} closed it")
         published = sl.load_seq_cst(mm, H["published"])
@@ -993,7 +1003,7 @@ class RingReader:
             # See "Convoys": spin on `published` first; at most one budget per call, so a
             # dead producer is still noticed by the sleep's timeout below within _SLICE_S.
             spin = min(self._spin_ns, int(wait * 1e9))
-            if sl.spin_until(mm, H["published"], n + 1, spin) > n:
+            if sl.spin_until(mm, H["published"], n + 1, spin, _SPIN_YIELD) > n:
                 return True
         if self._idx < 0:
             # Unregistered: no semaphore of our own; poll at a modest rate.

@@ -650,3 +650,17 @@ def test_a_reader_attached_in_a_forked_child_works_there(ring_name, procs):
         q = CTX.Queue()
         start(procs, _attach_in_child, ring_name, q)
         assert q.get(timeout=10) == 5
+
+
+def test_spin_until_returns_the_word_when_reached_or_when_its_budget_runs_out():
+    import mmap
+
+    from protocol import _seqlock as sl
+    m = mmap.mmap(-1, 64)
+    sl.store_release(m, 8, 5)
+    assert sl.spin_until(m, 8, 5, 10**9) == 5          # already there: no spin at all
+    assert sl.spin_until(m, 8, 6, 20_000, 256) == 5    # never reached: bounded, not forever
+    with pytest.raises(ValueError, match="yield_every 100"):
+        sl.spin_until(m, 8, 6, 1000, 100)
+    with pytest.raises(IndexError, match="spin_until"):
+        sl.spin_until(m, 64, 1, 1000)
