@@ -508,6 +508,9 @@ class RingWriter:
         return lo, where
 
     def _wait_for_space(self, n: int, timeout: float | None) -> None:
+        lo = self._slowest()[0]
+        if lo is None or n < lo + self._slots:
+            return  # the common case: no clock read, no spin set-up
         mm = self._mm
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_end = time.monotonic_ns() + self._spin_ns if self._spin_ns else 0
