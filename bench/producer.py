@@ -15,6 +15,7 @@ from the ring by a reader in this process, median over several gray/rgb switches
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -26,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench._common import report, want_json
+from bench._common import report
 from producer.dataset import index_dataset
 from producer.pipeline import Pipeline, PipelineConfig
 from producer.sources import DatasetReplay
@@ -102,9 +103,21 @@ def filter_latencies(ring: str, endpoint: str, switches: int) -> list[float]:
     return out
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.producer",
+        description="mm-producer run throughput vs the pipeline alone, and filter-to-sample "
+                    "latency.")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 s windows and 4 filter switches instead of 10 s and 8")
+    return parser.parse_args(argv)
+
+
 def main() -> None:
-    as_json = want_json()
-    quick = "--quick" in sys.argv[1:]
+    args = parse_args()
+    as_json = args.json
+    quick = args.quick
     window = 4.0 if quick else 10.0
     with tempfile.TemporaryDirectory(prefix="mmbench") as tmp:
         root = Path(tmp) / "ds"
