@@ -168,6 +168,74 @@ def test_real_file_with_an_audio_track_decodes_its_video():
     assert out.shape == (4, 1, 36, 64)
 
 
+# --- converting beside decoding -------------------------------------------------------------
+# HD frames are converted on a helper thread while the next one decodes (video.OVERLAP_MIN_PIXELS).
+# Moving the threshold sends these small clips down either path; the output must not change.
+
+
+def both_ways(monkeypatch, *args, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    monkeypatch.setattr(video, "OVERLAP_MIN_PIXELS", 10**9)
+    inline = video.decode_clip(*args, **kwargs)
+    monkeypatch.setattr(video, "OVERLAP_MIN_PIXELS", 0)
+    beside = video.decode_clip(*args, **kwargs)
+    return inline, beside
+
+
+@pytest.mark.parametrize("s, frames, segment", [
+    ("none", N, None),
+    ("gray,resize=32x24", 8, None),
+    ("crop=40x30+8+6", 8, (0.5, 2.0)),
+    ("fps=25", 12, None),              # above the source rate: frames repeat across slots
+    ("none", 10, (2.0, 2.4)),          # short segment: the last frame repeats
+])
+def test_frames_converted_beside_decoding_equal_frames_converted_in_line(clip, monkeypatch,
+                                                                         s, frames, segment):
+    inline, beside = both_ways(monkeypatch, clip, spec(s), frames, segment)
+    assert np.array_equal(inline, beside)
+
+
+def test_real_hd_clip_takes_the_helper_thread_and_gives_the_same_frames(monkeypatch):
+    car = real(CAR)
+    inline, beside = both_ways(monkeypatch, car, spec("none"), 6, segment=(29.5, 31.0))
+    assert np.array_equal(inline, beside)
+    monkeypatch.undo()
+    with av.open(str(car)) as c:
+        w, h = c.streams.video[0].width, c.streams.video[0].height
+    assert w * h >= video.OVERLAP_MIN_PIXELS  # the default threshold routes it there too
+    assert np.array_equal(video.decode_clip(car, spec("none"), 6, segment=(29.5, 31.0)), inline)
+
+
+def test_a_file_cut_short_is_still_an_input_error_when_frames_convert_beside_decoding(tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(video, "OVERLAP_MIN_PIXELS", 0)
+    data = make_clip(tmp_path / "fs.mp4", faststart=True).read_bytes()
+    bad = tmp_path / "cut.mp4"
+    bad.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError) as e:
+        video.decode_clip(bad, spec("none"), N)
+    assert e.value.field == "video data"
+    # the helper was drained, not left half-way: the next clip decodes whole
+    good = video.decode_clip(make_clip(tmp_path / "ok.mp4"), spec("none"), N)
+    assert indices(good) == list(range(N))
+
+
+def test_an_error_on_the_helper_thread_reaches_the_caller_and_skips_the_rest_of_its_clip():
+    worker = video._ConvertWorker()
+    ran: list[int] = []
+
+    def fails() -> None:
+        raise ValueError("plane copy failed")
+
+    worker.submit(ran.append, 1)
+    worker.submit(fails)
+    worker.submit(ran.append, 2)   # behind the error: its clip is lost anyway
+    with pytest.raises(ValueError, match="plane copy failed"):
+        worker.drain()
+    worker.submit(ran.append, 3)   # the worker serves the next clip
+    worker.drain()
+    assert ran == [1, 3]
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,6 +194,76 @@ class _Converter:
             out[c] = rows[:, : plane.width]
 
 
+# --- overlapping conversion with decoding ----------------------------------------------------
+
+#: Source frames of at least this many pixels are converted on a helper thread while the
+#: caller's thread decodes the next one. Below it the hand-off (~20 us) costs more than the
+#: conversion it would overlap. Measured on dev-2c: 1080p 141 -> 170 frames/s (ACCURATE_RND
+#: conversion 2.4 ms/frame beside a 3.7 ms/frame decode); see BENCHMARKS.md ## decode.
+OVERLAP_MIN_PIXELS = 640 * 360
+
+
+class _ConvertWorker:
+    """One helper thread per decoding thread that runs a clip's frame writes in order.
+
+    WHY: the decoding thread's own serial work (swscale conversion and the plane copies) was
+    the bottleneck at HD sizes, not FFmpeg's decoder threads (NOTE in BENCHMARKS.md ## decode):
+    while it converted frame k the decoder sat idle waiting for the next packet. swscale and
+    numpy's copy release the GIL, so handing each frame to this thread lets decode of frame k+1
+    run beside conversion of frame k. The queue is bounded so a fast decoder cannot pile up
+    decoded frames (3 MB each at 1080p) in memory. The converter's swscale context belongs to
+    the decoding thread (_thread_reformatter); only one of the two threads uses it at a time,
+    because the decoding thread drains this worker before it converts anything itself.
+    """
+
+    DEPTH = 3
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue(maxsize=self.DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mmfeed-video-convert", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            fn, args = job
+            if self._error is None or fn is _signal:
+                try:
+                    fn(*args)
+                except BaseException as e:  # re-raised in the decoding thread by drain()
+                    self._error = e
+
+    def submit(self, fn, *args) -> None:
+        """Run fn(*args) on the helper thread after every job submitted before it."""
+        self._jobs.put((fn, args))
+
+    def drain(self, reraise: bool = True) -> None:
+        """Wait until every submitted job has run; raise the first error one of them raised
+        (after an error the jobs behind it are skipped: their clip is lost anyway)."""
+        done = threading.Event()
+        self._jobs.put((_signal, (done,)))
+        done.wait()
+        error, self._error = self._error, None
+        if error is not None and reraise:
+            raise error
+
+
+def _signal(event: threading.Event) -> None:
+    event.set()
+
+
+def _thread_convert_worker() -> _ConvertWorker:
+    w = getattr(_local, "convert_worker", None)
+    if w is None:
+        w = _local.convert_worker = _ConvertWorker()
+    return w
+
+
+def _copy_slot(out: np.ndarray, dst: int, src: int) -> None:
+    out[dst] = out[src]
+
+
 # --- public API ---------------------------------------------------------------------------
 
 
@@ -218,18 +289,34 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
         _warn_cpu_fallback()
     out: np.ndarray | None = None
     conv = _Converter(spec)
-    with _open(path) as container:
-        for frame, k, first in select_frames(path, container, spec, frames, segment, notes):
-            if out is None:
-                conv.prepare(frame)
-                out = np.empty((frames, spec.channels, conv.out_h, conv.out_w), np.uint8)
-            if frame is None:  # the segment ran short: repeat the last frame
-                out[k] = out[k - 1]
-            elif k == first:
-                conv.into(frame, out[k])
-            else:  # fps above the source rate: one frame covers several targets
-                out[k] = out[first]
+    worker: _ConvertWorker | None = None
+    run = _call  # where frame writes run: here, or on the helper thread beside decoding
+    try:
+        with _open(path) as container:
+            for frame, k, first in select_frames(path, container, spec, frames, segment, notes):
+                if out is None:
+                    conv.prepare(frame)
+                    out = np.empty((frames, spec.channels, conv.out_h, conv.out_w), np.uint8)
+                    if frame.width * frame.height >= OVERLAP_MIN_PIXELS:
+                        worker = _thread_convert_worker()
+                        run = worker.submit
+                if frame is None:  # the segment ran short: repeat the last frame
+                    run(_copy_slot, out, k, k - 1)
+                elif k == first:
+                    run(conv.into, frame, out[k])
+                else:  # fps above the source rate: one frame covers several targets
+                    run(_copy_slot, out, k, first)
+    except BaseException:
+        if worker is not None:  # never raise while the helper still writes `out`; the
+            worker.drain(reraise=False)  # decoding error is the one worth reporting
+        raise
+    if worker is not None:
+        worker.drain()
     return out
+
+
+def _call(fn, *args) -> None:
+    fn(*args)
 
 
 def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes):
