@@ -491,5 +491,27 @@ def completion(shell: str) -> None:
     click.echo(cls(main, {}, "mmctl", "_MMCTL_COMPLETE").source())
 
 
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Ctl).as_json = True
+
+
+def _accept_json_after_the_command(group: click.Group, skip: tuple[str, ...] = ("completion",)) -> None:
+    """`mmctl filter gray --json` means what `mmctl --json filter gray` means.
+
+    WHY: people (and scripts copied from other tools) put the flag at the end; refusing it as
+    "No such option" is a usage error for no reason. `completion` prints a shell script, which
+    has no JSON form."""
+    for name, cmd in group.commands.items():
+        if name in skip:
+            continue
+        cmd.params.append(click.Option(
+            ["--json"], is_flag=True, expose_value=False, callback=_set_json,
+            help="Print one JSON object (the last line); the same as `mmctl --json ...`."))
+
+
+_accept_json_after_the_command(main)
+
+
 if __name__ == "__main__":
     main()

@@ -185,6 +185,17 @@ def test_change_commands_print_the_new_generation(producer, args, wire):
     assert out == {"ok": True, "daemon": "producer", "generation": 3}
 
 
+def test_json_after_the_command_means_the_same_as_before_it(producer, trainer):
+    assert last_json(run("filter", "gray", "--json")) == {"ok": True, "daemon": "producer",
+                                                         "generation": 2}
+    assert last_json(run("status", "--json"))["trainer"]["stall"] == 0.021
+    bad = run("filter", "sepia", "--json")
+    assert bad.exit_code == 2 and last_json(bad)["error"]["code"] == "bad_filter"
+    for name, cmd in main.commands.items():
+        if name != "completion":
+            assert "--json" in [o for p in cmd.params for o in p.opts], name
+
+
 def test_modalities_without_options_lists_enabled_inputs(producer):
     r = run("modalities")
     assert r.exit_code == 0 and "enabled audio, video" in r.stdout
