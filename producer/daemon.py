@@ -198,7 +198,7 @@ class ProducerDaemon:
     def _facts(self) -> SourceFacts:
         stems = {k: set(v) for k, v in self._source.stems().items()} if self._source else {}
         if self._watch is not None:
-            self._watch.scan()
+            self._scan_watch()
             for k, v in self._watch.stems().items():
                 stems.setdefault(k, set()).update(v)
         classes = tuple(self._source.classes) if self._source and self._source.classes \
@@ -350,7 +350,7 @@ class ProducerDaemon:
             out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
         if self._watch is None:
             return out
-        self._watch.scan()
+        self._scan_watch()
         files = self._aligned_watch_files(clip)
         wanted = {n for n in files if _on(cfg, n)}
         if not wanted:
@@ -432,6 +432,17 @@ class ProducerDaemon:
             log.info("source recovered", extra={"after_retries": c.retries})
             c.retries = 0
             self._backoff = BACKOFF_START_S
+
+    def _scan_watch(self) -> None:
+        """Pick up new files in --watch; say once which ones cannot be used and why."""
+        w = self._watch
+        w.scan()
+        if w.newly_ignored:
+            names = w.newly_ignored
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            log.warning(f"watch folder {w.directory}: ignoring {shown}: no timestamp in the "
+                        f"name (expected <stem>_<timestamp>.<ext>, e.g. lidar_top_1700000000.125.bin)",
+                        extra={"ignored": names[:100]})
 
     def _skip(self, key: str, err: Exception) -> None:
         c = self.counters

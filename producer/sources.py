@@ -313,7 +313,12 @@ class WatchFolder:
 
     Polled by the daemon (`scan()` is one `os.scandir`): no inotify dependency, and a
     folder on a network mount works the same. Files whose names carry no timestamp are
-    reported once in `ignored` - never silently dropped.
+    listed in `ignored` and, for the scan that first saw them, in `newly_ignored` (the daemon
+    logs those) - never silently dropped.
+
+    Memory stays bounded over days of arriving files: at most `keep` paths per stem, and the
+    names remembered as seen or ignored are only those still in the folder (a recorder that
+    rotates its files away does not grow this object).
     """
 
     directory: Path
@@ -321,6 +326,7 @@ class WatchFolder:
     times: dict[str, np.ndarray] = field(default_factory=dict)   # stem -> int64 ns, sorted
     paths: dict[str, list[Path]] = field(default_factory=dict)
     ignored: set[str] = field(default_factory=set)
+    newly_ignored: list[str] = field(default_factory=list)
     _seen: set[str] = field(default_factory=set)
 
     def scan(self) -> int:
@@ -330,6 +336,11 @@ class WatchFolder:
         except OSError as e:
             raise SourceError(f"watched folder {self.directory}: {e.strerror or e}") from None
         new: dict[str, list[tuple[int, Path]]] = {}
+        self.newly_ignored = []
+        present = {e.name for e in entries}
+        if len(self._seen) > len(present):  # files went away: forget them (bounded memory)
+            self._seen &= present
+            self.ignored &= present
         for e in entries:
             if e.name in self._seen or e.name.startswith(".") or not e.is_file():
                 continue
@@ -337,6 +348,7 @@ class WatchFolder:
             parsed = parse_stamped_name(e.name)
             if parsed is None:
                 self.ignored.add(e.name)
+                self.newly_ignored.append(e.name)
                 continue
             stem, ts = parsed
             new.setdefault(stem, []).append((ts, Path(e.path)))

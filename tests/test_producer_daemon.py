@@ -441,6 +441,7 @@ def test_live_stream_on_loopback_fills_the_ring_with_watched_lidar_aligned(datas
     now = time.time_ns() // 100_000_000 * 100_000_000
     for k in range(-50, 300):
         (watch / f"lidar_{now + k * 100_000_000}.bin").write_bytes(scene)
+    (watch / "calibration.yaml").write_text("no timestamp in my name")
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
     writer = subprocess.Popen([sys.executable, "-c", WRITER, url + "?listen=1", "400"],
@@ -455,6 +456,10 @@ def test_live_stream_on_loopback_fills_the_ring_with_watched_lidar_aligned(datas
         expected = lidar.bev(lidar.load_points(next(watch.iterdir())), PipelineConfig().lidar)
         np.testing.assert_allclose(s.arrays["lidar"], expected, rtol=1e-6)
         assert "stream" in d.status()["source"]
+        # the file it cannot place in time is named once, with the naming rule, not dropped silently
+        wait_for(lambda: "ignoring calibration.yaml: no timestamp" in d.stderr_tail(),
+                 what="the log line naming the unstamped file")
+        assert d.stderr_tail().count("ignoring calibration.yaml") == 1
     finally:
         if d is not None:
             d.stop()

@@ -114,6 +114,33 @@ def test_watch_folder_picks_up_new_files_in_time_order_and_reports_unstamped(tmp
     assert w.stems() == {"lidar": {"lidar"}}
 
 
+def test_watch_folder_names_an_unstamped_file_in_the_scan_that_first_sees_it(tmp_path):
+    w = WatchFolder(tmp_path)
+    (tmp_path / "notes.txt").write_text("no timestamp")
+    w.scan()
+    assert w.newly_ignored == ["notes.txt"]
+    w.scan()
+    assert w.newly_ignored == [] and w.ignored == {"notes.txt"}
+
+
+def test_watch_folder_memory_stays_bounded_while_a_recorder_rotates_files_for_days(tmp_path):
+    # A recorder writes a frame and deletes the oldest, forever; so does a stray log file.
+    w = WatchFolder(tmp_path, keep=8)
+    t0 = 1_700_000_000
+    for k in range(500):
+        (tmp_path / f"lidar_{t0 + k}.bin").write_bytes(b"\0" * 16)
+        (tmp_path / f"recorder.log.{k}").write_text("x")
+        if k >= 4:
+            (tmp_path / f"lidar_{t0 + k - 4}.bin").unlink()
+            (tmp_path / f"recorder.log.{k - 4}").unlink()
+        assert w.scan() == 1
+    assert len(w._seen) <= 2 * 5 and len(w.ignored) <= 5  # what is in the folder, not all ever seen
+    assert len(w.paths["lidar"]) == 8 and w.times["lidar"][-1] == (t0 + 499) * 10**9
+    # a name that comes back after it went away is new again
+    (tmp_path / f"lidar_{t0}.bin").write_bytes(b"\0" * 16)
+    assert w.scan() == 1
+
+
 # --- one demux: video clips with the audio of their span; settings switched between clips ---
 
 
