@@ -15,7 +15,8 @@ from _trainer_data import build_cache  # noqa: E402
 
 from protocol.schema import SampleSchema  # noqa: E402
 from trainer.adapt import AdaptError, ShapeAdapter, adapt_tensor  # noqa: E402
-from trainer.batching import group_batches, modality_views, row_bytes  # noqa: E402
+from trainer.batching import (BufferPool, PoolCache, group_batches, modality_views,  # noqa: E402
+                              row_bytes)
 from trainer.datasets import CacheDataset, GroupedBatchSampler, LiveDiskMixer  # noqa: E402
 
 
@@ -210,3 +211,37 @@ def test_disk_loader_batches_hold_exactly_the_records_of_their_plan(cache):
     finally:
         loader.close()
     assert sorted(seen) == list(range(len(ds)))
+
+
+def _schema(hw: int) -> SampleSchema:
+    return SampleSchema.from_arrays({"video": np.zeros((2, 3, hw, hw), np.uint8)})
+
+
+def test_pool_cache_keeps_the_most_recently_used_pools_and_makes_each_once():
+    made: list[int] = []
+    cache = PoolCache(lambda s: made.append(s.schema_id) or BufferPool(s, 2, count=1, pin=False),
+                      keep=2)
+    a, b, c = _schema(4), _schema(6), _schema(8)
+    pa = cache.get(a)
+    assert cache.get(a) is pa and len(made) == 1      # one pool per schema
+    cache.get(b)
+    cache.get(a)                                       # a is now the most recent
+    cache.get(c)                                       # evicts b, the least recent
+    assert len(cache) == 2 and cache.evicted == 1
+    assert cache.get(a) is pa and len(made) == 3
+    cache.get(b)                                       # b comes back as a new pool
+    assert len(made) == 4 and cache.evicted == 2
+
+
+def test_a_batch_from_an_evicted_pool_can_still_be_released():
+    cache = PoolCache(lambda s: BufferPool(s, 2, count=1, pin=False), keep=1)
+    pool = cache.get(_schema(4))
+    buf = pool.get()
+    cache.get(_schema(6))                              # evicts the pool while buf is lent out
+    pool.put(buf)                                      # what HostBatch.release() does
+    assert pool.get(timeout=0) is buf
+
+
+def test_pool_cache_refuses_to_keep_nothing():
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        PoolCache(lambda s: s, keep=0)

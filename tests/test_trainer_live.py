@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import LiveProducer, build_cache, cleanup_ring, unique_name  # noqa: E402
 
+from trainer.batching import modality_views  # noqa: E402
 from trainer.datasets import RingDataset  # noqa: E402
 from trainer.loop import Trainer, TrainConfig  # noqa: E402
 from trainer.prefetch import RingLoader  # noqa: E402
@@ -180,3 +182,41 @@ def test_interleaved_schemas_still_fill_whole_batches(ring):
         assert {names for _, names in batches} == {("video", "vec"), ("video", "vec", "imu")}
     finally:
         loader.close()
+
+
+def test_a_filter_sweep_through_many_sizes_keeps_a_bounded_set_of_batch_pools(ring):
+    # `mmctl filter resize=...` swept through twelve sizes while training: each size is a new
+    # schema, and each schema's pool holds whole batches. The loader keeps the recent ones only,
+    # and every batch still holds exactly the samples of its size.
+    from protocol.ring import RingConfig, RingWriter
+    from protocol.schema import SampleMeta, SampleSchema
+
+    name, _ = ring
+    sizes = list(range(4, 28, 2))  # 12 sizes
+    w = RingWriter.create(RingConfig(name=name, slots=128, slot_bytes=16 << 10, mode="lossy"))
+    loader = RingLoader(name, batch_size=4, start="oldest", max_wait_s=0.2)
+    try:
+        i = 0
+        for gen, hw in enumerate(sizes, start=1):
+            w.set_generation(gen)
+            for _ in range(4):
+                arrays = {"video": np.full((2, 3, hw, hw), hw, np.uint8),
+                          "vec": np.full(8, i, np.float32)}
+                w.publish(SampleSchema.from_arrays(arrays),
+                          SampleMeta(label=i % 3, index=i, generation=gen, source="live"), arrays)
+                i += 1
+        loader.start()
+        seen = []
+        while len(seen) < len(sizes):
+            b = loader.get(timeout=10.0)
+            assert b is not None, f"no batch within 10 s after sizes {seen}"
+            video = modality_views(b.schema, b.data)["video"]
+            hw = video.shape[-1]
+            assert b.n == 4 and bool((video == hw).all())
+            seen.append(hw)
+            b.release()
+        assert seen == sizes
+        assert len(loader._pools) <= 6 and loader._pools.evicted == len(sizes) - len(loader._pools)
+    finally:
+        loader.close()
+        w.close()

@@ -17,9 +17,9 @@ allocates nothing and pins nothing new (pinning is slow: a page-locking syscall 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -104,6 +104,43 @@ class BufferPool:
         with self._cv:
             self._free.append(buf)
             self._cv.notify()
+
+
+P = TypeVar("P")
+
+
+class PoolCache(Generic[P]):
+    """Buffer pools by schema: the `keep` most recently used ones, made on first use.
+
+    WHY bounded: every new sample shape on the ring (`mmctl filter resize=...` during a sweep,
+    a sensor switched on) is a new schema, and each pool holds up to depth+2 whole batches
+    (pinned when CUDA is present; 128 MB for 32 one-MiB samples). Kept forever, a trainer
+    switched through sizes for days would grow without end. An evicted pool is only
+    forgotten: batches still out keep it alive through their release callback, and its
+    buffers are freed when the last of them comes back.
+    """
+
+    def __init__(self, make: Callable[[SampleSchema], P], keep: int = 6):
+        if keep < 1:
+            raise ValueError(f"PoolCache keep must be >= 1, got {keep}")
+        self._make = make
+        self._keep = keep
+        self._pools: OrderedDict[int, P] = OrderedDict()
+        self.evicted = 0
+
+    def get(self, schema: SampleSchema) -> P:
+        pool = self._pools.get(schema.schema_id)
+        if pool is not None:
+            self._pools.move_to_end(schema.schema_id)
+            return pool
+        pool = self._pools[schema.schema_id] = self._make(schema)
+        while len(self._pools) > self._keep:
+            self._pools.popitem(last=False)
+            self.evicted += 1
+        return pool
+
+    def __len__(self) -> int:
+        return len(self._pools)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from protocol.errors import ProducerGone, RingError
 from protocol.schema import SampleSchema
 
-from .batching import HostBatch, row_bytes
+from .batching import HostBatch, PoolCache, row_bytes
 from .gpu_ring import GpuRingReader
 from .prefetch import _POLL_S, RingLoader
 
@@ -89,7 +89,9 @@ class GpuRingLoader(RingLoader):
         if self.device.type != "cuda":
             raise ValueError(f"GpuRingLoader: device {self.device} is not a CUDA device; "
                              f"use RingLoader")
-        self._dev_pools: dict[int, DeviceBufferPool] = {}
+        self._dev_pools: PoolCache[DeviceBufferPool] = PoolCache(
+            lambda schema: DeviceBufferPool(schema, self.batch_size, self.device,
+                                            count=self._depth + 2))
         self.path = "host"    # "host" | "gpu-slots": what the current producer start uses
 
     def _on_gpu_slots(self, reader, refusal: str | None) -> None:
@@ -121,11 +123,7 @@ class GpuRingLoader(RingLoader):
         return None
 
     def _dev_pool(self, schema: SampleSchema) -> DeviceBufferPool:
-        pool = self._dev_pools.get(schema.schema_id)
-        if pool is None:
-            pool = self._dev_pools[schema.schema_id] = DeviceBufferPool(
-                schema, self.batch_size, self.device, count=self._depth + 2)
-        return pool
+        return self._dev_pools.get(schema)
 
     def _run_gpu(self) -> bool:
         """Batches from GPU slots until the producer goes (True: attach again) or we stop."""

@@ -35,8 +35,8 @@ from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 
 from .gpu_ring import gpu_slot_refusal
-from .batching import (BatchKey, BufferPool, HostBatch, group_batches, modality_views,
-                       pin_available, row_bytes)
+from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
+                       modality_views, pin_available, row_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -168,21 +168,20 @@ class DiskLoader(_LoaderThread):
         self.epochs = epochs
         self.start_at = start
         self._groups = reader.schema_groups()
-        self._pools: dict[int, BufferPool] = {}
         self._pin = pin
         self._labels = torch.as_tensor(reader.labels, dtype=torch.int64)
         self._depth = depth
+        self._pools: PoolCache[BufferPool] = PoolCache(self._new_pool)
 
     def batches_per_epoch(self) -> int:
         return len(group_batches(self._groups, self.batch_size, shuffle=False, seed=0, epoch=0,
                                  rank=self.rank, world_size=self.world_size))
 
+    def _new_pool(self, schema: SampleSchema) -> BufferPool:
+        return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
+
     def _pool(self, schema: SampleSchema) -> BufferPool:
-        pool = self._pools.get(schema.schema_id)
-        if pool is None:
-            pool = self._pools[schema.schema_id] = BufferPool(
-                schema, self.batch_size, count=self._depth + 2, pin=self._pin)
-        return pool
+        return self._pools.get(schema)
 
     def _run(self) -> None:
         epoch, skip = self.start_at
@@ -241,7 +240,7 @@ class RingLoader(_LoaderThread):
         self.max_wait_s = max_wait_s
         self._pin = pin
         self._depth = depth
-        self._pools: dict[int, BufferPool] = {}
+        self._pools: PoolCache[BufferPool] = PoolCache(self._new_pool)
         self.reader = None
         self.attached = False
         self.generation_seen = -1
@@ -266,12 +265,11 @@ class RingLoader(_LoaderThread):
                 self._stop.wait(0.1)
         return None
 
+    def _new_pool(self, schema: SampleSchema) -> BufferPool:
+        return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
+
     def _pool(self, schema: SampleSchema) -> BufferPool:
-        pool = self._pools.get(schema.schema_id)
-        if pool is None:
-            pool = self._pools[schema.schema_id] = BufferPool(
-                schema, self.batch_size, count=self._depth + 2, pin=self._pin)
-        return pool
+        return self._pools.get(schema)
 
     def _on_gpu_slots(self, reader, refusal: str | None) -> None:
         """The ring's producer writes frames into GPU slots (`refusal` says so; None: it does
