@@ -152,10 +152,12 @@ class ProducerDaemon:
             self._source_failed(e)
             facts = SourceFacts({}, tuple(opts.classes))
         self.gens = Generations(base, facts, opts.label)
-        self.pipeline = Pipeline(base)
         self.ring = _open_ring(RingConfig(opts.ring, slots=opts.slots,
                                           slot_bytes=opts.slot_bytes, mode=opts.mode,
                                           group=opts.group), opts.device)
+        # Frames headed for GPU slots are decoded by NVDEC straight into GPU memory.
+        self.video_device = "cuda" if self._ring_memory() == "gpu" else "cpu"
+        self.pipeline = self._pipeline(base)
         self.ring.set_generation(1)
         endpoint = opts.control or paths.control_endpoint("producer")
         self.server = ControlServer(endpoint, self._commands(), group=opts.group)
@@ -358,7 +360,7 @@ class ProducerDaemon:
         sample = SampleFiles("live", "", UNLABELLED, self._watch.directory, files, {})
         config = cfg.with_changes(enabled=frozenset(wanted), segment=(clip.start_s, clip.end_s))
         try:
-            out.update(Pipeline(config).process(sample, None))
+            out.update(self._pipeline(config).process(sample, None))
         except InputError as e:
             self._skip(f"clip@{clip.start_s:.2f}s", e)
             return None
@@ -395,7 +397,8 @@ class ProducerDaemon:
     # --- publishing ------------------------------------------------------------------------
 
     def _schema_for(self, arrays: Mapping[str, np.ndarray]) -> SampleSchema:
-        key = tuple((n, a.dtype.str, a.shape) for n, a in arrays.items())
+        # str(dtype): numpy arrays and (NVDEC video) torch CUDA tensors alike
+        key = tuple((n, str(a.dtype), tuple(a.shape)) for n, a in arrays.items())
         schema = self._schemas.get(key)
         if schema is None:
             schema = SampleSchema(tuple(ModalitySpec.from_array(n, a) for n, a in arrays.items()))
@@ -523,9 +526,13 @@ class ProducerDaemon:
             "dropped": stats.dropped,
             "heartbeat_age_s": round(stats.heartbeat_age_s, 3),
             "ring_memory": self._ring_memory(),
+            "video_decode": "nvdec" if self.video_device == "cuda" else "cpu",
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
+
+    def _pipeline(self, config: PipelineConfig) -> Pipeline:
+        return Pipeline(config, video_device=self.video_device)
 
     def _ring_memory(self) -> str:
         """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
@@ -577,7 +584,7 @@ class ProducerDaemon:
         change]). BadArgument leaves everything as it was."""
         proof = self._prove(gen)
         self.gens.commit(gen)
-        self.pipeline = Pipeline(gen.config)
+        self.pipeline = self._pipeline(gen.config)
         self.ring.set_generation(gen.number)
         if proof is not None:
             self._pending = (proof[0], proof[1], gen.number)
@@ -589,7 +596,7 @@ class ProducerDaemon:
         src = self._source
         slot_bytes = self.ring.config.slot_bytes
         if isinstance(src, DatasetReplay) and self.state == "running":
-            trial = Pipeline(gen.config)
+            trial = self._pipeline(gen.config)
             tries = 0
             while tries < _PROOF_TRIES:
                 tries += 1

@@ -165,10 +165,20 @@ def sample_meta(sample: SampleFiles, *, generation: int = 0, index: int = 0) -> 
 
 
 class Pipeline:
-    """Applies one PipelineConfig; cheap to build, holds no open files (fork-safe)."""
+    """Applies one PipelineConfig; cheap to build, holds no open files (fork-safe).
 
-    def __init__(self, config: PipelineConfig | None = None):
+    `video_device="cuda"` decodes video with NVDEC and returns it as a CUDA tensor (the other
+    inputs stay numpy): what the daemon does when its ring slots live in GPU memory, so frames
+    go from bitstream to model without a host copy. It is not part of PipelineConfig because it
+    does not change what a sample means (tests/test_video.py states the CPU/GPU tolerance);
+    without a GPU it decodes on the CPU and says so once.
+    """
+
+    def __init__(self, config: PipelineConfig | None = None, *, video_device: str = "cpu"):
+        if video_device not in ("cpu", "cuda"):
+            raise ValueError(f"video_device must be 'cpu' or 'cuda', got {video_device!r}")
         self.config = config if config is not None else PipelineConfig()
+        self.video_device = video_device
 
     def _on(self, name: str) -> bool:
         return self.config.enabled is None or name in self.config.enabled
@@ -197,7 +207,8 @@ class Pipeline:
     def _one(self, inp: str, path: Path, meta: dict, notes: list[str] | None) -> np.ndarray:
         c = self.config
         if inp == "video":
-            return video.decode_clip(path, c.filter, c.clip_frames, c.segment, notes)
+            return video.decode_clip(path, c.filter, c.clip_frames, c.segment, notes,
+                                     device=self.video_device)
         if inp == "audio":
             return audio.log_mel(path, c.audio, c.segment, notes)
         if inp == "lidar":

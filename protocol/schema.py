@@ -82,7 +82,9 @@ class ModalitySpec:
 
     @classmethod
     def from_array(cls, name: str, array: np.ndarray) -> "ModalitySpec":
-        return cls(name, array.dtype.name, tuple(array.shape))
+        """From a numpy array or a torch tensor (a CUDA one from NVDEC: torch.uint8 -> "uint8")."""
+        dtype = getattr(array.dtype, "name", None) or str(array.dtype).removeprefix("torch.")
+        return cls(name, dtype, tuple(array.shape))
 
     def __repr__(self) -> str:
         return f"{self.name}:{self.dtype}{list(self.shape)}"

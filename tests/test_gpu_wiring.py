@@ -82,6 +82,7 @@ def test_producer_device_auto_without_a_gpu_fills_the_host_ring_and_says_so_once
         assert d.ready["ring_memory"] == "host"
         wait_for(lambda: d.status()["published"] > 3, what="samples published")
         assert d.status()["ring_memory"] == "host"
+        assert d.status()["video_decode"] == "cpu"                  # no NVDEC without a GPU
         s = _first_sample(d.ring)
         assert not is_descriptor(s.schema) and "video" in s.arrays   # frames in the ring itself
         assert d.stderr_tail().count(NO_CUDA_MESSAGE) == 1
@@ -155,6 +156,7 @@ def test_producer_device_cuda_puts_frames_in_gpu_slots(dataset):
     d = Daemon(dataset, "--loop", "--rate", "max", "--clip-frames", "2", "--device", "cuda")
     try:
         assert d.ready["ring_memory"] == "gpu"
+        assert d.status()["video_decode"] == "nvdec"   # bitstream -> GPU memory, no host frame
         with RingReader.attach(d.ring, start="oldest") as r:
             s = r.receive(timeout=30)
         assert is_descriptor(s.schema)                 # the ring carries only the descriptor

@@ -17,6 +17,12 @@ from protocol.filters import FilterSpec
 
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.fixture(scope="module")
 def index(synth_dataset):
     return index_dataset(synth_dataset)
@@ -36,6 +42,35 @@ def test_default_config_gives_every_input_with_its_dtype_and_shape(multi):
     assert out["lidar"].dtype == np.float32 and out["lidar"].shape == (3, 160, 160)
     assert out["radar"].dtype == np.float32 and out["radar"].shape == (1, 64, 64)
     assert out["imu"].dtype == np.float32 and out["imu"].shape == (50, 6)  # metadata shape
+
+
+@pytest.mark.skipif(_cuda(), reason="checks the CPU fallback taken without a GPU")
+def test_nvdec_video_without_a_gpu_decodes_on_the_cpu_and_gives_the_same_sample(multi, caplog):
+    from producer.modalities import video
+
+    video._warned_no_cuda = False
+    with caplog.at_level("WARNING", logger=video.__name__):
+        gpu = Pipeline(video_device="cuda").process(multi)
+        Pipeline(video_device="cuda").process(multi)
+    cpu = Pipeline().process(multi)
+    assert list(gpu) == list(cpu)
+    assert all(isinstance(a, np.ndarray) and np.array_equal(a, cpu[k]) for k, a in gpu.items())
+    assert sum("no CUDA GPU is available" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.skipif(not _cuda(), reason="NVDEC decode needs an NVIDIA GPU with CUDA")
+def test_nvdec_video_is_a_cuda_tensor_beside_numpy_inputs_and_matches_the_cpu(multi):
+    gpu = Pipeline(video_device="cuda").process(multi)
+    cpu = Pipeline().process(multi)
+    assert gpu["video"].is_cuda and tuple(gpu["video"].shape) == cpu["video"].shape
+    diff = np.abs(gpu["video"].cpu().numpy().astype(int) - cpu["video"].astype(int))
+    assert diff.mean() <= 1.5 and diff.max() <= 24  # the CPU/GPU tolerance of test_video.py
+    assert all(isinstance(gpu[k], np.ndarray) for k in ("audio", "lidar", "radar", "imu"))
+
+
+def test_pipeline_refuses_a_video_device_it_does_not_know():
+    with pytest.raises(ValueError, match="video_device must be 'cpu' or 'cuda'"):
+        Pipeline(video_device="gpu")
 
 
 def test_shapes_are_the_same_for_every_sample_of_one_config(index):

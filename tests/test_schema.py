@@ -93,3 +93,12 @@ def test_views_refuse_a_payload_smaller_than_the_schema():
     s = SampleSchema((ModalitySpec("x", "uint8", (100,)),))
     with pytest.raises(SchemaError, match="50 bytes is smaller than the schema's 100"):
         s.views(bytearray(50))
+
+
+def test_a_modality_spec_reads_dtype_and_shape_from_a_torch_tensor_as_from_numpy():
+    import torch
+
+    t = ModalitySpec.from_array("video", torch.zeros((2, 3, 4), dtype=torch.uint8))
+    n = ModalitySpec.from_array("video", np.zeros((2, 3, 4), np.uint8))
+    assert t == n and t.dtype == "uint8" and t.shape == (2, 3, 4)
+    assert ModalitySpec.from_array("x", torch.zeros(5)).dtype == "float32"
