@@ -18,6 +18,7 @@ from trainer.adapt import AdaptError, ShapeAdapter, adapt_tensor  # noqa: E402
 from trainer.batching import (BufferPool, PoolCache, group_batches, modality_views,  # noqa: E402
                               row_bytes)
 from trainer.datasets import CacheDataset, GroupedBatchSampler, LiveDiskMixer  # noqa: E402
+from trainer.recent import RecentGenerations  # noqa: E402
 
 
 def test_batches_never_mix_schemas_and_ranks_get_disjoint_equal_shards():
@@ -245,3 +246,15 @@ def test_a_batch_from_an_evicted_pool_can_still_be_released():
 def test_pool_cache_refuses_to_keep_nothing():
     with pytest.raises(ValueError, match="keep must be >= 1"):
         PoolCache(lambda s: s, keep=0)
+
+
+def test_generations_kept_for_status_are_the_newest_ones_only():
+    # A filter switched every few seconds for weeks: status must stay small enough to answer.
+    seen = RecentGenerations()
+    for g in range(1, 10_001):
+        seen.add(g)
+        seen.add(g)                      # every batch of a generation adds it again
+    assert len(seen) == RecentGenerations.KEEP
+    assert min(seen) == 10_001 - RecentGenerations.KEEP and max(seen) == 10_000
+    seen.update({10_001, 5})             # one older than all it keeps is not kept
+    assert 10_001 in seen and 5 not in seen and len(seen) == RecentGenerations.KEEP

@@ -30,6 +30,7 @@ from .adapt import ShapeAdapter
 from .datasets import LiveDiskMixer
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
+from .recent import RecentGenerations
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class Trainer:
         self.loss: float | None = None
         self.samples_live = self.samples_disk = 0
         self.live_copies = 0
-        self.generations_trained: set[int] = set()
+        self.generations_trained: set[int] = RecentGenerations()  # newest 256
         self.last_generation: int | None = None
         self.total_wait_s = self.total_step_s = 0.0
         self.started = time.monotonic()

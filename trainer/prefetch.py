@@ -37,6 +37,7 @@ from protocol.schema import SampleSchema
 from .gpu_ring import gpu_slot_refusal
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
+from .recent import RecentGenerations
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class LoaderStats:
     copies: int = 0          # host copies of samples made by this loader
     dropped: int = 0         # samples read but discarded (torn lossy read, partial at shutdown)
     reattached: int = 0
-    generations: set = field(default_factory=set)
+    generations: set = field(default_factory=RecentGenerations)  # newest 256 seen
 
 
 class _LoaderThread:
