@@ -483,12 +483,16 @@ def install_units_(ctl: Ctl, unit_dir: Path, env_file: Path, no_enable: bool, no
 
 @main.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
-def completion(shell: str) -> None:
-    """Print the shell completion script: `eval "$(mmctl completion bash)"`."""
+@pass_ctl
+def completion(ctl: Ctl, shell: str) -> None:
+    """Print the shell completion script: `eval "$(mmctl completion bash)"`.
+
+    With --json: {"ok": true, "shell": ..., "script": ...} (for installers)."""
     from click.shell_completion import get_completion_class
 
     cls = get_completion_class(shell)
-    click.echo(cls(main, {}, "mmctl", "_MMCTL_COMPLETE").source())
+    script = cls(main, {}, "mmctl", "_MMCTL_COMPLETE").source()
+    ctl.emit({"ok": True, "shell": shell, "script": script}, script)
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -496,15 +500,12 @@ def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         ctx.find_object(Ctl).as_json = True
 
 
-def _accept_json_after_the_command(group: click.Group, skip: tuple[str, ...] = ("completion",)) -> None:
+def _accept_json_after_the_command(group: click.Group) -> None:
     """`mmctl filter gray --json` means what `mmctl --json filter gray` means.
 
     WHY: people (and scripts copied from other tools) put the flag at the end; refusing it as
-    "No such option" is a usage error for no reason. `completion` prints a shell script, which
-    has no JSON form."""
-    for name, cmd in group.commands.items():
-        if name in skip:
-            continue
+    "No such option" is a usage error for no reason."""
+    for cmd in group.commands.values():
         cmd.params.append(click.Option(
             ["--json"], is_flag=True, expose_value=False, callback=_set_json,
             help="Print one JSON object (the last line); the same as `mmctl --json ...`."))

@@ -192,8 +192,7 @@ def test_json_after_the_command_means_the_same_as_before_it(producer, trainer):
     bad = run("filter", "sepia", "--json")
     assert bad.exit_code == 2 and last_json(bad)["error"]["code"] == "bad_filter"
     for name, cmd in main.commands.items():
-        if name != "completion":
-            assert "--json" in [o for p in cmd.params for o in p.opts], name
+        assert "--json" in [o for p in cmd.params for o in p.opts], name
 
 
 def test_modalities_without_options_lists_enabled_inputs(producer):
@@ -337,6 +336,8 @@ def test_keygen_writes_keypairs_and_the_allowed_clients_folder(rundir):
 def test_completion_prints_a_script_for_the_shell(shell):
     r = run("completion", shell)
     assert r.exit_code == 0 and "_MMCTL_COMPLETE" in r.stdout
+    out = last_json(run("completion", shell, "--json"))
+    assert out["ok"] and out["shell"] == shell and out["script"].strip() == r.stdout.strip()
 
 
 def test_help_documents_the_exit_codes():
