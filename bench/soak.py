@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "rss_anon_after_warmup_mib": round(start_mib, 1),
                                    "rss_anon_end_mib": round(end_mib, 1),
                                    "rss_shmem_mib": round(shm, 1),
-                                   "samples": len(tr.points)}
+                                   "samples": len(tr.points),
+                                   "rss_anon_mib_over_time": [[round(t), round(a, 1)]
+                                                              for t, a, _ in tr.points]}
         print(f"soak {tr.name:8s} RssAnon {start_mib:.1f} -> {end_mib:.1f} MiB after warm-up, "
               f"slope {slope:+.2f} MiB/h over {minutes - warm / 60:.1f} min "
               f"(RssShmem {shm:.1f} MiB)")
