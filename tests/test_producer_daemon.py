@@ -617,7 +617,10 @@ def test_unknown_group_is_refused_at_start_naming_it_and_leaves_nothing(dataset)
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-SHORT, LONG = 0.1, 0.5   # recorded gaps between samples (s), alternating
+# Recorded gaps between samples (s), alternating. Both far above the time one sample takes to
+# make even on a loaded 2-core machine (~0.3 s seen): at 0.1 s a busy producer fell behind
+# the short gaps and caught up in the long ones, and the spacing flattened.
+SHORT, LONG = 0.25, 1.0
 
 
 @pytest.fixture
