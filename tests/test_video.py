@@ -219,6 +219,19 @@ def test_a_file_cut_short_is_still_an_input_error_when_frames_convert_beside_dec
     assert indices(good) == list(range(N))
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-line", "beside-decoding"])
+def test_a_process_forked_after_decoding_decodes_with_its_own_threads(clip, monkeypatch, overlap):
+    # Neither the parent's swscale slice threads nor its helper thread exist in a fork (a
+    # DataLoader worker, say): reusing the parent's objects there waited forever.
+    import multiprocessing as mp
+
+    monkeypatch.setattr(video, "OVERLAP_MIN_PIXELS", 0 if overlap else 10**9)
+    parent = video.decode_clip(clip, spec("none"), 6)
+    with mp.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(video.decode_clip, (clip, spec("none"), 6)).get(timeout=60)
+    assert np.array_equal(parent, child)
+
+
 def test_an_error_on_the_helper_thread_reaches_the_caller_and_skips_the_rest_of_its_clip():
     worker = video._ConvertWorker()
     ran: list[int] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -122,12 +123,24 @@ def _thread_reformatter():
     WHY: PyAV keeps the SwsContext inside the reformatter and rebuilds it only when the sizes
     or formats change; a new reformatter per clip built a new context per clip - ~1.3 ms, as
     much as converting all 8 frames of a 112x112 clip (measured, 320x240 source). Per
-    thread, because a SwsContext must not be used by two threads at once.
+    thread, because a SwsContext must not be used by two threads at once. Per process too: the
+    context runs its slices on its own thread pool, which a forked child does not have, so a
+    child converting with its parent's context waits forever (a DataLoader worker forked after
+    the parent decoded a clip did; test_video.py).
     """
-    r = getattr(_local, "reformatter", None)
-    if r is None:
-        r = _local.reformatter = av.video.reformatter.VideoReformatter()
-    return r
+    pid = os.getpid()
+    if getattr(_local, "reformatter_pid", None) != pid:
+        inherited = getattr(_local, "reformatter", None)
+        if inherited is not None:
+            # Never free the parent's context here: freeing joins slice threads this process
+            # does not have, and waits forever. One small leak per fork, once.
+            _inherited_from_parent.append(inherited)
+        _local.reformatter = av.video.reformatter.VideoReformatter()
+        _local.reformatter_pid = pid
+    return _local.reformatter
+
+
+_inherited_from_parent: list = []
 
 
 class _Converter:
@@ -219,6 +232,7 @@ class _ConvertWorker:
     DEPTH = 3
 
     def __init__(self) -> None:
+        self.pid = os.getpid()
         self._jobs: queue.Queue = queue.Queue(maxsize=self.DEPTH)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="mmfeed-video-convert", daemon=True)
@@ -255,7 +269,9 @@ def _signal(event: threading.Event) -> None:
 
 def _thread_convert_worker() -> _ConvertWorker:
     w = getattr(_local, "convert_worker", None)
-    if w is None:
+    # A forked child inherits the object but not its thread (a DataLoader worker forked after
+    # the parent decoded a clip): submitting to it would wait forever. Start its own.
+    if w is None or w.pid != os.getpid():
         w = _local.convert_worker = _ConvertWorker()
     return w
 
