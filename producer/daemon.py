@@ -51,6 +51,7 @@ from protocol import logs, notify, paths
 from protocol.control import Command, ControlServer, wire_command
 from protocol.errors import BadArgument, InputError, MmfeedError, RingFull
 from protocol.filters import FilterSpec
+from protocol.heap import HeapTrimmer
 from protocol.ring import RingConfig, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
 
@@ -124,6 +125,7 @@ class ProducerDaemon:
         self._retry_at = 0.0
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self._schemas: dict[tuple, SampleSchema] = {}
+        self._heap = HeapTrimmer()
         self._last_published: SampleSchema | None = None
         self._reported: set[tuple[str, str]] = set()
         self._clip_reader: _ClipReader | None = None
@@ -250,6 +252,7 @@ class ProducerDaemon:
         if self._watchdog_every is not None and now >= self._next_watchdog:
             self.notifier.watchdog()
             self._next_watchdog = now + self._watchdog_every
+        self._heap.maybe(now)
         if now >= self._next_status:
             self._next_status = now + STATUS_INTERVAL_S
             line = self._status_line()

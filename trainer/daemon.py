@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from protocol.control import ControlServer, wire_command
 from protocol.errors import BadArgument
+from protocol.heap import HeapTrimmer
 from protocol.logs import close_daemon_logging, logs_command, setup_daemon_logging
 from protocol.notify import Notifier, watchdog_interval
 
@@ -130,6 +131,7 @@ class TrainerDaemon:
             })
         wd = watchdog_interval()
         last_wd = last_log = time.monotonic()
+        heap = HeapTrimmer()
         tr.state = "running"
         if self.notifier:
             self.notifier.ready(f"training, control at {self.server.endpoint}")
@@ -146,6 +148,7 @@ class TrainerDaemon:
                 if self.notifier and wd and now - last_wd >= wd:
                     self.notifier.watchdog()
                     last_wd = now
+                heap.maybe(now)
                 stop, ck, paused = self._sync()
                 if stop:
                     log.info("stopping on %s at step %d", self.stop_reason or "request", tr.step)
