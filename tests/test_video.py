@@ -6,6 +6,7 @@ is; the rest run on the real recordings in /work/shared/data/real when present.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -230,6 +231,38 @@ def test_a_process_forked_after_decoding_decodes_with_its_own_threads(clip, monk
     with mp.get_context("fork").Pool(1) as pool:
         child = pool.apply_async(video.decode_clip, (clip, spec("none"), 6)).get(timeout=60)
     assert np.array_equal(parent, child)
+
+
+def _collect_then_decode(clip):
+    gc.collect()  # what any child's allocator does sooner or later
+    return video.decode_clip(clip, spec("none"), 6)
+
+
+def test_a_fork_does_not_inherit_a_dead_decoder_that_would_hang_the_child(clip):
+    # A threaded decoder left in a reference cycle (a traceback holding its container, say)
+    # is garbage the parent has not collected yet. Freeing it joins FFmpeg's frame threads:
+    # in a forked child, which has none, that waited forever (seen in the full suite: a pool
+    # worker hung in gc -> CodecContext dealloc). The fork hook collects it in the parent.
+    import multiprocessing as mp
+
+    enabled = gc.isenabled()
+    gc.disable()  # keep the cycle alive until the fork, as a busy parent would
+    try:
+        container = video._open(clip)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for _, _frame in zip(range(4), container.decode(stream)):
+            pass  # frame threads started
+        cycle: list = [container, stream]
+        cycle.append(cycle)
+        container.close()
+        del container, stream, cycle, _frame
+        with mp.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(_collect_then_decode, (clip,)).get(timeout=60)
+    finally:
+        if enabled:
+            gc.enable()
+    assert np.array_equal(child, video.decode_clip(clip, spec("none"), 6))
 
 
 def test_an_error_on_the_helper_thread_reaches_the_caller_and_skips_the_rest_of_its_clip():

@@ -19,6 +19,8 @@ import numpy as np
 
 from protocol.errors import InputError
 
+from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
+
 
 @dataclass(frozen=True)
 class AudioConfig:

@@ -29,6 +29,8 @@ import numpy as np
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
+from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
+
 log = logging.getLogger(__name__)
 
 #: swscale's scaler for every resize on the CPU path; bilinear widens its kernel when it
