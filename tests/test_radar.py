@@ -66,6 +66,27 @@ def test_range_doppler_of_real_int16_cube_keeps_only_positive_range_bins():
     assert (row, col) == (20, 16)
 
 
+@pytest.mark.parametrize("dtype, write", [
+    ("int16", lambda p, c: p.write_bytes(np.round(c * 1000).astype("<i2").tobytes())),
+    ("float32", lambda p, c: p.write_bytes(c.astype("<f4").tobytes())),
+    (None, lambda p, c: np.save(p, np.round(c * 1000).astype(np.int16))),  # a real .npy
+])
+def test_a_real_sampled_cube_read_from_a_file_peaks_at_its_one_range_bin(tmp_path, dtype, write):
+    # The file path must give the same map as the array: a real cube kept real (cast to
+    # complex it showed the target twice, at bins 10 and 54: mirrored, half the resolution).
+    s = np.arange(128)
+    cube = np.cos(2 * np.pi * 20 * s / 128)[None, :, None].repeat(32, 0).repeat(2, 2)
+    path = tmp_path / ("radar.npy" if dtype is None else "radar.bin")
+    write(path, cube)
+    meta = {} if dtype is None else {"radar": {"dtype": dtype, "shape": [32, 128, 2]}}
+    loaded = radar.load_adc(path, meta)
+    assert loaded.dtype == np.float32 and loaded.shape == (32, 128, 2)
+    out = radar.process(path, "range_doppler", radar.RadarConfig(out_shape=(64, 32)), meta)
+    row, col = np.unravel_index(out[0].argmax(), out[0].shape)
+    assert (row, col) == (20, 16)
+    assert out[0, 44:].max() < 0.5  # no mirror image in the upper half
+
+
 def test_unnormalised_range_doppler_is_absolute_db():
     cube = target_cube(noise=0.0)
     out = radar.range_doppler(cube, radar.RadarConfig(normalize=False, window="none",

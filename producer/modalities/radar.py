@@ -152,7 +152,11 @@ def _decode_dca1000(path: Path, raw: np.ndarray, shape: tuple[int, int, int], tx
 
 def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
              notes: list[str] | None = None) -> np.ndarray:
-    """Read a raw ADC cube -> complex64 (chirps, samples, rx).
+    """Read a raw ADC cube -> (chirps, samples, rx): complex64 for I/Q data (`complex_int16`,
+    `complex64`, a complex .npy), float32 for real-sampled ADCs (`int16`, `float32`, a real
+    .npy). Real stays real on purpose: a real signal's range spectrum is symmetric, and the
+    range FFT keeps only its non-negative half; cast to complex, it would show every target
+    twice (once mirrored) at half the range resolution.
 
     InputError when the file is unreadable or empty, the metadata lacks or garbles the
     shape/dtype/layout, or the byte size disagrees with the metadata shape.
@@ -207,7 +211,7 @@ def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
                 else raw).reshape(shape)
     if layout == "chirp_rx_sample":
         cube = cube.transpose(0, 2, 1)
-    return np.ascontiguousarray(cube, dtype=np.complex64)
+    return np.ascontiguousarray(cube, dtype=np.complex64 if np.iscomplexobj(cube) else np.float32)
 
 
 def load_points(path: str | Path, meta: Mapping[str, Any] | None = None,
