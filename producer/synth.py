@@ -213,7 +213,8 @@ def make_dataset(root: str | Path, *, classes: tuple[str, ...] = DEFAULT_CLASSES
 
 #: case -> (file the report must name, relative to the sample folder; field it must name)
 BAD_CASES = {
-    "truncated_video": ("video.mp4", None),
+    # moov atom at the end: cut in half, the file does not open as a container
+    "truncated_video": ("video.mp4", "container"),
     "lidar_not_multiple_of_16": ("lidar.bin", "size"),
     "metadata_invalid_json": ("metadata.json", "json"),
     "metadata_wrong_type": ("metadata.json", "radar.shape"),

@@ -52,8 +52,7 @@ def test_every_bad_case_is_reported_with_file_and_field(bad_run, case):
     file, field = BAD_CASES[case]
     [r] = [r for r in summary["rejected"] if r["sample"] == f"train/circle/bad_{case}"]
     assert r["file"] == str(made[case] / file).rstrip("/")
-    if field is not None:
-        assert r["field"] == field
+    assert r["field"] == field
     assert r["expected"]
 
 
