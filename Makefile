@@ -11,7 +11,11 @@ TORCH_PIN ?= torch==2.13.0
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py protocol/_seqlock.c
+# Two small C helpers are built at install (the ring's memory ordering, LZF for PCD files):
+# say what is missing before pip fails with a compiler trace.
+$(STAMP): pyproject.toml setup.py protocol/_seqlock.c producer/_lzf.c
+	@command -v $${CC:-cc} >/dev/null 2>&1 || { echo "make: mmfeed builds two small C helpers and needs a C compiler: install gcc (Debian/Ubuntu: apt-get install gcc)" >&2; exit 1; }
+	@$(PYTHON) -c 'import os, sys, sysconfig; h = os.path.join(sysconfig.get_paths()["include"], "Python.h"); sys.exit(0 if os.path.exists(h) else "make: mmfeed builds two small C helpers and needs the Python headers, " + h + " is missing (Debian/Ubuntu: apt-get install python3-dev)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
