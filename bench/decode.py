@@ -33,10 +33,18 @@ RATE = 30
 CACHE = Path(tempfile.gettempdir()) / "mmfeed-bench-decode"
 
 
-def make_clip(name: str, size: tuple[int, int], seconds: float) -> Path:
-    """A moving gradient with texture: real motion for the encoder, cheap to generate."""
+#: encoder -> its options: 2 B-frames each, so both decoders reorder frames as real footage needs
+ENCODERS = {"libx264": {"preset": "veryfast", "crf": "23", "bf": "2"},
+            "libx265": {"preset": "ultrafast", "crf": "28",
+                        "x265-params": "bframes=2:log-level=error"}}
+
+
+def make_clip(name: str, size: tuple[int, int], seconds: float, codec: str = "libx264") -> Path:
+    """A moving gradient with texture: real motion for the encoder, cheap to generate.
+    `codec` is "libx264" (H.264) or "libx265" (HEVC)."""
     w, h = size
-    path = CACHE / f"{name}_{seconds:g}s.mp4"
+    suffix = "" if codec == "libx264" else f"_{codec}"
+    path = CACHE / f"{name}_{seconds:g}s{suffix}.mp4"
     if path.exists():
         return path
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -44,9 +52,9 @@ def make_clip(name: str, size: tuple[int, int], seconds: float) -> Path:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     texture = np.random.default_rng(0).integers(0, 24, (h, w), dtype=np.uint8)
     with av.open(str(tmp), "w") as out:
-        s = out.add_stream("libx264", rate=RATE)
+        s = out.add_stream(codec, rate=RATE)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"preset": "veryfast", "crf": "23", "bf": "2"}
+        s.options = dict(ENCODERS[codec])
         for i in range(int(seconds * RATE)):
             img = np.empty((h, w, 3), np.uint8)
             img[..., 0] = ((xx + 6 * i) % 256).astype(np.uint8) // 2 + texture
