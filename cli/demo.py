@@ -90,6 +90,11 @@ def _wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = N
 
 
 def make_dataset(s: DemoSettings) -> Path:
+    """The synthetic train/val samples, plus the real recordings (when REAL_DATA is there)
+    as `test/real/*`: preprocessed and cached with the rest, so the demo shows real LiDAR,
+    radar, audio and video going through the same pipeline. They sit in the test split because
+    they carry no class of their own; the producer replays train and val only."""
+    from producer.synth import link_real_recordings
     from producer.synth import make_dataset as synth
 
     root = s.workdir / "dataset"
@@ -97,16 +102,32 @@ def make_dataset(s: DemoSettings) -> Path:
     # The dataset is deterministic for its settings: a second run reuses it (and so the
     # preprocess cache, which only redoes samples whose files changed).
     stamp = root / ".mmfeed-demo-dataset"
-    want = json.dumps({"per_class": per_class, "seed": 0})
+    want = json.dumps({"per_class": per_class, "seed": 0, "real": REAL_DATA.is_dir()})
     if stamp.exists() and stamp.read_text() == want:
         _say(f"reusing the synthetic dataset in {root}")
         return root
     if root.exists():
         shutil.rmtree(root)
     synth(root, per_class=per_class, seed=0)
+    real = link_real_recordings(root, REAL_DATA, split="test", class_name="real")
     stamp.write_text(want)
-    _say(f"synthetic dataset: {sum(1 for _ in root.glob('*/*/*'))} samples in {root}")
+    _say(f"synthetic dataset: {sum(1 for _ in root.glob('[tv][ra]*/*/*'))} samples in {root}")
+    if real:
+        _say(f"real recordings from {REAL_DATA}: {len(real)} samples in {root / 'test' / 'real'}")
+    else:
+        _say(f"no real recordings at {REAL_DATA}; synthetic data only")
     return root
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process of the daemon's process group (workers included) exists."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run(s: DemoSettings) -> dict:
@@ -137,7 +158,7 @@ def run(s: DemoSettings) -> dict:
         _say(f"starting mm-producer run (ring {ring}); log: {logs / 'producer.log'}")
         procs["producer"] = subprocess.Popen(
             [_script("mm-producer"), "run", "--source", str(dataset), "--ring", ring, "--mode", "lossy",
-             "--loop", "--rate", "max", "--json"],
+             "--split", "train", "--split", "val", "--loop", "--rate", "max", "--json"],
             env=env, stdout=open(logs / "producer.out", "w"), stderr=open(logs / "producer.log", "w"),
             start_new_session=True)
         _wait_for(lambda: _mmctl(env, "status").get("producer"), "producer up", 60,
@@ -159,6 +180,7 @@ def run(s: DemoSettings) -> dict:
         _say("changing the live mix to 0.75: mmctl mix 0.75")
         _mmctl(env, "mix", "0.75")
         summary["filter_generation"] = gen
+        summary["mix"] = 0.75
         _say(f"training on until step {s.steps} (evaluating on val every {s.eval_interval} steps)")
         _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= s.steps,
                   f"trainer at step {s.steps}", 600, procs["trainer"], logs / "trainer.log")
@@ -179,10 +201,15 @@ def run(s: DemoSettings) -> dict:
 
     tr = _last_json(logs / "trainer.out")
     leftovers = [p.name for p in Path("/dev/shm").glob(f"*{ring}*")]
+    # Each daemon leads its own process group (start_new_session): a group that still has a
+    # member after the leader exited is a worker or helper left running.
+    lingering = [name for name, p in procs.items() if _group_alive(p.pid)]
     summary.update(
         trainer=tr,
         seconds=round(time.monotonic() - t0, 1),
         leftover_shm=leftovers,
+        leftover_processes=lingering,
+        real_recordings=sorted(p.name for p in (dataset / "test" / "real").glob("*")),
         checkpoints=str(ckpt),
         logs=str(logs),
     )
@@ -216,7 +243,11 @@ def print_summary(summary: dict) -> None:
         ("checkpoint", tr.get("checkpoint") or summary.get("checkpoints")),
         ("logs", summary.get("logs")),
         ("exit codes", summary.get("exit_codes")),
+        ("real recordings cached", ", ".join(f"test/real/{n}" for n in summary.get("real_recordings", []))
+         or "none (no ../shared/data/real)"),
+        ("live mix set to", summary.get("mix")),
         ("shared memory left behind", summary.get("leftover_shm") or "none"),
+        ("processes left behind", summary.get("leftover_processes") or "none"),
         ("demo took", f"{summary.get('seconds')} s"),
     ]
     print("\nmmfeed demo summary")
@@ -234,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(summary)
     if a.json:
         print(json.dumps(summary, default=str))
-    ok = all(c == 0 for c in summary.get("exit_codes", {}).values()) and not summary["leftover_shm"]
+    ok = (all(c == 0 for c in summary.get("exit_codes", {}).values()) and not summary["leftover_shm"]
+          and not summary["leftover_processes"])
     return 0 if ok else 1
 
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo import REAL_DATA
+from protocol.cache import CacheReader
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -26,9 +29,12 @@ def _demo(workdir: Path) -> tuple[dict, str]:
 def test_demo_trains_through_a_filter_switch_leaves_nothing_behind_and_runs_again(tmp_path):
     summary, text = _demo(tmp_path)
     assert "mmfeed demo summary" in text
-    # both daemons stopped cleanly on SIGTERM, and nothing is left in /dev/shm
+    # both daemons stopped cleanly on SIGTERM; nothing is left in /dev/shm or running
     assert summary["exit_codes"] == {"producer": 0, "trainer": 0}
     assert summary["leftover_shm"] == []
+    assert summary["leftover_processes"] == []
+    # the live mix `mmctl mix` set is the trainer's mix at the end
+    assert summary["status"]["trainer"]["live_fraction_target"] == summary["mix"] == 0.75
     tr = summary["trainer"]
     # the trainer trained on the grayscale generation `mmctl filter gray` made, from both sides
     assert summary["filter_generation"] in tr["generations"]
@@ -37,6 +43,12 @@ def test_demo_trains_through_a_filter_switch_leaves_nothing_behind_and_runs_agai
     assert Path(tr["checkpoint"]).exists()  # written on SIGTERM
     assert summary["status"]["producer"]["generation"] == summary["filter_generation"]
     assert summary["preprocess"]["cached"] > 0 and summary["preprocess"]["rejected"] == []
+    if REAL_DATA.is_dir():
+        # the real recordings went through the same pipeline into the cache (test split)
+        assert summary["real_recordings"], "real recordings present but not in the demo dataset"
+        test_split = CacheReader(tmp_path / "cache", split="test")
+        keys = {test_split.meta(i).source for i in range(len(test_split))}
+        assert {f"test/real/{n}" for n in summary["real_recordings"]} <= keys
 
     # A second run in the same folder works too: the cache is reused, not rebuilt.
     again, _ = _demo(tmp_path)
