@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import zmq
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _trainer_data import build_cache, unique_name  # noqa: E402
+from _trainer_data import LiveProducer, build_cache, cleanup_ring, unique_name  # noqa: E402
 
 from protocol.control import ControlClient, Timeouts  # noqa: E402
 from protocol.errors import RemoteError  # noqa: E402
@@ -163,18 +164,43 @@ def test_run_prints_a_json_summary_last(cache, tmp_path):
     assert summary["steps"] == 4 and Path(summary["checkpoint"]).exists()
 
 
-def test_two_rank_torchrun_run_completes(cache, tmp_path):
+def test_two_rank_torchrun_run_accumulates_and_every_rank_trains_on_its_own_ring_reader(
+        cache, tmp_path):
+    # One torchrun start for three things (each start costs seconds):
+    # - --accum 2: a non-final micro-batch runs forward+backward inside one DDP no_sync()
+    #   (entering one no_sync() object twice died with AttributeError on the first step);
+    # - --ring: each rank attaches its own registered reader and keeps its own half of the
+    #   samples (index % 2), so both ranks train on live samples;
+    # - the checkpoint holds every rank's RNG state, not only rank 0's.
+    name = unique_name()
+    # Lossless: the writer waits for both registered readers, so neither rank starves.
+    producer = LiveProducer(name, mode="lossless").start()
     port = 29500 + os.getpid() % 1000
-    p = subprocess.run(
-        [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
-         "-m", "trainer.cli", "run", "--cache", str(cache), "--steps", "4", "--batch-size", "4",
-         "--checkpoint-dir", str(tmp_path / "ck"), "--control", f"ipc://{tmp_path}/t.sock",
-         "--json"],
-        env=_env(tmp_path), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    try:
+        p = subprocess.run(
+            [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+             "-m", "trainer.cli", "run", "--cache", str(cache), "--steps", "6", "--batch-size",
+             "4", "--accum", "2", "--ring", name, "--mix", "0.5", "--ring-start", "oldest",
+             "--checkpoint-dir", str(tmp_path / "ck"), "--control", f"ipc://{tmp_path}/t.sock",
+             "--json"],
+            env=_env(tmp_path), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    finally:
+        producer.stop()
+        cleanup_ring(name)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads(p.stdout.strip().splitlines()[-1])
-    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["world_size"] == 2 and summary["steps"] == 6
     assert summary["accuracy"] is not None
+    ranks = summary["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        # 6 steps x 2 micro-batches x 4 samples, some from the ring and some from disk
+        assert r["samples_live"] > 0, ranks
+        assert r["samples_live"] + r["samples_disk"] <= 6 * 2 * 4, ranks
+    saved = torch.load(summary["checkpoint"], weights_only=True)
+    rng0, rng1 = saved["rng_ranks"]
+    assert torch.equal(rng0["torch"], saved["rng"]["torch"])
+    assert not torch.equal(rng0["torch"], rng1["torch"])  # seeded seed + rank
 
 
 def _notify_socket(directory: Path):

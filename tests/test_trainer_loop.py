@@ -198,3 +198,80 @@ def test_a_step_never_reads_its_host_buffer_after_releasing_it(cache, tmp_path):
     assert scribbled >= 2
     # Same seed, same batches: the scribbled run trained on exactly what the clean one did.
     assert loss == pytest.approx(clean_loss, rel=1e-6)
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return torch.rand(4), np.random.rand(4), random.random()
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    import numpy as np
+
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def _seeded_rng_state(seed: int) -> dict:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return ckpt.rng_state()
+
+
+def test_each_rank_resumes_its_own_saved_rng_state_not_rank_zeros():
+    # Under torchrun, save_checkpoint stores every rank's RNG state in rng_ranks; on resume
+    # rank 1 must continue rank 1's streams (dropout masks, augmentations), not rank 0's.
+    s0, s1 = _seeded_rng_state(10), _seeded_rng_state(11)
+    state = {"rng": s0, "rng_ranks": [s0, s1]}
+    ckpt.set_rng_state(s1)
+    rank1_expected = _draws()
+    assert ckpt.restore_rng(state, rank=1) == "saved"
+    assert _same(_draws(), rank1_expected)
+    assert ckpt.restore_rng(state, rank=0) == "saved"
+    assert not _same(_draws(), rank1_expected)
+
+
+def test_a_rank_without_a_saved_rng_state_derives_its_own_from_rank_zeros():
+    # A checkpoint from a one-process run (or from before rng_ranks) resumed on two ranks:
+    # rank 0 gets the saved state exactly, rank 1 a state of its own, the same every time.
+    s0 = _seeded_rng_state(10)
+    state = {"rng": s0}
+    ckpt.set_rng_state(s0)
+    rank0_expected = _draws()
+    assert ckpt.restore_rng(state, rank=0) == "saved"
+    assert _same(_draws(), rank0_expected)
+    assert ckpt.restore_rng(state, rank=1) == "derived"
+    rank1 = _draws()
+    ckpt.restore_rng(state, rank=1)
+    assert _same(_draws(), rank1)  # deterministic: a resume is reproducible
+    ckpt.restore_rng(state, rank=2)
+    rank2 = _draws()
+    for a, b in ((rank0_expected, rank1), (rank0_expected, rank2), (rank1, rank2)):
+        # every generator differs, not only torch's
+        assert not torch.equal(a[0], b[0]) and not (a[1] == b[1]).any() and a[2] != b[2]
+
+
+def test_trainer_on_rank_one_resumes_rank_ones_rng_state(cache, tmp_path):
+    # Trainer.load_state is where a resume picks its RNG state; exercised with rank 1 given
+    # explicitly (the rank is all it reads from Dist), no process group needed.
+    from trainer.loop import Dist
+
+    tr = Trainer(TrainConfig(cache=cache, steps=1, batch_size=8, checkpoint_dir=tmp_path))
+    try:
+        state = tr.state_dict()
+        s1 = _seeded_rng_state(11)
+        state["rng_ranks"] = [state["rng"], s1]
+        tr.dist = Dist(rank=1, world_size=2, local_rank=1)
+        tr.load_state(state)
+        got = _draws()
+    finally:
+        tr.close()
+    ckpt.set_rng_state(s1)
+    assert _same(got, _draws())

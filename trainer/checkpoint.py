@@ -8,10 +8,16 @@ rename itself is durable. Readers therefore see either the old set of files or t
 Resuming "with the same state" means: model and optimiser (and AMP scaler) state, the step and
 epoch counters, and every RNG that decides what comes next (torch CPU and CUDA, numpy, Python's
 `random`), so a resumed run draws the same dropout masks and shuffles as an uninterrupted one.
+Under torchrun every rank has its own RNG streams (seeded `seed + rank`): the checkpoint keeps
+each rank's state in `rng_ranks` (rank 0's also in `rng`), and `restore_rng(state, rank)` gives
+every rank its own back, so ranks stay decorrelated after a resume instead of all drawing rank
+0's numbers. A checkpoint without a state for that rank (written by fewer ranks, or before
+`rng_ranks` existed) gets a state derived from the saved one and the rank.
 Files are loaded with `weights_only=True`: a checkpoint is data, never code to unpickle.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -66,6 +72,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng(state: dict[str, Any], rank: int = 0) -> str:
+    """Set this rank's RNGs from a checkpoint's state dict; says how: "saved" or "derived".
+
+    "saved": the rank's own state from `rng_ranks` (or `rng` for rank 0), exactly where it was.
+    "derived": no state was saved for this rank; the saved `rng` reseeded from a hash of it and
+    the rank, so the same checkpoint always gives a rank the same streams and no two ranks
+    share one.
+    """
+    per_rank = state.get("rng_ranks") or []
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank])
+        return "saved"
+    set_rng_state(state["rng"])
+    if rank == 0:
+        return "saved"
+    digest = hashlib.sha256(state["rng"]["torch"].numpy().tobytes()).digest()
+    seeds = np.random.SeedSequence(int.from_bytes(digest, "little"),
+                                   spawn_key=(rank,)).generate_state(3)
+    torch.manual_seed(int(seeds[0]))  # CPU and every CUDA device
+    np.random.seed(int(seeds[1]))
+    random.seed(int(seeds[2]))
+    return "derived"
 
 
 def _fsync_dir(directory: Path) -> None:

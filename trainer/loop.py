@@ -113,6 +113,10 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist_info or Dist()
         self.device = self._pick_device()
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Object collectives (the RNG gather in save_checkpoint) and barrier() under NCCL
+            # use the current device: make it this rank's, not every rank's cuda:0.
+            torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed + self.dist.rank)
         try:
             self.train_reader = CacheReader(cfg.cache, "train")
@@ -239,7 +243,10 @@ class Trainer:
         counts = state.get("counts", {})
         self.samples_live = int(counts.get("live", 0))
         self.samples_disk = int(counts.get("disk", 0))
-        ckpt.set_rng_state(state["rng"])
+        how = ckpt.restore_rng(state, self.dist.rank)
+        if how == "derived":
+            log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
+                     self.dist.rank)
 
     def save_checkpoint(self) -> Path | None:
         """Rank 0 writes; every rank waits for it (a collective: call on all ranks)."""
@@ -247,8 +254,15 @@ class Trainer:
         if d is None:
             return None
         path = None
+        rngs = None
+        if self.dist.enabled:  # every rank's RNG state, so each resumes its own streams
+            rngs = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, ckpt.rng_state())
         if self.dist.rank == 0:
-            path = ckpt.save(d, self.step, self.state_dict(), keep=self.cfg.keep)
+            state = self.state_dict()
+            if rngs is not None:
+                state["rng_ranks"] = rngs
+            path = ckpt.save(d, self.step, state, keep=self.cfg.keep)
             self.checkpoint_path = path
             log.info("checkpoint written", extra={"checkpoint": str(path), "step": self.step})
         if self.dist.enabled:
@@ -291,13 +305,15 @@ class Trainer:
                     return False
                 break
             inputs, labels = self._prepare(batch)
-            sync = k == self.cfg.accum - 1 or self.ddp is None
-            ctx = net.no_sync() if (self.ddp is not None and not sync) else _null()
-            with ctx, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                     enabled=self.amp_dtype is not None):
-                logits = net(inputs)
-                loss = F.cross_entropy(logits.float(), labels) / self.cfg.accum
-            with ctx:
+            # A non-final micro-batch under DDP skips the gradient all-reduce: its forward and
+            # backward run inside ONE no_sync() context, as DDP documents (the forward decides
+            # whether the backward reduces; one no_sync() object cannot be entered twice).
+            last = k == self.cfg.accum - 1
+            with net.no_sync() if (self.ddp is not None and not last) else _null():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                    enabled=self.amp_dtype is not None):
+                    logits = net(inputs)
+                    loss = F.cross_entropy(logits.float(), labels) / self.cfg.accum
                 loss.backward()
             loss_total += float(loss.detach())
             samples += batch.n
@@ -416,7 +432,24 @@ class Trainer:
     def stall_fraction(self) -> float:
         return round(self.total_wait_s / self.total_step_s, 4) if self.total_step_s else 0.0
 
+    def rank_counts(self) -> list[dict]:
+        """Samples each rank trained on, live and disk (a collective: call on all ranks).
+
+        The other counts in `summary` are this rank's; this is how rank 0's summary shows
+        that every rank read the ring as its own reader and trained on what it got.
+        """
+        t = torch.zeros(self.dist.world_size, 2, dtype=torch.float64)
+        t[self.dist.rank, 0], t[self.dist.rank, 1] = self.samples_live, self.samples_disk
+        if self.dist.enabled:
+            if self.device.type == "cuda":
+                t = t.to(self.device)
+            dist.all_reduce(t)  # each row is filled by one rank, zeros elsewhere
+            t = t.cpu()
+        return [{"rank": r, "samples_live": int(live), "samples_disk": int(disk)}
+                for r, (live, disk) in enumerate(t.tolist())]
+
     def summary(self) -> dict:
+        """What the run ends with; a collective under torchrun (`rank_counts`): all ranks call it."""
         elapsed = max(self.total_step_s, 1e-9)
         return {
             "steps": self.step, "samples_disk": self.samples_disk,
@@ -428,7 +461,7 @@ class Trainer:
             "live_fraction": round(self.mixer.achieved_total, 4),
             "copies_per_sample": self.copies_per_sample(),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "ranks": self.rank_counts(),
         }
 
     def close(self) -> None:
