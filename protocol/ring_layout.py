@@ -3,7 +3,9 @@
 Every offset the ring uses comes from the three `struct` formats below (STYLE.md item 3):
 change a field here and every offset follows. `magic` and `version` never move, so a
 reader of any release can tell "not a ring" from "another version" before trusting
-anything else.
+anything else. `producer_pid` and `producer_start` never move either (`FIXED_OFFSETS`):
+a producer of any release can tell whether the producer of another release's ring is
+still running, and replace the ring when it is not (a crash, then an upgrade).
 
 Segment::
 
@@ -23,7 +25,7 @@ Header (HEADER_STRUCT, little-endian)::
      32     8  slot_stride      producer       once, bytes from one slot to the next
      40     8  slots_offset     producer       once
      48     8  readers_offset   producer       once
-     56     8  producer_pid     producer       once
+     56     8  producer_pid     producer       once (never moves)
      64     8  epoch            producer       once, random u64, new at every start
      72     8  created_ns       producer       once, CLOCK_REALTIME, for people
      80     8  state            producer       atomic: 0 starting, 1 live, 2 closed
@@ -34,7 +36,12 @@ Header (HEADER_STRUCT, little-endian)::
     120     8  writer_waiting   both           atomic: writer sleeps until a reader reaches
                                                this value - 1 (0 = writer awake)
     128     8  active_mask      readers        atomic: bit i = reader entry i is registered
-    136   120  reserved
+    136     8  producer_start   producer       once, the producer's start time (field 22 of
+                                               /proc/PID/stat: clock ticks since boot), 0 =
+                                               unknown (no /proc); pid + start name one
+                                               process, a reused pid has another start
+                                               (never moves)
+    144   112  reserved         zero
 
 Reader table entry i (READER_STRUCT, 64 bytes: one cache line, so readers never share one)::
 
@@ -73,6 +80,9 @@ from dataclasses import dataclass
 from .schema import META_STRUCT
 
 MAGIC = b"MMFRING\0"
+# Version 1 since the first release. `producer_start` came out of the reserved bytes without
+# a bump: releases before it leave those bytes zero (= "start unknown", which every release
+# handles) and ignore them when reading, so the two share rings exactly as before.
 RING_VERSION = 1
 MODES = ("lossy", "lossless")
 STATE_STARTING, STATE_LIVE, STATE_CLOSED = 0, 1, 2
@@ -93,9 +103,12 @@ HEADER_STRUCT, H = _fields((
     ("slot_bytes", "Q"), ("slot_stride", "Q"), ("slots_offset", "Q"), ("readers_offset", "Q"),
     ("producer_pid", "Q"), ("epoch", "Q"), ("created_ns", "Q"), ("state", "Q"),
     ("heartbeat_ns", "Q"), ("published", "Q"), ("generation", "Q"), ("waiting_mask", "Q"),
-    ("writer_waiting", "Q"), ("active_mask", "Q"), ("reserved", "120s"),
+    ("writer_waiting", "Q"), ("active_mask", "Q"), ("producer_start", "Q"),
+    ("reserved", "112s"),
 ))
 HEADER_BYTES = HEADER_STRUCT.size  # 256
+# Offsets every release keeps, whatever else its header holds (tests/test_ring_layout.py).
+FIXED_OFFSETS = {"magic": 0, "version": 8, "producer_pid": 56, "producer_start": 136}
 
 READER_STRUCT, R = _fields((
     ("pid", "Q"), ("state", "Q"), ("position", "Q"), ("start", "Q"), ("dropped", "Q"),
@@ -115,6 +128,7 @@ SLOT_INFO_BYTES = S["reserved"] - S["meta"]
 SLOT_INFO = struct.Struct(f"<{META_STRUCT.size}xQQI")  # schema_id, payload_nbytes, schema_len
 
 assert HEADER_BYTES == 256 and READER_BYTES == 64 and SLOT_STRUCT.size == 128
+assert all(H[k] == off for k, off in FIXED_OFFSETS.items())
 assert all(H[k] % 8 == 0 for k in ("state", "published", "waiting_mask", "writer_waiting",
                                    "active_mask", "heartbeat_ns", "generation"))
 
@@ -141,6 +155,7 @@ class RingHeader:
     waiting_mask: int = 0
     writer_waiting: int = 0
     active_mask: int = 0
+    producer_start: int = 0
     magic: bytes = MAGIC
     version: int = RING_VERSION
 
@@ -172,19 +187,21 @@ class RingHeader:
             self.magic, self.version, self.mode, self.slots, self.max_readers, self.slot_bytes,
             self.slot_stride, self.slots_offset, self.readers_offset, self.producer_pid,
             self.epoch, self.created_ns, self.state, self.heartbeat_ns, self.published,
-            self.generation, self.waiting_mask, self.writer_waiting, self.active_mask, b"",
+            self.generation, self.waiting_mask, self.writer_waiting, self.active_mask,
+            self.producer_start, b"",
         )
 
     @classmethod
     def unpack(cls, buf, offset: int = 0) -> "RingHeader":
         """Decode without judging; `check()` does that. Derived offsets are recomputed."""
         (magic, version, mode, slots, max_readers, slot_bytes, _stride, _soff, _roff, pid,
-         epoch, created, state, hb, published, gen, wmask, wwait, amask, _r) = HEADER_STRUCT.unpack_from(
-            buf, offset)
+         epoch, created, state, hb, published, gen, wmask, wwait, amask, pstart,
+         _r) = HEADER_STRUCT.unpack_from(buf, offset)
         return cls(mode=mode, slots=slots, max_readers=max_readers, slot_bytes=slot_bytes,
                    producer_pid=pid, epoch=epoch, created_ns=created, state=state,
                    heartbeat_ns=hb, published=published, generation=gen, waiting_mask=wmask,
-                   writer_waiting=wwait, active_mask=amask, magic=magic, version=version)
+                   writer_waiting=wwait, active_mask=amask, producer_start=pstart, magic=magic,
+                   version=version)
 
 
 def semaphore_name(ring: str, epoch: int, who: str) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.ring_layout import (H, HEADER_BYTES, MAX_READERS, READER_BYTES, S,
-                                  SLOT_HEADER_BYTES, RingHeader)
+from protocol.ring_layout import (FIXED_OFFSETS, H, HEADER_BYTES, MAX_READERS, READER_BYTES,
+                                  S, SLOT_HEADER_BYTES, RingHeader)
 
 u64 = st.integers(0, 2**64 - 1)
 headers = st.builds(
@@ -15,7 +15,8 @@ headers = st.builds(
     max_readers=st.integers(1, MAX_READERS), slot_bytes=st.integers(1, 1 << 40),
     producer_pid=st.integers(0, 2**31), epoch=u64, created_ns=u64, state=st.integers(0, 2),
     heartbeat_ns=u64, published=u64, generation=u64, waiting_mask=u64, writer_waiting=u64,
-    active_mask=u64, magic=st.binary(min_size=8, max_size=8), version=st.integers(0, 2**32 - 1))
+    active_mask=u64, producer_start=u64, magic=st.binary(min_size=8, max_size=8),
+    version=st.integers(0, 2**32 - 1))
 
 
 @settings(max_examples=200, deadline=None)
@@ -39,6 +40,19 @@ def test_slots_and_payloads_are_page_aligned_and_after_the_reader_table(h):
 def test_magic_and_version_never_move():
     # Readers of every release find these two here, so they can name the other version.
     assert (H["magic"], H["version"]) == (0, 8)
+
+
+def test_producer_pid_and_start_time_never_move():
+    # A producer of every release reads these two in another release's ring to tell whether
+    # its producer still runs (replace it when not); moving them strands such rings again.
+    assert (H["producer_pid"], H["producer_start"]) == (56, 136)
+    assert FIXED_OFFSETS == {"magic": 0, "version": 8, "producer_pid": 56, "producer_start": 136}
+
+
+def test_the_reserved_header_bytes_pack_as_zero():
+    # Fields added later come out of them, and 0 must mean "not recorded" for those fields.
+    h = RingHeader(mode=0, slots=1, max_readers=1, slot_bytes=1, producer_pid=1, epoch=1)
+    assert h.pack()[H["reserved"]:] == bytes(HEADER_BYTES - H["reserved"])
 
 
 def test_every_atomic_word_is_8_byte_aligned():
