@@ -38,6 +38,12 @@ Failures this module exists to prevent, and how:
   closed or replaced producer while it waits and raises `ProducerGone`.
 * Silent reuse of someone else's memory. `attach` checks magic and version before trusting
   any other byte; `create` replaces a ring only when its producer is provably gone.
+* A stale ring taken for a live one, or a live one for a stale one. A pid alone does not
+  name a process: after a SIGKILL the pid is reused (a restarted container starts its pids
+  over, so the new producer may get the dead one's pid itself). The header holds the
+  producer's pid AND its start time (/proc/PID/stat), and both sides judge "is the producer
+  running" by the pair - see `_producer_alive` for the whole rule, including where /proc
+  cannot tell.
 """
 from __future__ import annotations
 
@@ -58,10 +64,10 @@ import posix_ipc
 from . import _seqlock as sl
 from .errors import (NotARing, ProducerGone, RingError, RingFull, RingInUse, RingNotFound,
                      SchemaError, VersionMismatch)
-from .ring_layout import (H, MAGIC, MAX_READERS, MODES, R, READER_BYTES, RING_VERSION, S,
-                          SCHEMA_MAX, SLOT_HEADER_BYTES, SLOT_INFO, SLOT_INFO_BYTES,
-                          SLOT_INFO_OFF, STATE_CLOSED, STATE_LIVE, STATE_STARTING, RingHeader,
-                          semaphore_name)
+from .ring_layout import (FIXED_OFFSETS, H, MAGIC, MAX_READERS, MODES, R, READER_BYTES,
+                          RING_VERSION, S, SCHEMA_MAX, SLOT_HEADER_BYTES, SLOT_INFO,
+                          SLOT_INFO_BYTES, SLOT_INFO_OFF, STATE_CLOSED, STATE_LIVE,
+                          STATE_STARTING, RingHeader, semaphore_name)
 from .schema import Sample, SampleMeta, SampleSchema
 
 __all__ = ["RingConfig", "RingWriter", "RingReader", "RingStats", "ReaderStats", "Slot",
@@ -76,6 +82,13 @@ _SPIN_NS = 50_000
 # runnable peer instead of holding it for the whole budget.
 _SPIN_YIELD = 256
 _STARTUP_WAIT_S = 2.0   # how long attach/create wait for a producer that is still starting
+# Where /proc cannot tell a producer from a new process that reuses its pid (no /proc, hidepid,
+# a ring from a build that did not record the start time), a producer whose pid is alive but
+# whose heartbeat is older than this counts as gone. Generous on purpose: replacing a live
+# ring is far worse than a restart that waits for it. The daemon heartbeats every loop, a
+# writer blocked in lossless mode every `_SLICE_S`; an idle library writer should call
+# `heartbeat()` well within this.
+_HEARTBEAT_STALE_S = 30.0
 _MAX_NAME = 200
 _U64 = (1 << 64) - 1
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault lazily
@@ -123,23 +136,94 @@ def _sem_path(posix_name: str) -> str:
     return f"{_SHM_DIR}/sem.{posix_name[1:]}"
 
 
-def _pid_alive(pid: int) -> bool:
-    """True when `pid` is a running process. A zombie (killed, not yet reaped) counts as dead:
-    it will never read or write again."""
-    if pid <= 0:
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state letter, start time) of `pid` from /proc/PID/stat, or None where it cannot be read
+    (no such process, no /proc, /proc mounted hidepid). The start time is field 22, clock
+    ticks since boot: with the pid it names one process, as a reused pid starts later."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name (field 2) may hold ")"
+        return fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _own_start() -> int:
+    """This process's start time for the header; 0 (= unknown) where /proc cannot tell."""
+    st = _proc_stat(os.getpid())
+    return 0 if st is None else st[1]
+
+
+def _pid_exists(pid: int) -> bool:
+    if not 0 < pid < 1 << 31:  # a pid the kernel could never hand out (damaged header)
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by another user
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
+        pass  # exists, owned by another user
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when `pid` is a running process. A zombie (killed, not yet reaped) counts as dead:
+    it will never read or write again. (Readers' entries: a reader's pid reused while its
+    entry is registered keeps that entry until the new process exits.)"""
+    if not _pid_exists(pid):
+        return False
+    st = _proc_stat(pid)
+    return st is None or st[0] not in (b"Z", b"X")
+
+
+# Epochs of the RingWriters open in this process: with them a header naming our own pid is
+# told apart from one left by an earlier process that had our pid (see `_producer_alive`).
+_own_epochs: set[int] = set()
+
+
+def _producer_alive(pid: int, start: int, epoch: int | None,
+                    heartbeat_ns: int | None) -> tuple[bool, str]:
+    """Is the producer that wrote a ring header still running? Returns (verdict, why), `why`
+    worded for an error message.
+
+    The rule, most certain first:
+
+    1. Our own pid: alive exactly when this process has an open writer of that epoch. A
+       ring of our pid and another epoch was left by an earlier process that had our pid (a
+       restarted container) or by this process before an exec; `epoch` None (a ring of
+       another protocol version, which this process never writes) is never ours.
+    2. No process with that pid, or a zombie: gone.
+    3. Start time recorded and /proc readable: alive exactly when the running process
+       started when the producer did; a later start is a new process reusing the pid.
+    4. Otherwise the pid is alive but may be reused, and only the heartbeat can tell: gone
+       once it is older than `_HEARTBEAT_STALE_S`, alive before (and when `heartbeat_ns` is
+       None - another version's header, whose heartbeat we cannot find).
+    """
+    if pid == os.getpid():
+        if epoch is not None and epoch in _own_epochs:
+            return True, f"it is this process's own open writer (pid {pid})"
+        return False, (f"pid {pid} is this process, which has no writer of that ring: the "
+                       f"pid was reused")
+    if not _pid_exists(pid):
+        return False, f"no process has pid {pid}"
+    st = _proc_stat(pid)
+    if st is not None and st[0] in (b"Z", b"X"):
+        return False, f"pid {pid} is a zombie"
+    if st is not None and start:
+        if st[1] == start:
+            return True, f"pid {pid} is running since clock tick {start}"
+        return False, (f"pid {pid} is now another process (started at clock tick {st[1]}, "
+                       f"the producer at {start}): the pid was reused")
+    unsure = (f"pid {pid} is alive but cannot be told from a new process reusing the pid ("
+              + ("no start time in the ring header" if st is not None else
+                 f"/proc/{pid}/stat unreadable") + ")")
+    if heartbeat_ns is None:
+        return True, f"{unsure} and its heartbeat cannot be read"
+    age = (time.monotonic_ns() - heartbeat_ns) / 1e9
+    if age < _HEARTBEAT_STALE_S:
+        return True, (f"{unsure}; its last heartbeat is {max(age, 0.0):.1f} s old, a ring "
+                      f"counts as abandoned after {_HEARTBEAT_STALE_S:.0f} s without one")
+    return False, f"{unsure}, and its heartbeat stopped {age:.0f} s ago"
 
 
 def _bits(mask: int):
@@ -310,9 +394,11 @@ class RingWriter:
 
     @classmethod
     def create(cls, config: RingConfig) -> "RingWriter":
-        """Create the ring. A stale ring (producer dead or closed) at that name is replaced;
-        a live one raises RingInUse naming its pid; a segment that is not a ring raises
-        NotARing (it may belong to someone else, so it is left alone)."""
+        """Create the ring. A stale ring (producer dead or closed, judged by pid and start
+        time: `_producer_alive`) at that name is replaced, whatever its protocol version; a
+        live one raises RingInUse naming its pid (VersionMismatch, naming both versions and
+        the pid, when it is another version's); a segment that is not a ring raises NotARing
+        (it may belong to someone else, so it is left alone)."""
         self = object.__new__(cls)
         self._closed = True
         self.config = config
@@ -327,7 +413,8 @@ class RingWriter:
         self._hdr = RingHeader(
             mode=MODES.index(config.mode), slots=config.slots, max_readers=config.max_readers,
             slot_bytes=config.slot_bytes, producer_pid=os.getpid(),
-            epoch=secrets.randbits(64) or 1, created_ns=time.time_ns(),
+            producer_start=_own_start(), epoch=secrets.randbits(64) or 1,
+            created_ns=time.time_ns(),
         )
         shm = None
         for _ in range(3):
@@ -382,6 +469,7 @@ class RingWriter:
         sl.store_release(mm, H["state"], STATE_LIVE)
         self._closed = False
         self._owner_pid = os.getpid()
+        _own_epochs.add(hdr.epoch)
         self._spin_ns = _spin_budget_ns(_cpus_allowed())
         self._finalizer = weakref.finalize(self, _finalize_writer, self.name, self._hdr.epoch,
                                            self._hdr.max_readers, self._map.inode,
@@ -546,6 +634,8 @@ class RingWriter:
             try:
                 self._wsem.acquire(wait)
             except posix_ipc.BusyError:
+                # Blocked, not dead: keep the heartbeat moving (see `_producer_alive`, rule 4).
+                sl.store_release(mm, H["heartbeat_ns"], time.monotonic_ns())
                 self._evict_dead_readers()
 
     def _evict_dead_readers(self) -> list[int]:
@@ -605,6 +695,7 @@ class RingWriter:
 
 
 def _finalize_writer(name: str, epoch: int, max_readers: int, inode: int, owner: int) -> None:
+    _own_epochs.discard(epoch)
     if os.getpid() != owner:
         return  # a forked child must not remove its parent's ring
     _unlink_if_ours(name, inode)
@@ -673,22 +764,45 @@ def _replace_if_stale(name: str) -> None:
             f"{_SHM_DIR}{name} exists and is not an mmfeed ring (first bytes "
             f"{_first_bytes(head)}); it may belong to another program: pick another ring "
             f"name, or remove it yourself if it is stale")
-    version = struct.unpack_from("<I", head, 8)[0]
+    version = struct.unpack_from("<I", head, H["version"])[0] if len(head) >= 12 else None
     if version != RING_VERSION:
-        raise VersionMismatch(f"existing ring {_SHM_DIR}{name}", version, RING_VERSION)
+        _replace_other_version(name, head, version)
+        return
     if len(head) < 256:
-        raise NotARing(f"{_SHM_DIR}{name} is a truncated ring header ({len(head)} bytes); remove it")
+        raise NotARing(f"{_SHM_DIR}{name} is a truncated ring header ({len(head)} bytes); "
+                       f"remove it")
     old = RingHeader.unpack(head)
-    if old.state != STATE_CLOSED and _pid_alive(old.producer_pid):
-        age = (time.monotonic_ns() - old.heartbeat_ns) / 1e9
-        raise RingInUse(
-            f"ring {name} belongs to live producer pid {old.producer_pid} (last heartbeat "
-            f"{age:.1f} s ago); stop that producer or choose another ring name")
+    if old.state != STATE_CLOSED:
+        alive, why = _producer_alive(old.producer_pid, old.producer_start, old.epoch,
+                                     old.heartbeat_ns)
+        if alive:
+            raise RingInUse(
+                f"ring {name} belongs to live producer pid {old.producer_pid} ({why}); stop "
+                f"that producer or choose another ring name")
     # Stale: its producer died (or closed without unlinking). Replace it.
     _unlink_if_ours(name, None)
     _unlink_semaphore(semaphore_name(name, old.epoch, "w"))
     for i in range(min(old.max_readers, MAX_READERS)):
         _unlink_semaphore(semaphore_name(name, old.epoch, f"r{i}"))
+
+
+def _replace_other_version(name: str, head: bytes, version: int | None) -> None:
+    """A ring of another protocol version is at `name` (magic checked): replace it when its
+    producer is gone - after a crash and an upgrade nobody should have to clean /dev/shm by
+    hand - and refuse, naming both versions and the pid, while it runs. Only the fixed
+    offsets (ring_layout.FIXED_OFFSETS) are read; its semaphores follow that release's
+    naming, which we cannot know, so they are left (a few bytes each)."""
+    where = f"existing ring {_SHM_DIR}{name}"
+    if version is None or len(head) < FIXED_OFFSETS["producer_start"] + 8:
+        raise NotARing(f"{_SHM_DIR}{name} has the mmfeed magic but only {len(head)} bytes of "
+                       f"header; remove it if no producer is starting there")
+    pid = struct.unpack_from("<Q", head, FIXED_OFFSETS["producer_pid"])[0]
+    start = struct.unpack_from("<Q", head, FIXED_OFFSETS["producer_start"])[0]
+    alive, why = _producer_alive(pid, start, None, None)
+    if alive:
+        raise VersionMismatch(f"{where} of live producer pid {pid} ({why})", version,
+                              RING_VERSION)
+    _unlink_if_ours(name, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1035,10 +1149,12 @@ class RingReader:
             raise ProducerGone(
                 f"ring {self.name} (producer pid {hdr.producer_pid}, epoch {hdr.epoch:#x}) was "
                 f"{what}; re-attach to continue")
-        if not _pid_alive(hdr.producer_pid):
+        alive, why = _producer_alive(hdr.producer_pid, hdr.producer_start, hdr.epoch,
+                                     sl.load_acquire(self._mm, H["heartbeat_ns"]))
+        if not alive:
             raise ProducerGone(
-                f"ring {self.name}: producer pid {hdr.producer_pid} died; re-attach when a new "
-                f"producer has replaced the ring")
+                f"ring {self.name}: producer pid {hdr.producer_pid} died ({why}); re-attach "
+                f"when a new producer has replaced the ring")
 
     # --- status and lifetime -----------------------------------------------------------
 

@@ -24,7 +24,7 @@ import pytest
 from protocol.errors import (NotARing, ProducerGone, RingFull, RingInUse, RingNotFound,
                              SchemaError, VersionMismatch)
 from protocol.ring import RingConfig, RingReader, RingWriter
-from protocol.ring_layout import H
+from protocol.ring_layout import H, MAGIC, RING_VERSION, RingHeader
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
 
 CTX = mp.get_context("fork")
@@ -295,6 +295,188 @@ def test_sigkilled_producer_ring_is_replaced_and_old_readers_get_producer_gone(r
         with RingReader.attach(ring_name, start="oldest") as new:
             assert new.epoch == w.stats().epoch
             assert new.receive_into(out, timeout=5)[1].index == 100
+
+
+# --- stale rings: a dead producer told apart from a live one by pid AND start time --------
+
+
+def proc_start(pid: int) -> int:
+    """Start time of `pid`: field 22 of /proc/PID/stat (read here independently of ring.py)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[19])
+
+
+def read_header(name: str) -> RingHeader:
+    with open(f"/dev/shm/{name}", "rb") as f:
+        return RingHeader.unpack(f.read(256))
+
+
+def forge(name: str, **fields: int) -> None:
+    """Overwrite u64 header fields of the segment in place, as another process would."""
+    with open(f"/dev/shm/{name}", "r+b") as f:
+        for field, value in fields.items():
+            f.seek(H[field])
+            f.write(struct.pack("<Q", value))
+
+
+@pytest.fixture
+def other_process():
+    """Start a live process that is not a ring producer, started after clock tick
+    `after_tick` (so its start time differs from a producer's that ran before it, as a
+    reused pid's would)."""
+    started: list[subprocess.Popen] = []
+
+    def spawn(after_tick: int = 0) -> subprocess.Popen:
+        while True:
+            p = subprocess.Popen(["sleep", "120"])
+            started.append(p)
+            if proc_start(p.pid) > after_tick:
+                return p
+            time.sleep(0.02)  # the same clock tick (10 ms): try again a tick later
+
+    yield spawn
+    for p in started:
+        p.kill()
+        p.wait(5)
+
+
+def _sigkilled_producer(procs, ring_name, count: int = 1) -> RingHeader:
+    """A producer that published `count` samples and was SIGKILLed: its ring stays behind."""
+    ready = CTX.Event()
+    p = start(procs, _producer_proc, ring_name, count, ready)
+    assert ready.wait(10)
+    p.kill()
+    p.join(5)
+    return read_header(ring_name)
+
+
+def test_the_ring_header_names_its_producer_by_pid_and_start_time(ring_name, procs):
+    ready = CTX.Event()
+    p = start(procs, _producer_proc, ring_name, 1, ready)
+    assert ready.wait(10)
+    hdr = read_header(ring_name)
+    assert (hdr.producer_pid, hdr.producer_start) == (p.pid, proc_start(p.pid))
+
+
+@pytest.mark.parametrize("new_owner", ["the new producer itself", "another live process"])
+def test_a_sigkilled_producers_ring_is_replaced_when_its_pid_was_reused(
+        ring_name, procs, other_process, new_owner):
+    # A restarted container starts its pids over: the dead producer's pid may now be the new
+    # producer's own, or any other process's. Neither is the producer that wrote the ring.
+    old = _sigkilled_producer(procs, ring_name)
+    pid = os.getpid() if new_owner.startswith("the new") else \
+        other_process(old.producer_start).pid
+    forge(ring_name, producer_pid=pid)
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT)) as w:
+        assert w.stats().epoch != old.epoch and w.stats().producer_pid == os.getpid()
+
+
+@pytest.mark.parametrize("new_owner", ["this process", "another live process"])
+def test_a_reader_gets_producer_gone_when_its_producers_pid_was_reused(
+        ring_name, procs, other_process, new_owner):
+    old = _sigkilled_producer(procs, ring_name, count=1)
+    pid = os.getpid() if new_owner == "this process" else \
+        other_process(old.producer_start).pid
+    forge(ring_name, producer_pid=pid)
+    out = np.empty(SLOT, np.uint8)
+    with RingReader.attach(ring_name, start="oldest") as r:
+        assert r.receive_into(out, timeout=5)[1].index == 0  # what it published is whole
+        with pytest.raises(ProducerGone, match=f"pid {pid} died .*reused"):
+            r.receive_into(out, timeout=10)  # without the start time: None, forever
+
+
+def test_a_second_writer_in_the_same_process_is_refused_until_the_first_closes(ring_name):
+    # Our own pid in a header is not always a stale ring: this process may own it right now.
+    w = RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096))
+    with pytest.raises(RingInUse, match=f"pid {os.getpid()} .*own open writer"):
+        RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096))
+    tiny = SampleSchema((ModalitySpec("x", "uint8", (8,)),))
+    w.publish(tiny, meta(0), {"x": np.zeros(8, np.uint8)})  # the first one's ring still works
+    w.close()
+    RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=4096)).close()
+
+
+def test_without_a_start_time_a_live_pid_with_a_recent_heartbeat_is_taken_as_live(
+        ring_name, procs, other_process):
+    # No start time (no /proc where it ran, or an earlier build): only the heartbeat can
+    # tell, and a recent one means "maybe live" - refusing beats destroying a live ring.
+    old = _sigkilled_producer(procs, ring_name)
+    pid = other_process(old.producer_start).pid
+    forge(ring_name, producer_pid=pid, producer_start=0, heartbeat_ns=time.monotonic_ns())
+    with pytest.raises(RingInUse, match=f"pid {pid} .*heartbeat is .* s old"):
+        RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT))
+    assert read_header(ring_name).epoch == old.epoch
+
+
+def test_without_a_start_time_a_live_pid_whose_heartbeat_stopped_long_ago_is_stale(
+        ring_name, procs, other_process):
+    if time.monotonic() < 120:
+        pytest.skip("CLOCK_MONOTONIC is younger than the forged heartbeat age (just booted)")
+    old = _sigkilled_producer(procs, ring_name, count=1)
+    pid = other_process(old.producer_start).pid
+    forge(ring_name, producer_pid=pid, producer_start=0,
+          heartbeat_ns=time.monotonic_ns() - 100 * 10**9)
+    out = np.empty(SLOT, np.uint8)
+    with RingReader.attach(ring_name, start="oldest") as r:
+        assert r.receive_into(out, timeout=5)[1].index == 0
+        with pytest.raises(ProducerGone, match=f"pid {pid} died .*heartbeat stopped"):
+            r.receive_into(out, timeout=10)
+    with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT)) as w:
+        assert w.stats().epoch != old.epoch
+
+
+def test_a_lossless_writer_blocked_by_a_slow_reader_keeps_its_heartbeat_moving(ring_name):
+    # Blocked is not dead: where only the heartbeat can tell, it must keep advancing.
+    config = RingConfig(ring_name, slots=2, slot_bytes=SLOT, mode="lossless")
+    with RingWriter.create(config) as w, RingReader.attach(ring_name, start="next"):
+        for n in range(2):
+            w.publish(SCHEMA, meta(n), patterned(n), timeout=0)
+        before = read_header(ring_name).heartbeat_ns
+        with pytest.raises(RingFull):
+            w.publish(SCHEMA, meta(2), patterned(2), timeout=1.0)
+        assert read_header(ring_name).heartbeat_ns > before
+
+
+def _other_version_ring(name: str, version: int, pid: int, start: int) -> bytes:
+    """A segment as another release would leave it: our magic, another version, the producer's
+    pid and start time at their fixed offsets, and a layout we know nothing about."""
+    body = bytearray(random.Random(version).randbytes(8192))
+    body[0:8] = MAGIC
+    struct.pack_into("<I", body, H["version"], version)
+    struct.pack_into("<Q", body, H["producer_pid"], pid)
+    struct.pack_into("<Q", body, H["producer_start"], start)
+    seg = posix_ipc.SharedMemory("/" + name, posix_ipc.O_CREX, mode=0o600, size=len(body))
+    with open(f"/dev/shm/{name}", "r+b") as f:
+        f.write(body)
+    seg.close_fd()
+    return bytes(body)
+
+
+@pytest.mark.parametrize("version", [0, RING_VERSION + 1])
+def test_a_dead_producers_ring_of_another_version_is_replaced(ring_name, other_process,
+                                                              version):
+    # An upgrade and a crash: the daemon must start without anybody cleaning /dev/shm.
+    dead = other_process()
+    pid, started = dead.pid, proc_start(dead.pid)
+    dead.kill()
+    dead.wait(5)
+    _other_version_ring(ring_name, version, pid, started)
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w:
+        assert read_header(ring_name).version == RING_VERSION
+        w.publish(SCHEMA, meta(7), patterned(7))
+        with RingReader.attach(ring_name, start="oldest") as r:
+            assert r.receive_into(np.empty(SLOT, np.uint8), timeout=5)[1].index == 7
+
+
+@pytest.mark.parametrize("version", [0, RING_VERSION + 1])
+def test_a_live_producers_ring_of_another_version_is_refused_naming_both_versions_and_its_pid(
+        ring_name, other_process, version):
+    live = other_process()
+    body = _other_version_ring(ring_name, version, live.pid, proc_start(live.pid))
+    with pytest.raises(VersionMismatch, match=f"pid {live.pid} .*version {version}, .*"
+                                              f"version {RING_VERSION}"):
+        RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT))
+    assert open(f"/dev/shm/{ring_name}", "rb").read() == body  # left exactly as it was
 
 
 def test_reader_of_a_dead_producer_gets_producer_gone(ring_name, procs):
