@@ -251,3 +251,50 @@ def test_sd_notify_ready_watchdog_and_stopping_under_a_stand_in_systemd(cache, t
             proc.kill()
             proc.wait(10)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _between(lines: list[str], start: str) -> list[str]:
+    """The datagram lines after the first one starting with `start`, up to the next STATUS=."""
+    i = next(k for k, line in enumerate(lines) if line.startswith(start))
+    rest = lines[i + 1:]
+    end = next((k for k, line in enumerate(rest) if line.startswith("STATUS=")), len(rest))
+    return rest[:end]
+
+
+def test_the_watchdog_is_fed_while_evaluating_and_while_writing_a_checkpoint(cache, tmp_path):
+    # WatchdogSec=120 in the unit; a big val split or a big model's checkpoint outlasts it in
+    # one loop turn. WATCHDOG_USEC=2 (a ping due every microsecond) makes every val batch and
+    # every checkpoint write a moment a ping is due, whatever the machine's speed: pings must
+    # come from inside evaluate() and save(), between their STATUS= lines.
+    d = Path(tempfile.mkdtemp(prefix="mmtw", dir="/tmp"))
+    sock, path = _notify_socket(d)
+    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2"}
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "2",
+         "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck"),
+         "--control", f"ipc://{d}/t.sock", "--log-endpoint", f"ipc://{d}/t.log.sock"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # drain until the trainer exited and sent its last
+            try:
+                lines.extend(sock.recv(4096).decode().splitlines())
+            except OSError:  # socket.timeout
+                if proc.poll() is not None:
+                    break
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(d, ignore_errors=True)
+    # 30 val samples in batches of 2: one ping per batch is due, several are required.
+    during_eval = _between(lines, "STATUS=evaluating")
+    assert during_eval.count("WATCHDOG=1") >= 2, during_eval
+    during_save = _between(lines, "STATUS=writing the checkpoint")
+    assert during_save.count("WATCHDOG=1") >= 1, during_save
+    # the final evaluation is done before STOPPING=1 (the stop timeout governs after it)
+    assert lines.index("STOPPING=1") > lines.index(next(
+        line for line in lines if line.startswith("STATUS=evaluating")))

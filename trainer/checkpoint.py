@@ -22,7 +22,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -106,17 +106,43 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write `state` as the checkpoint of `step` atomically; keep the newest `keep`. Returns its path."""
+class _KeepaliveFile:
+    """A file whose every write is followed by `keepalive()`.
+
+    torch.save writes a checkpoint as many writes (one per tensor record); a big model's save
+    can outlast the unit's WatchdogSec, so the daemon's WATCHDOG=1 rides on those writes.
+    """
+
+    def __init__(self, f, keepalive: Callable[[], None]):
+        self._f, self._keepalive = f, keepalive
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._keepalive()
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 3,
+         keepalive: Callable[[], None] | None = None) -> Path:
+    """Write `state` as the checkpoint of `step` atomically; keep the newest `keep`. Returns its path.
+
+    `keepalive`, if given, is called after every write and after the fsync (the two things that
+    take long for a big model on a slow disk); it should rate-limit itself.
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(d, step)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            torch.save(state, f if keepalive is None else _KeepaliveFile(f, keepalive))
             f.flush()
             os.fsync(f.fileno())
+        if keepalive is not None:
+            keepalive()
         os.replace(tmp, final)
         _fsync_dir(d)
     except BaseException:

@@ -3,7 +3,9 @@
 Everything runs on the main thread, between steps: the control server is polled (handlers
 never race the loop), WATCHDOG=1 is sent from here (a stuck loop stops it, which is the point),
 and SIGTERM only sets a flag that the loop reads at the next step boundary, then writes a
-checkpoint and exits 0.
+checkpoint and exits 0. Evaluation and checkpoint writes run long inside one loop turn, so they
+call the same rate-limited `_keepalive` per val batch and per file write (still the main
+thread, still only on progress).
 
 Under torchrun, rank 0 owns the control socket, the log PUB socket and sd_notify; at every
 step all ranks agree on (stop, checkpoint, pause, live fraction) with one tiny all_reduce, so
@@ -18,6 +20,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,8 @@ class TrainerDaemon:
         self.checkpoint_requested = False
         self.server: ControlServer | None = None
         self.notifier = Notifier() if d.rank == 0 else None
+        self._wd = watchdog_interval()
+        self._last_wd = time.monotonic()
 
     # --- control commands (rank 0, main thread) ----------------------------------------------
 
@@ -74,7 +79,7 @@ class TrainerDaemon:
         if self.dist.enabled:  # a collective: written by every rank at the next step boundary
             self.checkpoint_requested = True
             return {"scheduled": True, "step": self.trainer.step}
-        path = self.trainer.save_checkpoint()
+        path = self._save()
         return {"checkpoint": str(path), "step": self.trainer.step}
 
     def on_pause(self) -> dict:
@@ -92,6 +97,43 @@ class TrainerDaemon:
     def _on_signal(self, signum, _frame) -> None:
         self.stop_requested = True
         self.stop_reason = signal.Signals(signum).name
+
+    # --- the watchdog and the long calls that must feed it -----------------------------------
+
+    def _keepalive(self) -> None:
+        """WATCHDOG=1 if a watchdog interval passed since the last one (rank 0 under systemd).
+
+        Called where the loop makes progress: between steps, after each val batch, after each
+        checkpoint write. The rate limit keeps it to a clock read per call otherwise.
+        """
+        if self.notifier is None or not self._wd:
+            return
+        now = time.monotonic()
+        if now - self._last_wd >= self._wd:
+            self.notifier.watchdog()
+            self._last_wd = now
+
+    def _status(self, text: str) -> None:
+        if self.notifier is not None:
+            self.notifier.status(text)
+
+    def _evaluate(self) -> float | None:
+        tr = self.trainer
+        self._status(f"evaluating on the val split at step {tr.step}")
+        acc = tr.evaluate(keepalive=self._keepalive)
+        if acc is not None:
+            log.info("evaluation", extra={"step": tr.step, "accuracy": round(acc, 4)})
+        self._status(f"step {tr.step}" + (f" accuracy {acc:.4f}" if acc is not None else ""))
+        return acc
+
+    def _save(self) -> Path | None:
+        tr = self.trainer
+        if self.cfg.checkpoint_dir is None:
+            return None
+        self._status(f"writing the checkpoint of step {tr.step}")
+        path = tr.save_checkpoint(keepalive=self._keepalive)
+        self._status(f"step {tr.step} checkpoint written")
+        return path
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -129,8 +171,7 @@ class TrainerDaemon:
                 "resume": wire_command("resume", self.on_resume),
                 "logs": logs_command(),
             })
-        wd = watchdog_interval()
-        last_wd = last_log = time.monotonic()
+        self._last_wd = last_log = time.monotonic()
         heap = HeapTrimmer()
         tr.state = "running"
         if self.notifier:
@@ -144,11 +185,8 @@ class TrainerDaemon:
             while True:
                 if self.server is not None:
                     self.server.poll(0)
-                now = time.monotonic()
-                if self.notifier and wd and now - last_wd >= wd:
-                    self.notifier.watchdog()
-                    last_wd = now
-                heap.maybe(now)
+                self._keepalive()
+                heap.maybe(time.monotonic())
                 stop, ck, paused = self._sync()
                 if stop:
                     log.info("stopping on %s at step %d", self.stop_reason or "request", tr.step)
@@ -156,7 +194,7 @@ class TrainerDaemon:
                 if tr.total_steps is not None and tr.step >= tr.total_steps:
                     break
                 if ck:
-                    tr.save_checkpoint()
+                    self._save()
                 if paused:
                     tr.state = "paused"
                     if self.server is not None:
@@ -168,9 +206,9 @@ class TrainerDaemon:
                 got = tr.step_once(timeout=0.5 if not self.dist.enabled else 30.0)
                 if got:
                     if self.cfg.eval_interval and tr.step % self.cfg.eval_interval == 0:
-                        tr.evaluate()
+                        self._evaluate()
                     if self.cfg.checkpoint_interval and tr.step % self.cfg.checkpoint_interval == 0:
-                        tr.save_checkpoint()
+                        self._save()
                 if time.monotonic() - last_log >= self.cfg.log_interval:
                     last_log = time.monotonic()
                     m = tr.reset_meter()
@@ -178,14 +216,14 @@ class TrainerDaemon:
                         log.info("train", extra=m)
                         if self.notifier:
                             self.notifier.status(f"step {tr.step} loss {m.get('loss')}")
+            if not self.stop_requested:
+                # Before STOPPING=1: systemd's stop timeout, not the watchdog, governs what
+                # comes after it, and a big val split would outlast TimeoutStopSec.
+                self._evaluate()
             tr.state = "stopping"
             if self.notifier:
                 self.notifier.stopping()
-            if not self.stop_requested:
-                acc = tr.evaluate()
-                if acc is not None:
-                    log.info("evaluation", extra={"step": tr.step, "accuracy": round(acc, 4)})
-            tr.save_checkpoint()
+            self._save()
             summary = tr.summary()
             log.info("training finished", extra={k: v for k, v in summary.items()
                                                   if not isinstance(v, (list, dict))})

@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -248,8 +249,12 @@ class Trainer:
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
                      self.dist.rank)
 
-    def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes; every rank waits for it (a collective: call on all ranks)."""
+    def save_checkpoint(self, keepalive: Callable[[], None] | None = None) -> Path | None:
+        """Rank 0 writes; every rank waits for it (a collective: call on all ranks).
+
+        `keepalive` is called after every write of the file (see `checkpoint.save`): the
+        daemon's rate-limited WATCHDOG=1, so a big model's save is not taken for a hang.
+        """
         d = self.cfg.checkpoint_dir
         if d is None:
             return None
@@ -262,7 +267,7 @@ class Trainer:
             state = self.state_dict()
             if rngs is not None:
                 state["rng_ranks"] = rngs
-            path = ckpt.save(d, self.step, state, keep=self.cfg.keep)
+            path = ckpt.save(d, self.step, state, keep=self.cfg.keep, keepalive=keepalive)
             self.checkpoint_path = path
             log.info("checkpoint written", extra={"checkpoint": str(path), "step": self.step})
         if self.dist.enabled:
@@ -367,8 +372,14 @@ class Trainer:
     # --- evaluation --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Accuracy on the val split (each rank its shard, summed over ranks)."""
+    def evaluate(self, keepalive: Callable[[], None] | None = None) -> float | None:
+        """Accuracy on the val split (each rank its shard, summed over ranks).
+
+        `keepalive` is called after every val batch: a big val split takes longer than the
+        unit's WatchdogSec, and the daemon's main loop sends no WATCHDOG=1 meanwhile. It is
+        called only when a batch was evaluated (progress), never while waiting for one, so a
+        stuck loader still starves the watchdog. The callee rate-limits (it is per batch).
+        """
         if self.val_reader is None or len(self.val_reader) == 0:
             return None
         self.model.eval()
@@ -389,6 +400,8 @@ class Trainer:
                     pred = self.model(inputs).argmax(dim=1)
                 correct += int((pred == labels).sum())
                 total += b.n
+                if keepalive is not None:
+                    keepalive()
         finally:
             pf.close()
             loader.close()
