@@ -220,3 +220,70 @@ def test_a_filter_sweep_through_many_sizes_keeps_a_bounded_set_of_batch_pools(ri
     finally:
         loader.close()
         w.close()
+
+
+class _RecordingPrefetcher:
+    """The real prefetcher; records each batch handed to the step and waits `delay_s` first.
+
+    The wait stands in for a slow input pipeline: the step spends at least that long per
+    batch waiting for data, a lower bound the stall measurement must account for.
+    """
+
+    def __init__(self, inner, delay_s: float = 0.0):
+        self.inner, self.delay_s = inner, delay_s
+        self.batches: list[tuple[int, int, int]] = []  # (n, live, generation)
+        self.slept_s = 0.0
+
+    def get(self, timeout):
+        if self.delay_s:
+            t = time.monotonic()
+            time.sleep(self.delay_s)
+            self.slept_s += time.monotonic() - t
+        b = self.inner.get(timeout)
+        if b is not None:
+            self.batches.append((b.n, b.live, b.generation))
+        return b
+
+    def close(self):
+        self.inner.close()
+
+
+def test_log_interval_metrics_are_computed_over_the_interval(cache, ring, tmp_path):
+    name, start = ring
+    start(mode="lossless")  # a live batch is always waiting once attached
+    batch, accum = 4, 2
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=0.0, batch_size=batch, accum=accum,
+                             checkpoint_dir=tmp_path))
+    try:
+        _train(tr, 8)  # disk only: the mixer's window is full of disk samples now
+        tr.reset_meter()
+        _until(lambda: tr.live.ready(), what="first live batch")
+        tr.mixer.set_fraction(0.7)
+        rec = tr.prefetcher = _RecordingPrefetcher(tr.prefetcher, delay_s=0.002)
+        losses = []
+        for _ in range(6):
+            _train(tr, 1)
+            losses.append(tr.loss)
+        meter = tr._meter
+        m = tr.reset_meter()
+        window = tr.mixer.achieved
+    finally:
+        tr.close()
+    n = sum(b[0] for b in rec.batches)
+    n_live = sum(b[0] for b in rec.batches if b[1])
+    assert m["steps"] == 6 and len(rec.batches) == 6 * accum
+    assert m["samples"] == n <= 6 * accum * batch
+    # the live share of what this interval trained on, not of the mixer's window (which
+    # still holds the disk-only samples drawn before the interval, so it differs)
+    assert n_live > 0
+    assert m["live_fraction"] == round(n_live / n, 4)
+    assert window < n_live / n
+    assert m["generation"] == [b[2] for b in rec.batches if b[1]][-1] == 1
+    assert m["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    # stall: the time steps waited for data over the time they took - at least what the
+    # loader was made to wait, and never more than the whole step
+    assert meter.wait_s >= rec.slept_s > 0
+    assert 0 < m["stall_fraction"] <= 1
+    assert m["stall_fraction"] == round(meter.wait_s / meter.step_s, 4)
+    # samples/s over the interval's wall time, which contains every step's time
+    assert 0 < m["samples_per_s"] <= n / meter.step_s + 0.01

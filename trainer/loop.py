@@ -104,6 +104,7 @@ class Meter:
     t0: float = field(default_factory=time.monotonic)
     steps: int = 0
     samples: int = 0
+    samples_live: int = 0
     wait_s: float = 0.0
     step_s: float = 0.0
     loss_sum: float = 0.0
@@ -300,7 +301,7 @@ class Trainer:
         t0 = time.monotonic()
         wait = 0.0
         loss_total = 0.0
-        samples = 0
+        samples = live = 0
         for k in range(self.cfg.accum):
             tw = time.monotonic()
             batch = self.prefetcher.get(timeout)
@@ -323,6 +324,7 @@ class Trainer:
             loss_total += float(loss.detach())
             samples += batch.n
             if batch.live:
+                live += batch.n
                 self.samples_live += batch.n
                 self.live_copies += batch.copies
                 self.generations_trained.add(batch.generation)
@@ -340,6 +342,7 @@ class Trainer:
         m = self._meter
         m.steps += 1
         m.samples += samples
+        m.samples_live += live
         m.wait_s += wait
         m.step_s += dt
         m.loss_sum += loss_total
@@ -350,16 +353,25 @@ class Trainer:
     _meter: Meter = None  # type: ignore[assignment]
 
     def reset_meter(self) -> dict:
-        """Close the current log interval; returns its metrics (also kept for `status`)."""
+        """Close the current log interval; returns its metrics (also kept for `status`).
+
+        Every value is over the interval's steps: `loss` their mean, `samples` trained on,
+        `samples_per_s` over the interval's wall time, `stall_fraction` the time steps waited
+        for data over the time they took (in [0, 1]: the wait is inside the step),
+        `live_fraction` the live share of the samples trained on (not the mixer's window,
+        which spans other intervals and batches drawn but not yet trained on), `generation`
+        the last live generation trained on.
+        """
         m, self._meter = self._meter, Meter()
         if m is None or m.steps == 0:
             return self.last_metrics
         elapsed = max(time.monotonic() - m.t0, 1e-9)
         self.last_metrics = {
-            "step": self.step, "loss": round(m.loss_sum / m.steps, 5),
+            "step": self.step, "steps": m.steps, "samples": m.samples,
+            "loss": round(m.loss_sum / m.steps, 5),
             "samples_per_s": round(m.samples / elapsed, 2),
             "stall_fraction": round(m.wait_s / m.step_s, 4) if m.step_s else 0.0,
-            "live_fraction": round(self.mixer.achieved, 4),
+            "live_fraction": round(m.samples_live / m.samples, 4) if m.samples else 0.0,
             "live_fraction_target": self.mixer.fraction,
             "generation": self.last_generation,
             "copies_per_sample": self.copies_per_sample(),
