@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 next_switch += SWITCH_EVERY_S
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"a daemon exited during the soak; logs in {work}")
-            if not args.json:
-                a = " ".join(f"{tr.name} anon {tr.points[-1][1]:.1f} MiB" for tr in tracks if tr.points)
-                print(f"  t={t:6.0f}s  {a}", flush=True)
+            # progress on stderr, so a --json run shows it too and its stdout stays parseable
+            a = " ".join(f"{tr.name} anon {tr.points[-1][1]:.1f} MiB" for tr in tracks if tr.points)
+            print(f"  t={t:6.0f}s  {a}", file=sys.stderr, flush=True)
             time.sleep(interval)
         published = status(producer).get("published")
         step = status(trainer).get("step")
