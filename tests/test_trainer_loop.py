@@ -275,3 +275,37 @@ def test_trainer_on_rank_one_resumes_rank_ones_rng_state(cache, tmp_path):
         tr.close()
     ckpt.set_rng_state(s1)
     assert _same(got, _draws())
+
+
+# --- mixed precision --------------------------------------------------------------------------
+
+
+def test_on_the_cpu_mixed_precision_is_off_whatever_was_asked(cache, tmp_path):
+    # autocast on the CPU would slow these models down; "auto" and "bf16" both mean off there
+    for amp in ("auto", "bf16", "off"):
+        tr = Trainer(TrainConfig(cache=cache, steps=1, batch_size=8, amp=amp, device="cpu",
+                                 checkpoint_dir=tmp_path / amp))
+        try:
+            assert tr.amp_dtype is None
+            _train(tr, 1)
+        finally:
+            tr.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 autocast")
+def test_on_a_gpu_with_bf16_training_steps_run_under_bf16_autocast_by_default(cache, tmp_path):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip(f"{torch.cuda.get_device_name()} has no bf16")
+    tr = Trainer(TrainConfig(cache=cache, steps=3, batch_size=8, checkpoint_dir=tmp_path))
+    seen: list[torch.dtype] = []
+    hook = next(m for m in tr.model.modules() if isinstance(m, torch.nn.Conv2d)
+                ).register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        assert tr.amp_dtype == torch.bfloat16
+        _train(tr, 3)
+        assert tr.loss is not None and torch.isfinite(torch.tensor(tr.loss))
+    finally:
+        hook.remove()
+        tr.close()
+    assert seen and all(d == torch.bfloat16 for d in seen)
