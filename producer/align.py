@@ -8,12 +8,15 @@ further off than that is reported, never silently used.
 Multi-frame recordings (the choice made here): one file per frame, named
 `<stem>_<frame number>.<ext>` (`lidar_0001.bin`, `lidar_0002.bin`, ...). A suffix of digits
 only marks a frame, so `lidar_top.bin` stays a separate sensor. `frame_sequences()` groups
-a sample's files that way. Their times come from metadata.json, in seconds, either as one
-list per modality in frame-number order or one number per file stem:
+a sample's files that way (producer/dataset.py makes a group of two or more frames one
+sensor). Their times come from metadata.json, in seconds on the video's presentation clock,
+as one list per sensor in frame-number order, one number per file stem, or a frame rate
+(with an optional start time under `timestamps.<sensor>`):
 
-    {"timestamps": {"video": [0.0, 0.1, ...], "lidar": [0.02, 0.12, ...]}}
+    {"timestamps": {"lidar": [0.02, 0.12, ...]}}
     {"timestamps": {"lidar_0001": 0.02, "lidar_0002": 0.12}}
-    {"rates": {"lidar": 10.0}}    # fallback: frame i (in order) at i / rate seconds
+    {"frame_rates": {"lidar": 10.0}}                              # frame i at i / rate
+    {"frame_rates": {"lidar": 10.0}, "timestamps": {"lidar": 0.02}}  # at 0.02 + i / rate
 
 The live producer uses the same functions for sensor files arriving in a watched folder:
 `align()` sorts the other modality's times itself, so files may arrive out of order.
@@ -30,6 +33,9 @@ import numpy as np
 from protocol.errors import InputError
 
 _FRAME = re.compile(r"^(?P<base>.+?)_(?P<num>\d+)$")
+#: Offsets within tolerance + 1 ns count as within: times written in decimal seconds are not
+#: exact in binary, and 0.4 - 0.35 > 0.05 must not reject a frame exactly at the tolerance.
+SLACK_S = 1e-9
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ def align(frame_times: Sequence[float] | np.ndarray, other_times: Sequence[float
     pos = np.where(take_left, left, right)
     nearest = order[pos].astype(np.int64)
     offset = other[nearest] - frames
-    within = np.abs(offset) <= tolerance_s
+    within = np.abs(offset) <= tolerance_s + SLACK_S
     index = np.where(within, nearest, -1)
     worst = float(np.abs(offset).max()) if n else 0.0
     report = AlignmentReport(modality, n, int(within.sum()), int(n - within.sum()), worst,
@@ -133,41 +139,75 @@ def frame_timestamps(meta: Mapping[str, Any], modality: str, frames: Sequence[Pa
     """Seconds for each frame of `modality`, in frame order, from metadata (see module doc).
 
     `frames` is the frame files (per-stem timestamps are looked up by their stems) or just
-    their count. InputError names `path` and the metadata field when times are missing, not
-    finite numbers, or fewer/more than the frames.
+    their count. Sources, first that applies: a list `timestamps.<modality>`; per-file
+    `timestamps.<stem>` (when any frame has one, every frame must); `frame_rates.<modality>`,
+    starting at a number `timestamps.<modality>` or 0. InputError names `path` and the
+    metadata field when times are missing, not finite numbers, or fewer/more than the frames.
     """
     stems = None if isinstance(frames, int) else [Path(f).name.split(".", 1)[0] for f in frames]
     count = frames if isinstance(frames, int) else len(frames)
-    stamps = meta.get("timestamps", {}) if isinstance(meta, Mapping) else {}
+    if not isinstance(meta, Mapping):
+        meta = {}
+    stamps = meta.get("timestamps", {})
     if not isinstance(stamps, Mapping):
         raise InputError(path, "timestamps", "an object of modality -> seconds",
                          type(stamps).__name__)
+    rates = meta.get("frame_rates", {})
+    rate = rates.get(modality) if isinstance(rates, Mapping) else None
     field = f"timestamps.{modality}"
-    if modality in stamps:
-        values = stamps[modality]
+    values = stamps.get(modality)
+    if values is not None and not (_is_seconds(values) and rate is not None):
         try:
             t = np.asarray(values, dtype=np.float64)
         except (TypeError, ValueError):
             t = np.empty((0, 0))
         if t.ndim != 1 or not np.isfinite(t).all():
-            raise InputError(path, field, "a list of finite seconds", repr(values)[:80])
+            expected = "a list of finite seconds, one per frame"
+            if _is_seconds(values):
+                expected += f" (a single start time needs frame_rates.{modality})"
+            raise InputError(path, field, expected, repr(values)[:80])
         if t.size != count:
             raise InputError(path, field, f"{count} timestamps (one per {modality} frame)",
                              f"{t.size}")
         return t
-    if stems and all(s in stamps for s in stems):
-        values = [stamps[s] for s in stems]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise InputError(path, f"timestamps.{stems[0]}", "a number of seconds per frame file",
-                             repr(values)[:80])
-        t = np.asarray(values, dtype=np.float64)
-        if not np.isfinite(t).all():
-            raise InputError(path, f"timestamps.{stems[0]}", "finite seconds", "NaN or inf")
-        return t
-    rate = (meta.get("rates") or {}).get(modality) if isinstance(meta, Mapping) else None
+    given = [s for s in stems if s in stamps] if stems else []
+    if given:
+        missing = [s for s in stems if s not in stamps]
+        if missing:
+            raise InputError(path, f"timestamps.{missing[0]}", f"a time for every {modality} "
+                             f"frame file once any has one ({len(given)} of {count} have)",
+                             "none")
+        bad = next((s for s in stems if not _is_seconds(stamps[s])), None)
+        if bad is not None:
+            raise InputError(path, f"timestamps.{bad}", "a finite number of seconds",
+                             repr(stamps[bad])[:80])
+        return np.asarray([stamps[s] for s in stems], dtype=np.float64)
     if rate is not None:
-        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not rate > 0:
-            raise InputError(path, f"rates.{modality}", "a frame rate > 0 in Hz", repr(rate))
-        return np.arange(count, dtype=np.float64) / float(rate)
-    raise InputError(path, field, f"{count} timestamps, one per-file timestamp each, or "
-                     f"rates.{modality}", "none")
+        if not _is_seconds(rate) or not rate > 0:
+            raise InputError(path, f"frame_rates.{modality}", "a frame rate > 0 in Hz",
+                             repr(rate))
+        start = float(values) if values is not None else 0.0
+        return start + np.arange(count, dtype=np.float64) / float(rate)
+    per_file = f"timestamps.{stems[0]} ..." if stems else "timestamps.<file stem>"
+    raise InputError(path, field, f"a list of {count} times, a time per frame file "
+                     f"({per_file}), or frame_rates.{modality}", "none")
+
+
+def timestamp_field(meta: Mapping[str, Any], modality: str, stem: str) -> str:
+    """The metadata field that gave frame `stem` of `modality` its time (for reports); the
+    same precedence as frame_timestamps."""
+    stamps = meta.get("timestamps") if isinstance(meta, Mapping) else None
+    stamps = stamps if isinstance(stamps, Mapping) else {}
+    rates = meta.get("frame_rates") if isinstance(meta, Mapping) else None
+    has_rate = isinstance(rates, Mapping) and modality in rates
+    if modality in stamps and not (_is_seconds(stamps[modality]) and has_rate):
+        return f"timestamps.{modality}"
+    if stem in stamps:
+        return f"timestamps.{stem}"
+    if modality in stamps:
+        return f"timestamps.{modality} + frame_rates.{modality}"
+    return f"frame_rates.{modality}"
+
+
+def _is_seconds(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)

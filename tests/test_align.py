@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.align import align, default_tolerance, frame_sequences, frame_timestamps
+from producer.align import (align, default_tolerance, frame_sequences, frame_timestamps,
+                            timestamp_field)
 from producer.modalities import lidar
 from protocol.errors import InputError
 
@@ -76,21 +77,54 @@ def test_multi_frame_lidar_recording_aligns_to_video_frames(tmp_path):
     assert xs == [1.0, 2.0, 3.0]
 
 
-def test_per_file_timestamps_and_rates_are_read_in_frame_order():
+def test_per_file_timestamps_and_frame_rates_are_read_in_frame_order():
     frames = [Path("lidar_0001.bin"), Path("lidar_0002.bin")]
     meta = {"timestamps": {"lidar_0002": 0.2, "lidar_0001": 0.1}}
     np.testing.assert_array_equal(frame_timestamps(meta, "lidar", frames), [0.1, 0.2])
-    np.testing.assert_array_equal(frame_timestamps({"rates": {"lidar": 4}}, "lidar", 3),
+    # frame_rates is the key metadata.py validates and docs/dataset.md documents
+    np.testing.assert_array_equal(frame_timestamps({"frame_rates": {"lidar": 4}}, "lidar", 3),
                                   [0, 0.25, 0.5])
+
+
+def test_a_start_time_with_a_frame_rate_offsets_every_frame():
+    meta = {"timestamps": {"lidar": 1.5}, "frame_rates": {"lidar": 4}}
+    np.testing.assert_array_equal(frame_timestamps(meta, "lidar", 3), [1.5, 1.75, 2.0])
+    assert timestamp_field(meta, "lidar", "lidar_0002") == "timestamps.lidar + frame_rates.lidar"
+
+
+def test_the_field_that_timed_a_frame_is_named_by_source():
+    assert timestamp_field({"timestamps": {"lidar": [0, 1]}}, "lidar", "lidar_0001") == \
+        "timestamps.lidar"
+    assert timestamp_field({"timestamps": {"lidar_0001": 0}}, "lidar", "lidar_0001") == \
+        "timestamps.lidar_0001"
+    assert timestamp_field({"frame_rates": {"lidar": 5}}, "lidar", "lidar_0001") == \
+        "frame_rates.lidar"
 
 
 @pytest.mark.parametrize("meta, field", [
     ({"timestamps": {"lidar": [0.0, 0.1]}}, "timestamps.lidar"),         # 2 times, 3 frames
     ({"timestamps": {"lidar": [0.0, "soon", 0.2]}}, "timestamps.lidar"),
-    ({"rates": {"lidar": 0}}, "rates.lidar"),
+    ({"timestamps": {"lidar": 0.5}}, "timestamps.lidar"),                 # a start, no rate
+    ({"frame_rates": {"lidar": 0}}, "frame_rates.lidar"),
+    ({"rates": {"lidar": 4}}, "timestamps.lidar"),   # not a key of the schema: no times
     ({}, "timestamps.lidar"),
 ])
 def test_bad_or_missing_timestamps_name_metadata_and_field(meta, field):
     with pytest.raises(InputError) as e:
         frame_timestamps(meta, "lidar", 3, path="rec/metadata.json")
     assert e.value.field == field and e.value.path == "rec/metadata.json"
+
+
+def test_a_frame_file_without_its_own_timestamp_is_named():
+    frames = [Path(f"lidar_000{i}.bin") for i in (1, 2, 3)]
+    with pytest.raises(InputError) as e:
+        frame_timestamps({"timestamps": {"lidar_0001": 0.0, "lidar_0002": 0.1}}, "lidar",
+                         frames)
+    assert e.value.field == "timestamps.lidar_0003" and "2 of 3" in e.value.expected
+
+
+def test_an_offset_exactly_at_the_tolerance_is_within_despite_binary_rounding():
+    # 0.4 - 0.35 is 0.05000000000000002 in binary floating point; in seconds it is 0.05.
+    assert 0.4 - 0.35 > 0.05
+    assert align([0.35], [0.4], tolerance_s=0.05).index[0] == 0
+    assert align([0.35], [0.41], tolerance_s=0.05).index[0] == -1

@@ -287,13 +287,18 @@ def _copy_slot(out: np.ndarray, dst: int, src: int) -> None:
 
 def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                 segment: tuple[float, float] | None = None, notes: list[str] | None = None,
-                *, device: str = "cpu"):
+                *, device: str = "cpu", times: list[float] | None = None):
     """A clip of `frames` frames of `path`, sampled at spec.fps (or the source rate) from
     `segment` = (start_s, end_s) (default: from the beginning), shaped by `spec`.
 
     Returns uint8 (T, C, H, W): a numpy array on the CPU path, a torch CUDA tensor when
     device="cuda" and a GPU is present. A segment with fewer than T frames repeats its last
     frame (and says so in `notes`); one with none, or an unreadable file, raises InputError.
+
+    `times`: a list that receives the presentation time (seconds) of each of the T frames
+    chosen, in clip order (a repeated frame repeats its time), so a caller aligning other
+    sensors to the clip needs no second decode. CPU path only for now: the NVDEC path
+    (gpu_video.decode_clip_cuda) does not forward it and leaves the list empty.
     """
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
@@ -311,7 +316,8 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
     run = _call  # where frame writes run: here, or on the helper thread beside decoding
     try:
         with _open(path) as container:
-            for frame, k, first in select_frames(path, container, spec, frames, segment, notes):
+            for frame, k, first in select_frames(path, container, spec, frames, segment, notes,
+                                                 times=times):
                 if out is None:
                     conv.prepare(frame)
                     out = np.empty((frames, spec.channels, conv.out_h, conv.out_w), np.uint8)
@@ -337,11 +343,13 @@ def _call(fn, *args) -> None:
     fn(*args)
 
 
-def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes):
+def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes, *,
+                  times: list[float] | None = None):
     """Yield (frame, k, first_k) for each of the `frames` target times, shared by the CPU
     and CUDA paths: `frame` fills slot k, and first_k is the slot it filled first (k > first_k
     when fps is above the source rate). Short segments end with (None, k, k) for each slot
     left; no frame at all, a broken bitstream or a cut-short file raise InputError.
+    `times`, when a list, gets slot k's frame time (seconds) appended as slot k is yielded.
     """
     stream = _video_stream(container, path)
     duration = _duration_s(container, stream)
@@ -364,6 +372,8 @@ def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes
             last_t = t
             first = k
             while k < frames and t >= start + k / fps - slack and start + k / fps < end:
+                if times is not None:
+                    times.append(t)
                 yield frame, k, first
                 k += 1
             if k >= frames:
@@ -383,6 +393,8 @@ def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes
             notes.append(f"{Path(str(path)).name}: segment has {k} of {frames} frames at "
                          f"{fps:g} fps; repeated the last frame")
         for j in range(k, frames):
+            if times is not None:
+                times.append(last_t)
             yield None, j, j
 
 
