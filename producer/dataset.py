@@ -12,6 +12,15 @@ Layout (DESIGN.md "Dataset on disk"):
   same rule the modalities use to find their metadata section. Its kind comes from the stem's
   prefix (video*, audio*, lidar*, radar*), else from the extension (.pcd -> lidar, common
   video/audio containers), else it is an unknown sensor - never dropped.
+- Frame sequences (long recordings): two or more lidar, radar or unknown-sensor files named
+  `<base>_<digits>` (`lidar_0001.bin`, `lidar_0002.bin` ...; `lidar_top_0001.bin` -> base
+  `lidar_top`) are ONE sensor named by the base, its frames in frame-number order
+  (`SampleFiles.sequences`). The pipeline picks the frame aligned with the video clip by
+  metadata timestamps (producer/pipeline.py). A lone `lidar_0001.bin` stays a single-file
+  sensor under its own stem, as before; video and audio files never form sequences (a
+  stream has its own time base). A base that is also a file's stem (`lidar.bin` beside
+  `lidar_0001.bin`, `lidar_0002.bin`) would give two sensors one name: the sample is
+  rejected naming the file.
 - Indexing never raises for one bad sample: an empty folder, an unreadable or non-regular
   file, two files with one stem, or a bad metadata.json becomes an InputError in `problems`
   and the sample is left out; every other sample is indexed. Only a missing root raises.
@@ -25,11 +34,14 @@ from pathlib import Path
 
 from protocol.errors import InputError
 
+from .align import frame_sequences
 from .metadata import load_metadata
 
 SPLITS = ("train", "val", "test")
 METADATA = "metadata.json"
 KINDS = ("video", "audio", "lidar", "radar", "unknown")
+#: Kinds whose `<base>_<digits>` files form one multi-frame sensor.
+SEQUENCE_KINDS = ("lidar", "radar", "unknown")
 _VIDEO_EXT = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".ts", ".h264"}
 _AUDIO_EXT = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus"}
 
@@ -67,6 +79,10 @@ class SampleFiles:
     files: dict[str, Path]
     metadata: dict = field(default_factory=dict)
     metadata_path: Path | None = None
+    #: sensor base -> its frame stems in frame order (`lidar` -> [lidar_0001, lidar_0002]);
+    #: filled by index_dataset. Empty for samples built elsewhere (the live daemon's watched
+    #: folder aligns its files itself), so those keep one sensor per file.
+    sequences: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -77,8 +93,22 @@ class SampleFiles:
         return kind_of(stem, self.files[stem])
 
     def stems(self, kind: str) -> list[str]:
-        """Sorted stems of one kind (`lidar` -> ["lidar", "lidar_front"])."""
+        """Sorted file stems of one kind (`lidar` -> ["lidar", "lidar_front"])."""
         return sorted(s for s, p in self.files.items() if kind_of(s, p) == kind)
+
+    def sensors(self, kind: str) -> list[str]:
+        """Sorted sensor names of one kind: single-file stems plus sequence bases
+        (`lidar.bin, lidar_top_0001.bin, lidar_top_0002.bin` -> ["lidar", "lidar_top"]).
+        What a `sensor` setting names and what unknown-sensor inputs are called."""
+        framed = {st for stems in self.sequences.values() for st in stems}
+        names = [s for s in self.stems(kind) if s not in framed]
+        names += [b for b, stems in self.sequences.items()
+                  if kind_of(stems[0], self.files[stems[0]]) == kind]
+        return sorted(names)
+
+    def frames(self, sensor: str) -> list[Path]:
+        """The frame files of a sequence sensor in frame order; [] for a single-file one."""
+        return [self.files[s] for s in self.sequences.get(sensor, ())]
 
     @property
     def all_paths(self) -> list[Path]:
@@ -139,12 +169,33 @@ def _index_sample(split: str, class_name: str, label: int, sdir: Path,
         found = "an empty folder" if meta_path is None else "only metadata.json"
         raise InputError(sdir, "files", "at least one modality file (video.mp4, audio.wav, "
                          "lidar.bin, radar.bin, <name>.data)", found)
+    sequences = _sequences(files)
     metadata = {}
     if meta_path is not None:
         meta_notes: list[str] = []
         metadata = load_metadata(meta_path, meta_notes)
         notes.extend(f"{split}/{class_name}/{sdir.name}/{n}" for n in meta_notes)
-    return SampleFiles(split, class_name, label, sdir, files, metadata, meta_path)
+    return SampleFiles(split, class_name, label, sdir, files, metadata, meta_path, sequences)
+
+
+def _sequences(files: dict[str, Path]) -> dict[str, list[str]]:
+    """base -> frame stems in order, for groups of two or more frames of a SEQUENCE_KIND;
+    InputError when a base is also a file's stem or one group mixes kinds."""
+    framable = {s: p for s, p in files.items() if kind_of(s, p) in SEQUENCE_KINDS}
+    out: dict[str, list[str]] = {}
+    for base, paths in frame_sequences(framable).items():
+        if len(paths) < 2:
+            continue
+        if base in files:
+            raise InputError(files[base], "file name", f"either {files[base].name} or frame "
+                             f"files {base}_<n>.*, not both (they would be one sensor "
+                             f"{base!r})", f"{files[base].name} and {len(paths)} frame files")
+        kinds = {kind_of(file_stem(p), p) for p in paths}
+        if len(kinds) > 1:
+            raise InputError(paths[0], "file name", f"frame files of {base!r} all of one "
+                             f"kind", ", ".join(sorted(kinds)))
+        out[base] = [file_stem(p) for p in paths]
+    return out
 
 
 def _subdirs(path: Path) -> list[Path]:

@@ -12,10 +12,15 @@ Schema (every key optional; documented for users in docs/dataset.md):
     timestamp_ns                int >= 0                               sample start, ns (epoch)
     timestamp                   number >= 0                            same, in seconds
     timestamps.<stem>           number >= 0 or non-decreasing list     per-frame times, seconds
+                                                                       (a frame sequence's list,
+                                                                       one frame file's time, or
+                                                                       a sequence's start with
+                                                                       its frame_rates)
     frame_rates.<stem>          number > 0                             frames per second
     calibration.<stem>          object; `extrinsic` 4x4 numbers,       sensor pose / intrinsics;
                                 `intrinsic` 3x3 numbers; others kept   carried, not applied
-    tolerance_s                 number >= 0                            alignment tolerance
+    tolerance_s                 number >= 0                            alignment tolerance of
+                                                                       frame sequences, seconds
     <stem> or <kind>            object: the sensor's own section       read by its modality:
       .dtype                    unknown: numeric numpy dtype name      element type
                                 (int16, <f4, uint8 ...); radar*: one
@@ -37,7 +42,8 @@ The per-sensor keys are the ones producer/modalities/{lidar,radar,unknown}.py re
 docstrings); this module checks their types early, the modalities check them against the file.
 
 A section applies to the file whose stem is its key (`lidar_top`), else to every file of
-that kind (`lidar`). Any other top-level key is kept unchanged and reported in `notes`
+that kind (`lidar`); a frame sequence's section (`imu` for `imu_0001.data` ...) applies to
+each of its frames (producer/pipeline.py). How frame times are read: producer/align.py. Any other top-level key is kept unchanged and reported in `notes`
 (a typo like `frame_rate` should be visible, but never cost the sample).
 """
 from __future__ import annotations

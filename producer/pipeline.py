@@ -10,8 +10,9 @@ Model inputs (name -> array):
     audio   float32 (1, M, F)      log_mel: M = audio.n_mels, F = audio.n_frames
     lidar   float32 (3, H, W)      bev(load_points): grid from the BevConfig
     radar   float32 (1, H, W)      range_doppler / range_azimuth; (3, H, W) for points_bev
-    <stem>  float32 (...)          one per unknown-sensor file (`imu.data` -> `imu`): its
-                                   metadata dtype/shape, else (unknown_len,)
+    <stem>  float32 (...)          one per unknown sensor (`imu.data` -> `imu`; a sequence
+                                   `imu_0001.data`... -> `imu`): its metadata dtype/shape,
+                                   else (unknown_len,)
 
 Decisions (documented in docs/dataset.md too):
 - Which file feeds `lidar` / `radar` / `video` / `audio` is `config.sensors[input]`; without a
@@ -21,6 +22,22 @@ Decisions (documented in docs/dataset.md too):
 - A sample missing an input that others have is processed with what it has. The schema then
   lacks that input; the trainer groups batches by schema and the model zero-fills. The
   preprocess report notes it, so a folder missing its audio by mistake is visible.
+- Long recordings: a frame sequence (`lidar_0001.bin`, `lidar_0002.bin` ...; grouped by
+  producer/dataset.py) is one sensor named by its base (`lidar`, `lidar_top`, `imu`), chosen
+  by the same `sensors` setting, and feeds ONE frame to its input, so the input keeps its
+  single-frame shape. The frame is the one nearest in time (align.py, vectorised) to:
+  the centre of the video clip's chosen frames (their presentation times come from the same
+  decode, `decode_clip(times=...)`); without a decoded clip (no video, video not enabled,
+  or the NVDEC path, which does not report times yet), the segment's centre; without a
+  segment, the sequence's first frame. Frame times: metadata `timestamps.<base>` (list),
+  per-file `timestamps.<stem>`, or `frame_rates.<base>` (align.frame_timestamps); missing
+  or bad ones are an InputError naming metadata.json and the field, raised before anything
+  is decoded. Tolerance: metadata `tolerance_s`, else half the sequence's median period.
+  When some clip frames have no sequence frame within tolerance, the alignment report goes
+  into the notes; when the chosen frame itself is beyond tolerance, that input is left out
+  with a note naming the file, the timestamp field and the offset, and the rest of the
+  sample (video, other inputs) is kept - as for a missing modality. Why the clip centre:
+  it is the live daemon's rule for watched-folder files too (daemon._aligned_watch_files).
 - A bad file raises InputError from its modality function (no separate validate() pass: the
   reader that understands the format is the one that can say what is wrong). An unexpected
   exception inside a modality is turned into an InputError naming the file, so one odd file
@@ -41,7 +58,8 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 from protocol.schema import SampleMeta
 
-from .dataset import SampleFiles
+from .align import align, default_tolerance, frame_timestamps, timestamp_field
+from .dataset import METADATA, SampleFiles
 from .metadata import timestamp_ns
 from .modalities import audio, lidar, radar, unknown, video
 from .modalities.audio import AudioConfig
@@ -53,7 +71,8 @@ INPUTS = ("video", "audio", "lidar", "radar")
 #: Only inputs with more than one way to process them take a method.
 METHODS = {"radar": tuple(radar.METHODS)}
 #: Bump when the code changes what an unchanged config produces: every cached sample is redone.
-PIPELINE_VERSION = 1
+#: 2: frame sequences feed their aligned frame (and unknown sequences one input), not files.
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -185,30 +204,39 @@ class Pipeline:
 
     def sensor_for(self, sample: SampleFiles, inp: str, notes: list[str] | None = None
                    ) -> str | None:
-        """The stem that feeds model input `inp` in this sample, or None (see module doc)."""
+        """The sensor (a file stem or a sequence's base) that feeds model input `inp` in this
+        sample, or None (see module doc)."""
+        names = sample.sensors(inp)
         chosen = self.config.sensors.get(inp)
         if chosen is not None:
-            if chosen in sample.files:
+            if chosen in names:
                 return chosen
-            if notes is not None and sample.stems(inp):
+            if notes is not None and names:
                 notes.append(f"{sample.key}: {inp} sensor {chosen!r} absent (has "
-                             f"{', '.join(sample.stems(inp))}); {inp} left out")
+                             f"{', '.join(names)}); {inp} left out")
             return None
-        stems = sample.stems(inp)
-        if not stems:
+        if not names:
             return None
-        return inp if inp in stems else stems[0]
+        return inp if inp in names else names[0]
+
+    def _jobs(self, sample: SampleFiles, notes: list[str] | None) -> list[tuple[str, str]]:
+        """(model input, sensor) pairs this sample feeds: one rule for inputs_of and process."""
+        jobs = [(i, self.sensor_for(sample, i, notes)) for i in INPUTS if self._on(i)]
+        jobs += [(s, s) for s in sample.sensors("unknown") if self._on(s)]
+        return [(name, sensor) for name, sensor in jobs if sensor is not None]
 
     def inputs_of(self, sample: SampleFiles) -> list[str]:
-        """The model inputs `process` would produce for this sample (no decoding)."""
-        names = [i for i in INPUTS if self._on(i) and self.sensor_for(sample, i) is not None]
-        return names + [s for s in sample.stems("unknown") if self._on(s)]
+        """The model inputs `process` would produce for this sample (no decoding). A sequence
+        frame beyond tolerance is only found by `process`, which then leaves it out with a
+        note."""
+        return [name for name, _ in self._jobs(sample, None)]
 
-    def _one(self, inp: str, path: Path, meta: dict, notes: list[str] | None) -> np.ndarray:
+    def _one(self, inp: str, path: Path, meta: dict, notes: list[str] | None,
+             times: list[float] | None = None) -> np.ndarray:
         c = self.config
         if inp == "video":
             return video.decode_clip(path, c.filter, c.clip_frames, c.segment, notes,
-                                     device=self.video_device)
+                                     device=self.video_device, times=times)
         if inp == "audio":
             return audio.log_mel(path, c.audio, c.segment, notes)
         if inp == "lidar":
@@ -217,19 +245,67 @@ class Pipeline:
             return radar.process(path, c.methods["radar"], c.radar, meta, notes)
         return unknown.load_unknown(path, meta, c.unknown_len, notes)
 
+    def _aligned_frame(self, sample: SampleFiles, name: str, sensor: str, times: np.ndarray,
+                       clip_times: np.ndarray | None, notes: list[str] | None
+                       ) -> Path | None:
+        """The frame file of sequence `sensor` that feeds `name`, or None (left out, noted)."""
+        frames = sample.frames(sensor)
+        meta = sample.metadata
+        if "tolerance_s" in meta:
+            tol, tol_from = float(meta["tolerance_s"]), "tolerance_s"
+        else:
+            tol, tol_from = default_tolerance(times), f"half the median {sensor} frame period"
+        if clip_times is not None and clip_times.size:
+            target = float(clip_times.min() + clip_times.max()) / 2
+            where = "the video clip's centre"
+            report = align(clip_times, times, tol, sensor).report
+            if report.misaligned and notes is not None:
+                notes.append(f"{report} (clip {clip_times.min():.3f}..{clip_times.max():.3f} s, "
+                             f"{len(frames)} {sensor} frames)")
+        elif self.config.segment is not None:
+            start, end = self.config.segment
+            target = (start + end) / 2 if np.isfinite(end) else start
+            where = "the segment's centre"
+        else:
+            return frames[0]
+        a = align(np.array([target]), times, tol, sensor)
+        i = int(a.nearest[0])
+        if a.index[0] >= 0:
+            return frames[i]
+        if notes is not None:
+            field = timestamp_field(meta, sensor, sample.sequences[sensor][i])
+            notes.append(f"{frames[i].name} (the {sensor} frame nearest {where}, "
+                         f"{target:.3f} s) is {float(a.offset_s[0]):+.3f} s off by {METADATA} "
+                         f"{field}, beyond the tolerance {tol:.3f} s ({tol_from}); {name} "
+                         f"left out")
+        return None
+
     def process(self, sample: SampleFiles, notes: list[str] | None = None
                 ) -> dict[str, np.ndarray]:
         """Model input name -> array for one sample; InputError names the bad file/field."""
         out: dict[str, np.ndarray] = {}
         meta = sample.metadata
-        jobs = [(i, self.sensor_for(sample, i, notes)) for i in INPUTS if self._on(i)]
-        jobs += [(s, s) for s in sample.stems("unknown") if self._on(s)]
-        for name, stem in jobs:
-            if stem is None:
-                continue
-            path = sample.files[stem]
+        jobs = self._jobs(sample, notes)
+        # Every used sequence's times, checked before anything is decoded.
+        meta_path = sample.metadata_path or sample.dir / METADATA
+        seq_times = {sensor: frame_timestamps(meta, sensor, sample.frames(sensor), meta_path)
+                     for _, sensor in jobs if sensor in sample.sequences}
+        clip_times: np.ndarray | None = None
+        for name, sensor in jobs:  # video first (INPUTS order): its times align the others
+            meta_for = meta
+            if sensor in sample.sequences:
+                path = self._aligned_frame(sample, name, sensor, seq_times[sensor], clip_times,
+                                           notes)
+                if path is None:
+                    continue
+                stem = path.name.split(".", 1)[0]
+                if isinstance(meta.get(sensor), dict) and stem not in meta:
+                    meta_for = {**meta, stem: meta[sensor]}  # the sensor's section fits each frame
+            else:
+                path = sample.files[sensor]
+            times: list[float] | None = [] if name == "video" else None
             try:
-                out[name] = self._one(name, path, meta, notes)
+                out[name] = self._one(name, path, meta_for, notes, times)
             except InputError:
                 raise
             except (MemoryError, KeyboardInterrupt):
@@ -237,6 +313,8 @@ class Pipeline:
             except Exception as e:  # an odd file must not stop the run: report it like bad input
                 raise InputError(path, name, f"a file the {name if name in INPUTS else 'unknown'}"
                                  f" reader accepts", f"{type(e).__name__}: {e}") from e
+            if times:
+                clip_times = np.asarray(times, dtype=np.float64)
         if not out:
             raise InputError(sample.dir, "inputs", "at least one enabled model input (enabled: "
                              f"{sorted(self.config.enabled) if self.config.enabled else 'all'})",

@@ -18,8 +18,10 @@ mark in every modality, so a model that learns proves the bytes arrived intact:
                                      dtype/shape are in metadata.json for even samples only
     -          metadata.json         timestamp_ns, frame_rates, calibration, radar and imu sections
 
-`make_bad_samples()` adds one sample folder per bad-input case next to good ones, and
-`link_real_recordings()` assembles sample folders from ../shared/data/real.
+`make_bad_samples()` adds one sample folder per bad-input case next to good ones,
+`make_long_recording()` writes a long-recording sample (a video of several seconds beside a
+sequence of lidar frame files with their timestamps), and `link_real_recordings()`
+assembles sample folders from ../shared/data/real.
 """
 from __future__ import annotations
 
@@ -207,6 +209,49 @@ def make_dataset(root: str | Path, *, classes: tuple[str, ...] = DEFAULT_CLASSES
                             clip_seconds=clip_seconds, extras=extras)
                 index += 1
     return root
+
+
+# --- long recordings ------------------------------------------------------------------------
+
+#: how make_long_recording writes its lidar frame times into metadata.json
+STAMP_STYLES = ("list", "per_file", "rate", "none")
+
+
+def make_long_recording(sdir: str | Path, k: int = 0, *, seed: int = 0, seconds: float = 3.0,
+                        size: tuple[int, int] = (64, 48), sensor: str = "lidar",
+                        rate: float = 5.0, offset_s: float = 0.0, stamps: str = "list",
+                        tolerance_s: float | None = None) -> list[float]:
+    """One sample folder: `video.mp4` of `seconds` at FPS and lidar frames
+    `<sensor>_0001.bin`, `<sensor>_0002.bin` ... at `rate` Hz from `offset_s` to the end of
+    the video, each frame its own scene (class k's object at a new random pose), so which
+    frame fed the BEV can be told from the output. `stamps` says how metadata.json gives the
+    frame times (STAMP_STYLES: a list under timestamps.<sensor>, one number per file stem,
+    frame_rates.<sensor> with a start time when offset, or nothing). Returns the frame times
+    (seconds, the video's clock) in frame order."""
+    if stamps not in STAMP_STYLES:
+        raise ValueError(f"stamps must be one of {', '.join(STAMP_STYLES)}, got {stamps!r}")
+    sdir = Path(sdir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    write_video(sdir / "video.mp4", _frames(k, rng, size, max(1, int(round(seconds * FPS)))))
+    n = max(2, int(np.floor((seconds - offset_s) * rate)) + 1)
+    times = [round(offset_s + i / rate, 6) for i in range(n)]
+    stems = [f"{sensor}_{i + 1:04d}" for i in range(n)]
+    for stem in stems:
+        _scene(k, np.random.default_rng(int(rng.integers(1 << 62)))).tofile(sdir / f"{stem}.bin")
+    meta: dict = {"timestamp_ns": 1_700_000_000_000_000_000, "frame_rates": {"video": FPS}}
+    if stamps == "list":
+        meta["timestamps"] = {sensor: times}
+    elif stamps == "per_file":
+        meta["timestamps"] = dict(zip(stems, times))
+    elif stamps == "rate":
+        meta["frame_rates"][sensor] = rate
+        if offset_s:
+            meta["timestamps"] = {sensor: offset_s}
+    if tolerance_s is not None:
+        meta["tolerance_s"] = tolerance_s
+    (sdir / "metadata.json").write_text(json.dumps(meta, indent=1))
+    return times
 
 
 # --- bad input ------------------------------------------------------------------------------

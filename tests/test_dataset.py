@@ -136,3 +136,40 @@ def test_unknown_metadata_keys_are_kept_and_noted(tmp_path):
 def test_missing_root_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         index_dataset(tmp_path / "nope")
+
+
+def test_numbered_frame_files_of_one_sensor_are_one_sequence_named_by_its_base(tmp_path):
+    names = ["lidar_0002.bin", "lidar_0001.bin", "lidar_0010.bin", "lidar_top_0001.bin",
+             "lidar_top_0002.bin", "radar_1.bin", "radar_2.bin", "imu_0001.data",
+             "imu_0002.data", "lidar_front.bin", "video.mp4"]
+    _sample(tmp_path, "train", "a", "s", {n: b"x" for n in names})
+    [s] = index_dataset(tmp_path).samples
+    assert s.sequences == {"lidar": ["lidar_0001", "lidar_0002", "lidar_0010"],
+                           "lidar_top": ["lidar_top_0001", "lidar_top_0002"],
+                           "radar": ["radar_1", "radar_2"], "imu": ["imu_0001", "imu_0002"]}
+    assert s.sensors("lidar") == ["lidar", "lidar_front", "lidar_top"]
+    assert s.sensors("radar") == ["radar"] and s.sensors("unknown") == ["imu"]
+    assert [p.name for p in s.frames("lidar")] == ["lidar_0001.bin", "lidar_0002.bin",
+                                                   "lidar_0010.bin"]
+    assert s.frames("lidar_front") == []
+    assert len(s.all_paths) == len(names)  # every frame is in the incremental fingerprint
+
+
+def test_a_lone_numbered_file_and_numbered_video_files_stay_single_file_sensors(tmp_path):
+    _sample(tmp_path, "train", "a", "s", {"lidar_0001.bin": b"x", "video_1.mp4": b"x",
+                                           "video_2.mp4": b"x"})
+    [s] = index_dataset(tmp_path).samples
+    assert s.sequences == {}
+    assert s.sensors("lidar") == ["lidar_0001"] and s.sensors("video") == ["video_1", "video_2"]
+
+
+def test_a_file_named_like_a_sequence_base_is_reported(tmp_path):
+    # lidar.bin beside lidar_0001.bin, lidar_0002.bin: two sensors would be called `lidar`.
+    d = _sample(tmp_path, "train", "a", "s", {"lidar.bin": b"x", "lidar_0001.bin": b"x",
+                                               "lidar_0002.bin": b"x"})
+    _sample(tmp_path, "train", "a", "good", {"lidar_0001.bin": b"x", "lidar_0002.bin": b"x"})
+    index = index_dataset(tmp_path)
+    assert [s.dir.name for s in index.samples] == ["good"]
+    [p] = index.problems
+    assert p.path == str(d / "lidar.bin") and p.field == "file name"
+    assert "lidar_<n>" in p.expected

@@ -1,6 +1,7 @@
 """THE pipeline: shapes per config, run-time switches, bad files, and real recordings."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 
 from producer.dataset import index_dataset
-from producer.modalities import lidar
-from producer.pipeline import Pipeline, PipelineConfig
-from producer.synth import link_real_recordings
+from producer.modalities import lidar, radar
+from producer.pipeline import Pipeline, PipelineConfig, union_inputs
+from producer.synth import _radar_cube, link_real_recordings, make_long_recording
 from producer.synth import REAL_DIR as REAL_DATA
 from protocol.errors import FilterSpecError, InputError
 from protocol.filters import FilterSpec
@@ -231,3 +232,160 @@ def test_the_pipeline_runs_on_the_real_recordings(tmp_path):
                                      methods={"radar": "points_bev"}, enabled={"radar"}))
     bev = points.process(by_name["0001"])["radar"]
     assert bev.shape == (3, 64, 64) and bev[2].max() > 0  # View-of-Delft points landed
+
+
+# --- long recordings: frame sequences aligned to the clip by timestamp ----------------------
+
+
+@pytest.fixture(scope="module")
+def long_root(tmp_path_factory):
+    """Long-recording samples (3 s video at 10 fps + lidar frames, each its own scene)."""
+    root = tmp_path_factory.mktemp("long") / "dataset"
+    cls = root / "train" / "circle"
+    for style in ("list", "per_file", "rate"):
+        make_long_recording(cls / style, rate=4.0, stamps=style)        # frames every 0.25 s
+    make_long_recording(cls / "late", rate=4.0, offset_s=5.0)           # starts after the video
+    make_long_recording(cls / "sparse", rate=2.0, tolerance_s=0.15)     # frames every 0.5 s
+    make_long_recording(cls / "unstamped", rate=4.0, stamps="none")
+    make_long_recording(cls / "top", rate=4.0, sensor="lidar_top")
+    lidar_scene = np.random.default_rng(7).uniform(-5, 5, (300, 4)).astype("<f4")
+    lidar_scene.tofile(cls / "top" / "lidar.bin")
+    make_long_recording(cls / "imu", rate=4.0)
+    for i in range(1, 14):  # imu frame i holds the value i: which one fed the input shows
+        np.full((5, 3), i, "<f4").tofile(cls / "imu" / f"imu_{i:04d}.data")
+    meta = json.loads((cls / "imu" / "metadata.json").read_text())
+    meta["timestamps"]["imu"] = [(i - 1) * 0.25 for i in range(1, 14)]
+    meta["imu"] = {"dtype": "float32", "shape": [5, 3]}  # the sensor's section fits each frame
+    (cls / "imu" / "metadata.json").write_text(json.dumps(meta))
+    make_long_recording(cls / "radar", rate=4.0, sensor="lidar")
+    for i in range(1, 14):  # radar_front frame i: class i's target range and Doppler bins
+        _radar_cube(i, np.random.default_rng(i)).tofile(cls / "radar" / f"radar_front_{i:04d}.bin")
+    meta = json.loads((cls / "radar" / "metadata.json").read_text())
+    meta["frame_rates"]["radar_front"] = 4.0
+    meta["radar_front"] = {"format": "adc", "dtype": "complex_int16", "shape": [32, 64, 4]}
+    (cls / "radar" / "metadata.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def long_samples(long_root):
+    index = index_dataset(long_root)
+    assert index.problems == []
+    return {s.dir.name: s for s in index.samples}
+
+
+def _bev_of(sample, stem):
+    return lidar.bev(lidar.load_points(sample.files[stem], sample.metadata))
+
+
+@pytest.mark.parametrize("style", ["list", "per_file", "rate"])
+def test_a_long_recording_feeds_the_lidar_frame_nearest_the_clip_centre(long_samples, style):
+    # 8 frames at 10 fps from 0 s: clip 0.0..0.7 s, centre 0.35 s; lidar every 0.25 s:
+    # 0.25 s (lidar_0002) is 0.10 s off, 0.50 s is 0.15 s off.
+    s = long_samples[style]
+    notes: list[str] = []
+    out = Pipeline().process(s, notes)
+    assert list(out) == ["video", "lidar"] and out["video"].shape == (8, 3, 48, 64)
+    np.testing.assert_array_equal(out["lidar"], _bev_of(s, "lidar_0002"))
+    assert not np.array_equal(out["lidar"], _bev_of(s, "lidar_0001"))  # scenes differ
+    assert notes == []  # every clip frame has a lidar frame within 0.125 s
+
+
+def test_a_segment_change_moves_the_lidar_to_the_frame_nearest_the_new_clip_centre(
+        long_samples):
+    # segment 2..3 s: clip 2.0..2.7 s, centre 2.35 s -> 2.25 s (lidar_0010). The segment's own
+    # centre, 2.5 s, would pick lidar_0011: the clip's frame times are what count.
+    s = long_samples["list"]
+    out = Pipeline(PipelineConfig(segment=(2.0, 3.0))).process(s)
+    np.testing.assert_array_equal(out["lidar"], _bev_of(s, "lidar_0010"))
+
+
+def test_without_video_a_sequence_aligns_to_the_segment_centre_else_its_first_frame(
+        long_samples):
+    s = long_samples["list"]
+    only = Pipeline(PipelineConfig(enabled={"lidar"}, segment=(2.0, 3.0))).process(s)
+    np.testing.assert_array_equal(only["lidar"], _bev_of(s, "lidar_0011"))  # 2.5 s
+    first = Pipeline(PipelineConfig(enabled={"lidar"})).process(s)
+    np.testing.assert_array_equal(first["lidar"], _bev_of(s, "lidar_0001"))
+
+
+def test_a_sequence_beyond_tolerance_is_left_out_with_a_note_and_the_video_kept(long_samples):
+    s = long_samples["late"]  # lidar at 5.0, 5.25 s; the clip is 0.0..0.7 s
+    notes: list[str] = []
+    out = Pipeline().process(s, notes)
+    assert list(out) == ["video"] and out["video"].shape == (8, 3, 48, 64)
+    assert any(n.startswith("lidar_0001.bin") and "+4.650 s off" in n
+               and "timestamps.lidar" in n and "lidar left out" in n for n in notes), notes
+    assert any("8 of 8 video frames have no lidar frame within 0.125 s" in n for n in notes)
+    assert Pipeline().inputs_of(s) == ["video", "lidar"]  # only decoding can tell
+
+
+def test_a_partly_misaligned_clip_keeps_the_centre_frame_and_reports_the_alignment(
+        long_samples):
+    # lidar every 0.5 s, tolerance_s 0.15: clip frames 0.2, 0.3 and 0.7 s are 0.2 s from any
+    # lidar frame; the centre 0.35 s is 0.15 s from 0.5 s (lidar_0002), within tolerance.
+    s = long_samples["sparse"]
+    notes: list[str] = []
+    out = Pipeline().process(s, notes)
+    np.testing.assert_array_equal(out["lidar"], _bev_of(s, "lidar_0002"))
+    assert any("3 of 8 video frames have no lidar frame within 0.150 s (worst 0.200 s)" in n
+               for n in notes), notes
+
+
+def test_a_sequence_without_timestamps_is_rejected_naming_metadata_and_the_field(
+        long_samples):
+    s = long_samples["unstamped"]
+    with pytest.raises(InputError) as e:
+        Pipeline().process(s)
+    assert e.value.path == str(s.dir / "metadata.json") and e.value.field == "timestamps.lidar"
+    # a sequence that feeds no input needs no times
+    assert list(Pipeline(PipelineConfig(enabled={"video"})).process(s)) == ["video"]
+
+
+def test_a_sequence_is_a_sensor_the_sensor_setting_selects(long_samples):
+    s = long_samples["top"]  # lidar.bin beside lidar_top_0001.bin ...
+    assert s.sensors("lidar") == ["lidar", "lidar_top"]
+    plain = Pipeline().process(s)["lidar"]
+    np.testing.assert_array_equal(plain, _bev_of(s, "lidar"))
+    top = Pipeline(PipelineConfig(sensors={"lidar": "lidar_top"})).process(s)["lidar"]
+    np.testing.assert_array_equal(top, _bev_of(s, "lidar_top_0002"))
+    notes: list[str] = []
+    frame = Pipeline(PipelineConfig(sensors={"lidar": "lidar_top_0002"})).process(s, notes)
+    assert "lidar" not in frame  # a frame is not a sensor
+    assert any("has lidar, lidar_top" in n for n in notes)
+
+
+def test_an_unknown_sensor_sequence_is_one_input_and_inputs_of_agrees(long_samples):
+    s = long_samples["imu"]
+    pipe = Pipeline()
+    out = pipe.process(s)
+    assert list(out) == pipe.inputs_of(s) == ["video", "lidar", "imu"]
+    np.testing.assert_array_equal(out["imu"], np.full((5, 3), 2, np.float32))  # 0.25 s
+    assert union_inputs(pipe, [long_samples["list"], s]) == ["video", "lidar", "imu"]
+
+
+def test_a_radar_sequence_with_its_own_section_feeds_its_aligned_frame(long_samples):
+    s = long_samples["radar"]  # radar_front_0001.bin ... at 4 Hz; section `radar_front`
+    assert s.sensors("radar") == ["radar_front"]
+    out = Pipeline().process(s)["radar"]
+    section = {"radar": s.metadata["radar_front"]}
+    frames = [radar.process(s.files[f"radar_front_{i:04d}"], "range_doppler", meta=section)
+              for i in (1, 2)]
+    np.testing.assert_array_equal(out, frames[1])  # 0.25 s, nearest the clip centre 0.35 s
+    assert not np.array_equal(frames[0], frames[1])
+
+
+@pytest.mark.parametrize("spec, segment, expected", [
+    ("none", (2.0, 3.0), [2.0, 2.1, 2.2, 2.3, 2.4, 2.5, 2.6, 2.7]),
+    ("fps=5", None, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4]),
+    ("none", (2.5, 3.5), [2.5, 2.6, 2.7, 2.8, 2.9, 2.9, 2.9, 2.9]),  # short: last one repeats
+])
+def test_decode_clip_reports_each_chosen_frame_time_from_the_same_decode(long_samples, spec,
+                                                                        segment, expected):
+    from producer.modalities import video
+
+    times: list[float] = []
+    clip = video.decode_clip(long_samples["list"].files["video"], FilterSpec.parse(spec), 8,
+                             segment, [], times=times)
+    assert clip.shape[0] == 8
+    np.testing.assert_allclose(times, expected, atol=1e-6)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -209,3 +210,27 @@ def test_usage_errors_exit_2_and_say_what_is_wrong(synth_dataset, tmp_path, args
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_a_long_recording_is_cached_with_its_aligned_frame_and_one_without_times_rejected(
+        tmp_path):
+    from producer.modalities import lidar
+    from producer.synth import make_dataset, make_long_recording
+
+    root = make_dataset(tmp_path / "ds", classes=("circle",), per_class={"train": 1})
+    make_long_recording(root / "train" / "circle" / "long", rate=4.0)
+    bad = root / "train" / "circle" / "unstamped"
+    make_long_recording(bad, rate=4.0, stamps="none")
+    rc, summary, stderr = _run(str(root), "--cache", str(tmp_path / "c"), "--workers", "1",
+                               "--json")
+    assert rc == 3, stderr[-3000:]
+    [r] = summary["rejected"]
+    assert (r["sample"], r["file"], r["field"]) == ("train/circle/unstamped",
+                                                   str(bad / "metadata.json"), "timestamps.lidar")
+    with CacheReader(tmp_path / "c") as reader:
+        [i] = [i for i in range(len(reader)) if reader.meta(i).source == "train/circle/long"]
+        arrays = reader.view(i).arrays
+        # clip 0.0..0.7 s: its centre 0.35 s is nearest the lidar frame at 0.25 s
+        expected = lidar.bev(lidar.load_points(root / "train/circle/long/lidar_0002.bin"))
+        assert set(arrays) == {"video", "lidar"}
+        np.testing.assert_array_equal(arrays["lidar"], expected)
