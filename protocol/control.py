@@ -30,7 +30,8 @@ reply is stuck forever, so the client polls with a timeout, and on silence close
 (linger 0) and opens a fresh one, a bounded number of times, then raises `ControlTimeout`.
 
 TCP is opt-in and then authenticated with ZeroMQ CURVE (`CurveServerKeys`, `CurveClientKeys`,
-`keygen`); binding or connecting `tcp://` without keys is refused with a clear error.
+`keygen`); binding or connecting `tcp://` without keys is refused with a clear error. A daemon
+resolves its sockets and keys with `daemon_sockets()` (`--control`, `--logs`, `--curve-dir`).
 """
 from __future__ import annotations
 
@@ -222,6 +223,29 @@ class CurveServerKeys:
     secret_key_file: Path
     clients_dir: Path
 
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "CurveServerKeys":
+        """The server side of what `keygen(directory)` lays out: `server.key_secret` and the
+        `clients/` folder of allowed public keys. Checked now, so that a daemon started with a
+        wrong folder says which file is missing before it binds anything."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise ControlError(f"CURVE key folder {d} does not exist; create it with "
+                               f"`mmctl keygen {d}`")
+        secret, clients = d / "server.key_secret", d / "clients"
+        if not secret.is_file():
+            raise ControlError(f"CURVE key folder {d}: no server.key_secret (the server's secret "
+                               f"key, as `mmctl keygen` writes it)")
+        _, key = _load_keypair(secret, "server")
+        if key is None:
+            raise ControlError(f"{secret} holds no secret key (expected `mmctl keygen`'s "
+                               f"server.key_secret)")
+        if not clients.is_dir() or not any(clients.glob("*.key")):
+            raise ControlError(f"CURVE key folder {d}: clients/ holds no *.key file; it must hold "
+                               f"the public key of every client allowed in (keygen puts "
+                               f"client.key there)")
+        return cls(secret, clients)
+
 
 @dataclass(frozen=True)
 class CurveClientKeys:
@@ -263,6 +287,47 @@ def _load_keypair(path: Path, what: str) -> tuple[bytes, bytes | None]:
         return zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
         raise ControlError(f"{what}: cannot read CURVE key file {path}: {e}") from None
+
+
+@dataclass(frozen=True)
+class DaemonSockets:
+    """Where a daemon binds its control REP and log PUB sockets, with each one's CURVE keys
+    (None for ipc, where the socket file's mode is the access control)."""
+
+    control: str
+    logs: str
+    control_curve: CurveServerKeys | None = None
+    logs_curve: CurveServerKeys | None = None
+
+
+def daemon_sockets(daemon: str, control: str | None = None, logs: str | None = None,
+                   curve_dir: str | Path | None = None) -> DaemonSockets:
+    """The one place both daemons resolve their `--control`, `--logs` and `--curve-dir`:
+
+        socks = daemon_sockets("producer", opts.control, opts.log_endpoint, opts.curve_dir)
+        setup_daemon_logging("producer", socks.logs, curve=socks.logs_curve)
+        server = ControlServer(socks.control, commands, curve=socks.control_curve)
+
+    control: None = the default ipc socket (`paths.control_endpoint`).
+    logs:    None = next to the control socket (`paths.log_endpoint_for`: X.sock ->
+             X.log.sock, tcp port + 1), the same rule `mmctl logs -f` follows.
+    curve_dir: a `mmctl keygen` folder (server.key_secret, clients/*.key); its keys protect
+             whichever of the two sockets is tcp://. A tcp:// socket without it is refused
+             here, naming the option, before anything is bound.
+    """
+    from .paths import control_endpoint, log_endpoint_for
+
+    ctl = control or control_endpoint(daemon)
+    pub = logs or log_endpoint_for(ctl)
+    tcp = [e for e in (ctl, pub) if e.startswith("tcp://")]
+    if tcp and curve_dir is None:
+        raise ControlError(
+            f"{daemon}: {tcp[0]} is TCP, which is only allowed with CURVE authentication; "
+            f"create keys with `mmctl keygen DIR` and start with --curve-dir DIR (or use the "
+            f"default ipc:// socket)")
+    keys = CurveServerKeys.from_dir(curve_dir) if curve_dir is not None else None
+    return DaemonSockets(ctl, pub, keys if ctl.startswith("tcp://") else None,
+                         keys if pub.startswith("tcp://") else None)
 
 
 def _needs_curve(endpoint: str, curve: object | None, side: str) -> None:

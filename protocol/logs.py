@@ -222,6 +222,12 @@ def recent(n: int = 100) -> list[dict]:
     return _installed.recent(n) if _installed is not None else []
 
 
+def pub_endpoint() -> str | None:
+    """The endpoint this process's log PUB socket is bound to (a `tcp://HOST:0` request
+    resolved to its port), or None without one: what a daemon's ready line reports."""
+    return _installed.endpoint if _installed is not None else None
+
+
 def logs_command():
     """A ready `logs` control command: `{"logs": logs_command()}` in a daemon's command table
     answers `mmctl logs [-n N] DAEMON` with `{"ok": true, "records": [...]}`."""
@@ -267,5 +273,6 @@ def log_socket_exists(endpoint: str) -> bool | None:
     return None if path is None else path.exists()
 
 
-__all__ = ["setup_daemon_logging", "close_daemon_logging", "recent", "logs_command", "follow",
+__all__ = ["setup_daemon_logging", "close_daemon_logging", "recent", "pub_endpoint",
+           "logs_command", "follow",
            "format_record", "to_record", "PubHandler", "LineFormatter"]

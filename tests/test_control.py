@@ -28,7 +28,9 @@ from protocol.control import (
     ControlServer,
     CurveClientKeys,
     CurveServerKeys,
+    DaemonSockets,
     Timeouts,
+    daemon_sockets,
     keygen,
 )
 from protocol.errors import BadArgument, ControlError, ControlTimeout, RemoteError
@@ -378,3 +380,82 @@ def test_curve_client_with_an_unknown_key_gets_no_reply(curve_server, sockdir):
 def test_plain_client_without_keys_gets_no_reply_from_curve_server(curve_server):
     server, _ = curve_server
     assert raw_request(server.endpoint, b'{"v": 1, "cmd": "ping", "args": {}}', timeout_ms=500) is None
+
+
+def test_curve_server_keys_from_a_keygen_folder_serve_its_client(sockdir):
+    keys = sockdir / "keys"
+    keygen(keys)
+    server_keys = CurveServerKeys.from_dir(keys)
+    assert server_keys == CurveServerKeys(keys / "server.key_secret", keys / "clients")
+    with ControlServer("tcp://127.0.0.1:0", {"ping": Command(lambda: {"pong": True})},
+                       curve=server_keys) as server:
+        server.serve_in_thread(poll_ms=20)
+        with ControlClient(server.endpoint, QUICK, curve=CurveClientKeys.from_dir(keys)) as c:
+            assert c.request("ping") == {"ok": True, "pong": True}
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: shutil.rmtree(d), "does not exist"),
+    (lambda d: (d / "server.key_secret").unlink(), "no server.key_secret"),
+    (lambda d: (d / "server.key_secret").write_text("not a key\n"), "server.key_secret"),
+    (lambda d: shutil.copy(d / "server.key", d / "server.key_secret"), "holds no secret key"),
+    (lambda d: (d / "clients" / "client.key").unlink(), "clients/ holds no *.key"),
+], ids=["no-folder", "no-secret", "garbled-secret", "public-as-secret", "no-clients"])
+def test_curve_key_folder_that_is_not_keygens_layout_is_refused_naming_the_file(sockdir, damage,
+                                                                                 words):
+    keys = sockdir / "keys"
+    keygen(keys)
+    damage(keys)
+    with pytest.raises(ControlError) as e:
+        CurveServerKeys.from_dir(keys)
+    assert words in str(e.value) and str(keys) in str(e.value), e.value
+
+
+# --- where a daemon binds (protocol.control.daemon_sockets, protocol.paths) ------------------
+
+
+@pytest.mark.parametrize("control, logs", [
+    ("ipc:///run/mmfeed/producer.sock", "ipc:///run/mmfeed/producer.log.sock"),
+    ("ipc:///tmp/x/ctl.sock", "ipc:///tmp/x/ctl.log.sock"),
+    ("ipc:///tmp/x/ctl", "ipc:///tmp/x/ctl.log.sock"),
+    ("ipc://@mmfeed-producer", "ipc://@mmfeed-producer.log"),
+    ("tcp://10.0.0.5:6000", "tcp://10.0.0.5:6001"),
+    ("tcp://*:6000", "tcp://*:6001"),
+    ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),
+])
+def test_log_socket_sits_next_to_the_control_socket(control, logs):
+    assert paths.log_endpoint_for(control) == logs
+
+
+@pytest.mark.parametrize("control, words", [
+    ("tcp://127.0.0.1:65535", "last one"),
+    ("inproc://producer", "give the log endpoint explicitly"),
+])
+def test_log_socket_that_cannot_go_next_to_the_control_socket_is_an_error(control, words):
+    with pytest.raises(ControlError, match=words):
+        paths.log_endpoint_for(control)
+
+
+def test_daemon_sockets_default_to_the_runtime_dir(sockdir, monkeypatch):
+    monkeypatch.setenv("MMFEED_RUNTIME_DIR", str(sockdir))
+    socks = daemon_sockets("trainer")
+    assert socks == DaemonSockets(f"ipc://{sockdir}/trainer.sock",
+                                  f"ipc://{sockdir}/trainer.log.sock")
+
+
+def test_daemon_sockets_refuse_tcp_without_a_curve_dir_naming_the_option():
+    with pytest.raises(ControlError, match="--curve-dir") as e:
+        daemon_sockets("producer", control="tcp://127.0.0.1:6000")
+    assert "tcp://127.0.0.1:6000" in str(e.value)
+    with pytest.raises(ControlError, match="--curve-dir"):  # the log socket alone is TCP
+        daemon_sockets("producer", control="ipc:///tmp/x.sock", logs="tcp://127.0.0.1:6001")
+
+
+def test_daemon_sockets_put_curve_keys_on_the_tcp_sockets_only(sockdir):
+    keygen(sockdir / "keys")
+    keys = CurveServerKeys.from_dir(sockdir / "keys")
+    socks = daemon_sockets("producer", control="tcp://127.0.0.1:6000", curve_dir=sockdir / "keys")
+    assert socks == DaemonSockets("tcp://127.0.0.1:6000", "tcp://127.0.0.1:6001", keys, keys)
+    socks = daemon_sockets("producer", control="tcp://127.0.0.1:6000",
+                           logs=f"ipc://{sockdir}/p.log.sock", curve_dir=sockdir / "keys")
+    assert socks.control_curve == keys and socks.logs_curve is None
