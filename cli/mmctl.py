@@ -48,8 +48,10 @@ Exit codes:
   2  usage error (checked before anything is sent)
   3  no daemon answered in time (or `wait` reached its deadline)
 \b
-Default sockets: ipc://$MMFEED_RUNTIME_DIR/{producer,trainer}.sock (under systemd
-RuntimeDirectory=mmfeed, else $XDG_RUNTIME_DIR/mmfeed). tcp:// needs CURVE keys (--keys).
+Default sockets: ipc://DIR/{producer,trainer}.sock, DIR = $MMFEED_RUNTIME_DIR when set;
+else $XDG_RUNTIME_DIR/mmfeed (or /tmp/mmfeed-$UID), then /run/mmfeed where the systemd
+units put them. Logs next to them (X.sock -> X.log.sock, tcp port + 1).
+tcp:// needs CURVE keys (--keys).
 """
 
 
@@ -61,14 +63,23 @@ class Ctl:
     endpoints: dict[str, str]
     timeouts: Timeouts
     keys: Path | None
+    tried: dict[str, list[str]] = field(default_factory=dict)  # daemon -> endpoints considered
     _clients: dict[str, ControlClient] = field(default_factory=dict)
+
+    def curve(self, endpoint: str) -> CurveClientKeys | None:
+        return CurveClientKeys.from_dir(self.keys) if self.keys and endpoint.startswith("tcp://") \
+            else None
+
+    def tried_note(self, daemon: str) -> str:
+        """'; sockets tried: A, B': where mmctl looked, for a message saying nothing answered."""
+        return f"; sockets tried: {', '.join(self.tried.get(daemon) or [self.endpoints[daemon]])}"
 
     def client(self, daemon: str) -> ControlClient:
         if daemon not in self._clients:
             endpoint = self.endpoints[daemon]
-            curve = CurveClientKeys.from_dir(self.keys) if self.keys and endpoint.startswith("tcp://") else None
             try:
-                self._clients[daemon] = ControlClient(endpoint, self.timeouts, curve, daemon=daemon)
+                self._clients[daemon] = ControlClient(endpoint, self.timeouts, self.curve(endpoint),
+                                                      daemon=daemon)
             except ControlError as e:
                 self.fail(EXIT_USAGE, str(e), e.code, daemon)
         return self._clients[daemon]
@@ -78,7 +89,7 @@ class Ctl:
         try:
             return self.client(daemon).request(cmd, **args)
         except ControlTimeout as e:
-            self.fail(EXIT_NO_DAEMON, f"{daemon}: {e}", e.code, daemon)
+            self.fail(EXIT_NO_DAEMON, f"{daemon}: {e}{self.tried_note(daemon)}", e.code, daemon)
         except RemoteError as e:
             self.fail(EXIT_REMOTE, f"{daemon} refused {cmd}: {e}", e.code, daemon)
         except ControlError as e:  # a reply that is not ours, a request too large, ...
@@ -102,9 +113,11 @@ pass_ctl = click.make_pass_decorator(Ctl)
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the last line).")
 @click.option("--producer", metavar="ADDR", envvar="MMFEED_PRODUCER",
-              help="Producer control endpoint [default: ipc://RUNTIME_DIR/producer.sock].")
+              help="Producer control endpoint [default: producer.sock in the runtime dir, "
+                   "else in /run/mmfeed].")
 @click.option("--trainer", metavar="ADDR", envvar="MMFEED_TRAINER",
-              help="Trainer control endpoint [default: ipc://RUNTIME_DIR/trainer.sock].")
+              help="Trainer control endpoint [default: trainer.sock in the runtime dir, "
+                   "else in /run/mmfeed].")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               metavar="S", help="Seconds to wait for a daemon's reply (over two attempts).")
 @click.option("--keys", type=click.Path(file_okay=False, path_type=Path), envvar="MMFEED_KEYS",
@@ -113,12 +126,18 @@ pass_ctl = click.make_pass_decorator(Ctl)
 def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str | None,
          timeout: float, keys: Path | None) -> None:
     """mmctl: control the mmfeed daemons (mm-producer, mm-trainer)."""
+    endpoints, tried = {}, {}
+    for daemon, given in (("producer", producer), ("trainer", trainer)):
+        if given:
+            endpoints[daemon], tried[daemon] = given, [given]
+        else:  # own runtime dir, then /run/mmfeed (systemd); creates neither
+            endpoints[daemon], tried[daemon] = paths.find_control_endpoint(daemon)
     ctx.obj = Ctl(
         as_json=as_json,
-        endpoints={"producer": producer or paths.control_endpoint("producer"),
-                   "trainer": trainer or paths.control_endpoint("trainer")},
+        endpoints=endpoints,
         timeouts=Timeouts.within(timeout, retries=1),
         keys=keys,
+        tried=tried,
     )
     ctx.call_on_close(lambda: [c.close() for c in ctx.obj._clients.values()])
 
@@ -215,7 +234,8 @@ def status(ctl: Ctl, daemon: str | None) -> None:
                 raise ControlTimeout(client._silence_message("status", 0.0))
             results[d] = client.request("status")
         except ControlTimeout as e:
-            results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
+            results[d] = {"ok": False, "error": {"code": e.code,
+                                                 "message": f"{e}{ctl.tried_note(d)}"}}
         except RemoteError as e:
             results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
     any_ok = any(r.get("ok") for r in results.values())
@@ -375,17 +395,6 @@ def resume(ctl: Ctl, daemon: str) -> None:
     ctl.emit({"daemon": daemon, **reply}, f"{daemon}: resumed {_scalars(reply)}".rstrip())
 
 
-def log_endpoint_for(control: str, daemon: str) -> str:
-    """The PUB endpoint next to a control endpoint: X.sock -> X.log.sock, tcp port + 1."""
-    path = paths.ipc_path(control)
-    if path is not None and path.name.endswith(".sock"):
-        return f"ipc://{path.with_name(path.name[:-5] + '.log.sock')}"
-    if control.startswith("tcp://") and control.rsplit(":", 1)[-1].isdigit():
-        host, port = control.rsplit(":", 1)
-        return f"{host}:{int(port) + 1}"
-    return paths.log_endpoint(daemon)
-
-
 @main.command("logs")
 @_daemon_arg
 @click.option("-f", "--follow", is_flag=True, help="Follow new records as the daemon logs them.")
@@ -403,7 +412,13 @@ def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, so
         ctl.emit({"ok": True, "daemon": daemon, "records": records},
                  "\n".join(logs.format_record(r) for r in records) or f"{daemon}: no records")
         return
-    endpoint = source or log_endpoint_for(ctl.endpoints[daemon], daemon)
+    try:  # the daemons bind by the same rule (paths.log_endpoint_for)
+        endpoint = source or paths.log_endpoint_for(ctl.endpoints[daemon])
+        curve = ctl.curve(endpoint)
+        if endpoint.startswith("tcp://") and curve is None:
+            raise ControlError(f"log socket {endpoint} is TCP: pass the CURVE key folder with --keys")
+    except ControlError as e:
+        ctl.fail(EXIT_USAGE, f"{daemon}: {e}", e.code, daemon)
     if logs.log_socket_exists(endpoint) is False:
         journalctl = shutil.which("journalctl")
         unit = f"mm-{daemon}.service"
@@ -412,18 +427,26 @@ def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, so
             follow_or_last = ["-n", str(count)] if count else ["-f"]
             cmd = [journalctl, *follow_or_last, "-u", unit, "-o", "json" if ctl.as_json else "cat"]
             raise click.exceptions.Exit(subprocess.call(cmd))
+        looked = [source] if source else [_log_or(e) for e in ctl.tried.get(daemon, [])]
         ctl.fail(EXIT_NO_DAEMON, f"{daemon}: no log socket at {endpoint} and no {unit} in the "
-                 f"journal; is {daemon} running? (start it with `mm-{daemon} run ...`)",
-                 "timeout", daemon)
+                 f"journal; is {daemon} running? (start it with `mm-{daemon} run ...`); "
+                 f"log sockets tried: {', '.join(looked or [endpoint])}", "timeout", daemon)
     seen = 0
     try:
-        for rec in logs.follow(endpoint):
+        for rec in logs.follow(endpoint, curve=curve):
             click.echo(json.dumps(rec) if ctl.as_json else logs.format_record(rec))
             seen += 1
             if count and seen >= count:
                 return
     except KeyboardInterrupt:
         return
+
+
+def _log_or(control: str) -> str:
+    try:
+        return paths.log_endpoint_for(control)
+    except ControlError:
+        return control
 
 
 def _unit_known(journalctl: str, unit: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import uuid
@@ -355,3 +356,117 @@ def test_every_command_has_help():
 def test_keygen_helper_is_what_the_cli_uses(rundir):
     secrets = keygen(rundir / "k2")
     assert set(secrets) == {"server", "client"}
+
+
+# --- finding daemons that systemd started (/run/mmfeed) -----------------------------------------
+
+
+@pytest.fixture
+def shell_and_system(monkeypatch):
+    """An operator's shell (own runtime dir $XDG_RUNTIME_DIR/mmfeed, no MMFEED_RUNTIME_DIR)
+    and a stand-in for the units' /run/mmfeed (MMFEED_SYSTEM_RUNTIME_DIR), both empty."""
+    base = Path(tempfile.mkdtemp(prefix=f"mmt{os.getpid()}-{uuid.uuid4().hex[:6]}-", dir="/tmp"))
+    for var in ("MMFEED_RUNTIME_DIR", "RUNTIME_DIRECTORY", "MMFEED_PRODUCER", "MMFEED_TRAINER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base / "xdg"))
+    monkeypatch.setenv("MMFEED_SYSTEM_RUNTIME_DIR", str(base / "run"))
+    (base / "xdg").mkdir()
+    yield base / "xdg" / "mmfeed", base / "run"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def serve_at(directory: Path, fake) -> ControlServer:
+    server = ControlServer(f"ipc://{directory}/producer.sock", fake.commands())
+    server.serve_in_thread(poll_ms=20)
+    return server
+
+
+def test_daemon_in_the_system_runtime_dir_is_found_when_the_own_dir_has_none(shell_and_system):
+    own, system = shell_and_system
+    fake = FakeProducer()
+    fake.generation = 7
+    server = serve_at(system, fake)
+    try:
+        out = last_json(run("--json", "status", "producer"))
+        assert out["ok"] and out["producer"]["generation"] == 7
+        assert run("label", "x").exit_code == 0 and fake.calls == [("label", {"name": "x"})]
+    finally:
+        server.close()
+    assert not own.exists()  # a client creates no runtime dir
+
+
+def test_socket_in_the_own_runtime_dir_wins_over_the_system_one(shell_and_system):
+    own, system = shell_and_system
+    mine, systems = FakeProducer(), FakeProducer()
+    mine.generation, systems.generation = 3, 7
+    servers = [serve_at(own, mine), serve_at(system, systems)]
+    try:
+        assert last_json(run("--json", "status", "producer"))["producer"]["generation"] == 3
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_left_over_own_socket_does_not_hide_a_live_system_daemon(shell_and_system):
+    own, system = shell_and_system
+    own.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:  # a crashed daemon's file:
+        dead.bind(str(own / "producer.sock"))                      # bound, then nobody listens
+    fake = FakeProducer()
+    fake.generation = 7
+    server = serve_at(system, fake)
+    try:
+        assert last_json(run("--json", "status", "producer"))["producer"]["generation"] == 7
+    finally:
+        server.close()
+
+
+def test_nothing_answering_names_every_socket_tried_and_creates_no_system_dir(shell_and_system):
+    own, system = shell_and_system
+    r = run("--json", "status", "producer")
+    assert r.exit_code == 3
+    msg = last_json(r)["errors"]["producer"]["message"]
+    assert f"ipc://{own}/producer.sock" in msg and f"ipc://{system}/producer.sock" in msg, msg
+    r = run("label", "x")
+    assert r.exit_code == 3
+    assert f"ipc://{own}/producer.sock" in r.output and f"ipc://{system}/producer.sock" in r.output
+    assert not system.exists() and not own.exists()
+
+
+def test_logs_follow_finds_the_log_socket_next_to_a_system_daemon(shell_and_system, monkeypatch):
+    own, system = shell_and_system
+    server = serve_at(system, FakeProducer())
+    log = logs.setup_daemon_logging("producer", f"ipc://{system}/producer.log.sock",
+                                    stream=open(os.devnull, "w"))
+    stop = threading.Event()
+
+    def keep_logging():  # slow joiner: log until the follower has what it needs
+        while not stop.wait(0.05):
+            log.info("from /run/mmfeed")
+
+    t = threading.Thread(target=keep_logging)
+    t.start()
+    try:
+        r = run("--json", "logs", "-f", "--count", "1")
+    finally:
+        stop.set()
+        t.join()
+        logs.close_daemon_logging()
+        server.close()
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[-1])["msg"] == "from /run/mmfeed"
+
+
+def test_logs_follow_without_a_log_socket_names_the_log_sockets_tried(shell_and_system,
+                                                                      monkeypatch):
+    own, system = shell_and_system
+    monkeypatch.setenv("PATH", str(own.parent))  # no journalctl to fall back to
+    r = run("logs", "-f", "producer")
+    assert r.exit_code == 3
+    assert f"ipc://{own}/producer.log.sock" in r.output
+    assert f"ipc://{system}/producer.log.sock" in r.output
+
+
+def test_logs_follow_over_tcp_without_keys_is_a_usage_error(rundir):
+    r = run("--producer", "tcp://127.0.0.1:5999", "logs", "-f")
+    assert r.exit_code == 2 and "tcp://127.0.0.1:6000" in r.output and "--keys" in r.output
