@@ -47,8 +47,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from protocol import logs, notify, paths
-from protocol.control import Command, ControlServer, wire_command
+from protocol import logs, notify
+from protocol.control import Command, ControlServer, daemon_sockets, wire_command
 from protocol.errors import BadArgument, InputError, MmfeedError, RingFull
 from protocol.filters import FilterSpec
 from protocol.heap import HeapTrimmer
@@ -70,6 +70,7 @@ RATE_WINDOW_S = 5.0           # samples/s is measured over this window
 BACKOFF_START_S = 0.25
 BACKOFF_MAX_S = 10.0
 IDLE_POLL_MS = 50             # control poll while paused, waiting or backing off
+SCHEMAS_LOGGED = 64           # (generation, schema) pairs remembered as already logged
 _PROOF_TRIES = 3              # samples tried to prove a change when some are bad
 
 
@@ -81,6 +82,7 @@ class RunOptions:
     ring: str
     mode: str = "lossy"
     control: str | None = None
+    curve_dir: Path | None = None     # `mmctl keygen` folder: CURVE keys for tcp:// sockets
     slots: int = 8
     slot_bytes: int = 8 << 20
     loop: bool = False
@@ -127,6 +129,12 @@ class ProducerDaemon:
         self._schemas: dict[tuple, SampleSchema] = {}
         self._heap = HeapTrimmer()
         self._last_published: SampleSchema | None = None
+        # NOTE [schema log]: one "sample schema" line per (generation, schema id), not one
+        # per change of schema: a dataset whose samples alternate between two schemas (an
+        # unknown sensor with and without metadata dtype) would log every sample otherwise.
+        self._schemas_logged: collections.OrderedDict[tuple[int, int], None] = \
+            collections.OrderedDict()
+        self._unaligned: dict[str, int] = {}   # watched stem -> clips that went without it
         self._reported: set[tuple[str, str]] = set()
         self._clip_reader: _ClipReader | None = None
         self._pace_origin: float | None = None
@@ -142,8 +150,11 @@ class ProducerDaemon:
 
     def start(self) -> None:
         opts = self.opts
-        logs.setup_daemon_logging("producer", opts.log_endpoint or paths.log_endpoint("producer"),
-                                  group=opts.group)
+        socks = daemon_sockets("producer", opts.control, opts.log_endpoint, opts.curve_dir)
+        logs.setup_daemon_logging("producer", socks.logs, group=opts.group, curve=socks.logs_curve)
+        if opts.curve_dir is not None and socks.control_curve is None and socks.logs_curve is None:
+            log.warning("--curve-dir given but both sockets are ipc://; the keys are not used",
+                        extra={"curve_dir": str(opts.curve_dir)})
         spec = FilterSpec.parse(opts.filter)  # FilterSpecError: a usage error, before anything
         base = PipelineConfig(filter=spec, clip_frames=opts.clip_frames)
         try:
@@ -161,8 +172,8 @@ class ProducerDaemon:
         self.video_device = "cuda" if self._ring_memory() == "gpu" else "cpu"
         self.pipeline = self._pipeline(base)
         self.ring.set_generation(1)
-        endpoint = opts.control or paths.control_endpoint("producer")
-        self.server = ControlServer(endpoint, self._commands(), group=opts.group)
+        self.server = ControlServer(socks.control, self._commands(), group=opts.group,
+                                    curve=socks.control_curve)
         if self.state == "starting":
             self.state = "running"
         self.notifier.ready(self._status_line())
@@ -171,9 +182,10 @@ class ProducerDaemon:
         self._next_status = time.monotonic() + STATUS_INTERVAL_S
         stats = self.ring.stats()
         log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
+                                          "logs": logs.pub_endpoint(),
                                           "epoch": f"{stats.epoch:#x}", "source": opts.source})
         self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
-                    "logs": opts.log_endpoint or paths.log_endpoint("producer"),
+                    "logs": logs.pub_endpoint(),
                     "epoch": stats.epoch, "generation": 1, "pid": os.getpid(),
                     "ring_memory": self._ring_memory()})
 
@@ -381,7 +393,22 @@ class ProducerDaemon:
             a = align(centre, times / 1e9, tol, stem)
             if a.index[0] >= 0:
                 out[stem] = self._watch.paths[stem][a.index[0]]
+            else:
+                self._unaligned_clip(stem, clip, float(a.offset_s[0]), tol)
         return out
+
+    def _unaligned_clip(self, stem: str, clip: Clip, offset_s: float, tol: float) -> None:
+        """A clip goes without watched `stem` (no file near its time): counted per stem for
+        `status`, said once per stem in the log (bounded by the stems the folder ever had,
+        never per clip: a recorder that stopped would otherwise log every clip)."""
+        first = stem not in self._unaligned
+        self._unaligned[stem] = self._unaligned.get(stem, 0) + 1
+        if first:
+            log.warning(f"watched {stem} files are not aligned with the video: the clip at "
+                        f"{clip.start_s:.2f}s has no {stem} file within {tol:g} s (nearest "
+                        f"{offset_s:+.3f} s away); clips go without {stem} until one is "
+                        f"(counted in status unaligned.{stem})",
+                        extra={"stem": stem, "offset_s": round(offset_s, 3), "tolerance_s": tol})
 
     def _due(self, offset_s: float) -> bool:
         """Recorded-speed pacing: True when the item is due, else wait a little (answering
@@ -419,8 +446,12 @@ class ProducerDaemon:
                 f"sample of {schema.payload_nbytes} bytes does not fit the ring's slot_bytes "
                 f"{self.ring.config.slot_bytes}"))
             return
-        if schema is not self._last_published:
-            self._last_published = schema
+        self._last_published = schema
+        said = (gen.number, schema.schema_id)
+        if said not in self._schemas_logged:  # NOTE [schema log]
+            self._schemas_logged[said] = None
+            if len(self._schemas_logged) > SCHEMAS_LOGGED:
+                self._schemas_logged.popitem(last=False)
             log.info("sample schema", extra={"generation": gen.number, "schema": repr(schema)})
         meta = SampleMeta(label=self.gens.label_index(gen, own_label), timestamp_ns=ts_ns,
                           generation=gen.number, source=source, index=index)
@@ -521,6 +552,7 @@ class ProducerDaemon:
             "source_errors": c.source_errors,
             "retries": c.retries,
             "last_error": c.last_error,
+            "unaligned": dict(self._unaligned),
             "ring": stats.name,
             "mode": stats.mode,
             "epoch": stats.epoch,

@@ -45,9 +45,14 @@ def _classes(value: str | None) -> tuple[str, ...]:
 @click.option("--ring", required=True, metavar="NAME", help="Shared-memory ring name.")
 @click.option("--mode", type=click.Choice(["lossy", "lossless"]), default="lossy", show_default=True)
 @click.option("--control", metavar="ADDR", default=None,
-              help="Control endpoint (default ipc://$MMFEED_RUNTIME_DIR/producer.sock).")
+              help="Control endpoint (default ipc://$MMFEED_RUNTIME_DIR/producer.sock); "
+                   "tcp://HOST:PORT needs --curve-dir.")
 @click.option("--logs", "log_endpoint", metavar="ADDR", default=None,
-              help="Log PUB endpoint (default next to the control socket).")
+              help="Log PUB endpoint (default next to the control socket: X.sock -> "
+                   "X.log.sock, tcp port + 1, the place `mmctl logs -f` looks).")
+@click.option("--curve-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CURVE keys for tcp:// sockets, as `mmctl keygen DIR` writes them: "
+                   "DIR/server.key_secret and DIR/clients/*.key (the clients let in).")
 @click.option("--slots", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--slot-bytes", type=click.IntRange(min=4096), default=8 << 20, show_default=True,
               help="Largest sample payload a slot holds.")
@@ -73,20 +78,21 @@ def _classes(value: str | None) -> tuple[str, ...]:
                    "else cpu (said once in the log).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON line when ready and a summary JSON line at exit.")
-def run(src, ring, mode, control, log_endpoint, slots, slot_bytes, loop, rate, watch, label,
-        classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
+def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, loop, rate, watch,
+        label, classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
         as_json) -> None:
-    """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM."""
+    """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM or
+    SIGINT (either finishes the current sample, removes the ring and exits 0)."""
     try:
         FilterSpec.parse(filter_spec)
     except FilterSpecError as e:
         raise click.BadParameter(str(e), param_hint="--filter") from None
     if device == "cuda":
         _require_cuda()
-    opts = RunOptions(source=src, ring=ring, mode=mode, control=control, slots=slots,
-                      slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch, label=label,
-                      classes=_classes(classes), filter=filter_spec, clip_frames=clip_frames,
-                      group=group, log_endpoint=log_endpoint,
+    opts = RunOptions(source=src, ring=ring, mode=mode, control=control, curve_dir=curve_dir,
+                      slots=slots, slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch,
+                      label=label, classes=_classes(classes), filter=filter_spec,
+                      clip_frames=clip_frames, group=group, log_endpoint=log_endpoint,
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
                       device=device)
     daemon = ProducerDaemon(opts, json_lines=as_json)

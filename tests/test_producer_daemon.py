@@ -6,6 +6,7 @@ Every wait polls a condition with a deadline; nothing sleeps "long enough".
 """
 from __future__ import annotations
 
+import collections
 import grp
 import json
 import os
@@ -18,6 +19,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -33,7 +35,11 @@ from producer.dataset import index_dataset
 from producer.modalities import audio, lidar
 from producer.pipeline import PipelineConfig
 from producer.synth import make_bad_samples, make_dataset
-from protocol.control import ControlClient, Timeouts
+from click.testing import CliRunner
+
+from cli.mmctl import main as mmctl
+from protocol import logs
+from protocol.control import ControlClient, CurveClientKeys, Timeouts, keygen
 from protocol.errors import ProducerGone, RemoteError
 from protocol.ring import RingReader
 
@@ -50,13 +56,20 @@ def _unique(prefix: str) -> str:
 
 
 class Daemon:
-    """One `mm-producer run` subprocess and what a test needs to talk to it."""
+    """One `mm-producer run` subprocess and what a test needs to talk to it.
+
+    `control`: a `--control` endpoint (a function of the runtime dir, which is made here);
+    default: the daemon's default socket in that dir. `curve`: the test client's keys."""
 
     def __init__(self, source, *args: str, env: dict | None = None, ring: str | None = None,
-                 runtime: str | None = None):
+                 runtime: str | None = None, control=None, curve: CurveClientKeys | None = None):
         self.ring = ring or _unique("mmt")
         self.runtime = runtime or tempfile.mkdtemp(prefix="mmf", dir="/tmp")
-        self.endpoint = f"ipc://{self.runtime}/producer.sock"
+        if callable(control):
+            control = control(self.runtime)
+        if control is not None:
+            args = ("--control", control, *args)
+        self.endpoint = control or f"ipc://{self.runtime}/producer.sock"
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         full_env.update({"MMFEED_RUNTIME_DIR": self.runtime, **(env or {})})
@@ -68,7 +81,11 @@ class Daemon:
             cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=self.log)
         self.ready = self.read_json(deadline_s=60)
         assert self.ready["event"] == "ready", self.ready
-        self.client = ControlClient(self.endpoint, Timeouts(request=10.0, retries=0))
+        self.client = ControlClient(self.endpoint, Timeouts(request=10.0, retries=0), curve)
+
+    def stderr_lines(self) -> list[str]:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace").splitlines()
 
     def read_json(self, deadline_s: float) -> dict:
         deadline = time.monotonic() + deadline_s
@@ -92,10 +109,10 @@ class Daemon:
     def status(self) -> dict:
         return self.request("status")
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
         self.client.close()
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -148,8 +165,10 @@ def daemon(dataset, tmp_path_factory):
     for case, path in bad.items():  # keep one the index accepts but the pipeline rejects
         if case != "truncated_video":
             shutil.rmtree(path, ignore_errors=True)
+    # A control socket of its own name: where the log socket goes then is tested on this
+    # daemon (the default name is what every other daemon here uses).
     d = Daemon(root, "--loop", "--rate", "max", "--clip-frames", "4",
-               "--slot-bytes", str(SLOT_BYTES))
+               "--slot-bytes", str(SLOT_BYTES), control=lambda run: f"ipc://{run}/ctl.sock")
     d.dataset = root
     yield d
     d.stop()
@@ -254,6 +273,70 @@ def test_method_switch_changes_radar_processing(daemon):
 def test_logs_command_returns_recent_records(daemon):
     recs = daemon.request("logs", n=50)["records"]
     assert any(r["msg"] == "producer ready" for r in recs) or recs
+
+
+def _schema_lines(daemon) -> list[tuple[int, str]]:
+    """(generation, schema) of every "sample schema" line in the daemon's stderr."""
+    out = []
+    for line in daemon.stderr_lines():
+        m = re.search(r" sample schema generation=(\d+) schema=(.*)$", line)
+        if m:
+            out.append((int(m.group(1)), m.group(2)))
+    return out
+
+
+def test_sample_schema_is_logged_once_per_generation_and_schema(daemon):
+    # producer/synth.py gives the unknown sensor (imu) a metadata dtype in even samples only,
+    # so consecutive samples alternate between two schemas; a line per change of schema was
+    # a line per sample (6,811 in one demo run, all of them in the journal under systemd).
+    passes = 2 * len(index_dataset(daemon.dataset).samples)
+    n = daemon.status()["published"]
+    wait_for(lambda: daemon.status()["published"] >= n + passes + 2, what="two more passes")
+    counts = collections.Counter(_schema_lines(daemon))
+    assert counts and max(counts.values()) == 1, counts.most_common(3)
+    per_generation = collections.Counter(g for g, _ in counts)
+    assert max(per_generation.values()) >= 2, counts  # the replay did alternate
+
+
+def _poke(daemon) -> None:
+    """Make the daemon log a record while changing nothing: it refuses an unknown command
+    with a warning in its log."""
+    try:
+        daemon.request("poke")
+    except RemoteError:
+        pass
+
+
+def _mmctl_follow(daemon, *options: str) -> tuple[int, str, str]:
+    """`mmctl OPTIONS --json logs -f producer --count 1` as its own process, poking the
+    daemon until a record reaches it (PUB/SUB's slow joiner: records published before the
+    subscription arrived are never seen). Returns (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MMFEED_PRODUCER", "MMFEED_TRAINER")}
+    p = subprocess.Popen([sys.executable, "-m", "cli.mmctl", *options, "--json", "logs", "-f",
+                          "producer", "--count", "1"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline:
+        _poke(daemon)
+        try:
+            p.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+    if p.poll() is None:
+        p.kill()
+    out, err = p.communicate()
+    return p.returncode, out.decode(), err.decode()
+
+
+def test_logs_follow_next_to_a_custom_control_socket_gets_the_daemons_records(daemon):
+    # The daemon was started with --control ipc://RUN/ctl.sock: its log socket is
+    # RUN/ctl.log.sock, exactly where `mmctl --producer .../ctl.sock logs -f` looks.
+    assert daemon.endpoint.endswith("/ctl.sock")
+    assert daemon.ready["logs"] == daemon.endpoint.removesuffix(".sock") + ".log.sock"
+    rc, out, err = _mmctl_follow(daemon, "--producer", daemon.endpoint)
+    assert rc == 0, err
+    rec = json.loads(out.splitlines()[-1])
+    assert rec["daemon"] == "producer" and rec["msg"], rec
 
 
 def _raw(daemon, payload: bytes) -> dict:
@@ -365,7 +448,9 @@ def _datagrams(sock: socket.socket, until: str, deadline_s: float = 30.0) -> lis
     raise AssertionError(f"no {until} datagram; got {got}")
 
 
-def test_sd_notify_ready_and_watchdog_then_sigterm_removes_ring_and_exits_zero(dataset):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_sd_notify_ready_and_watchdog_then_stop_signal_removes_ring_and_exits_zero(dataset, sig):
+    # SIGTERM is systemd's stop; SIGINT is Ctrl-C in a terminal: the same clean exit.
     tmp = tempfile.mkdtemp(prefix="mmn", dir="/tmp")
     sock, path = _notify_socket(tmp)
     d = None
@@ -377,10 +462,15 @@ def test_sd_notify_ready_and_watchdog_then_sigterm_removes_ring_and_exits_zero(d
         _datagrams(sock, "WATCHDOG=1")
         shm = Path(f"/dev/shm/{d.ring}")
         assert shm.exists()
-        d.proc.send_signal(signal.SIGTERM)
+        reader = RingReader.attach(d.ring, start="next", register=False)
+        d.proc.send_signal(sig)
         assert d.proc.wait(timeout=30) == 0
         summary = d.read_json(deadline_s=5)
         assert summary["event"] == "exit" and summary["published"] >= 1
+        # The sample in progress was finished: every sample the daemon counted is committed
+        # in the ring (the reader's mapping outlives the unlinked name).
+        assert reader.ring_stats().published == summary["published"]
+        reader.close()
         _datagrams(sock, "STOPPING=1")
         assert not shm.exists()
         assert not Path(d.runtime, "producer.sock").exists()
@@ -410,17 +500,21 @@ def test_vanished_source_is_retried_and_reported_while_daemon_answers(dataset, t
         d.stop()
 
 
+# A live stream served on loopback, paced like a camera: 25 frames per second of wall-clock
+# time from the moment the daemon connects (listen=1: one client only).
 WRITER = r"""
-import sys, av, numpy as np
+import sys, time, av, numpy as np
 url, n = sys.argv[1], int(sys.argv[2])
 with av.open(url, "w", format="mpegts", options={"listen": "1"}) as out:
     st = out.add_stream("libx264", rate=25)
     st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
     st.options = {"preset": "ultrafast", "tune": "zerolatency"}
+    t0 = time.monotonic()
     for i in range(n):
         img = np.full((48, 64, 3), (i * 5) % 255, np.uint8)
         for p in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
             out.mux(p)
+        time.sleep(max(0.0, t0 + (i + 1) / 25 - time.monotonic()))
     for p in st.encode():
         out.mux(p)
 """
@@ -432,19 +526,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_live_stream_on_loopback_fills_the_ring_with_watched_lidar_aligned(dataset, tmp_path):
-    # A recorder drops a lidar frame every 0.1 s of wall-clock time into the watched folder;
-    # the daemon stamps clips with wall-clock time and pairs each with the nearest frame.
+def _free_port_pair() -> int:
+    """A port P with P + 1 free too (a tcp control socket's log socket is on P + 1)."""
+    for _ in range(100):
+        port = _free_port()
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+
+
+TICK_NS = 100_000_000  # the recorder's lidar period: 0.1 s
+
+
+def _scene(ts_ns: int) -> np.ndarray:
+    """A lidar frame unlike any other here: 8 points in the BEV cell numbered by the frame's
+    0.1 s tick (150 x 150 cells of 0.5 m: unique over 37 minutes of frames)."""
+    k = ts_ns // TICK_NS
+    pts = np.zeros((8, 4), np.float32)  # x, y, z, intensity (KITTI .bin)
+    pts[:, 0] = -37.25 + 0.5 * (k % 150) + np.linspace(-0.1, 0.1, 8)
+    pts[:, 1] = -37.25 + 0.5 * ((k // 150) % 150)
+    pts[:, 2] = 0.5
+    pts[:, 3] = 0.25 + 0.5 * (k % 2)
+    return pts
+
+
+def _drop(folder: Path, ts_ns: int) -> Path:
+    """Write `lidar_<ts_ns>.bin` as a recorder would: whole, under its final name at once."""
+    path = folder / f"lidar_{ts_ns}.bin"
+    part = folder / f".{path.name}.part"  # hidden names are skipped by the folder scan
+    _scene(ts_ns).tofile(part)
+    os.replace(part, path)
+    return path
+
+
+def test_live_stream_on_loopback_pairs_each_clip_with_the_watched_lidar_file_nearest_its_time(
+        tmp_path):
+    # The stream's clips are stamped with wall-clock time; a recorder drops lidar frames into
+    # the watched folder, each a different scene, so a sample's BEV says which file was used.
     watch = tmp_path / "incoming"
     watch.mkdir()
-    scene = next(dataset.rglob("lidar.bin")).read_bytes()
-    now = time.time_ns() // 100_000_000 * 100_000_000
-    for k in range(-50, 300):
-        (watch / f"lidar_{now + k * 100_000_000}.bin").write_bytes(scene)
+    long_ago = time.time_ns() // TICK_NS * TICK_NS - 3600 * 10**9
+    for k in range(3):  # there at start, an hour before the stream: no clip can use them
+        _drop(watch, long_ago + k * TICK_NS)
     (watch / "calibration.yaml").write_text("no timestamp in my name")
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, url + "?listen=1", "400"],
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url + "?listen=1", "3000"],
                               stderr=subprocess.PIPE)
     d = None
     try:
@@ -453,19 +584,89 @@ def test_live_stream_on_loopback_fills_the_ring_with_watched_lidar_aligned(datas
                    "--watch", str(watch))
         s = first_sample_of(d.ring, 1)
         assert s.arrays["video"].shape == (4, 3, 48, 64)
-        expected = lidar.bev(lidar.load_points(next(watch.iterdir())), PipelineConfig().lidar)
-        np.testing.assert_allclose(s.arrays["lidar"], expected, rtol=1e-6)
         assert "stream" in d.status()["source"]
+        # Clips with no lidar frame near their time go without lidar: counted per stem in
+        # status and said once in the log, never silently and never once per clip.
+        wait_for(lambda: d.status()["unaligned"].get("lidar", 0) >= 3, what="unaligned clips")
+        assert "lidar" not in s.arrays
+        d.request("pause")
+        unaligned = d.status()["unaligned"]["lidar"]
+        with RingReader.attach(d.ring, start="newest") as r:
+            last = r.receive(timeout=10)
+        # Frames arrive while the daemon runs: from 2 s before its last clip to 30 s after.
+        tick = last.meta.timestamp_ns // TICK_NS * TICK_NS
+        dropped = {tick + k * TICK_NS: None for k in range(-20, 300)}
+        for t in dropped:
+            dropped[t] = _drop(watch, t)
+        times = np.array(sorted(dropped), np.int64)
+        cfg = PipelineConfig().lidar
+        with RingReader.attach(d.ring, start="next") as reader:
+            d.request("resume")
+            for _ in range(4):
+                s = reader.receive(timeout=30)
+                assert s is not None and "lidar" in s.arrays, d.stderr_tail()
+                # The clip spans 4 frames at 25 fps; the daemon pairs its centre with the
+                # nearest frame (either one when two are equally near, to a millisecond).
+                dist = np.abs(times - (s.meta.timestamp_ns + 80_000_000))
+                nearest = [dropped[int(t)] for t in times[dist <= dist.min() + 1_000_000]]
+                assert any(np.array_equal(s.arrays["lidar"],
+                                          lidar.bev(lidar.load_points(p), cfg)) for p in nearest), \
+                    (s.meta, nearest)
+        assert d.status()["unaligned"]["lidar"] == unaligned  # every later clip had its frame
+        tail = "\n".join(d.stderr_lines())
+        assert tail.count("watched lidar files are not aligned") == 1
         # the file it cannot place in time is named once, with the naming rule, not dropped silently
-        wait_for(lambda: "ignoring calibration.yaml: no timestamp" in d.stderr_tail(),
-                 what="the log line naming the unstamped file")
-        assert d.stderr_tail().count("ignoring calibration.yaml") == 1
+        assert tail.count("ignoring calibration.yaml: no timestamp") == 1
     finally:
         if d is not None:
             d.stop()
         writer.kill()
         writer.wait()
         writer.stderr.close()
+
+
+def test_tcp_control_with_curve_dir_answers_only_clients_whose_keys_it_allows(dataset, tmp_path):
+    keys, intruder = tmp_path / "keys", tmp_path / "intruder"
+    keygen(keys)      # what `mmctl keygen` writes: the daemon gets --curve-dir keys
+    keygen(intruder)  # a client keypair the daemon was never given ...
+    shutil.copy(keys / "server.key", intruder / "server.key")  # ... that knows the server's key
+    port = _free_port_pair()
+    url = f"tcp://127.0.0.1:{port}"
+    d = Daemon(dataset, "--loop", "--rate", "max", "--clip-frames", "2", "--curve-dir", str(keys),
+               control=url, curve=CurveClientKeys.from_dir(keys))
+    try:
+        assert d.ready["control"] == url and d.ready["logs"] == f"tcp://127.0.0.1:{port + 1}"
+        r = CliRunner().invoke(mmctl, ["--json", "--keys", str(keys), "--producer", url,
+                                       "status", "producer"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout.splitlines()[-1])["producer"]["ring"] == d.ring
+        # the log socket next to it (port + 1) takes the same keys
+        rc, out, err = _mmctl_follow(d, "--keys", str(keys), "--producer", url)
+        assert rc == 0, err
+        assert json.loads(out.splitlines()[-1])["daemon"] == "producer"
+        # a key that is not in clients/: no reply, and no records
+        r = CliRunner().invoke(mmctl, ["--json", "--timeout", "2", "--keys", str(intruder),
+                                       "--producer", url, "status", "producer"])
+        assert r.exit_code == 3, r.output
+        assert "CURVE keys" in json.loads(r.stdout.splitlines()[-1])["errors"]["producer"]["message"]
+        stop = threading.Event()
+
+        def keep_poking():
+            while not stop.wait(0.1):
+                _poke(d)
+
+        poker = threading.Thread(target=keep_poking)
+        poker.start()
+        try:
+            got = list(logs.follow(d.ready["logs"], timeout=3,
+                                   curve=CurveClientKeys.from_dir(intruder)))
+        finally:
+            stop.set()
+            poker.join()
+        assert got == []
+        assert d.status()["state"] == "running"  # and the daemon never minded
+    finally:
+        d.stop()
 
 
 def _listening(port: int) -> bool:
