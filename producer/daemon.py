@@ -406,8 +406,8 @@ class ProducerDaemon:
         if first:
             log.warning(f"watched {stem} files are not aligned with the video: the clip at "
                         f"{clip.start_s:.2f}s has no {stem} file within {tol:g} s (nearest "
-                        f"{offset_s:+.3f} s away); clips go without {stem} until one is "
-                        f"(counted in status unaligned.{stem})",
+                        f"{offset_s:+.3f} s away); clips go without {stem} while no file is near "
+                        f"them (counted in status unaligned.{stem}; said once)",
                         extra={"stem": stem, "offset_s": round(offset_s, 3), "tolerance_s": tol})
 
     def _due(self, offset_s: float) -> bool:
