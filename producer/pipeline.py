@@ -27,8 +27,8 @@ Decisions (documented in docs/dataset.md too):
   by the same `sensors` setting, and feeds ONE frame to its input, so the input keeps its
   single-frame shape. The frame is the one nearest in time (align.py, vectorised) to:
   the centre of the video clip's chosen frames (their presentation times come from the same
-  decode, `decode_clip(times=...)`); without a decoded clip (no video, video not enabled,
-  or the NVDEC path, which does not report times yet), the segment's centre; without a
+  decode, `decode_clip(times=...)`, on the CPU and NVDEC paths alike); without a decoded
+  clip (no video, video not enabled), the segment's centre; without a
   segment, the sequence's first frame. Frame times: metadata `timestamps.<base>` (list),
   per-file `timestamps.<stem>`, or `frame_rates.<base>` (align.frame_timestamps); missing
   or bad ones are an InputError naming metadata.json and the field, raised before anything

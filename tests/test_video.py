@@ -399,9 +399,13 @@ def test_nv12_and_planar_chroma_give_the_same_rgb():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NVDEC decode needs an NVIDIA GPU with CUDA")
 @pytest.mark.parametrize("s", ["none", "gray", "resize=112x112", "crop=200x200,resize=64x64"])
 def test_cuda_decode_matches_cpu_decode_within_tolerance(s):
-    got = video.decode_clip(real(WALK), spec(s), 8, segment=(1.0, 3.0), device="cuda")
-    ref = video.decode_clip(WALK, spec(s), 8, segment=(1.0, 3.0))
+    got_t: list[float] = []
+    ref_t: list[float] = []
+    got = video.decode_clip(real(WALK), spec(s), 8, segment=(1.0, 3.0), device="cuda",
+                            times=got_t)
+    ref = video.decode_clip(WALK, spec(s), 8, segment=(1.0, 3.0), times=ref_t)
     assert got.is_cuda and tuple(got.shape) == ref.shape
+    assert got_t == ref_t and len(ref_t) == 8  # the same frames, so sensors align the same
     diff = np.abs(got.cpu().numpy().astype(int) - ref.astype(int))
     assert diff.mean() <= 1.5 and diff.max() <= 24  # as the CPU torch-vs-swscale test
 

@@ -98,11 +98,12 @@ def apply_spec(y: torch.Tensor, chroma: tuple[torch.Tensor, ...], spec: FilterSp
 
 
 def decode_clip_cuda(path: str | Path, spec: FilterSpec, frames: int, segment=None, notes=None,
-                     device: int = 0) -> torch.Tensor:
+                     device: int = 0, times: list[float] | None = None) -> torch.Tensor:
     """NVDEC decode of a clip into a uint8 CUDA tensor (T, C, H, W); frames never touch host
     memory. Frame selection is video.select_frames, the CPU path's, so both paths pick the
-    same frames. Planes are copied out of the decoder's surfaces (which it recycles) into one
-    batch, then converted and resized in one batched call.
+    same frames (and fill `times` with the same presentation times). Planes are copied out of
+    the decoder's surfaces (which it recycles) into one batch, then converted and resized in
+    one batched call.
     """
     from av.codec.hwaccel import HWAccel
 
@@ -111,7 +112,8 @@ def decode_clip_cuda(path: str | Path, spec: FilterSpec, frames: int, segment=No
     hw = HWAccel("cuda", device=str(device), allow_software_fallback=False, is_hw_owned=True)
     ys = uvs = None
     with _open(path, hwaccel=hw) as container:
-        for frame, k, first in select_frames(path, container, spec, frames, segment, notes):
+        for frame, k, first in select_frames(path, container, spec, frames, segment, notes,
+                                             times=times):
             if frame is None or k != first:
                 ys[k].copy_(ys[k - 1] if frame is None else ys[first])
                 uvs[k].copy_(uvs[k - 1] if frame is None else uvs[first])

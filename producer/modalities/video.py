@@ -297,8 +297,8 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
 
     `times`: a list that receives the presentation time (seconds) of each of the T frames
     chosen, in clip order (a repeated frame repeats its time), so a caller aligning other
-    sensors to the clip needs no second decode. CPU path only for now: the NVDEC path
-    (gpu_video.decode_clip_cuda) does not forward it and leaves the list empty.
+    sensors to the clip needs no second decode. Both paths fill it (frame selection is the
+    same `select_frames`).
     """
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
@@ -308,7 +308,7 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
         if _cuda_available():
             from . import gpu_video
 
-            return gpu_video.decode_clip_cuda(path, spec, frames, segment, notes)
+            return gpu_video.decode_clip_cuda(path, spec, frames, segment, notes, times=times)
         _warn_cpu_fallback()
     out: np.ndarray | None = None
     conv = _Converter(spec)
