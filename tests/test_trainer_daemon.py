@@ -56,7 +56,7 @@ def daemon(cache, tmp_path):
     proc = subprocess.Popen(
         [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
          "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--control", endpoint,
-         "--log-endpoint", f"ipc://{tmp_path}/t.log.sock", "--log-interval", "0.2"],
+         "--log-interval", "0.2"],  # the log socket goes next to --control: t.log.sock
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = ControlClient(endpoint, Timeouts(request=2.0, retries=0))
 
@@ -298,3 +298,64 @@ def test_the_watchdog_is_fed_while_evaluating_and_while_writing_a_checkpoint(cac
     # the final evaluation is done before STOPPING=1 (the stop timeout governs after it)
     assert lines.index("STOPPING=1") > lines.index(next(
         line for line in lines if line.startswith("STATUS=evaluating")))
+
+
+def test_the_log_socket_sits_next_to_a_custom_control_socket(daemon):
+    # `mmctl --trainer ipc://DIR/t.sock logs -f` looks for DIR/t.log.sock: the daemon must be there
+    _, _, endpoint, _ = daemon
+    from protocol import logs
+
+    got = next(iter(logs.follow(endpoint.replace(".sock", ".log.sock"), timeout=10)), None)
+    assert got is not None and got["daemon"] == "trainer"
+
+
+def _free_port_pair() -> int:
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                with socket.socket() as b:
+                    b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two adjacent free ports on 127.0.0.1")
+
+
+def test_tcp_control_needs_curve_keys_and_answers_mmctl_with_them(cache, tmp_path):
+    from cli.mmctl import main as mmctl
+    from protocol.control import keygen
+
+    url = f"tcp://127.0.0.1:{_free_port_pair()}"
+    args = [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
+            "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--control", url]
+    # without keys: refused before training starts, naming the option that fixes it
+    refused = subprocess.run(args, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "--curve-dir" in refused.stderr, refused.stderr[-2000:]
+    keys = tmp_path / "keys"
+    keygen(keys)
+    proc = subprocess.Popen([*args, "--curve-dir", str(keys)], env=_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def status():
+            r = CliRunner().invoke(mmctl, ["--json", "--timeout", "2", "--keys", str(keys),
+                                           "--trainer", url, "status", "trainer"])
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            return r.exit_code == 0 and json.loads(r.stdout.splitlines()[-1])["trainer"]
+        st = _wait(status, timeout=120, what="the trainer over CURVE")
+        assert st["state"] in ("running", "starting")
+        # a client keypair the trainer does not admit (knowing the server's public key) gets
+        # no answer: exit 3, not a reply
+        intruder = tmp_path / "intruder"
+        keygen(intruder)
+        shutil.copy(keys / "server.key", intruder / "server.key")
+        r = CliRunner().invoke(mmctl, ["--json", "--timeout", "2", "--keys", str(intruder),
+                                       "--trainer", url, "status", "trainer"])
+        assert r.exit_code == 3, r.output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0

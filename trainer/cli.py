@@ -57,12 +57,14 @@ def main() -> None:
 @click.option("--no-resume", is_flag=True, help="Ignore checkpoints already in --checkpoint-dir.")
 @click.option("--control", default=None, help="Control endpoint (default ipc://RUNTIME/trainer.sock).")
 @click.option("--log-endpoint", default=None, help="Log PUB endpoint (default next to --control).")
+@click.option("--curve-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CURVE keys for tcp:// control/log sockets, as `mmctl keygen DIR` writes them.")
 @click.option("--log-interval", type=float, default=10.0, show_default=True,
               help="Seconds between metric log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
 def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
-        control, log_endpoint, log_interval, as_json) -> None:
+        control, log_endpoint, curve_dir, log_interval, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
@@ -97,7 +99,7 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
     except ValueError as e:
         usage(str(e))
     sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,
-                                          json=as_json)))
+                                          curve_dir=curve_dir, json=as_json)))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from protocol.control import ControlServer, wire_command
-from protocol.errors import BadArgument
+from protocol.control import ControlServer, DaemonSockets, daemon_sockets, wire_command
+from protocol.errors import BadArgument, MmfeedError
 from protocol.heap import HeapTrimmer
 from protocol.logs import close_daemon_logging, logs_command, setup_daemon_logging
 from protocol.notify import Notifier, watchdog_interval
@@ -39,13 +39,16 @@ log = logging.getLogger("trainer")
 @dataclass
 class DaemonConfig:
     control: str | None = None        # endpoint; None = paths.control_endpoint("trainer")
-    log_endpoint: str | None = None   # None = paths.log_endpoint("trainer")
+    log_endpoint: str | None = None   # None = next to control (paths.log_endpoint_for)
+    curve_dir: Path | None = None     # `mmctl keygen` folder: CURVE keys for tcp:// sockets
     json: bool = False
 
 
 class TrainerDaemon:
-    def __init__(self, cfg: TrainConfig, dcfg: DaemonConfig, trainer: Trainer, d: Dist):
+    def __init__(self, cfg: TrainConfig, dcfg: DaemonConfig, trainer: Trainer, d: Dist,
+                 sockets: DaemonSockets | None = None):
         self.cfg, self.dcfg, self.trainer, self.dist = cfg, dcfg, trainer, d
+        self.sockets = sockets  # rank 0: where the control and log sockets go
         self.stop_requested = False
         self.stop_reason = ""
         self.paused = False
@@ -161,16 +164,16 @@ class TrainerDaemon:
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         if self.dist.rank == 0:
-            from protocol.paths import control_endpoint
-
-            self.server = ControlServer(self.dcfg.control or control_endpoint("trainer"), {
+            socks = self.sockets or daemon_sockets("trainer", self.dcfg.control,
+                                                   self.dcfg.log_endpoint, self.dcfg.curve_dir)
+            self.server = ControlServer(socks.control, {
                 "status": wire_command("status", self.on_status),
                 "mix": wire_command("mix", self.on_mix),
                 "checkpoint": wire_command("checkpoint", self.on_checkpoint),
                 "pause": wire_command("pause", self.on_pause),
                 "resume": wire_command("resume", self.on_resume),
                 "logs": logs_command(),
-            })
+            }, curve=socks.control_curve)
         self._last_wd = last_log = time.monotonic()
         heap = HeapTrimmer()
         tr.state = "running"
@@ -242,16 +245,22 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
     if d.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
+    socks = None
     if d.rank == 0:
-        from protocol.paths import log_endpoint
-
-        setup_daemon_logging("trainer", dcfg.log_endpoint or log_endpoint("trainer"))
+        try:  # a tcp:// socket without keys, a bad key folder: say so before training starts
+            socks = daemon_sockets("trainer", dcfg.control, dcfg.log_endpoint, dcfg.curve_dir)
+        except MmfeedError as e:
+            print(f"mm-trainer run: {e}", file=sys.stderr)
+            if d.enabled and dist.is_initialized():
+                dist.destroy_process_group()
+            return 1
+        setup_daemon_logging("trainer", socks.logs, curve=socks.logs_curve)
     else:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format=f"%(levelname)s trainer[rank {d.rank}] %(message)s")
     try:
         trainer = Trainer(cfg, d)
-        return TrainerDaemon(cfg, dcfg, trainer, d).run()
+        return TrainerDaemon(cfg, dcfg, trainer, d, socks).run()
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
