@@ -35,7 +35,7 @@ import numpy as np
 from protocol.errors import InputError, MmfeedError
 from protocol.filters import FilterSpec
 
-from .dataset import SampleFiles, index_dataset, kind_of
+from .dataset import KINDS, SampleFiles, index_dataset, kind_of
 from .demux import ClipSettings
 from .metadata import timestamp_ns
 
@@ -126,11 +126,15 @@ class DatasetReplay:
         self._pass_span_s = (out[-1][0] - first) / 1e9 + gap
 
     def stems(self) -> dict[str, set[str]]:
-        """kind -> every stem of that kind found in the dataset (for `sensor` checks)."""
+        """kind -> every sensor name of that kind in the dataset (for `sensor` and
+        `modalities` checks): single-file stems and frame-sequence bases (`lidar_top` for
+        lidar_top_0001.bin ...), the names the pipeline's inputs and settings use."""
         out: dict[str, set[str]] = {}
         for _, s in self._order:
-            for stem, p in s.files.items():
-                out.setdefault(kind_of(stem, p), set()).add(stem)
+            for kind in KINDS:
+                names = s.sensors(kind)
+                if names:
+                    out.setdefault(kind, set()).update(names)
         return out
 
     def peek(self) -> SampleFiles | None:

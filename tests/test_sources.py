@@ -53,6 +53,19 @@ def test_looping_replay_keeps_timestamps_increasing_with_recorded_spacing(datase
     assert items[6].sample.key == items[0].sample.key
 
 
+def test_a_replay_names_a_frame_sequence_by_its_sensor_not_its_frame_files(dataset, tmp_path):
+    # what `mmctl sensor lidar lidar_top` and `mmctl modalities` are checked against
+    from producer.synth import make_long_recording
+
+    root = tmp_path / "ds"
+    shutil.copytree(dataset, root)
+    make_long_recording(root / "train" / "circle" / "long", sensor="lidar_top", seconds=1.0)
+    stems = DatasetReplay(root).stems()
+    assert "lidar_top" in stems["lidar"]
+    assert not any(s.startswith("lidar_top_") for s in stems["lidar"])
+    assert {"video", "audio"} <= set(stems)
+
+
 def test_vanished_dataset_folder_is_a_source_error(dataset, tmp_path):
     root = tmp_path / "ds"
     shutil.copytree(dataset, root)
