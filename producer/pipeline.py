@@ -293,6 +293,7 @@ class Pipeline:
         clip_times: np.ndarray | None = None
         for name, sensor in jobs:  # video first (INPUTS order): its times align the others
             meta_for = meta
+            lent = None  # the frame stem that borrowed the sequence's metadata section
             if sensor in sample.sequences:
                 path = self._aligned_frame(sample, name, sensor, seq_times[sensor], clip_times,
                                            notes)
@@ -301,12 +302,18 @@ class Pipeline:
                 stem = path.name.split(".", 1)[0]
                 if isinstance(meta.get(sensor), dict) and stem not in meta:
                     meta_for = {**meta, stem: meta[sensor]}  # the sensor's section fits each frame
+                    lent = stem
             else:
                 path = sample.files[sensor]
             times: list[float] | None = [] if name == "video" else None
             try:
                 out[name] = self._one(name, path, meta_for, notes, times)
-            except InputError:
+            except InputError as e:
+                prefix = f"metadata.{lent}."
+                if lent is not None and e.field.startswith(prefix):
+                    # name the section the user wrote (`imu`), not the frame that borrowed it
+                    raise InputError(e.path, f"metadata.{sensor}.{e.field[len(prefix):]}",
+                                     e.expected, e.found) from None
                 raise
             except (MemoryError, KeyboardInterrupt):
                 raise

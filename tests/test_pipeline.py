@@ -1,6 +1,8 @@
 """THE pipeline: shapes per config, run-time switches, bad files, and real recordings."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -362,6 +364,17 @@ def test_an_unknown_sensor_sequence_is_one_input_and_inputs_of_agrees(long_sampl
     assert list(out) == pipe.inputs_of(s) == ["video", "lidar", "imu"]
     np.testing.assert_array_equal(out["imu"], np.full((5, 3), 2, np.float32))  # 0.25 s
     assert union_inputs(pipe, [long_samples["list"], s]) == ["video", "lidar", "imu"]
+
+
+def test_a_bad_section_of_a_sequence_sensor_is_named_as_the_user_wrote_it(long_samples):
+    # each frame borrows the `imu` section; an error in it names `metadata.imu.dtype`, not
+    # the frame file's stem (imu_0002), which appears nowhere in metadata.json
+    s = long_samples["imu"]
+    bad = dataclasses.replace(s, metadata={**s.metadata, "imu": {"dtype": "float33",
+                                                                 "shape": [5, 3]}})
+    with pytest.raises(InputError) as e:
+        Pipeline().process(bad)
+    assert e.value.field == "metadata.imu.dtype" and e.value.path.endswith("imu_0002.data")
 
 
 def test_a_radar_sequence_with_its_own_section_feeds_its_aligned_frame(long_samples):
