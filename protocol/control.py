@@ -611,6 +611,10 @@ class ControlClient:
         if self._sock is None:
             s = self._ctx.socket(zmq.REQ)
             s.setsockopt(zmq.LINGER, 0)
+            # A REQ socket blocks in send() while it has no ready peer: a tcp peer whose CURVE
+            # handshake failed is dropped and re-dialled, and send waited forever (seen as a
+            # hung test). The request timeout bounds the send as it bounds the reply.
+            s.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeouts.request * 1000)))
             if self.curve is not None:
                 curve_client_socket(s, self.curve)
             s.connect(self.endpoint)
@@ -630,7 +634,11 @@ class ControlClient:
         t0 = time.monotonic()
         for _ in range(self.timeouts.retries + 1):
             sock = self._socket()
-            sock.send(body)
+            try:
+                sock.send(body)
+            except zmq.Again:  # no peer took it within the timeout: as good as no reply
+                self._discard()
+                continue
             if sock.poll(int(self.timeouts.request * 1000), zmq.POLLIN):
                 return self._decode(sock.recv())
             self._discard()  # a REQ socket that lost its reply can never send again
