@@ -33,6 +33,7 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
 from .modalities import video
+from .modalities._demux import demuxed
 
 #: How far (s) the video may run past a finished clip's end before the clip is handed out
 #: without waiting any longer for its audio.
@@ -186,51 +187,52 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                 window.drop_before(t0 if k else last_t)   # what no clip will need
 
         try:
-            for packet in container.demux(*streams):
-                if packet.stream is aus:
-                    try:
-                        frames = packet.decode()
-                    except av.FFmpegError:
-                        continue   # one bad audio packet costs its samples, not the stream
-                    for f in frames:
-                        window.sync(f.time)
-                        for rf in resampler.resample(f):
-                            window.append(rf.to_ndarray().reshape(-1))
+            with demuxed(container, *streams) as packets:
+                for packet in packets:
+                    if packet.stream is aus:
+                        try:
+                            frames = packet.decode()
+                        except av.FFmpegError:
+                            continue   # one bad audio packet costs its samples, not the stream
+                        for f in frames:
+                            window.sync(f.time)
+                            for rf in resampler.resample(f):
+                                window.append(rf.to_ndarray().reshape(-1))
+                        yield from ready(False)
+                        continue
+                    for frame in packet.decode():
+                        t = frame.time
+                        lo = max(start_s, cur.window[0] if cur.window else 0.0)
+                        if t is None or t < lo - slack:
+                            continue
+                        if next_t is not None and t < next_t - slack:
+                            continue
+                        if k == 0:   # a clip boundary: the only place settings change
+                            new = settings()
+                            if new != cur:
+                                if new.spec != cur.spec:
+                                    conv = video.FrameConverter(new.spec)
+                                cur, next_t = new, None
+                        period = 1.0 / cur.spec.fps if cur.spec.fps else 0.0
+                        next_t = (t if next_t is None else next_t) + period
+                        if next_t <= t - slack:   # a gap longer than one period: a new grid here
+                            next_t = t + period
+                        conv.prepare(frame)
+                        shape = (cur.spec.channels, conv.out_h, conv.out_w)
+                        if buf is None or buf.shape[1:] != shape:   # a new clip, or a new size
+                            buf, k = np.empty((cur.frames, *shape), np.uint8), 0
+                        if k == 0:
+                            t0 = t
+                        conv.into(frame, buf[k])
+                        k += 1
+                        n_frames += 1
+                        step = period or frame_s or max(t - (last_t if last_t is not None else t),
+                                                        1e-3)
+                        last_t = t
+                        if k == cur.frames:
+                            pending.append(DemuxedClip(buf, t0, t + step, None, cur))
+                            buf, k = None, 0
                     yield from ready(False)
-                    continue
-                for frame in packet.decode():
-                    t = frame.time
-                    lo = max(start_s, cur.window[0] if cur.window else 0.0)
-                    if t is None or t < lo - slack:
-                        continue
-                    if next_t is not None and t < next_t - slack:
-                        continue
-                    if k == 0:   # a clip boundary: the only place settings change
-                        new = settings()
-                        if new != cur:
-                            if new.spec != cur.spec:
-                                conv = video.FrameConverter(new.spec)
-                            cur, next_t = new, None
-                    period = 1.0 / cur.spec.fps if cur.spec.fps else 0.0
-                    next_t = (t if next_t is None else next_t) + period
-                    if next_t <= t - slack:   # a gap longer than one period: a new grid here
-                        next_t = t + period
-                    conv.prepare(frame)
-                    shape = (cur.spec.channels, conv.out_h, conv.out_w)
-                    if buf is None or buf.shape[1:] != shape:   # a new clip, or a new size
-                        buf, k = np.empty((cur.frames, *shape), np.uint8), 0
-                    if k == 0:
-                        t0 = t
-                    conv.into(frame, buf[k])
-                    k += 1
-                    n_frames += 1
-                    step = period or frame_s or max(t - (last_t if last_t is not None else t),
-                                                    1e-3)
-                    last_t = t
-                    if k == cur.frames:
-                        pending.append(DemuxedClip(buf, t0, t + step, None, cur))
-                        buf, k = None, 0
-                yield from ready(False)
             if resampler is not None:
                 for rf in resampler.resample(None):
                     window.append(rf.to_ndarray().reshape(-1))

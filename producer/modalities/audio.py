@@ -20,6 +20,7 @@ import numpy as np
 from protocol.errors import InputError
 
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
+from ._demux import decoded_frames
 
 
 @dataclass(frozen=True)
@@ -174,17 +175,18 @@ def load_samples(path: str | Path, cfg: AudioConfig, segment: tuple[float, float
             return False
 
         try:
-            for frame in container.decode(stream):
-                if skip is None:
-                    t0 = frame.time if frame.time is not None else 0.0
-                    skip = max(0, int(round((start - t0) * sr)))
-                if frame.time is not None:
-                    decoded_to = frame.time + frame.samples / frame.sample_rate
-                if take(resampler.resample(frame)):
-                    ran_out = False
-                    break
-            else:
-                take(resampler.resample(None))
+            with decoded_frames(container, stream) as decoded:
+                for frame in decoded:
+                    if skip is None:
+                        t0 = frame.time if frame.time is not None else 0.0
+                        skip = max(0, int(round((start - t0) * sr)))
+                    if frame.time is not None:
+                        decoded_to = frame.time + frame.samples / frame.sample_rate
+                    if take(resampler.resample(frame)):
+                        ran_out = False
+                        break
+                else:
+                    take(resampler.resample(None))
         except av.FFmpegError as e:
             raise InputError(path, "audio data", "a decodable audio stream",
                              found=f"{type(e).__name__}: {e}") from None

@@ -30,6 +30,7 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
+from ._demux import decoded_frames
 
 log = logging.getLogger(__name__)
 
@@ -363,23 +364,24 @@ def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes
     last_t = None
     ran_out = False  # the demuxer ended before the segment did
     try:
-        for frame in container.decode(stream):
-            t = frame.time
-            if t is None or t < start - slack:
-                continue
-            if t >= end:
-                break
-            last_t = t
-            first = k
-            while k < frames and t >= start + k / fps - slack and start + k / fps < end:
-                if times is not None:
-                    times.append(t)
-                yield frame, k, first
-                k += 1
-            if k >= frames:
-                break
-        else:
-            ran_out = True
+        with decoded_frames(container, stream) as decoded:
+            for frame in decoded:
+                t = frame.time
+                if t is None or t < start - slack:
+                    continue
+                if t >= end:
+                    break
+                last_t = t
+                first = k
+                while k < frames and t >= start + k / fps - slack and start + k / fps < end:
+                    if times is not None:
+                        times.append(t)
+                    yield frame, k, first
+                    k += 1
+                if k >= frames:
+                    break
+            else:
+                ran_out = True
     except av.FFmpegError as e:
         raise InputError(path, "video data", "a decodable video bitstream",
                          found=f"{type(e).__name__} after {k} frames: {e}") from None
@@ -434,20 +436,21 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
         next_t = None
         n = 0
         try:
-            for frame in container.decode(stream):
-                t = frame.time
-                if t is None or t < start - slack:
-                    continue
-                if next_t is not None and t < next_t - slack:
-                    continue
-                next_t = (t if next_t is None else next_t) + period
-                if next_t <= t - slack:  # a gap longer than one period: restart the grid here
-                    next_t = t + period
-                conv.prepare(frame)
-                out = np.empty((spec.channels, conv.out_h, conv.out_w), np.uint8)
-                conv.into(frame, out)
-                n += 1
-                yield t, out
+            with decoded_frames(container, stream) as decoded:
+                for frame in decoded:
+                    t = frame.time
+                    if t is None or t < start - slack:
+                        continue
+                    if next_t is not None and t < next_t - slack:
+                        continue
+                    next_t = (t if next_t is None else next_t) + period
+                    if next_t <= t - slack:  # a gap longer than one period: restart the grid here
+                        next_t = t + period
+                    conv.prepare(frame)
+                    out = np.empty((spec.channels, conv.out_h, conv.out_w), np.uint8)
+                    conv.into(frame, out)
+                    n += 1
+                    yield t, out
         except av.FFmpegError as e:
             raise InputError(source, "video data", "a decodable video stream",
                              found=f"{type(e).__name__} after {n} frames: {e}") from None
