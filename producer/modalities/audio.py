@@ -115,12 +115,24 @@ def log_mel_from_samples(samples: np.ndarray, cfg: AudioConfig) -> np.ndarray:
 # --- decoding -----------------------------------------------------------------------------
 
 
+#: WAV's header (fmt + data chunks) says everything FFmpeg's stream probe would otherwise
+#: find by reading and decoding up to 5 s of audio: with a 2 KiB probe, opening a 2 s 16 kHz
+#: wav took 0.44 ms instead of 5.9 ms (half of log_mel's whole time per sample), with the same
+#: codec, rate, channels and duration on every wav tried (real 16 and 48 kHz recordings,
+#: synthetic ones). Other containers (mp3, AAC in mp4 ...) keep FFmpeg's full probe.
+_WAV_PROBE = {"probesize": "2048", "analyzeduration": "0"}
+
+
+def _probe_options(path: str | Path) -> dict[str, str]:
+    return dict(_WAV_PROBE) if str(path).lower().endswith(".wav") else {}
+
+
 def load_samples(path: str | Path, cfg: AudioConfig, segment: tuple[float, float] | None = None,
                  notes: list[str] | None = None) -> np.ndarray:
     """Mono float32 samples at cfg.sample_rate, exactly cfg.n_samples long, from `segment`."""
     name = Path(str(path)).name
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), options=_probe_options(path))
     except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
         raise InputError(path, "container", "an audio file PyAV can open",
                          found=f"{type(e).__name__}: {e}") from None
