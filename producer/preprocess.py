@@ -38,10 +38,12 @@ import math
 import mmap
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -79,7 +81,36 @@ def _crash_hook_from_env() -> tuple[str, str] | None:
     return key, how or "segv"
 
 
-def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None) -> None:
+def _exit_with(run_pid: int) -> None:
+    """End this worker when the preprocess run that owns it dies, however it dies.
+
+    WHY: workers are children of the forkserver, not of the run, and a ProcessPoolExecutor
+    worker waits on its call queue forever. A run killed with SIGKILL (the OOM killer, kill -9)
+    left its worker, the forkserver (kept alive by its children) and the resource tracker
+    (which then never unlinked 5 semaphores in /dev/shm) running for good - found as orphans
+    after the suite's SIGKILL test. A daemon thread waits on a pidfd of the run (no polling);
+    where pidfd_open is missing it checks once a second.
+    """
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(run_pid)
+        except (AttributeError, OSError):
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(run_pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                except PermissionError:
+                    pass
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mmfeed-exit-with-run", daemon=True).start()
+
+
+def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None,
+                 run_pid: int | None = None) -> None:
     """Each worker is one process per core already: keep torch (radar FFTs) and the video
     decoder single-threaded inside it, or the pool oversubscribes the cores (measured: the
     modality calls ran 3-7x slower in workers than alone before this)."""
@@ -88,6 +119,8 @@ def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None
 
     from .modalities import video
 
+    if run_pid is not None:
+        _exit_with(run_pid)
     torch.set_num_threads(1)
     video.set_decode_threads(1)
     _PIPELINE = Pipeline(config)
@@ -157,9 +190,9 @@ def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
 
 
 def _isolated_main(conn, config: PipelineConfig, crash_on, sample: SampleFiles,
-                   scratch: str) -> None:
+                   scratch: str, run_pid: int | None = None) -> None:
     """Child process body for re-running one suspect sample alone (see `_Isolator`)."""
-    _init_worker(config, crash_on)
+    _init_worker(config, crash_on, run_pid)
     conn.send(process_chunk([sample], scratch))
     conn.close()
 
@@ -231,7 +264,8 @@ class _WorkerRuns:
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, initializer=_init_worker,
-                                   initargs=(self.config, self.crash_on), mp_context=self.ctx)
+                                   initargs=(self.config, self.crash_on, os.getpid()),
+                                   mp_context=self.ctx)
 
     def _scratch(self) -> str:
         return str(self.scratch_dir / f"chunk-{next(self.seq)}.bin")
@@ -292,7 +326,8 @@ class _WorkerRuns:
         scratch = self._scratch()
         recv, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_isolated_main, daemon=True,
-                                args=(send, self.config, self.crash_on, item[1], scratch))
+                                args=(send, self.config, self.crash_on, item[1], scratch,
+                                      os.getpid()))
         proc.start()
         send.close()
         try:

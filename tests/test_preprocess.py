@@ -143,11 +143,19 @@ def test_sigkill_mid_run_leaves_the_previous_cache_readable(synth_dataset, tmp_p
             assert proc.poll() is None, "the run ended before it could be interrupted"
             assert time.monotonic() < deadline, "the second run never started writing"
             time.sleep(0.002)
+        helpers = _descendants(proc.pid)  # forkserver, resource tracker, the worker
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    # Nothing of the killed run lives on: its worker notices and exits, then the forkserver
+    # and the resource tracker (which unlinks the run's semaphores) follow.
+    assert helpers, "the run had no helper processes to check"
+    deadline = time.monotonic() + 60
+    while (alive := [p for p in helpers if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive == [], f"processes outlived the killed run: {alive}"
     with CacheReader(cache) as reader:  # still the first version, complete
         assert reader.version == 1 and len(reader) == first["cached"]
         assert reader.view(len(reader) - 1).arrays["video"].shape[0] == 8
@@ -157,6 +165,32 @@ def test_sigkill_mid_run_leaves_the_previous_cache_readable(synth_dataset, tmp_p
     assert after["reused"] == first["cached"] and after["version"] == 2
     with CacheReader(cache) as reader:
         assert reader.version == 2 and len(reader) == first["cached"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid`, read from /proc (children of children included)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def _run_env(env: dict, *args: str) -> tuple[int, dict | None, str]:
