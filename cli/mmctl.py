@@ -408,9 +408,17 @@ def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, so
     """Show DAEMON's recent log records (default: producer); -f follows them (from the
     daemon's PUB socket, or from the journal when it runs under systemd)."""
     if not follow:
-        records = ctl.call(daemon, "logs", n=lines).get("records", [])
-        ctl.emit({"ok": True, "daemon": daemon, "records": records},
+        reply = ctl.call(daemon, "logs", n=lines)
+        records = reply.get("records", [])
+        omitted = reply.get("omitted") or 0
+        note = (f"({omitted} older record{'s' if omitted != 1 else ''} left out: a logs reply "
+                f"holds at most {reply.get('max_bytes')} bytes; `mmctl logs -f {daemon}` or the "
+                f"journal has them all)") if reply.get("truncated") else ""
+        ctl.emit({"ok": True, "daemon": daemon, "records": records,
+                  "truncated": bool(reply.get("truncated")), "omitted": omitted},
                  "\n".join(logs.format_record(r) for r in records) or f"{daemon}: no records")
+        if note and not ctl.as_json:
+            click.echo(note, err=True)
         return
     try:  # the daemons bind by the same rule (paths.log_endpoint_for)
         endpoint = source or paths.log_endpoint_for(ctl.endpoints[daemon])

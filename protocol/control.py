@@ -2,9 +2,16 @@
 
 Wire format (version `CONTROL_VERSION`, at most `MAX_MESSAGE_BYTES` per message):
 
-    request  {"v": 1, "cmd": "filter", "args": {"spec": "gray"}}
-    reply    {"ok": true, ...}                                      (e.g. "generation": 7)
-             {"ok": false, "error": {"code": "bad_argument", "message": "..."}}
+    request  {"v": 1, "id": "9f0c...", "cmd": "filter", "args": {"spec": "gray"}}
+    reply    {"ok": true, "id": "9f0c...", ...}                     (e.g. "generation": 7)
+             {"ok": false, "id": "9f0c...", "error": {"code": "bad_argument", "message": "..."}}
+
+`id` (optional; 1 to `MAX_ID_CHARS` characters) names one logical request: a client sends a
+new one per request and the same one with every retry of it. The server keeps the replies
+to the last `REPLY_CACHE_ENTRIES` ids (at most `REPLY_CACHE_BYTES`) and answers a repeated
+id from there without running the command again, so a command slower than the client's
+timeout still runs once (the ZeroMQ guide's reliable request-reply). A request without an
+id is run every time and never cached (older clients). Replies echo the id.
 
 JSON only, never pickle: a control socket may be reachable by other users (group mode) or
 other machines (CURVE over TCP), and unpickling is code execution.
@@ -19,11 +26,13 @@ Server side (`ControlServer`): each daemon declares its commands once,
     while running:
         server.poll(timeout_ms=50)       # from the main loop; or server.serve_in_thread()
 
-and the server checks everything a client can get wrong (size, UTF-8, JSON, object, version,
-command, argument names and types) before a handler runs, so a handler sees only valid
-arguments and a bad message changes nothing. A handler raises `BadArgument` (or any
-`MmfeedError`) for what only it can judge - a sensor stem that does not exist; anything else
-it raises becomes an `internal` error reply and a logged traceback. The loop never dies.
+and the server checks everything a client can get wrong (size, UTF-8, JSON, nesting depth,
+number sizes, object, id, version, command, argument names and types) before a handler runs,
+so a handler sees only valid arguments and a bad message changes nothing. A handler raises
+`BadArgument` (or any `MmfeedError`) for what only it can judge - a sensor stem that does not
+exist; anything else it raises becomes an `internal` error reply and a logged traceback (once
+per kind and minute). The loop never dies: `poll()` is the daemons' last-resort catch.
+Refusals are logged rate-limited and clipped, so a flood of bad requests cannot flood the log.
 
 Client side (`ControlClient`) is the ZeroMQ guide's Lazy Pirate: a REQ socket that lost its
 reply is stuck forever, so the client polls with a timeout, and on silence closes the socket
@@ -35,14 +44,18 @@ resolves its sockets and keys with `daemon_sockets()` (`--control`, `--logs`, `-
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import inspect
 import json
+import math
 import logging
 import os
 import shutil
 import threading
 import time
 import types
+import uuid
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +74,7 @@ from .errors import (
     UnknownCommand,
     VersionMismatch,
 )
+from .logs import LogLimiter, clip
 from .paths import bound_inode, ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
 
 CONTROL_VERSION = 1
@@ -69,6 +83,16 @@ MAX_MESSAGE_BYTES = 64 * 1024
 # peer that exceeds it, so that peer gets no reply at all. Between MAX_MESSAGE_BYTES and this
 # ceiling a client gets a proper `too_large` error reply instead.
 TRANSPORT_MAX_BYTES = 16 * MAX_MESSAGE_BYTES
+MAX_REPLY_BYTES = 1024 * 1024       # a reply beyond this becomes an `internal` error
+MAX_ID_CHARS = 64                   # request ids: a uuid4 hex is 32
+MAX_NUMBER_DIGITS = 32              # JSON integers; ints beyond 64 bits are never arguments
+MAX_ERROR_CHARS = 1000              # an error reply's message
+REPLY_CACHE_ENTRIES = 256           # replies kept for retried ids ...
+REPLY_CACHE_BYTES = 8 * 1024 * 1024  # ... and their bytes at most
+LOG_PAYLOAD_CHARS = 200             # what a log line quotes of a refused request
+REFUSED_LOG_BURST = 10              # refusals logged per error code and window, then counted
+LOG_WINDOW_S = 60.0
+_SHAPE = f'{{"v": {CONTROL_VERSION}, "id": "...", "cmd": ..., "args": {{...}}}}'
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +370,83 @@ def _reject_constant(name: str) -> None:
     raise MalformedMessage(f"message contains {name}, which is not valid JSON; send a finite number")
 
 
+def _parse_int(text: str) -> int:
+    # int() of more than 4300 digits raises ValueError (CPython's conversion limit); no
+    # argument of any command needs more than a 64-bit integer's 20 digits.
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise MalformedMessage(f"message contains an integer of {len(text.lstrip('-'))} digits; "
+                               f"numbers have at most {MAX_NUMBER_DIGITS} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    # 1e999 is valid JSON that Python reads as inf: as bad as Infinity for a range check.
+    if len(text) > 4 * MAX_NUMBER_DIGITS:
+        raise MalformedMessage(f"message contains a number of {len(text)} characters; numbers "
+                               f"have at most {4 * MAX_NUMBER_DIGITS}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedMessage(f"message contains the number {clip(text, 40)}, which is out of "
+                               f"range for a double; send a finite number")
+    return value
+
+
+def _digest(msg: dict) -> bytes:
+    """What identifies a request apart from its id: the rest of it, canonically."""
+    rest = {k: v for k, v in msg.items() if k != "id"}
+    return hashlib.blake2b(json.dumps(rest, sort_keys=True).encode(), digest_size=16).digest()
+
+
 def _error(err: MmfeedError) -> dict:
-    return {"ok": False, "error": {"code": err.code, "message": str(err)}}
+    return {"ok": False, "error": {"code": err.code, "message": clip(str(err), MAX_ERROR_CHARS)}}
+
+
+def _internal(what: str, e: BaseException) -> dict:
+    return {"ok": False, "error": {"code": "internal", "message": clip(
+        f"{what}: internal error: {type(e).__name__}: {e}", MAX_ERROR_CHARS)}}
+
+
+class ReplyCache:
+    """The replies to the last requests that carried an id, so a retry is answered, not re-run.
+
+    Bounded twice: at most `entries` replies and at most `max_bytes` of reply bytes (oldest
+    evicted first); a reply bigger than a quarter of `max_bytes` is not kept (such replies
+    come from read-only commands like `logs`, which are safe to run again). Each entry keeps
+    a digest of the request, so an id reused for a different request is refused instead of
+    answered with the other request's reply.
+    """
+
+    def __init__(self, entries: int = REPLY_CACHE_ENTRIES, max_bytes: int = REPLY_CACHE_BYTES):
+        self.entries, self.max_bytes = entries, max_bytes
+        self._items: collections.OrderedDict[str, tuple[bytes, bytes]] = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, rid: str, digest: bytes) -> bytes | None:
+        item = self._items.get(rid)
+        if item is None:
+            return None
+        if item[0] != digest:
+            raise MalformedMessage(f"request id {clip(rid, 80)!r} was already used for another "
+                                   f"request; send a new id with every request (a retry "
+                                   f"resends the same request with the same id)")
+        self.hits += 1
+        return item[1]
+
+    def put(self, rid: str, digest: bytes, reply: bytes) -> None:
+        if len(reply) > self.max_bytes // 4:
+            return
+        old = self._items.pop(rid, None)
+        if old is not None:
+            self.bytes -= len(old[1])
+        self._items[rid] = (digest, reply)
+        self.bytes += len(reply)
+        while len(self._items) > self.entries or self.bytes > self.max_bytes:
+            _, (_, evicted) = self._items.popitem(last=False)
+            self.bytes -= len(evicted)
 
 
 class ControlServer:
@@ -357,6 +456,12 @@ class ControlServer:
     live process is refused (`EndpointInUse`); the file gets mode 0600 (0660 + chgrp with
     `group`); `tcp://` needs `curve`. Use `poll()` from the daemon's own loop (handlers then
     run on the daemon's thread, no locking needed) or `serve_in_thread()`.
+
+    A request with an `id` is answered once: its reply is kept in a `ReplyCache` and a
+    request repeating the id (a client's retry after a timeout) gets that reply again without
+    running the handler. Refusals and internal errors are logged through `LogLimiter`s (the
+    first few per kind and minute, then one "suppressed K" line), quoting at most
+    `LOG_PAYLOAD_CHARS` of what the client sent.
     """
 
     def __init__(self, endpoint: str, commands: Mapping[str, Command | Callable], *,
@@ -373,6 +478,10 @@ class ControlServer:
         self._closed = False
         self._path = self._inode = None
         self.handled = 0
+        self.internal_errors = 0
+        self.replies = ReplyCache()
+        self._refused_log = LogLimiter(log, burst=REFUSED_LOG_BURST, window_s=LOG_WINDOW_S)
+        self._internal_log = LogLimiter(log, burst=1, window_s=LOG_WINDOW_S)
         try:
             self._sock = self._ctx.socket(zmq.REP)
             self._sock.setsockopt(zmq.LINGER, 0)
@@ -392,56 +501,136 @@ class ControlServer:
         """Wait up to `timeout_ms` for a request, answer it and whatever else is already
         queued (at most `max_requests`, so a flood of clients cannot starve the daemon's
         main loop), and return how many were answered. Never raises for anything a client
-        sends."""
+        sends, nor for a handler's bug: those become error replies (the daemon's last-resort
+        catch is here). Only a closed context (shutdown) raises."""
         n = 0
         wait = timeout_ms
+        self._refused_log.flush()
+        self._internal_log.flush()
         while n < max_requests and self._sock.poll(wait, zmq.POLLIN):
             frames = self._sock.recv_multipart(copy=True)
-            self._sock.send(json.dumps(self._reply_to(frames), default=str).encode())
+            try:
+                body = self._answer(frames)
+            except Exception as e:  # a bug in the checks themselves: still one reply
+                body = self._internal_body("request", e)
+            try:
+                self._sock.send(body)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:
+                    raise
+                self._internal_log.log(("send", e.errno), logging.ERROR,
+                                       "control reply could not be sent: %s", e)
             n += 1
             wait = 0
         self.handled += n
         return n
 
-    def _reply_to(self, frames: list[bytes]) -> dict:
+    def _answer(self, frames: list[bytes]) -> bytes:
+        """The reply bytes for one request: from the reply cache for a repeated id, else from
+        checking and running it (and then kept in the cache when it carried an id)."""
+        rid = digest = None
         try:
-            cmd, args = self._parse(frames)
+            msg = self._decode(frames)
+            rid = self._request_id(msg)
+            if rid is not None:
+                digest = _digest(msg)
+                cached = self.replies.get(rid, digest)
+                if cached is not None:
+                    log.debug("answered a repeated request id from the reply cache",
+                              extra={"id": clip(rid, 80)})
+                    return cached
+            cmd, args = self._check(msg)
             command = self.commands[cmd]
             kwargs = command.validate(cmd, args)
         except MmfeedError as e:
-            log.warning("control request refused: %s", e, extra={"code": e.code})
-            return _error(e)
+            self._refused(e)
+            return self._encode(_error(e), rid, digest)
         try:
             result = command.handler(**kwargs)
         except MmfeedError as e:
-            log.warning("command %s refused: %s", cmd, e, extra={"code": e.code})
-            return _error(e)
+            self._refused(e, cmd)
+            return self._encode(_error(e), rid, digest)
         except Exception as e:  # the loop must survive any handler bug
-            log.exception("command %s failed inside the daemon", cmd)
-            return {"ok": False, "error": {"code": "internal",
-                                           "message": f"{cmd}: internal error: {type(e).__name__}: {e}"}}
+            return self._encode(self._internal_reply(cmd, e), rid, digest)
         reply = {"ok": True}
         if result:
             reply.update(result)
-        return reply
+        return self._encode(reply, rid, digest)
 
-    def _parse(self, frames: list[bytes]) -> tuple[str, dict]:
+    def _encode(self, reply: dict, rid: str | None, digest: bytes | None) -> bytes:
+        if rid is not None:
+            reply = {**reply, "id": rid}
+        try:
+            body = json.dumps(reply, default=str).encode()
+        except Exception as e:  # a handler returned something JSON cannot hold
+            body = self._internal_body("reply", e, rid)
+        if len(body) > MAX_REPLY_BYTES:
+            body = self._internal_body("reply", ValueError(
+                f"reply of {len(body)} bytes is over the {MAX_REPLY_BYTES}-byte limit"), rid)
+        if rid is not None and digest is not None:
+            self.replies.put(rid, digest, body)
+        return body
+
+    def _internal_reply(self, what: str, e: BaseException) -> dict:
+        self.internal_errors += 1
+        self._internal_log.log((what, type(e).__name__), logging.ERROR,
+                               "control request %s failed inside the daemon: %s: %s", what,
+                               type(e).__name__, clip(str(e), LOG_PAYLOAD_CHARS),
+                               exc_info=(type(e), e, e.__traceback__),
+                               what=f"internal errors in {what} ({type(e).__name__})")
+        return _internal(what, e)
+
+    def _internal_body(self, what: str, e: BaseException, rid: str | None = None) -> bytes:
+        reply = self._internal_reply(what, e)
+        if rid is not None:
+            reply["id"] = rid
+        return json.dumps(reply, default=str).encode()
+
+    def _refused(self, e: MmfeedError, cmd: str | None = None) -> None:
+        what = f"command {clip(cmd, 40)} refused" if cmd else "control request refused"
+        self._refused_log.log(e.code, logging.WARNING, "%s: %s", what,
+                              clip(str(e), LOG_PAYLOAD_CHARS), extra={"code": e.code},
+                              what=f"refused requests ({e.code})")
+
+    def _decode(self, frames: list[bytes]) -> dict:
+        """One frame of at most MAX_MESSAGE_BYTES of UTF-8 JSON holding an object."""
         if len(frames) != 1:
             raise MalformedMessage(f"expected one message frame, got {len(frames)}")
         raw = frames[0]
         if len(raw) > MAX_MESSAGE_BYTES:
             raise MessageTooLarge(f"message of {len(raw)} bytes; the limit is {MAX_MESSAGE_BYTES}")
         try:
-            msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+            msg = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                             parse_int=_parse_int, parse_float=_parse_float)
         except UnicodeDecodeError as e:
             raise MalformedMessage(f"message is not UTF-8 text ({e.reason} at byte {e.start}); "
                                    f"expected a JSON object") from None
         except json.JSONDecodeError as e:
             raise MalformedMessage(f"message is not JSON ({e.msg} at char {e.pos}); expected "
-                                   f'{{"v": {CONTROL_VERSION}, "cmd": ..., "args": {{...}}}}') from None
+                                   f'{_SHAPE}') from None
+        except RecursionError:
+            raise MalformedMessage(f"message nests lists or objects deeper than the parser "
+                                   f"allows; expected {_SHAPE}") from None
+        except ValueError as e:  # any other conversion limit of the parser
+            raise MalformedMessage(f"message cannot be read: {clip(str(e), 120)}; expected "
+                                   f"{_SHAPE}") from None
         if not isinstance(msg, dict):
             raise MalformedMessage(f"message is a JSON {type(msg).__name__}; expected an object "
-                                   f'{{"v": {CONTROL_VERSION}, "cmd": ..., "args": {{...}}}}')
+                                   f"{_SHAPE}")
+        return msg
+
+    @staticmethod
+    def _request_id(msg: dict) -> str | None:
+        if "id" not in msg:
+            return None
+        rid = msg["id"]
+        if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_CHARS:
+            raise MalformedMessage(f'"id" must be a string of 1 to {MAX_ID_CHARS} characters '
+                                   f"(a new one per request, e.g. a uuid), got "
+                                   f"{clip(json.dumps(rid), 60)}")
+        return rid
+
+    def _check(self, msg: dict) -> tuple[str, dict]:
         v = msg.get("v")
         if isinstance(v, bool) or not isinstance(v, int):
             raise MalformedMessage(f'message lacks an integer "v" (control protocol version '
@@ -454,11 +643,13 @@ class ControlServer:
         args = msg.get("args", {})
         if not isinstance(args, dict):
             raise MalformedMessage(f'"args" is a JSON {type(args).__name__}; expected an object')
-        extra = sorted(set(msg) - {"v", "cmd", "args"})
+        extra = sorted(set(msg) - {"v", "id", "cmd", "args"})
         if extra:
-            raise MalformedMessage(f"unknown message field {extra[0]!r}; expected v, cmd, args")
+            raise MalformedMessage(f"unknown message field {clip(extra[0], 40)!r}; expected v, "
+                                   f"id, cmd, args")
         if cmd not in self.commands:
-            raise UnknownCommand(f"unknown command {cmd!r}; known: {', '.join(sorted(self.commands))}")
+            raise UnknownCommand(f"unknown command {clip(cmd, 40)!r}; known: "
+                                 f"{', '.join(sorted(self.commands))}")
         return cmd, args
 
     def serve_in_thread(self, poll_ms: int = 100) -> threading.Thread:
@@ -627,8 +818,13 @@ class ControlClient:
             self._sock = None
 
     def request(self, cmd: str, /, **args: Any) -> dict:
-        """Send `cmd` with `args`; return the daemon's `ok` reply as a dict."""
-        body = json.dumps({"v": CONTROL_VERSION, "cmd": cmd, "args": args}).encode()
+        """Send `cmd` with `args`; return the daemon's `ok` reply as a dict.
+
+        The request carries a new id (a uuid4) that every retry of it repeats, so a daemon
+        that was only slow (a checkpoint, a filter change proved on a real sample) answers
+        the retry from its reply cache and the command runs once."""
+        rid = uuid.uuid4().hex
+        body = json.dumps({"v": CONTROL_VERSION, "id": rid, "cmd": cmd, "args": args}).encode()
         if len(body) > MAX_MESSAGE_BYTES:
             raise MessageTooLarge(f"{cmd}: request of {len(body)} bytes; the limit is {MAX_MESSAGE_BYTES}")
         t0 = time.monotonic()
@@ -640,11 +836,11 @@ class ControlClient:
                 self._discard()
                 continue
             if sock.poll(int(self.timeouts.request * 1000), zmq.POLLIN):
-                return self._decode(sock.recv())
+                return self._decode(sock.recv(), rid)
             self._discard()  # a REQ socket that lost its reply can never send again
         raise ControlTimeout(self._silence_message(cmd, time.monotonic() - t0))
 
-    def _decode(self, raw: bytes) -> dict:
+    def _decode(self, raw: bytes, rid: str | None = None) -> dict:
         try:
             reply = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -652,6 +848,9 @@ class ControlClient:
                                    f"({raw[:60]!r}); is it an mmfeed daemon?") from None
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
             raise MalformedMessage(f'{self.endpoint} replied without a boolean "ok": {raw[:120]!r}')
+        got = reply.pop("id", None)
+        if got is not None and rid is not None and got != rid:
+            raise MalformedMessage(f"{self.endpoint} replied to request {got!r}, not to {rid!r}")
         if not reply["ok"]:
             err = reply.get("error") or {}
             raise RemoteError(str(err.get("code", "error")), str(err.get("message", "(no message)")))

@@ -15,6 +15,12 @@ non-blocking sends, dropping and counting records when full. Logging is for chan
 intervals, never a per-sample path.
 
 Extra fields: `log.info("new generation", extra={"generation": 4})` becomes `generation=4`.
+
+Bounded on purpose (a control socket is an input anyone with access can flood): a record's
+message, field values and traceback are clipped (`MAX_MSG_CHARS`, `MAX_FIELD_CHARS`,
+`MAX_EXC_CHARS`), so 1,000 records in memory stay a few MiB whatever was logged; a `logs` reply
+carries at most `LOGS_REPLY_MAX_BYTES` of records (newest first kept, `truncated` says so); and
+`LogLimiter` lets a daemon log what clients get wrong without one line per bad request.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from typing import IO, Any, Iterator
 
@@ -37,6 +45,29 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
              logging.CRITICAL: 2}
 PUB_HWM = 1000
 _MARK = "_mmfeed_handler"
+MAX_MSG_CHARS = 4096         # a record's message beyond this is clipped (the head is kept)
+MAX_FIELD_CHARS = 1024       # each extra field's value, as text
+MAX_EXC_CHARS = 16384        # a traceback keeps its head and its tail (where the error is)
+LOGS_REPLY_MAX_BYTES = 512 * 1024  # records in one `logs` reply, as JSON
+
+
+def clip(text: object, limit: int = 200) -> str:
+    """`text` as a string of at most about `limit` characters: what a log line or an error
+    message may quote of something a client sent.
+
+        clip("x" * 70000, 20) -> 'xxxxxxxxxxxxxxxxxxxx... (70000 chars)'
+    """
+    s = text if isinstance(text, str) else str(text)
+    if len(s) <= limit:
+        return s
+    return f"{s[:limit]}... ({len(s)} chars)"
+
+
+def _clip_exc(text: str) -> str:
+    if len(text) <= MAX_EXC_CHARS:
+        return text
+    half = MAX_EXC_CHARS // 2
+    return f"{text[:half]}\n... ({len(text) - 2 * half} chars left out) ...\n{text[-half:]}"
 
 
 def _iso(t: float) -> str:
@@ -53,19 +84,41 @@ def _value(v: Any) -> str:
 
 def to_record(record: logging.LogRecord, daemon: str) -> dict:
     """The JSON-able form of a log record (what the PUB socket and `mmctl logs` carry)."""
-    fields = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+    fields = {k: _field(v) for k, v in vars(record).items()
+              if k not in _STANDARD and not k.startswith("_")}
     out = {
         "ts": _iso(record.created),
         "t": record.created,
         "level": record.levelname,
         "daemon": daemon,
         "logger": record.name,
-        "msg": record.getMessage(),
-        "fields": json.loads(json.dumps(fields, default=str)),
+        "msg": clip(record.getMessage(), MAX_MSG_CHARS),
+        "fields": fields,
     }
     if record.exc_info:
-        out["exc"] = logging.Formatter().formatException(record.exc_info)
+        out["exc"] = _clip_exc(logging.Formatter().formatException(record.exc_info))
     return out
+
+
+def _field(v: Any) -> Any:
+    """A JSON-able field value of bounded size: scalars as they are, anything else as JSON
+    (or its str) clipped to MAX_FIELD_CHARS, then parsed back when it was not clipped."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"<an integer of {v.bit_length()} bits>"  # str() of a huge int raises
+    if v is None or isinstance(v, (bool, int, float)):
+        return v
+    if isinstance(v, str):
+        return clip(v, MAX_FIELD_CHARS)
+    try:
+        text = json.dumps(v, default=str)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            return clip(repr(v), MAX_FIELD_CHARS)
+        except Exception:  # a huge int inside, a broken __repr__: say what it was
+            return f"<{type(v).__name__}>"
+    if len(text) > MAX_FIELD_CHARS:
+        return clip(text, MAX_FIELD_CHARS)
+    return json.loads(text)
 
 
 def format_record(rec: dict) -> str:
@@ -222,6 +275,102 @@ def recent(n: int = 100) -> list[dict]:
     return _installed.recent(n) if _installed is not None else []
 
 
+def recent_bounded(n: int = 100, max_bytes: int = LOGS_REPLY_MAX_BYTES) -> dict:
+    """The `logs` reply: the last `n` records that fit in `max_bytes` of JSON, oldest first.
+
+    Newest records are kept and older ones left out when the bytes run out; the reply says
+    so: `{"records": [...], "truncated": bool, "omitted": K, "max_bytes": B}`. One record
+    larger than the whole budget is never sent (records are clipped when made, so it takes a
+    tiny budget for that to happen)."""
+    records = recent(n)
+    kept: list[dict] = []
+    used = 2
+    for rec in reversed(records):
+        size = len(json.dumps(rec, default=str)) + 2
+        if used + size > max_bytes:
+            break
+        kept.append(rec)
+        used += size
+    kept.reverse()
+    omitted = len(records) - len(kept)
+    return {"records": kept, "truncated": omitted > 0, "omitted": omitted,
+            "max_bytes": max_bytes}
+
+
+class LogLimiter:
+    """Log what clients get wrong without letting them write the log: per key (an error code,
+    say), the first `burst` records of each `window_s` are logged as they come, the rest are
+    counted, and once the window is over one line says how many were suppressed.
+
+        limiter = LogLimiter(log, burst=10, window_s=60)
+        limiter.log("bad_argument", logging.WARNING, "control request refused: %s", clip(msg))
+        limiter.flush()   # from the daemon's loop: writes the due "suppressed K" lines
+
+    WHY: each refused request used to be one WARNING with its whole payload; 1,100 refused
+    63 KB requests wrote 139 MB of log in 2 s. At most `max_keys` keys are tracked (the
+    oldest window is closed, and its summary written, to make room).
+    """
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 10, window_s: float = 60.0,
+                 max_keys: int = 64, clock=time.monotonic):
+        self.logger, self.burst, self.window_s, self.max_keys = logger, burst, window_s, max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[Any, list] = {}   # key -> [window start, logged, suppressed, what]
+        self._next_flush = float("inf")
+        self.suppressed_total = 0
+
+    def log(self, key: Any, level: int, msg: str, *args: Any, what: str | None = None,
+            **kwargs: Any) -> bool:
+        """Log now if `key` has budget left in its window (True), else count it (False).
+        `what` names the kind of record in the summary line (default: `msg` unformatted)."""
+        now = self._clock()
+        due: list[tuple] = []
+        with self._lock:
+            w = self._windows.get(key)
+            if w is not None and now - w[0] >= self.window_s:
+                due.append((key, w))
+                w = None
+            if w is None:
+                if len(self._windows) >= self.max_keys and key not in self._windows:
+                    oldest = min(self._windows, key=lambda k: self._windows[k][0])
+                    due.append((oldest, self._windows.pop(oldest)))
+                w = self._windows[key] = [now, 0, 0, what or msg]
+                self._next_flush = min(self._next_flush, now + self.window_s)
+            if w[1] < self.burst:
+                w[1] += 1
+                emit = True
+            else:
+                w[2] += 1
+                self.suppressed_total += 1
+                emit = False
+        self._summaries(due)
+        if emit:
+            self.logger.log(level, msg, *args, **kwargs)
+        return emit
+
+    def flush(self, now: float | None = None) -> None:
+        """Close the windows that are over, writing their "suppressed K similar" lines. Cheap
+        when nothing is due (one comparison), so a daemon may call it every loop turn."""
+        now = self._clock() if now is None else now
+        if now < self._next_flush:
+            return
+        with self._lock:
+            due = [(k, w) for k, w in self._windows.items() if now - w[0] >= self.window_s]
+            for k, _ in due:
+                del self._windows[k]
+            self._next_flush = min((w[0] + self.window_s for w in self._windows.values()),
+                                   default=float("inf"))
+        self._summaries(due)
+
+    def _summaries(self, due: list[tuple]) -> None:
+        for key, (start, logged, suppressed, what) in due:
+            if suppressed:
+                self.logger.warning("suppressed %d similar records in the last %.0f s: %s",
+                                    suppressed, self.window_s, clip(what, 200),
+                                    extra={"suppressed": suppressed, "key": clip(str(key), 100)})
+
+
 def pub_endpoint() -> str | None:
     """The endpoint this process's log PUB socket is bound to (a `tcp://HOST:0` request
     resolved to its port), or None without one: what a daemon's ready line reports."""
@@ -230,10 +379,11 @@ def pub_endpoint() -> str | None:
 
 def logs_command():
     """A ready `logs` control command: `{"logs": logs_command()}` in a daemon's command table
-    answers `mmctl logs [-n N] DAEMON` with `{"ok": true, "records": [...]}`."""
+    answers `mmctl logs [-n N] DAEMON` with `{"ok": true, "records": [...], "truncated":
+    bool, "omitted": K, "max_bytes": B}` (`recent_bounded`: at most LOGS_REPLY_MAX_BYTES)."""
     from .control import WIRE_ARGS, Command
 
-    return Command(lambda n: {"records": recent(n)}, args=WIRE_ARGS["logs"])
+    return Command(lambda n: recent_bounded(n), args=WIRE_ARGS["logs"])
 
 
 def follow(endpoint: str, *, timeout: float | None = None, curve=None) -> Iterator[dict]:
@@ -273,6 +423,6 @@ def log_socket_exists(endpoint: str) -> bool | None:
     return None if path is None else path.exists()
 
 
-__all__ = ["setup_daemon_logging", "close_daemon_logging", "recent", "pub_endpoint",
-           "logs_command", "follow",
+__all__ = ["setup_daemon_logging", "close_daemon_logging", "recent", "recent_bounded",
+           "pub_endpoint", "logs_command", "follow", "clip", "LogLimiter",
            "format_record", "to_record", "PubHandler", "LineFormatter"]

@@ -118,7 +118,14 @@ def test_command_reply_carries_the_handler_result(served):
     (b'{"v": 1, "cmd": "filter", "args": ["gray"]}', "malformed", '"args"'),
     (b'{"v": 1, "cmd": "status", "args": {}, "x": 1}', "malformed", "'x'"),
     (b'{"v": 1, "cmd": "scale", "args": {"factor": NaN}}', "malformed", "NaN"),
-], ids=["garbage", "not-json", "array", "no-version", "no-cmd", "args-list", "extra-field", "nan"])
+    (b'{"v": 1, "cmd": "scale", "args": {"factor": 1e999}}', "malformed", "out of range"),
+    (b"[" * 2048, "malformed", "nests lists or objects deeper"),
+    (b'{"v": 1, "cmd": "scale", "args": {"factor": ' + b"7" * 4301 + b"}}", "malformed",
+     "integer of 4301 digits"),
+    (b'{"v": 1, "id": 7, "cmd": "status", "args": {}}', "malformed", '"id" must be a string'),
+    (b'{"v": 1, "id": "' + b"x" * 65 + b'", "cmd": "status"}', "malformed", "1 to 64 characters"),
+], ids=["garbage", "not-json", "array", "no-version", "no-cmd", "args-list", "extra-field", "nan",
+        "float-overflow", "nested-2kb", "int-4301-digits", "id-not-a-string", "id-too-long"])
 def test_malformed_message_gets_an_error_and_changes_nothing(served, payload, code, words):
     daemon, server = served
     reply = raw_request(server.endpoint, payload)
@@ -214,6 +221,147 @@ def test_handler_exception_becomes_internal_error_and_is_logged(served, caplog):
     assert e.value.code == "internal" and "ZeroDivisionError: handler bug" in str(e.value)
     assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
     still_answers(server, daemon)
+
+
+def test_handler_failures_are_logged_once_however_often_they_happen(served, caplog):
+    # Each failure still gets its own `internal` reply; the log gets one traceback per kind
+    # and window (the rest are counted, then summarised), and the server goes on.
+    daemon, server = served
+    with ControlClient(server.endpoint, QUICK) as c:
+        for _ in range(30):
+            with pytest.raises(RemoteError) as e:
+                c.request("boom")
+            assert e.value.code == "internal"
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and server.internal_errors == 30
+    still_answers(server, daemon)
+
+
+def test_refused_requests_are_logged_rate_limited_and_clipped(served, caplog):
+    from protocol.control import LOG_PAYLOAD_CHARS, REFUSED_LOG_BURST
+
+    daemon, server = served
+    name = "n" * 20000
+    with ControlClient(server.endpoint, QUICK) as c:
+        for _ in range(200):
+            with pytest.raises(RemoteError) as e:
+                c.request(name)
+            assert e.value.code == "unknown_command" and len(str(e.value)) < 400
+    refused = [r for r in caplog.records if r.name == "protocol.control"]
+    assert len(refused) == REFUSED_LOG_BURST
+    assert all(len(r.getMessage()) < LOG_PAYLOAD_CHARS + 200 for r in refused)
+    still_answers(server, daemon)
+
+
+def test_the_log_limiter_writes_one_suppressed_line_when_its_window_ends(caplog):
+    import logging
+
+    from protocol.logs import LogLimiter
+
+    now = [0.0]
+    limiter = LogLimiter(logging.getLogger("mmfeed.test.limiter"), burst=3, window_s=60,
+                         clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="mmfeed.test.limiter"):
+        logged = [limiter.log("bad_argument", logging.WARNING, "refused %d", i) for i in range(50)]
+        assert logged == [True] * 3 + [False] * 47 and len(caplog.records) == 3
+        limiter.flush()  # the window is not over: nothing yet
+        assert len(caplog.records) == 3
+        now[0] = 61.0
+        limiter.flush()
+        assert len(caplog.records) == 4 and "suppressed 47 similar" in caplog.records[-1].getMessage()
+        assert limiter.log("bad_argument", logging.WARNING, "refused again")  # a new window
+        now[0] = 200.0
+        limiter.flush()  # nothing was suppressed in that window: no summary line
+        assert [r.getMessage() for r in caplog.records][-1] == "refused again"
+
+
+# --- request ids: a retry is answered, never run twice ----------------------------------------
+
+
+def _with_id(rid: str, cmd: str, **args) -> bytes:
+    return json.dumps({"v": CONTROL_VERSION, "id": rid, "cmd": cmd, "args": args}).encode()
+
+
+def test_a_repeated_request_id_is_answered_from_the_cache_without_running_again(served):
+    daemon, server = served
+    first = raw_request(server.endpoint, _with_id("req-1", "filter", spec="gray"))
+    again = raw_request(server.endpoint, _with_id("req-1", "filter", spec="gray"))
+    assert first == again == {"ok": True, "generation": 1, "id": "req-1"}
+    assert daemon.generation == 1 and server.replies.hits == 1
+    assert raw_request(server.endpoint, _with_id("req-2", "filter", spec="gray"))["generation"] == 2
+
+
+def test_a_request_without_an_id_still_works_and_is_never_cached(served):
+    daemon, server = served
+    body = json.dumps({"v": CONTROL_VERSION, "cmd": "filter", "args": {"spec": "gray"}}).encode()
+    assert raw_request(server.endpoint, body) == {"ok": True, "generation": 1}
+    assert raw_request(server.endpoint, body) == {"ok": True, "generation": 2}
+    assert len(server.replies) == 0
+
+
+def test_an_id_reused_for_another_request_is_refused_and_changes_nothing(served):
+    daemon, server = served
+    raw_request(server.endpoint, _with_id("same", "filter", spec="gray"))
+    reply = raw_request(server.endpoint, _with_id("same", "filter", spec="rgb"))
+    assert reply["ok"] is False and reply["error"]["code"] == "malformed"
+    assert "already used for another request" in reply["error"]["message"]
+    assert daemon.generation == 1 and daemon.spec == "gray"
+
+
+def test_the_reply_cache_is_bounded_in_entries_and_in_bytes():
+    from protocol.control import ReplyCache
+
+    cache = ReplyCache(entries=256, max_bytes=64 * 1024)
+    for i in range(1000):
+        cache.put(f"id{i}", b"d", b"x" * 100)
+    assert len(cache) == 256 and cache.get("id999", b"d") is not None and cache.get("id0", b"d") is None
+    for i in range(1000):
+        cache.put(f"big{i}", b"d", b"y" * 10000)
+    assert cache.bytes <= 64 * 1024 and len(cache) == 6
+    cache.put("huge", b"d", b"z" * 20000)  # over a quarter of the budget: not kept
+    assert cache.get("huge", b"d") is None
+
+
+SLOW_SERVER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from protocol.control import ControlServer, Command
+    runs = Path(sys.argv[2])
+    def create():
+        time.sleep(float(sys.argv[3]))   # a handler slower than the client's timeout
+        with runs.open("a") as f:
+            f.write("run\\n")
+        return {"generation": len(runs.read_text().splitlines())}
+    server = ControlServer(sys.argv[1], {
+        "create": Command(create),
+        "stats": Command(lambda: {"cache_hits": server.replies.hits,
+                                  "runs": len(runs.read_text().splitlines())}),
+    })
+    print("ready", flush=True)
+    while True:
+        server.poll(100)
+""")
+
+
+def test_a_command_slower_than_the_client_timeout_runs_exactly_once(sockdir):
+    # The client gives up on its first socket after 0.25 s and retries on fresh ones; the
+    # handler takes 1 s. Every retry carries the request's id: the daemon runs the command
+    # once and answers the retry waiting when it is done from its reply cache.
+    runs = sockdir / "runs.txt"
+    runs.write_text("")
+    endpoint = f"ipc://{sockdir}/slow.sock"
+    p = subprocess.Popen([sys.executable, "-c", SLOW_SERVER_SCRIPT, endpoint, str(runs), "1.0"],
+                         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        with ControlClient(endpoint, Timeouts(request=0.25, retries=80)) as c:
+            assert c.request("create") == {"ok": True, "generation": 1}
+            stats = c.request("stats")
+        assert stats["runs"] == 1 and runs.read_text() == "run\n"
+        assert stats["cache_hits"] >= 1  # the reply came from the cache, to a retry
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_plain_callable_takes_its_spec_from_the_signature(sockdir):

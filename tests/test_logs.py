@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import zmq
 
 from protocol import logs
 from protocol.control import ControlClient, ControlServer, Timeouts
@@ -108,6 +109,37 @@ def test_logs_command_serves_recent_records_over_control(logfile, sockdir):
         with ControlClient(server.endpoint, Timeouts(0.5, 0)) as c:
             records = c.request("logs", n=10)["records"]
     assert any(r["msg"] == "ring replaced" and r["fields"] == {"epoch": 9} for r in records)
+
+
+def test_a_logs_reply_stays_under_its_byte_bound_and_says_it_was_truncated(logfile, sockdir):
+    # 1,000 records of 4 KiB each are 4 MiB; the reply keeps the newest that fit in the bound.
+    log = logs.setup_daemon_logging("producer", None, stream=logfile)
+    for i in range(1000):
+        log.warning("refused %s", "x" * 4000, extra={"i": i})
+    with ControlServer(f"ipc://{sockdir}/c.sock", {"logs": logs.logs_command()}) as server:
+        server.serve_in_thread(poll_ms=20)
+        sock = zmq.Context.instance().socket(zmq.REQ)
+        sock.connect(server.endpoint)
+        sock.send(json.dumps({"v": 1, "cmd": "logs", "args": {"n": 1000}}).encode())
+        assert sock.poll(5000)
+        raw = sock.recv()
+        sock.close(linger=0)
+    reply = json.loads(raw)
+    assert len(raw) <= logs.LOGS_REPLY_MAX_BYTES + 1024
+    assert reply["truncated"] is True and reply["omitted"] > 0
+    assert reply["omitted"] + len(reply["records"]) == 1000
+    assert reply["records"][-1]["fields"]["i"] == 999  # the newest are the ones kept
+
+
+def test_records_are_clipped_so_a_huge_message_cannot_fill_memory_or_the_log(logfile):
+    log = logs.setup_daemon_logging("producer", None, stream=logfile)
+    log.warning("refused: %s", "y" * 1_000_000, extra={"payload": "z" * 100_000,
+                                                      "big": 10 ** 5000})
+    rec = logs.recent(1)[0]
+    assert len(rec["msg"]) < logs.MAX_MSG_CHARS + 100
+    assert len(rec["fields"]["payload"]) < logs.MAX_FIELD_CHARS + 100
+    assert rec["fields"]["big"].startswith("<an integer of")
+    assert len(lines(logfile)[0]) < logs.MAX_MSG_CHARS + 3 * logs.MAX_FIELD_CHARS
 
 
 def test_published_records_reach_a_subscriber(logfile, sockdir):

@@ -470,3 +470,80 @@ def test_logs_follow_without_a_log_socket_names_the_log_sockets_tried(shell_and_
 def test_logs_follow_over_tcp_without_keys_is_a_usage_error(rundir):
     r = run("--producer", "tcp://127.0.0.1:5999", "logs", "-f")
     assert r.exit_code == 2 and "tcp://127.0.0.1:6000" in r.output and "--keys" in r.output
+
+
+def test_logs_says_when_older_records_were_left_out_of_a_bounded_reply(producer, rundir):
+    log = logs.setup_daemon_logging("producer", None, stream=open(os.devnull, "w"))
+    try:
+        for i in range(400):
+            log.warning("refused %s", "x" * 4000, extra={"i": i})
+        r = CliRunner().invoke(main, ["--timeout", "5", "logs", "-n", "400"])
+        assert r.exit_code == 0 and "older records left out" in r.stderr
+        out = last_json(CliRunner().invoke(main, ["--timeout", "5", "--json", "logs", "-n", "400"]))
+        assert out["truncated"] is True and out["omitted"] + len(out["records"]) == 400
+        assert out["records"][-1]["fields"]["i"] == 399
+    finally:
+        logs.close_daemon_logging()
+
+
+# --- request ids ------------------------------------------------------------------------------
+
+
+class DroppingDaemon:
+    """A ROUTER standing in for a daemon that is slow: it ignores the first `drop` requests it
+    receives (their clients time out) and answers the rest, recording every request body."""
+
+    def __init__(self, endpoint: str, drop: int):
+        import zmq
+
+        self.received: list[dict] = []
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(endpoint)
+        self._drop = drop
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(20):
+                continue
+            ident, empty, body = self._sock.recv_multipart()
+            msg = json.loads(body)
+            self.received.append(msg)
+            if len(self.received) > self._drop:
+                reply = {"ok": True, "id": msg.get("id"), "generation": 2}
+                self._sock.send_multipart([ident, empty, json.dumps(reply).encode()])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def test_each_mmctl_command_sends_a_new_request_id(rundir):
+    fake = DroppingDaemon(paths.control_endpoint("producer"), drop=0)
+    try:
+        for _ in range(2):
+            assert run("--json", "label", "a").exit_code == 0
+    finally:
+        fake.close()
+    ids = [m.get("id") for m in fake.received]
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert all(isinstance(i, str) and len(i) == 32 for i in ids)
+
+
+def test_a_retry_after_a_timeout_repeats_the_request_id(rundir):
+    # The daemon answers only the retry; the retry must be recognisable as the same request.
+    fake = DroppingDaemon(paths.control_endpoint("producer"), drop=1)
+    try:
+        r = CliRunner().invoke(main, ["--json", "--timeout", "1", "label", "a"])
+    finally:
+        fake.close()
+    assert r.exit_code == 0, r.output
+    assert last_json(r)["generation"] == 2 and "id" not in last_json(r)
+    first, retry = fake.received
+    assert first == retry and first["id"]
