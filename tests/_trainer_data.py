@@ -50,11 +50,12 @@ def unique_name(prefix: str = "mmt") -> str:
 
 
 def _produce(name: str, mode: str, rate: float, gray_after: int | None, start_index: int,
-             stop, seed: int, alternate_schemas: bool = False) -> None:
+             stop, seed: int, alternate_schemas: bool = False, label: int | None = None) -> None:
     from protocol.ring import RingConfig, RingWriter
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     rng = np.random.default_rng(seed)
+    fixed_label = label
     w = RingWriter.create(RingConfig(name=name, slots=16, slot_bytes=64 << 10, mode=mode))
     try:
         i = start_index
@@ -75,8 +76,10 @@ def _produce(name: str, mode: str, rate: float, gray_after: int | None, start_in
                 # interleaved with the first, sample by sample.
                 arrays["imu"] = rng.standard_normal(6).astype(np.float32)
             schema = SampleSchema.from_arrays(arrays)
+            meta_label = label if fixed_label is None else fixed_label
             try:
-                w.publish(schema, SampleMeta(label=label, index=i, generation=gen, source="live"),
+                w.publish(schema, SampleMeta(label=meta_label, index=i, generation=gen,
+                                             source="live"),
                           arrays, timeout=0.2)
             except Exception as e:  # RingFull in lossless mode with no reader: try again
                 if type(e).__name__ != "RingFull":
@@ -97,11 +100,14 @@ class LiveProducer:
 
     def __init__(self, name: str, *, mode: str = "lossy", rate: float = 0.0,
                  gray_after: int | None = None, start_index: int = 0, seed: int = 1,
-                 alternate_schemas: bool = False):
+                 alternate_schemas: bool = False, label: int | None = None):
+        """`label`: every sample's label (-1: unlabelled, as a live source without --label);
+        None: the class drawn into the sample."""
         ctx = mp.get_context("fork")
         self.stop_event = ctx.Event()
         self.proc = ctx.Process(target=_produce, args=(name, mode, rate, gray_after, start_index,
-                                                       self.stop_event, seed, alternate_schemas),
+                                                       self.stop_event, seed, alternate_schemas,
+                                                       label),
                                 daemon=True)
         self.name = name
 

@@ -36,7 +36,7 @@ def _env(tmp_path: Path) -> dict:
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
     return {**os.environ, "MMFEED_RUNTIME_DIR": str(run), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT)}
+            "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
 
 
 def _wait(cond, timeout=60.0, what="condition"):
@@ -49,15 +49,18 @@ def _wait(cond, timeout=60.0, what="condition"):
         time.sleep(0.05)
 
 
-@pytest.fixture
-def daemon(cache, tmp_path):
-    """A long `mm-trainer run` (disk only) with its control endpoint; killed at the end."""
+def _start_daemon(cache: Path, tmp_path: Path, *extra: str, env: dict | None = None):
+    """A long `mm-trainer run` (disk only) with its control endpoint, once it has stepped.
+    Its stderr goes to a file (`proc.stderr_file`): a pipe nobody reads would block it."""
     endpoint = f"ipc://{tmp_path}/t.sock"
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
-         "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--control", endpoint,
-         "--log-interval", "0.2"],  # the log socket goes next to --control: t.log.sock
-        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_file = tmp_path / "stderr.log"
+    with open(stderr_file, "wb") as err:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
+             "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--control", endpoint,
+             "--log-interval", "0.2", *extra],  # the log socket goes next to --control
+            env={**_env(tmp_path), **(env or {})}, stdout=subprocess.PIPE, stderr=err, text=True)
+    proc.stderr_file = stderr_file
     client = ControlClient(endpoint, Timeouts(request=2.0, retries=0))
 
     def status():
@@ -65,23 +68,34 @@ def daemon(cache, tmp_path):
             return client.request("status")
         except Exception:
             if proc.poll() is not None:
-                raise AssertionError(f"trainer exited: {proc.communicate()[1][-2000:]}")
+                raise AssertionError(f"trainer exited: {stderr_file.read_text()[-2000:]}")
             return None
 
     _wait(lambda: (s := status()) and s["step"] >= 2 and s, what="trainer steps")
-    yield proc, client, endpoint, tmp_path / "ck"
+    return proc, client, endpoint
+
+
+def _stop(proc, client) -> None:
     client.close()
     if proc.poll() is None:
         proc.kill()
         proc.wait(10)
 
 
+@pytest.fixture
+def daemon(cache, tmp_path):
+    """A long `mm-trainer run` (disk only) with its control endpoint; killed at the end."""
+    proc, client, endpoint = _start_daemon(cache, tmp_path)
+    yield proc, client, endpoint, tmp_path / "ck"
+    _stop(proc, client)
+
+
 def test_sigterm_writes_a_checkpoint_and_exits_zero(daemon):
     proc, client, _, ck = daemon
     step = client.request("status")["step"]
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.stderr_file.read_text()[-2000:]
     saved = sorted(ck.glob("ckpt-*.pt"))
     assert saved and int(saved[-1].stem.split("-")[1]) >= step
 
@@ -111,28 +125,25 @@ def test_control_commands_pause_resume_mix_checkpoint_and_status(daemon):
     assert "records" in client.request("logs", n=5)
 
 
-@pytest.mark.parametrize("raw, code", [
+MALFORMED = [
     (b"not json", "malformed"),
     (b'["a list"]', "malformed"),
     (b'{"v": 1, "cmd": "mix", "args": {"fraction": "lots"}}', "bad_argument"),
     (b'{"v": 1, "cmd": "explode", "args": {}}', "unknown_command"),
     (b'{"v": 99, "cmd": "status", "args": {}}', "version_mismatch"),
-])
-def test_malformed_control_messages_get_errors_and_the_trainer_keeps_training(daemon, raw, code):
+    (b"[" * 2048, "malformed"),                                              # RecursionError
+    (b'{"v": 1, "cmd": "mix", "args": {"fraction": ' + b"9" * 4301 + b"}}", "malformed"),
+]
+
+
+def test_malformed_control_messages_get_errors_and_the_trainer_keeps_training(daemon):
+    # One daemon for every case (each start costs seconds); each case is checked on its own.
     proc, client, endpoint, _ = daemon
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    try:
-        s.send(raw)
-        assert s.poll(5000), "no reply"
-        reply = json.loads(s.recv())
-    finally:
-        s.close()
-    assert reply["ok"] is False and reply["error"]["code"] == code
-    step = client.request("status")["step"]
-    _wait(lambda: client.request("status")["step"] > step, what="training to go on")
+    for raw, code in MALFORMED:
+        _, reply = _raw(endpoint, raw)
+        assert reply["ok"] is False and reply["error"]["code"] == code, (raw[:40], reply)
+        step = client.request("status")["step"]
+        _wait(lambda: client.request("status")["step"] > step, what="training to go on")
 
 
 def test_missing_cache_is_a_clear_error_and_exit_code_2(tmp_path):
@@ -359,3 +370,89 @@ def test_tcp_control_needs_curve_keys_and_answers_mmctl_with_them(cache, tmp_pat
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def _raw(endpoint: str, payload: bytes) -> tuple[bytes, dict]:
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(payload)
+        assert s.poll(10000), "no reply"
+        raw = s.recv()
+    finally:
+        s.close()
+    return raw, json.loads(raw)
+
+
+def test_messages_that_broke_the_json_parser_leave_sigterm_checkpointing_intact(daemon):
+    # ~2 KB of nested [ (RecursionError) and a 4301-digit integer (ValueError) each made the
+    # trainer exit 1 without its SIGTERM checkpoint.
+    proc, client, endpoint, ck = daemon
+    for payload in (b"[" * 2048, b"{" * 2048,
+                    b'{"v": 1, "cmd": "mix", "args": {"fraction": ' + b"1" * 5000 + b"}}",
+                    b'{"v": 1, "cmd": "mix", "args": {"fraction": 1e999}}'):
+        _, reply = _raw(endpoint, payload)
+        assert reply["ok"] is False and reply["error"]["code"] == "malformed", reply
+    step = client.request("status")["step"]
+    _wait(lambda: client.request("status")["step"] > step, what="training to go on")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0, proc.stderr_file.read_text()[-2000:]
+    assert sorted(ck.glob("ckpt-*.pt")), "no SIGTERM checkpoint"
+
+
+def test_a_checkpoint_request_slower_than_the_client_timeout_writes_one_checkpoint(cache,
+                                                                                   tmp_path):
+    # The model's state_dict takes 1.5 s; the client gives up on a socket after 0.3 s and
+    # retries. The retries carry the request's id: one checkpoint, and the reply reaches us.
+    proc, client, endpoint = _start_daemon(cache, tmp_path, "--model", "_slow_model:build",
+                                           env={"MMFEED_TEST_SAVE_DELAY": "1.5"})
+    try:
+        patient = ControlClient(endpoint, Timeouts(request=0.3, retries=60))
+        reply = patient.request("checkpoint")
+        patient.close()
+        assert Path(reply["checkpoint"]).exists()
+        records = client.request("logs", n=1000)["records"]
+    finally:
+        _stop(proc, client)
+    written = [r for r in records if r["msg"] == "checkpoint written"]
+    assert len(written) == 1, written
+    assert len(list((tmp_path / "ck").glob("ckpt-*.pt"))) == 1
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_refused_large_requests_keeps_the_log_and_memory_bounded(daemon):
+    # 1,100 refused 63 KB requests wrote 139 MB of log in 2 s and grew RSS by 120 MB; one
+    # `logs` reply was 147 MB.
+    from protocol import logs
+
+    proc, client, endpoint, _ = daemon
+    client.request("pause")  # paused, the loop answers each request as it comes
+    err_before = proc.stderr_file.stat().st_size
+    rss_before = _rss_kib(proc.pid)
+    name = "x" * (63 * 1024)
+    s = zmq.Context.instance().socket(zmq.REQ)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        for i in range(1100):
+            s.send(json.dumps({"v": 1, "cmd": name[: len(name) - i], "args": {}}).encode())
+            assert s.poll(10000), f"no reply to request {i}"
+            assert json.loads(s.recv())["error"]["code"] == "unknown_command"
+    finally:
+        s.close()
+    raw, reply = _raw(endpoint, json.dumps({"v": 1, "cmd": "logs", "args": {"n": 1000}}).encode())
+    rss_growth_mib = (_rss_kib(proc.pid) - rss_before) / 1024
+    client.request("resume")
+    log_growth = proc.stderr_file.stat().st_size - err_before
+    assert log_growth < 64 * 1024, f"{log_growth} bytes of log for 1,100 refused requests"
+    assert rss_growth_mib < 32, f"RSS grew {rss_growth_mib:.0f} MiB"
+    assert reply["ok"] and len(raw) <= logs.LOGS_REPLY_MAX_BYTES + 1024
+    assert proc.poll() is None

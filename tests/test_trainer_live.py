@@ -287,3 +287,163 @@ def test_log_interval_metrics_are_computed_over_the_interval(cache, ring, tmp_pa
     assert m["stall_fraction"] == round(meter.wait_s / meter.step_s, 4)
     # samples/s over the interval's wall time, which contains every step's time
     assert 0 < m["samples_per_s"] <= n / meter.step_s + 0.01
+
+
+# --- unlabelled live samples (NOTE [unlabelled samples] in trainer/loop.py) --------------------
+
+
+def _train_until(tr: Trainer, cond, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        tr.step_once(timeout=1.0)
+
+
+def test_unlabelled_live_samples_are_counted_and_left_out_of_the_loss(cache, ring, tmp_path):
+    # A media/URL source without --label publishes label -1: the trainer must neither crash
+    # (cross_entropy: "Target -1 is out of bounds") nor learn from a made-up class.
+    name, start = ring
+    start(mode="lossless", label=-1)
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=0.5, batch_size=8, checkpoint_dir=tmp_path))
+    try:
+        _until(lambda: tr.live.ready(), what="first live batch")
+        _train_until(tr, lambda: tr.samples_live >= 32 and tr.step >= 10, "live and disk steps")
+        m = tr.reset_meter()
+        st, summary = tr.status(), tr.summary()
+    finally:
+        tr.close()
+    assert tr.samples_unlabelled == tr.samples_live >= 32 and tr.samples_bad_label == 0
+    assert st["samples_unlabelled"] == summary["samples_unlabelled"] == tr.samples_unlabelled
+    assert m["unlabelled"] > 0 and m["loss"] is not None and np.isfinite(m["loss"])
+    assert np.isfinite(tr.loss)
+    # every optimiser step had labelled (disk) samples; live-only steps made none
+    assert summary["steps"] == tr.step and tr.steps_unlabelled == st["steps_unlabelled"]
+
+
+def test_a_step_without_any_labelled_sample_makes_no_optimiser_step(cache, ring, tmp_path):
+    name, start = ring
+    start(mode="lossless", label=-1)
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=1.0, batch_size=8, checkpoint_dir=tmp_path))
+    rec = tr.prefetcher = _RecordingPrefetcher(tr.prefetcher)
+    live_only = 0
+    try:
+        _until(lambda: tr.live.ready(), what="first live batch")
+        deadline = time.monotonic() + 60
+        while live_only < 3:
+            assert time.monotonic() < deadline, "no three live-only steps within 60 s"
+            before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+            step, n_batches = tr.step, len(rec.batches)
+            assert tr.step_once(timeout=10.0)
+            if not rec.batches[n_batches][1]:
+                continue  # a disk batch (the mixer falls back to disk when none is ready)
+            live_only += 1
+            after = tr.model.state_dict()
+            assert tr.step == step  # no optimiser step: not even AdamW's weight decay ran
+            assert all(torch.equal(before[k], after[k]) for k in before)
+        assert tr.steps_unlabelled >= 3 and tr.samples_unlabelled >= 24
+        assert 1 in tr.generations_trained and tr.last_generation == 1  # `mmctl wait 1` returns
+    finally:
+        tr.close()
+
+
+def test_labels_outside_the_class_list_are_counted_logged_once_and_left_out(cache, ring, tmp_path,
+                                                                           caplog):
+    # `mmctl label 7` on a producer with no class list: label 7 of a 3-class cache.
+    name, start = ring
+    start(mode="lossless", label=7)
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=0.5, batch_size=8, checkpoint_dir=tmp_path))
+    try:
+        with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+            _until(lambda: tr.live.ready(), what="first live batch")
+            _train_until(tr, lambda: tr.samples_live >= 32 and tr.step >= 4, "live batches")
+        st = tr.status()
+    finally:
+        tr.close()
+    assert st["samples_bad_label"] == tr.samples_live >= 32 and st["samples_unlabelled"] == 0
+    said = [r.getMessage() for r in caplog.records if "label 7" in r.getMessage()]
+    assert len(said) == 1 and "classes 0..2 (a, b, c)" in said[0] and "--classes" in said[0]
+    assert np.isfinite(tr.loss)
+
+
+# --- run and lifetime figures after a resume (NOTE [run and lifetime]) -------------------------
+
+
+def test_after_a_resume_rates_are_this_runs_and_lifetime_totals_are_separate(cache, ring,
+                                                                             tmp_path):
+    from trainer import checkpoint as ckpt
+
+    name, start = ring
+    first = Trainer(TrainConfig(cache=cache, mix=0.0, batch_size=8, checkpoint_dir=tmp_path))
+    try:
+        _train(first, 2)
+        path = first.save_checkpoint()
+    finally:
+        first.close()
+    # a checkpoint of a long life: a million samples each side
+    state = ckpt.load(path)
+    state["counts"] = {"live": 1_000_000, "disk": 1_000_000}
+    ckpt.save(tmp_path, state["step"], state)  # replaces it (atomically)
+
+    start(mode="lossless")
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=0.5, batch_size=8, checkpoint_dir=tmp_path))
+    try:
+        assert tr.step == 2
+        _until(lambda: tr.live.ready(), what="first live batch")
+        _train(tr, 6)
+        st, summary = tr.status(), tr.summary()
+        saved = tr.state_dict()["counts"]
+    finally:
+        tr.close()
+    run_samples = tr.samples_live + tr.samples_disk
+    assert 0 < run_samples <= 6 * 8 and tr.samples_live > 0
+    assert summary["samples_live"] == tr.samples_live and summary["samples_disk"] == tr.samples_disk
+    assert summary["samples_per_s"] == round(run_samples / tr.total_step_s, 2)
+    assert summary["copies_per_sample"] == st["copies_per_sample"] == 1.0
+    assert st["samples_per_s"] <= run_samples / tr.total_step_s  # this run's time, not less
+    assert summary["lifetime_samples_live"] == 1_000_000 + tr.samples_live
+    assert summary["lifetime_samples_disk"] == 1_000_000 + tr.samples_disk
+    assert st["run_steps"] == 6 and st["resumed_from_step"] == 2 and st["lifetime_steps"] == 8
+    assert saved["live"] == 1_000_000 + tr.samples_live  # the next checkpoint carries them on
+
+
+# --- live starvation ---------------------------------------------------------------------------
+
+
+def test_a_live_source_slower_than_the_mix_asks_is_reported_as_starved(cache, ring, tmp_path,
+                                                                       caplog):
+    name, start = ring
+    start(rate=5)  # 5 samples/s: far below half of what the trainer takes from disk
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=0.5, batch_size=4, checkpoint_dir=tmp_path))
+    try:
+        _until(lambda: tr.live.ready(), what="first live batch")
+        tr.reset_meter()
+        with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+            _train_until(tr, lambda: tr._meter.samples_live >= 8, "two live batches")
+            m = tr.reset_meter()
+        st = tr.status()
+    finally:
+        tr.close()
+    assert m["live_fraction_target"] == 0.5 and m["live_fraction"] < 0.4
+    assert m["live_starved"] is True
+    assert 0 < m["live_in_per_s"] < m["live_wanted_per_s"]
+    assert m["live_note"].startswith(f"live starved: producer {m['live_in_per_s']:.1f} samples/s, "
+                                     f"trainer wants {m['live_wanted_per_s']:.1f}")
+    assert "mmctl mix" in m["live_note"]
+    for key in ("live_in_per_s", "live_wanted_per_s", "live_starved", "live_note"):
+        assert st[key] == m[key], key
+    assert sum("live starved" in r.getMessage() for r in caplog.records) == 1  # said once
+
+
+def test_a_live_source_that_keeps_up_is_not_reported_as_starved(cache, ring, tmp_path):
+    name, start = ring
+    start(mode="lossless")  # a live batch is always waiting
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=0.5, batch_size=8, checkpoint_dir=tmp_path))
+    try:
+        _until(lambda: tr.live.ready(), what="first live batch")
+        _train(tr, 10)
+        tr.reset_meter()
+        _train(tr, 10)
+        m = tr.reset_meter()
+    finally:
+        tr.close()
+    assert m["live_starved"] is False and m["live_note"] is None and m["live_in_per_s"] > 0

@@ -309,3 +309,76 @@ def test_on_a_gpu_with_bf16_training_steps_run_under_bf16_autocast_by_default(ca
         hook.remove()
         tr.close()
     assert seen and all(d == torch.bfloat16 for d in seen)
+
+
+# --- which live fraction a resumed run uses ------------------------------------------------------
+
+
+def _checkpoint_with_mix(cache: Path, directory: Path, mix: float) -> None:
+    tr = Trainer(TrainConfig(cache=cache, batch_size=8, checkpoint_dir=directory))
+    try:
+        _train(tr, 1)
+        path = tr.save_checkpoint()
+    finally:
+        tr.close()
+    state = ckpt.load(path)
+    state["mix"] = mix  # as a run at `mmctl mix 0.7` saved it
+    ckpt.save(directory, state["step"], state)
+
+
+def _trainer_and_log(caplog, **cfg) -> tuple[Trainer, list[str]]:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+        tr = Trainer(TrainConfig(**cfg))
+    return tr, [r.getMessage() for r in caplog.records if r.getMessage().startswith("live fraction")]
+
+
+def test_a_mix_given_on_the_command_line_wins_over_the_checkpoints(cache, tmp_path, caplog):
+    from _trainer_data import unique_name
+
+    _checkpoint_with_mix(cache, tmp_path, 0.7)
+    tr, said = _trainer_and_log(caplog, cache=cache, ring=unique_name(), mix=0.2, batch_size=8,
+                                checkpoint_dir=tmp_path)
+    try:
+        assert tr.step == 1 and tr.mixer.fraction == 0.2 and tr.cfg.mix_source == "given"
+        assert tr.status()["live_fraction_source"] == "given"
+    finally:
+        tr.close()
+    assert said == ["live fraction 0.2: given with --mix; it wins over 0.7 saved in the "
+                    "checkpoint ckpt-00000001.pt"]
+
+
+def test_without_a_mix_given_the_checkpoints_is_restored_and_the_log_says_so(cache, tmp_path,
+                                                                            caplog):
+    from _trainer_data import unique_name
+
+    _checkpoint_with_mix(cache, tmp_path, 0.7)
+    tr, said = _trainer_and_log(caplog, cache=cache, ring=unique_name(), batch_size=8,
+                                checkpoint_dir=tmp_path)
+    try:
+        assert tr.mixer.fraction == 0.7 and tr.status()["live_fraction_source"] == "checkpoint"
+    finally:
+        tr.close()
+    assert said == ["live fraction 0.7: restored from the checkpoint ckpt-00000001.pt (no --mix "
+                    "given; --mix F sets another)"]
+
+
+def test_a_checkpoints_live_mix_is_not_restored_into_a_run_without_a_ring(cache, tmp_path, caplog):
+    _checkpoint_with_mix(cache, tmp_path, 0.7)
+    tr, said = _trainer_and_log(caplog, cache=cache, batch_size=8, checkpoint_dir=tmp_path)
+    try:
+        assert tr.mixer.fraction == 0.0 and tr.cfg.mix_source == "default"
+    finally:
+        tr.close()
+    assert said == ["live fraction 0: the default without --ring (disk only) (no --mix given; "
+                    "the checkpoint's 0.7 needs a ring)"]
+
+
+def test_a_fresh_run_says_its_mix_is_the_default(cache, tmp_path, caplog):
+    from _trainer_data import unique_name
+
+    tr, said = _trainer_and_log(caplog, cache=cache, ring=unique_name(), batch_size=8,
+                                checkpoint_dir=tmp_path)
+    tr.close()
+    assert said == ["live fraction 0.5: the default with --ring (no --mix given)"]

@@ -28,7 +28,9 @@ def main() -> None:
               help="Disk cache directory written by `mm-producer preprocess`.")
 @click.option("--ring", default=None, help="Live ring name; without it, disk only.")
 @click.option("--mix", type=float, default=None,
-              help="Live fraction in [0, 1] (default 0.5 with --ring, else 0); `mmctl mix`.")
+              help="Live fraction in [0, 1]; `mmctl mix` changes it. Given, it wins over a "
+                   "resumed checkpoint's; not given: the checkpoint's, else 0.5 with --ring, else "
+                   "0 (the start-up log says which and why).")
 @click.option("--model", default=None, help="Your model as module:factory "
               "(factory(example_schema, num_classes) -> nn.Module); default late fusion.")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None,

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from protocol.control import ControlServer, DaemonSockets, daemon_sockets, wire_command
 from protocol.errors import BadArgument, MmfeedError
 from protocol.heap import HeapTrimmer
-from protocol.logs import close_daemon_logging, logs_command, setup_daemon_logging
+from protocol.logs import LogLimiter, close_daemon_logging, logs_command, setup_daemon_logging
 from protocol.notify import Notifier, watchdog_interval
 
 from .loop import Dist, Trainer, TrainConfig
@@ -73,6 +73,7 @@ class TrainerDaemon:
                               "only fraction 0 is possible")
         previous = self.trainer.mixer.fraction
         self.trainer.mixer.set_fraction(fraction)
+        self.cfg.mix_source = "mmctl"
         log.info("live fraction changed", extra={"previous": previous, "fraction": fraction})
         return {"fraction": fraction, "previous": previous}
 
@@ -94,6 +95,18 @@ class TrainerDaemon:
         self.paused = False
         log.info("resumed", extra={"step": self.trainer.step})
         return {"state": "running", "step": self.trainer.step}
+
+    def _serve(self, timeout_ms: int, errors: LogLimiter) -> None:
+        """Answer control requests. `ControlServer.poll` turns whatever a request does into a
+        reply; this catch is the loop's last resort for the rest (a socket error, a bug in the
+        server itself): logged once a minute, and training goes on."""
+        if self.server is None:
+            return
+        try:
+            self.server.poll(timeout_ms)
+        except Exception as e:
+            errors.log(type(e).__name__, logging.ERROR, "control socket failed; training goes "
+                       "on: %s: %s", type(e).__name__, e, exc_info=True)
 
     # --- signals -----------------------------------------------------------------------------
 
@@ -176,18 +189,19 @@ class TrainerDaemon:
             }, curve=socks.control_curve)
         self._last_wd = last_log = time.monotonic()
         heap = HeapTrimmer()
+        loop_errors = LogLimiter(log, burst=1, window_s=60.0)
         tr.state = "running"
         if self.notifier:
             self.notifier.ready(f"training, control at {self.server.endpoint}")
         log.info("training started", extra={
             "step": tr.step, "total_steps": tr.total_steps, "ring": self.cfg.ring,
-            "mix": tr.mixer.fraction, "device": str(tr.device), "rank": self.dist.rank,
+            "mix": tr.mixer.fraction, "mix_source": self.cfg.mix_source,
+            "device": str(tr.device), "rank": self.dist.rank,
             "world_size": self.dist.world_size,
             "control": self.server.endpoint if self.server else None})
         try:
             while True:
-                if self.server is not None:
-                    self.server.poll(0)
+                self._serve(0, loop_errors)
                 self._keepalive()
                 heap.maybe(time.monotonic())
                 stop, ck, paused = self._sync()
@@ -201,13 +215,14 @@ class TrainerDaemon:
                 if paused:
                     tr.state = "paused"
                     if self.server is not None:
-                        self.server.poll(50)
+                        self._serve(50, loop_errors)
                     else:
                         time.sleep(0.05)  # non-zero ranks: the next _sync is the wait
                     continue
                 tr.state = "running"
-                got = tr.step_once(timeout=0.5 if not self.dist.enabled else 30.0)
-                if got:
+                before = tr.step
+                tr.step_once(timeout=0.5 if not self.dist.enabled else 30.0)
+                if tr.step != before:  # an optimiser step (not data without labels)
                     if self.cfg.eval_interval and tr.step % self.cfg.eval_interval == 0:
                         self._evaluate()
                     if self.cfg.checkpoint_interval and tr.step % self.cfg.checkpoint_interval == 0:
@@ -218,7 +233,8 @@ class TrainerDaemon:
                     if m:
                         log.info("train", extra=m)
                         if self.notifier:
-                            self.notifier.status(f"step {tr.step} loss {m.get('loss')}")
+                            self.notifier.status(f"step {tr.step} loss {m.get('loss')}" + (
+                                f"; {m['live_note']}" if m.get("live_note") else ""))
             if not self.stop_requested:
                 # Before STOPPING=1: systemd's stop timeout, not the watchdog, governs what
                 # comes after it, and a big val split would outlast TimeoutStopSec.

@@ -9,6 +9,20 @@ to float (uint8 / 255), adapt shapes to what the model expects (`ShapeAdapter`),
 AMP (bf16 on GPUs that support it, off on the CPU), backward, and every `accum` micro-batches
 an AdamW step. Under torchrun each rank reads its own cache shard and its own ring reader;
 gradients are averaged by DDP (gloo on CPU, NCCL on GPU).
+
+NOTE [unlabelled samples]: a live source without a label publishes label -1 (`UNLABELLED`),
+a normal case, not an error. The supervised loss is the mean cross-entropy over the batch's
+LABELLED samples only (labels in [0, num_classes)); unlabelled ones are counted
+(`samples_unlabelled`), and labels outside the class list (a producer whose class list differs
+from the cache's) are counted as `samples_bad_label` and logged once per value, both left out
+of the loss. A step in which no sample was labelled (on any rank) makes no optimiser step: it
+does not count in `step`, it is counted in `steps_unlabelled`, and its generations still count
+as seen by training (`generation`, so `mmctl wait` returns on an unlabelled stream too).
+
+NOTE [run and lifetime]: a resumed trainer continues the step counter and the lifetime sample
+counts from its checkpoint, but every rate it reports is this run's: `samples_per_s` and
+`copies_per_sample` are this run's counts over this run's time, and `samples_live`/`_disk`
+are this run's; the checkpoint's totals plus this run's are `lifetime_*`.
 """
 from __future__ import annotations
 
@@ -25,6 +39,7 @@ import torch.nn.functional as F
 
 from protocol.cache import CacheReader
 from protocol.errors import CacheError
+from protocol.schema import UNLABELLED
 
 from . import checkpoint as ckpt
 from .adapt import ShapeAdapter
@@ -34,6 +49,11 @@ from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
 from .recent import RecentGenerations
 
 log = logging.getLogger(__name__)
+
+IGNORE_LABEL = -100          # cross_entropy's ignore_index: what unusable labels become
+BAD_LABELS_LOGGED = 8        # distinct out-of-range label values logged (each once)
+STARVED_BELOW = 0.8          # achieved live fraction under this share of the target ...
+MIX_SOURCES = ("given", "checkpoint", "default", "mmctl")
 
 
 @dataclass
@@ -61,6 +81,9 @@ class TrainConfig:
     device: str = "auto"
     ring_start: str = "newest"
     resume: bool = True
+    # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
+    # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
+    mix_source: str = field(default="default", init=False)
 
     def __post_init__(self) -> None:
         self.cache = Path(self.cache)
@@ -68,6 +91,9 @@ class TrainConfig:
             self.checkpoint_dir = Path(self.checkpoint_dir)
         if self.mix is None:
             self.mix = 0.5 if self.ring else 0.0
+            self.mix_source = "default"
+        else:
+            self.mix_source = "given"
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"--mix {self.mix}: expected a live fraction in [0, 1]")
         if self.mix > 0 and not self.ring:
@@ -102,12 +128,17 @@ class Meter:
     """Counters over one log interval."""
 
     t0: float = field(default_factory=time.monotonic)
-    steps: int = 0
+    steps: int = 0               # optimiser steps
+    steps_unlabelled: int = 0    # steps with no labelled sample: no optimiser step
     samples: int = 0
     samples_live: int = 0
+    samples_unlabelled: int = 0
+    samples_bad_label: int = 0
     wait_s: float = 0.0
     step_s: float = 0.0
     loss_sum: float = 0.0
+    live_received: int = 0       # the ring loader's received count when the interval began
+    live_misses: int = 0         # the mixer's "wanted live, none ready" count then
 
 
 class Trainer:
@@ -149,8 +180,19 @@ class Trainer:
         self.checkpoint_path: Path | None = None
         self.accuracy: float | None = None
         self.loss: float | None = None
+        # NOTE [run and lifetime]: these counters are this run's; `lifetime_base` holds the
+        # resumed checkpoint's totals (state_dict saves base + run).
         self.samples_live = self.samples_disk = 0
+        self.samples_unlabelled = self.samples_bad_label = 0
+        self.steps_unlabelled = 0
         self.live_copies = 0
+        self.lifetime_base = {"live": 0, "disk": 0, "unlabelled": 0, "bad_label": 0}
+        self.resumed_from: Path | None = None
+        self.resumed_step = 0
+        self.checkpoint_mix: float | None = None
+        self._bad_labels_logged: set[int] = set()
+        self._unlabelled_logged = False
+        self.live_starved = False
         self.generations_trained: set[int] = RecentGenerations()  # newest 256
         self.last_generation: int | None = None
         self.total_wait_s = self.total_step_s = 0.0
@@ -159,7 +201,9 @@ class Trainer:
         self.state = "starting"
         self._meter = Meter()
         self._resume_if_any()
+        self._log_mix_choice()
         self._open_sources()
+        self._meter = self._new_meter()
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -217,8 +261,30 @@ class Trainer:
         if path is None:
             return
         self.load_state(ckpt.load(path))
+        self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step,
-                 extra={"checkpoint": str(path), "step": self.step})
+                 extra={"checkpoint": str(path), "step": self.step,
+                        "lifetime_samples_live": self.lifetime_base["live"],
+                        "lifetime_samples_disk": self.lifetime_base["disk"]})
+
+    def mix_note(self) -> str:
+        """Which live fraction this run started with and why (the start-up log says it)."""
+        cfg, saved = self.cfg, self.checkpoint_mix
+        where = f" {self.resumed_from.name}" if self.resumed_from is not None else ""
+        if cfg.mix_source == "given":
+            overrides = (f"; it wins over {saved:g} saved in the checkpoint{where}"
+                         if saved is not None and saved != cfg.mix else "")
+            return f"live fraction {cfg.mix:g}: given with --mix{overrides}"
+        if cfg.mix_source == "checkpoint":
+            return (f"live fraction {cfg.mix:g}: restored from the checkpoint{where} "
+                    f"(no --mix given; --mix F sets another)")
+        why = "with --ring" if cfg.ring else "without --ring (disk only)"
+        ignored = (f"; the checkpoint's {saved:g} needs a ring" if saved else "")
+        return f"live fraction {cfg.mix:g}: the default {why} (no --mix given{ignored})"
+
+    def _log_mix_choice(self) -> None:
+        log.info(self.mix_note(), extra={"mix": self.cfg.mix, "mix_source": self.cfg.mix_source,
+                                         "checkpoint_mix": self.checkpoint_mix})
 
     # --- state -------------------------------------------------------------------------------
 
@@ -229,8 +295,15 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(),
             "mix": self.mixer.fraction if hasattr(self, "mixer") else self.cfg.mix,
             "classes": list(self.classes),
-            "counts": {"live": self.samples_live, "disk": self.samples_disk},
+            "counts": self.lifetime_counts(),
         }
+
+    def lifetime_counts(self) -> dict[str, int]:
+        """The checkpoint's totals plus this run's (what the next checkpoint saves)."""
+        b = self.lifetime_base
+        return {"live": b["live"] + self.samples_live, "disk": b["disk"] + self.samples_disk,
+                "unlabelled": b["unlabelled"] + self.samples_unlabelled,
+                "bad_label": b["bad_label"] + self.samples_bad_label}
 
     def load_state(self, state: dict) -> None:
         if list(state.get("classes", self.classes)) != list(self.classes):
@@ -241,14 +314,32 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.disk_position = tuple(int(x) for x in state["disk_position"])
-        self.cfg.mix = float(state.get("mix", self.cfg.mix))
+        self.resumed_step = self.step
+        self._restore_mix(state.get("mix"))
         counts = state.get("counts", {})
-        self.samples_live = int(counts.get("live", 0))
-        self.samples_disk = int(counts.get("disk", 0))
+        self.lifetime_base = {k: int(counts.get(k, 0))
+                              for k in ("live", "disk", "unlabelled", "bad_label")}
         how = ckpt.restore_rng(state, self.dist.rank)
         if how == "derived":
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
                      self.dist.rank)
+
+    def _restore_mix(self, saved) -> None:
+        """The checkpoint's live fraction, unless --mix was given (the command line wins) or
+        it cannot apply (a fraction above 0 and no ring now). `mix_note()` says which."""
+        try:
+            saved = float(saved) if saved is not None else None
+        except (TypeError, ValueError):
+            saved = None
+        if saved is not None and not 0.0 <= saved <= 1.0:
+            saved = None
+        self.checkpoint_mix = saved
+        if saved is None or self.cfg.mix_source == "given":
+            return
+        if saved > 0 and not self.cfg.ring:
+            return  # mix_note() says why the default stays
+        self.cfg.mix = saved
+        self.cfg.mix_source = "checkpoint"
 
     def save_checkpoint(self, keepalive: Callable[[], None] | None = None) -> Path | None:
         """Rank 0 writes; every rank waits for it (a collective: call on all ranks).
@@ -294,14 +385,54 @@ class Trainer:
         batch.release()
         return self.adapter(inputs, batch.generation), labels
 
+    def _usable(self, labels: torch.Tensor, batch) -> tuple[torch.Tensor, int]:
+        """Targets for the loss (unusable labels -> IGNORE_LABEL) and how many are usable.
+
+        NOTE [unlabelled samples] (module docstring). Tensor ops over the batch, one sync for
+        the count; the counting and logging below run only for a batch with unusable labels."""
+        valid = (labels >= 0) & (labels < len(self.classes))
+        n_valid = int(valid.sum())
+        if n_valid == batch.n:
+            return labels, n_valid
+        unlabelled = int((labels == UNLABELLED).sum())
+        bad = batch.n - n_valid - unlabelled
+        self.samples_unlabelled += unlabelled
+        self._meter.samples_unlabelled += unlabelled
+        if unlabelled and not self._unlabelled_logged:
+            self._unlabelled_logged = True
+            log.info("%s samples without a label (label -1) arrive: they are counted as "
+                     "unlabelled and left out of the supervised loss; label the source with "
+                     "`mmctl label NAME` (or start the producer with --label NAME)",
+                     "live" if batch.live else "disk",
+                     extra={"generation": batch.generation if batch.live else None})
+        if bad:
+            self.samples_bad_label += bad
+            self._meter.samples_bad_label += bad
+            wrong = labels[~valid & (labels != UNLABELLED)]
+            new = [v for v in torch.unique(wrong).tolist() if v not in self._bad_labels_logged]
+            for v in new[: max(0, BAD_LABELS_LOGGED - len(self._bad_labels_logged))]:
+                self._bad_labels_logged.add(v)
+                log.warning("%s samples carry label %d, outside this trainer's classes 0..%d "
+                            "(%s): counted as bad_label and left out of the loss; the "
+                            "producer's class list must be the cache's (mm-producer run "
+                            "--classes DATASET, then `mmctl label NAME`)",
+                            "live" if batch.live else "disk", v, len(self.classes) - 1,
+                            ", ".join(self.classes[:20]),
+                            extra={"label": v, "num_classes": len(self.classes),
+                                   "generation": batch.generation if batch.live else None})
+        return torch.where(valid, labels, torch.full_like(labels, IGNORE_LABEL)), n_valid
+
     def step_once(self, timeout: float = 1.0) -> bool:
-        """Train on one optimiser step's worth of batches; False when no data came in time."""
+        """Train on one optimiser step's worth of batches; False when no data came in time.
+
+        True means data was consumed; `step` grows only when some sample of the step was
+        labelled (NOTE [unlabelled samples])."""
         net = self.ddp or self.model
         net.train()
         t0 = time.monotonic()
         wait = 0.0
         loss_total = 0.0
-        samples = live = 0
+        samples = live = labelled = 0
         for k in range(self.cfg.accum):
             tw = time.monotonic()
             batch = self.prefetcher.get(timeout)
@@ -311,17 +442,26 @@ class Trainer:
                     return False
                 break
             inputs, labels = self._prepare(batch)
-            # A non-final micro-batch under DDP skips the gradient all-reduce: its forward and
-            # backward run inside ONE no_sync() context, as DDP documents (the forward decides
-            # whether the backward reduces; one no_sync() object cannot be entered twice).
-            last = k == self.cfg.accum - 1
-            with net.no_sync() if (self.ddp is not None and not last) else _null():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                    enabled=self.amp_dtype is not None):
-                    logits = net(inputs)
-                    loss = F.cross_entropy(logits.float(), labels) / self.cfg.accum
-                loss.backward()
-            loss_total += float(loss.detach())
+            targets, n_valid = self._usable(labels, batch)
+            labelled += n_valid
+            # Under DDP every rank runs forward and backward (the backward is a collective),
+            # with a zero loss when none of its samples is labelled; alone, such a micro-batch
+            # is skipped.
+            if n_valid or self.ddp is not None:
+                # A non-final micro-batch under DDP skips the gradient all-reduce: its forward
+                # and backward run inside ONE no_sync() context, as DDP documents (the forward
+                # decides whether the backward reduces; one no_sync() object cannot be entered
+                # twice).
+                last = k == self.cfg.accum - 1
+                with net.no_sync() if (self.ddp is not None and not last) else _null():
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                        enabled=self.amp_dtype is not None):
+                        logits = net(inputs)
+                        # The mean over the labelled samples (never 0/0: NaN).
+                        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_LABEL,
+                                               reduction="sum") / max(n_valid, 1) / self.cfg.accum
+                    loss.backward()
+                loss_total += float(loss.detach())
             samples += batch.n
             if batch.live:
                 live += batch.n
@@ -334,23 +474,38 @@ class Trainer:
                 pos = getattr(batch.host, "position", None) if batch.host else None
                 if pos is not None:
                     self.disk_position = pos
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.loss = loss_total
-        dt = time.monotonic() - t0
+        if self.dist.enabled:  # every rank must agree whether this is an optimiser step
+            t = torch.tensor([float(labelled)], dtype=torch.float64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t)
+            labelled = int(t.item())
         m = self._meter
-        m.steps += 1
+        if labelled:
+            self.optimizer.step()
+            self.step += 1
+            self.loss = loss_total
+            m.steps += 1
+            m.loss_sum += loss_total
+        else:
+            self.steps_unlabelled += 1
+            m.steps_unlabelled += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.monotonic() - t0
         m.samples += samples
         m.samples_live += live
         m.wait_s += wait
         m.step_s += dt
-        m.loss_sum += loss_total
         self.total_wait_s += wait
         self.total_step_s += dt
         return True
 
     _meter: Meter = None  # type: ignore[assignment]
+
+    def _new_meter(self) -> Meter:
+        live = getattr(self, "live", None)
+        mixer = getattr(self, "mixer", None)
+        return Meter(live_received=live.stats.samples if live is not None else 0,
+                     live_misses=mixer.live_misses if mixer is not None else 0)
 
     def reset_meter(self) -> dict:
         """Close the current log interval; returns its metrics (also kept for `status`).
@@ -360,23 +515,74 @@ class Trainer:
         for data over the time they took (in [0, 1]: the wait is inside the step),
         `live_fraction` the live share of the samples trained on (not the mixer's window,
         which spans other intervals and batches drawn but not yet trained on), `generation`
-        the last live generation trained on.
+        the last live generation trained on, `unlabelled`/`bad_label` the samples left out of
+        the loss, `steps_unlabelled` the steps that had no labelled sample. The live supply:
+        `live_in_per_s` (samples/s the ring delivered, all ranks), `live_wanted_per_s` (what
+        the target fraction asks at this speed), `live_starved` and `live_note` (a sentence,
+        "live starved: producer 1.6 samples/s, trainer wants 5.0 ...", or null).
         """
-        m, self._meter = self._meter, Meter()
-        if m is None or m.steps == 0:
+        m, self._meter = self._meter, self._new_meter()
+        if m is None or m.steps + m.steps_unlabelled == 0:
             return self.last_metrics
         elapsed = max(time.monotonic() - m.t0, 1e-9)
+        samples_per_s = m.samples / elapsed
+        achieved = m.samples_live / m.samples if m.samples else 0.0
         self.last_metrics = {
             "step": self.step, "steps": m.steps, "samples": m.samples,
-            "loss": round(m.loss_sum / m.steps, 5),
-            "samples_per_s": round(m.samples / elapsed, 2),
+            "loss": round(m.loss_sum / m.steps, 5) if m.steps else None,
+            "samples_per_s": round(samples_per_s, 2),
             "stall_fraction": round(m.wait_s / m.step_s, 4) if m.step_s else 0.0,
-            "live_fraction": round(m.samples_live / m.samples, 4) if m.samples else 0.0,
+            "live_fraction": round(achieved, 4),
             "live_fraction_target": self.mixer.fraction,
             "generation": self.last_generation,
             "copies_per_sample": self.copies_per_sample(),
+            "unlabelled": m.samples_unlabelled, "bad_label": m.samples_bad_label,
+            "steps_unlabelled": m.steps_unlabelled,
+            **self._live_supply(m, elapsed, samples_per_s, achieved),
         }
         return self.last_metrics
+
+    def _live_supply(self, m: Meter, elapsed: float, samples_per_s: float,
+                     achieved: float) -> dict:
+        """Whether the live side kept up with the target over the interval, and if not, the
+        figures that say why (the producer's rate against what the trainer would take).
+
+        Starved = the achieved live fraction fell below STARVED_BELOW of the target AND the
+        mixer found no live batch ready when it wanted one: the ring delivers fewer samples
+        than the mix asks at this training speed (not a short-lived swing of the window).
+        Rates count every rank (each rank reads its share of the ring)."""
+        target = self.mixer.fraction
+        if self.live is None or target <= 0:
+            self.live_starved = False
+            return {"live_in_per_s": None, "live_wanted_per_s": None, "live_starved": False,
+                    "live_note": None}
+        w = self.dist.world_size
+        live_in = (self.live.stats.samples - m.live_received) / elapsed * w
+        wanted = target * samples_per_s * w
+        missed = self.mixer.live_misses > m.live_misses
+        starved = missed and achieved < STARVED_BELOW * target
+        note = None
+        if starved:
+            match = live_in / (samples_per_s * w) if samples_per_s > 0 else 0.0
+            source = (f"producer {live_in:.1f} samples/s" if self.live.attached
+                      else f"no producer on ring {self.cfg.ring} (0 samples/s)")
+            note = (f"live starved: {source}, trainer wants {wanted:.1f} (live fraction "
+                    f"{achieved:.2f} of target {target:.2f}); the producer must deliver "
+                    f"{wanted:.1f} samples/s, or `mmctl mix {match:.2f}` matches what arrives")
+        if starved != self.live_starved:
+            self.live_starved = starved
+            if starved:
+                log.warning(note, extra={"live_in_per_s": round(live_in, 2),
+                                         "live_wanted_per_s": round(wanted, 2),
+                                         "live_fraction": round(achieved, 4),
+                                         "live_fraction_target": target})
+            else:
+                log.info("live supply keeps up with the target again",
+                         extra={"live_in_per_s": round(live_in, 2),
+                                "live_fraction": round(achieved, 4),
+                                "live_fraction_target": target})
+        return {"live_in_per_s": round(live_in, 2), "live_wanted_per_s": round(wanted, 2),
+                "live_starved": starved, "live_note": note}
 
     def copies_per_sample(self) -> float | None:
         return round(self.live_copies / self.samples_live, 3) if self.samples_live else None
@@ -429,6 +635,8 @@ class Trainer:
         live = self.live.stats if self.live is not None else None
         elapsed = max(time.monotonic() - self.started, 1e-9)
         disk_epoch = self.disk_position[0]
+        lm = self.last_metrics
+        lifetime = self.lifetime_counts()
         return {
             "state": self.state, "step": self.step, "total_steps": self.total_steps,
             "epoch": disk_epoch, "loss": self.loss, "accuracy": self.accuracy,
@@ -437,9 +645,22 @@ class Trainer:
             "stall_fraction": self.last_metrics.get("stall_fraction", self.stall_fraction()),
             "stall": self.last_metrics.get("stall_fraction", self.stall_fraction()),
             "live_fraction_target": self.mixer.fraction,
+            "live_fraction_source": self.cfg.mix_source,
             "live_fraction": round(self.mixer.achieved, 4),
             "live_fraction_total": round(self.mixer.achieved_total, 4),
+            "live_in_per_s": lm.get("live_in_per_s"),
+            "live_wanted_per_s": lm.get("live_wanted_per_s"),
+            "live_starved": bool(lm.get("live_starved")), "live_note": lm.get("live_note"),
             "samples_live": self.samples_live, "samples_disk": self.samples_disk,
+            "samples_unlabelled": self.samples_unlabelled,
+            "samples_bad_label": self.samples_bad_label,
+            "steps_unlabelled": self.steps_unlabelled,
+            "run_steps": self.step - self.resumed_step,
+            "resumed_from_step": self.resumed_step if self.resumed_from is not None else None,
+            "lifetime_steps": self.step,
+            "lifetime_samples_live": lifetime["live"], "lifetime_samples_disk": lifetime["disk"],
+            "lifetime_samples_unlabelled": lifetime["unlabelled"],
+            "lifetime_samples_bad_label": lifetime["bad_label"],
             "generations_seen": sorted(live.generations) if live else [],
             "generations_trained": sorted(self.generations_trained),
             "generation": self.last_generation,
@@ -476,9 +697,20 @@ class Trainer:
     def summary(self) -> dict:
         """What the run ends with; a collective under torchrun (`rank_counts`): all ranks call it."""
         elapsed = max(self.total_step_s, 1e-9)
+        lifetime = self.lifetime_counts()
         return {
             "steps": self.step, "samples_disk": self.samples_disk,
             "samples_live": self.samples_live,
+            "samples_unlabelled": self.samples_unlabelled,
+            "samples_bad_label": self.samples_bad_label,
+            "steps_unlabelled": self.steps_unlabelled,
+            "run_steps": self.step - self.resumed_step,
+            "resumed_from_step": self.resumed_step if self.resumed_from is not None else None,
+            "lifetime_samples_live": lifetime["live"], "lifetime_samples_disk": lifetime["disk"],
+            "lifetime_samples_unlabelled": lifetime["unlabelled"],
+            "lifetime_samples_bad_label": lifetime["bad_label"],
+            "live_fraction_target": self.mixer.fraction,
+            "live_fraction_source": self.cfg.mix_source,
             "generations": sorted(self.generations_trained),
             "accuracy": self.accuracy, "loss": self.loss,
             "samples_per_s": round((self.samples_live + self.samples_disk) / elapsed, 2),
