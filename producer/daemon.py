@@ -180,6 +180,19 @@ class ProducerDaemon:
         self._watchdog_every = notify.watchdog_interval()
         self._next_watchdog = time.monotonic()
         self._next_status = time.monotonic() + STATUS_INTERVAL_S
+        if opts.label is None and not isinstance(self._source, DatasetReplay) \
+                and not Path(opts.source).is_dir():
+            # Said once, at start: a media/URL source has no class of its own (label -1). A
+            # normal case (the trainer counts such samples and leaves them out of its loss),
+            # but the operator should know how to label them.
+            classes = tuple(opts.classes)
+            how = (f"`mmctl label NAME` (NAME one of {', '.join(classes[:20])})" if classes else
+                   "`mmctl label N` (a class index; start with --classes DATASET|LIST to use "
+                   "class names)")
+            log.info("source %s is unlabelled: its samples carry label -1 (unlabelled), which "
+                     "the trainer counts and leaves out of its supervised loss; to label them, "
+                     "start with --label NAME --classes DATASET|LIST, or run %s while it runs",
+                     opts.source, how, extra={"source": opts.source, "label": None})
         stats = self.ring.stats()
         log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
                                           "logs": logs.pub_endpoint(),
