@@ -507,8 +507,17 @@ class ControlServer:
         wait = timeout_ms
         self._refused_log.flush()
         self._internal_log.flush()
-        while n < max_requests and self._sock.poll(wait, zmq.POLLIN):
-            frames = self._sock.recv_multipart(copy=True)
+        while n < max_requests:
+            try:
+                if not self._sock.poll(wait, zmq.POLLIN):
+                    break
+                frames = self._sock.recv_multipart(copy=True)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.ETERM:
+                    raise
+                self._internal_log.log(("recv", e.errno), logging.ERROR,
+                                       "control socket could not receive: %s", e)
+                break
             try:
                 body = self._answer(frames)
             except Exception as e:  # a bug in the checks themselves: still one reply
