@@ -329,6 +329,7 @@ def _checkpoint_with_mix(cache: Path, directory: Path, mix: float) -> None:
 def _trainer_and_log(caplog, **cfg) -> tuple[Trainer, list[str]]:
     import logging
 
+    caplog.clear()  # only this trainer's lines (not the one that wrote the checkpoint)
     with caplog.at_level(logging.INFO, logger="trainer.loop"):
         tr = Trainer(TrainConfig(**cfg))
     return tr, [r.getMessage() for r in caplog.records if r.getMessage().startswith("live fraction")]

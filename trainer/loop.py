@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 IGNORE_LABEL = -100          # cross_entropy's ignore_index: what unusable labels become
 BAD_LABELS_LOGGED = 8        # distinct out-of-range label values logged (each once)
 STARVED_BELOW = 0.8          # achieved live fraction under this share of the target ...
-MIX_SOURCES = ("given", "checkpoint", "default", "mmctl")
 
 
 @dataclass
