@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-import signal
+import shutil
 import stat
 import subprocess
 import sys
@@ -163,6 +163,46 @@ def test_a_paused_stream_drops_what_arrives_and_resumes_at_the_present(stream):
     age_s = (received_ns - first.meta.timestamp_ns) / 1e9
     assert abs(age_s) < paused_s / 2, (age_s, paused_s)
     assert d.status()["state"] == "running"
+
+
+def _ffmpeg_udp_sender(url: str) -> subprocess.Popen:
+    """The issue's own sender: the ffmpeg command line pushing MPEG-TS over UDP in real time
+    (-re), a 64x48 test pattern and a tone, whether anyone listens or not."""
+    return subprocess.Popen(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-re",
+         "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25",
+         "-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=48000",
+         "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "25",
+         "-c:a", "aac", "-f", "mpegts", url + "?pkt_size=1316"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="the ffmpeg command line is not "
+                    "installed (apt-get install ffmpeg)")
+def test_a_paused_udp_stream_from_the_ffmpeg_command_line_resumes_at_the_present():
+    url = f"udp://127.0.0.1:{_av_stream.free_port()}"
+    sender = _ffmpeg_udp_sender(url)
+    d = None
+    try:
+        d = Daemon(url, "--clip-frames", "4", "--rate", "max", "--read-timeout", "5")
+        first_sample_of(d.ring, 1)
+        d.request("pause")
+        paused_at = time.monotonic()
+        wait_for(lambda: d.status()["dropped_while_paused"] >= 15, what="clips dropped")
+        with RingReader.attach(d.ring, start="next") as reader:
+            d.request("resume")
+            first = reader.receive(timeout=20)
+            received_ns = time.time_ns()
+        paused_s = time.monotonic() - paused_at
+        assert first is not None
+        age_s = (received_ns - first.meta.timestamp_ns) / 1e9
+        assert abs(age_s) < paused_s / 2, (age_s, paused_s)
+    finally:
+        if d is not None:
+            d.stop()
+        sender.kill()
+        sender.wait()
+        sender.stderr.close()
 
 
 def test_the_end_of_a_stream_is_a_source_error_retried_not_the_end_of_the_producer():
