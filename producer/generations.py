@@ -102,24 +102,24 @@ class Generations:
     def propose_sensor(self, input_name: str, stem: str) -> Generation:
         kind = input_name if input_name in SENSOR_INPUTS else None
         if kind is None:
-            raise BadArgument(f"sensor: input {input_name!r} cannot be re-pointed; accepted "
+            raise BadArgument(f"sensor: input {input_name[:80]!r} cannot be re-pointed; accepted "
                               f"inputs: {', '.join(SENSOR_INPUTS)}")
         have = sorted(self.facts.stems.get(kind, ()))
         if not have:
             raise BadArgument(f"sensor {input_name}: this source has no {kind} input; its "
                               f"inputs: {self._inputs_text()}")
         if stem not in have:
-            raise BadArgument(f"sensor {input_name}: no {kind} file with stem {stem!r} in the "
+            raise BadArgument(f"sensor {input_name}: no {kind} file with stem {stem[:80]!r} in the "
                               f"source; {kind} stems that exist: {', '.join(have) or '(none)'}")
         sensors = {**self.current.config.sensors, input_name: stem}
         return self._next(f"sensor {input_name}={stem}", sensors=sensors)
 
     def propose_method(self, input_name: str, name: str) -> Generation:
         if input_name != "radar":
-            raise BadArgument(f"method: input {input_name!r} has no processing methods; "
+            raise BadArgument(f"method: input {input_name[:80]!r} has no processing methods; "
                               f"accepted inputs: radar")
         if name not in radar.METHODS:
-            raise BadArgument(f"method radar: unknown method {name!r}; accepted: "
+            raise BadArgument(f"method radar: unknown method {name[:80]!r}; accepted: "
                               f"{', '.join(radar.METHODS)}")
         if input_name not in self.facts.inputs:
             raise BadArgument(f"method {input_name}: this source has no {input_name} input; "

@@ -30,6 +30,11 @@ MAX_SIDE = 8192
 MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
+def _clip(text: str, n: int = 80) -> str:
+    """What an error message quotes of the user's text: a 60 KB spec is not echoed whole."""
+    return text if len(text) <= n else text[:n] + "..."
+
+
 @dataclass(frozen=True)
 class FilterSpec:
     gray: bool = False
@@ -59,7 +64,7 @@ class FilterSpec:
             key, _, val = op.partition("=")
             key = {"grayscale": "gray", "grey": "gray"}.get(key, key)
             if key in seen or (key in ("gray", "rgb") and ({"gray", "rgb"} & seen)):
-                raise FilterSpecError(f"filter {spec!r}: {key!r} given twice; accepted: {ACCEPTED}")
+                raise FilterSpecError(f"filter {_clip(spec)!r}: {_clip(key)!r} given twice; accepted: {ACCEPTED}")
             seen.add(key)
             if key in ("gray", "rgb") and not val:
                 gray = key == "gray"
@@ -67,14 +72,14 @@ class FilterSpec:
                 m = _SIZE.match(val)
                 if not m or not all(0 < int(g) <= MAX_SIDE for g in m.groups()):
                     raise FilterSpecError(
-                        f"filter {spec!r}: resize={val!r}: expected WxH with 1..{MAX_SIDE} pixels"
+                        f"filter {_clip(spec)!r}: resize={_clip(val)!r}: expected WxH with 1..{MAX_SIDE} pixels"
                     )
                 width, height = int(m.group(1)), int(m.group(2))
             elif key == "crop":
                 m = _CROP.match(val)
                 if not m or not (0 < int(m.group(1)) <= MAX_SIDE and 0 < int(m.group(2)) <= MAX_SIDE):
                     raise FilterSpecError(
-                        f"filter {spec!r}: crop={val!r}: expected WxH or WxH+X+Y in pixels"
+                        f"filter {_clip(spec)!r}: crop={_clip(val)!r}: expected WxH or WxH+X+Y in pixels"
                     )
                 x = int(m.group(3)) if m.group(3) is not None else None
                 y = int(m.group(4)) if m.group(4) is not None else None
@@ -86,11 +91,11 @@ class FilterSpec:
                     fps = -1.0
                 if not (MIN_FPS <= fps <= MAX_FPS):
                     raise FilterSpecError(
-                        f"filter {spec!r}: fps={val!r}: expected a rate of {MIN_FPS:g} to "
+                        f"filter {_clip(spec)!r}: fps={_clip(val)!r}: expected a rate of {MIN_FPS:g} to "
                         f"{MAX_FPS:g} frames/s"
                     )
             else:
-                raise FilterSpecError(f"filter {spec!r}: unknown operation {op!r}; accepted: {ACCEPTED}")
+                raise FilterSpecError(f"filter {_clip(spec)!r}: unknown operation {_clip(op)!r}; accepted: {ACCEPTED}")
         return cls(gray=bool(gray), width=width, height=height, crop=crop, fps=fps)
 
     def crop_box(self, src_w: int, src_h: int) -> tuple[int, int, int, int]:

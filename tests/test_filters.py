@@ -63,6 +63,14 @@ def test_a_bad_spec_is_refused_naming_the_operation_and_what_is_accepted(text, s
     assert repr(text) in str(e.value)  # names the spec the user sent
 
 
+@pytest.mark.parametrize("spec", ["x" * 60_000, "gray," + "y" * 60_000,
+                                  "resize=" + "9" * 60_000, "z" * 30_000 + ",z" * 2])
+def test_a_huge_spec_is_refused_without_echoing_it_whole(spec):
+    with pytest.raises(FilterSpecError) as e:
+        FilterSpec.parse(spec)
+    assert len(str(e.value)) < 1000 and "..." in str(e.value)
+
+
 def test_a_spec_that_is_not_a_string_is_refused_naming_its_type():
     with pytest.raises(FilterSpecError, match="must be a string, got list"):
         FilterSpec.parse(["gray"])  # type: ignore[arg-type]
