@@ -18,6 +18,7 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -282,14 +283,29 @@ def method(ctl: Ctl, input_name: str, name: str) -> None:
 
 
 @main.command()
-@click.argument("start", type=click.FloatRange(min=0))
-@click.argument("end", type=click.FloatRange(min=0))
+@click.argument("start", metavar="START|clear")
+@click.argument("end", required=False)
 @pass_ctl
-def segment(ctl: Ctl, start: float, end: float) -> None:
-    """Use the source's time segment START..END seconds."""
-    if end <= start:
-        ctl.fail(EXIT_USAGE, f"segment: END ({end:g}) must be after START ({start:g})", "bad_argument")
-    _changed(ctl, "producer", ctl.call("producer", "segment", start=start, end=end))
+def segment(ctl: Ctl, start: str, end: str | None) -> None:
+    """Use the time segment START..END seconds of a recording (a media file, or within each
+    sample of a dataset replay); `segment clear` goes back to the whole source. A live
+    stream has no segments (refused); a finished recording is replayed by a new segment."""
+    if start == "clear" and end is None:
+        _changed(ctl, "producer", ctl.call("producer", "segment_clear"))
+        return
+    if end is None:
+        ctl.fail(EXIT_USAGE, "segment: expected START END (seconds) or `clear`", "bad_argument")
+    try:
+        a, b = float(start), float(end)
+    except ValueError:
+        ctl.fail(EXIT_USAGE, f"segment: START and END must be numbers of seconds, got "
+                             f"{start!r} {end!r}", "bad_argument")
+    if not (math.isfinite(a) and math.isfinite(b) and a >= 0):
+        ctl.fail(EXIT_USAGE, f"segment: START and END must be finite seconds, START >= 0; got "
+                             f"{start} {end}", "bad_argument")
+    if b <= a:
+        ctl.fail(EXIT_USAGE, f"segment: END ({b:g}) must be after START ({a:g})", "bad_argument")
+    _changed(ctl, "producer", ctl.call("producer", "segment", start=a, end=b))
 
 
 @main.command()
@@ -392,7 +408,8 @@ def pause(ctl: Ctl, daemon: str) -> None:
 def resume(ctl: Ctl, daemon: str) -> None:
     """Resume DAEMON (default: producer)."""
     reply = ctl.call(daemon, "resume")
-    ctl.emit({"daemon": daemon, **reply}, f"{daemon}: resumed {_scalars(reply)}".rstrip())
+    head = f"{daemon}: was not paused;" if reply.get("was_paused") is False else f"{daemon}: resumed"
+    ctl.emit({"daemon": daemon, **reply}, f"{head} {_scalars(reply)}".rstrip())
 
 
 @main.command("logs")

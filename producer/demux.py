@@ -15,7 +15,10 @@ is read from `settings()` at every clip boundary - the first frame of a clip - a
 for that clip. A control change therefore needs no reopen: the clip in progress finishes with
 the old settings, the next one starts with the new, and each clip carries the `tag` of the
 settings it was made with (the daemon's Generation), so a generation starts exactly at a clip
-boundary even on a stream that cannot be reopened.
+boundary even on a stream that cannot be reopened. One exception keeps a change from waiting
+on a slow clip: when the clip in progress still needs more than MAX_SWITCH_WAIT_S of source
+time (a low `fps=`, 4 frames at fps=0.1 span 40 s), a change drops that partial clip (never
+published half-made) and the next frame starts a clip with the new settings.
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ MAX_AV_SKEW_S = 1.5
 MAX_AUDIO_S = 30.0
 #: A jump in audio timestamps larger than this (s) re-syncs the window (gap: silence).
 RESYNC_S = 0.25
+#: A settings change waits for the clip in progress only when it needs at most this much
+#: more source time (s); a slower clip is dropped (NOTE [switching without reopening]).
+MAX_SWITCH_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,25 @@ class ClipSettings:
     frames: int
     window: tuple[float, float] | None = None   # pts window (s): frames before it are skipped
     tag: Any = None
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What opening a source told about it: what a control change is checked against (a crop
+    against the frame size, a segment against the duration, a clip's span against the rate).
+    """
+
+    has_audio: bool
+    width: int
+    height: int
+    rate: float | None            # video frames/s (None: the container does not say)
+    duration_s: float | None      # None: a live stream, or a file that does not say
+
+    @classmethod
+    def of(cls, container, vs) -> "StreamInfo":
+        cc = vs.codec_context
+        return cls(bool(container.streams.audio), int(cc.width), int(cc.height),
+                   video.stream_rate(vs), video.duration_s(container, vs))
 
 
 @dataclass
@@ -143,11 +168,11 @@ class AudioWindow:
 def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                 audio_rate: int | None = None, start_s: float = 0.0,
                 timeout: float | tuple[float, float] = (10.0, 5.0),
-                on_open: Callable[[bool], None] | None = None) -> Iterator[DemuxedClip]:
+                on_open: Callable[[StreamInfo], None] | None = None) -> Iterator[DemuxedClip]:
     """Clips from one open of `source` (NOTE [switching without reopening]).
 
     `audio_rate`: decode the first audio stream too, resampled to mono at this rate (None:
-    video only). `on_open(has_audio)` is called once the streams are known. A broken stream
+    video only). `on_open(StreamInfo)` is called once the streams are known. A broken stream
     raises InputError naming the source; the end of the source ends the iterator after the
     last whole clip (a partial clip at the end is not a sample).
     """
@@ -155,7 +180,7 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
         vs = video.first_video_stream(container, source)
         aus = container.streams.audio[0] if audio_rate and container.streams.audio else None
         if on_open is not None:
-            on_open(bool(container.streams.audio))
+            on_open(StreamInfo.of(container, vs))
         if start_s > 0:
             container.seek(int(start_s / vs.time_base), stream=vs, backward=True)
         src_rate = video.stream_rate(vs)
@@ -205,6 +230,10 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                         lo = max(start_s, cur.window[0] if cur.window else 0.0)
                         if t is None or t < lo - slack:
                             continue
+                        if k and cur.spec.fps and \
+                                (cur.frames - k) / cur.spec.fps > MAX_SWITCH_WAIT_S and \
+                                settings() != cur:
+                            buf, k, next_t = None, 0, None   # a slow clip would hold it back
                         if next_t is not None and t < next_t - slack:
                             continue
                         if k == 0:   # a clip boundary: the only place settings change

@@ -14,17 +14,26 @@ Nothing is changed by a refused proposal.
 """
 from __future__ import annotations
 
+import math
+import re
 import time
 from dataclasses import dataclass, field
 
 from protocol.errors import BadArgument, FilterSpecError
 from protocol.filters import FilterSpec
 
+from .generation_store import MAX_GENERATION
 from .modalities import radar
 from .pipeline import PipelineConfig
 
 #: Model inputs a `sensor` command may re-point, and the file kind each must be fed from.
 SENSOR_INPUTS = ("video", "audio", "lidar", "radar")
+#: Largest segment time (s) accepted: 115 days, far past any recording, and small enough
+#: that time + segment start stays inside the int64 nanosecond timestamps of SampleMeta.
+MAX_SEGMENT_S = 1e7
+#: SampleMeta.label is an int32; -1 is "unlabelled", so a given label is 0..MAX_LABEL.
+MAX_LABEL = 2**31 - 1
+_INDEX = re.compile(r"[0-9]{1,10}")
 
 
 @dataclass(frozen=True)
@@ -69,11 +78,16 @@ class Generation:
 class Generations:
     """The current generation and the checked changes that make the next one."""
 
-    def __init__(self, config: PipelineConfig, facts: SourceFacts, label: str | None = None):
+    def __init__(self, config: PipelineConfig, facts: SourceFacts, label: str | None = None,
+                 first: int = 1):
+        """`first`: the number of the first generation (one past the last this ring name
+        ever had, generation_store.py: generations never go backwards across restarts)."""
         self.facts = facts
         if label is not None:
             self._check_label(label)
-        self.current = Generation(1, config, label)
+        if not 1 <= first <= MAX_GENERATION:
+            raise BadArgument(f"generation {first}: expected 1..{MAX_GENERATION}")
+        self.current = Generation(first, config, label)
         self.history: list[Generation] = [self.current]
 
     # --- proposals (pure; raise BadArgument, change nothing) ------------------------------
@@ -88,29 +102,47 @@ class Generations:
     def propose_sensor(self, input_name: str, stem: str) -> Generation:
         kind = input_name if input_name in SENSOR_INPUTS else None
         if kind is None:
-            raise BadArgument(f"sensor: input {input_name!r} cannot be re-pointed; accepted "
+            raise BadArgument(f"sensor: input {input_name[:80]!r} cannot be re-pointed; accepted "
                               f"inputs: {', '.join(SENSOR_INPUTS)}")
         have = sorted(self.facts.stems.get(kind, ()))
+        if not have:
+            raise BadArgument(f"sensor {input_name}: this source has no {kind} input; its "
+                              f"inputs: {self._inputs_text()}")
         if stem not in have:
-            raise BadArgument(f"sensor {input_name}: no {kind} file with stem {stem!r} in the "
+            raise BadArgument(f"sensor {input_name}: no {kind} file with stem {stem[:80]!r} in the "
                               f"source; {kind} stems that exist: {', '.join(have) or '(none)'}")
         sensors = {**self.current.config.sensors, input_name: stem}
         return self._next(f"sensor {input_name}={stem}", sensors=sensors)
 
     def propose_method(self, input_name: str, name: str) -> Generation:
         if input_name != "radar":
-            raise BadArgument(f"method: input {input_name!r} has no processing methods; "
+            raise BadArgument(f"method: input {input_name[:80]!r} has no processing methods; "
                               f"accepted inputs: radar")
         if name not in radar.METHODS:
-            raise BadArgument(f"method radar: unknown method {name!r}; accepted: "
+            raise BadArgument(f"method radar: unknown method {name[:80]!r}; accepted: "
                               f"{', '.join(radar.METHODS)}")
+        if input_name not in self.facts.inputs:
+            raise BadArgument(f"method {input_name}: this source has no {input_name} input; "
+                              f"its inputs: {self._inputs_text()}")
         methods = {**self.current.config.methods, input_name: name}
         return self._next(f"method {input_name}={name}", methods=methods)
 
     def propose_segment(self, start: float, end: float) -> Generation:
-        if not (start >= 0 and end > start):
-            raise BadArgument(f"segment: expected 0 <= START < END seconds, got {start:g}..{end:g}")
+        """Range checks only; what the source holds (a file's duration, a stream that has
+        no timeline) is the daemon's check."""
+        if not (math.isfinite(start) and math.isfinite(end)):
+            raise BadArgument(f"segment: START and END must be finite numbers of seconds, got "
+                              f"{start:g}..{end:g}")
+        if not (0 <= start < end <= MAX_SEGMENT_S):
+            raise BadArgument(f"segment: expected 0 <= START < END <= {MAX_SEGMENT_S:g} "
+                              f"seconds, got {start:g}..{end:g}")
         return self._next(f"segment {start:g}..{end:g}", segment=(float(start), float(end)))
+
+    def propose_segment_clear(self) -> Generation | None:
+        """The whole source again; None when no segment is set (nothing changes)."""
+        if self.current.config.segment is None:
+            return None
+        return self._next("segment clear", segment=None)
 
     def propose_label(self, name: str) -> Generation:
         label = None if name in ("", "none", "auto") else name
@@ -156,7 +188,8 @@ class Generations:
         return gen
 
     def label_index(self, gen: Generation, own: int) -> int:
-        """The label to write: the override's class index, else the sample's own label."""
+        """The label to write: the override's class index, else the sample's own label.
+        (`_check_label` let only a class name or an index 0..MAX_LABEL through.)"""
         if gen.label is None:
             return own
         try:
@@ -167,17 +200,30 @@ class Generations:
     # --- helpers ---------------------------------------------------------------------------
 
     def _check_label(self, name: str) -> None:
+        """A class name of the source, or an index: 0..len(classes)-1 with a class list,
+        0..MAX_LABEL (SampleMeta's int32) without one."""
         classes = self.facts.classes
-        if classes and name not in classes:
-            raise BadArgument(f"label: unknown class {name!r}; classes: {', '.join(classes)}")
-        if not classes:
-            try:
-                int(name)
-            except ValueError:
-                raise BadArgument(f"label: this source has no class list (start the producer "
-                                  f"with --classes); give an integer label, got {name!r}") from None
+        if classes:
+            if name in classes:
+                return
+            listed = ", ".join(f"{i} {c}" for i, c in enumerate(classes[:50]))
+            more = f" and {len(classes) - 50} more" if len(classes) > 50 else ""
+            if _INDEX.fullmatch(name) and int(name) < len(classes):
+                return
+            raise BadArgument(f"label: {name[:80]!r} is not a class of this source; its "
+                              f"{len(classes)} classes (index name): {listed}{more}")
+        if not _INDEX.fullmatch(name) or int(name) > MAX_LABEL:
+            raise BadArgument(f"label: this source has no class list (start the producer with "
+                              f"--classes A,B,... to label by name); give a class index "
+                              f"0..{MAX_LABEL}, got {name[:80]!r}")
+
+    def _inputs_text(self) -> str:
+        return ", ".join(self.facts.inputs) or "(none known yet: the source is not open)"
 
     def _next(self, reason: str, *, label: str | None | object = ..., **changes) -> Generation:
         cur = self.current
+        if cur.number >= MAX_GENERATION:
+            raise BadArgument(f"{reason}: refused, generation {cur.number} is the last one a "
+                              f"sample can carry (u32)")
         config = cur.config.with_changes(**changes) if changes else cur.config
         return Generation(cur.number + 1, config, cur.label if label is ... else label, reason)

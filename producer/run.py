@@ -10,7 +10,7 @@ import click
 from protocol.errors import FilterSpecError, MmfeedError
 from protocol.filters import FilterSpec
 
-from .daemon import ProducerDaemon, RunOptions
+from .daemon import STATUS_INTERVAL_S, ProducerDaemon, RunOptions
 
 EXIT_USAGE = 2
 
@@ -66,7 +66,8 @@ def _classes(value: str | None) -> tuple[str, ...]:
               help="Class names for --label on media/URL sources (comma list or a dataset folder).")
 @click.option("--filter", "filter_spec", default="none", show_default=True, metavar="SPEC",
               help="Initial video filter (gray, resize=WxH, crop=WxH[+X+Y], fps=R).")
-@click.option("--clip-frames", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--clip-frames", type=click.IntRange(1, 1024), default=8, show_default=True,
+              help="Frames per video clip (one sample).")
 @click.option("--split", "splits", multiple=True, help="Dataset split(s) to replay (default all).")
 @click.option("--group", default=None, help="Group allowed to read the ring and sockets (0660).")
 @click.option("--open-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
@@ -76,11 +77,19 @@ def _classes(value: str | None) -> tuple[str, ...]:
               help="Where frames go: cuda = GPU ring slots (CUDA IPC; the ring carries only "
                    "descriptors); cpu = host shared memory; auto = cuda when a GPU is present, "
                    "else cpu (said once in the log).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="MMFEED_STATE_DIR", show_envvar=True,
+              help="Where the last generation of each ring name is kept, so generations grow "
+                   "across restarts [default: $STATE_DIRECTORY under systemd, else "
+                   "$XDG_STATE_HOME/mmfeed or ~/.local/state/mmfeed].")
+@click.option("--status-interval", type=click.FloatRange(min=0.1), default=STATUS_INTERVAL_S,
+              show_default=True, metavar="S",
+              help="Seconds between the periodic status log lines (and systemd STATUS=).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON line when ready and a summary JSON line at exit.")
 def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, loop, rate, watch,
         label, classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
-        as_json) -> None:
+        state_dir, status_interval, as_json) -> None:
     """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM or
     SIGINT (either finishes the current sample, removes the ring and exits 0)."""
     try:
@@ -94,7 +103,7 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, lo
                       label=label, classes=_classes(classes), filter=filter_spec,
                       clip_frames=clip_frames, group=group, log_endpoint=log_endpoint,
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
-                      device=device)
+                      device=device, state_dir=state_dir, status_interval=status_interval)
     daemon = ProducerDaemon(opts, json_lines=as_json)
     daemon.install_signals()
     try:

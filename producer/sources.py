@@ -36,7 +36,7 @@ from protocol.errors import InputError, MmfeedError
 from protocol.filters import FilterSpec
 
 from .dataset import KINDS, SampleFiles, index_dataset, kind_of
-from .demux import ClipSettings
+from .demux import ClipSettings, StreamInfo
 from .metadata import timestamp_ns
 
 #: Interval between samples that carry no timestamp, for `--rate recorded` (seconds).
@@ -160,6 +160,12 @@ class DatasetReplay:
         self._count += 1
         return item
 
+    def rewind(self) -> None:
+        """Start a new pass now, as a loop would at its seam (timestamps and indices go on
+        growing): how a finished replay is replayed after a control change."""
+        self._pass_base_s += self._pass_span_s
+        self._reindex()
+
     def check_alive(self) -> None:
         """SourceError when the folder itself is gone (a failing sample then is not the
         sample's fault)."""
@@ -203,6 +209,10 @@ class MediaSource:
     filter, clip length and pts window are re-read at every clip boundary, so a control
     change needs no reopen. Opening and reading are bounded by `timeouts` (open, read) so a
     dead stream raises SourceError.
+
+    A URL is a live stream (`live`): it has no timeline to seek in, its time is "now", and
+    its end is a failure (the sender stopped), which the daemon answers by reconnecting with
+    back-off - never by calling the source finished. A file ends; with --loop it starts over.
     """
 
     kind = "media"
@@ -218,22 +228,41 @@ class MediaSource:
         self.problems: list[InputError] = []
         self._count = 0
         self._wall_offset_ns: int | None = None
-        self._has_audio: bool | None = None   # known once opened (a stream is never probed)
+        self.info: StreamInfo | None = None    # known once opened or probed
+        self._probed: tuple[int, int] | None = None   # (mtime_ns, size) of the probed file
         if self.path is not None and not self.path.is_file():
             raise SourceError(f"media file {self.path}: not found")
 
-    def has_audio(self) -> bool:
-        """Whether the source has an audio stream. A file is probed; a stream is only known
-        once `clips()` has opened it (probing would use up a listen-once server)."""
-        if self._has_audio is None and self.path is not None:
-            import av
+    @property
+    def live(self) -> bool:
+        """A stream (see the class docstring), not a recording."""
+        return self.is_url
+
+    def probe(self) -> StreamInfo | None:
+        """What the source is (frame size, rate, duration, audio). A file is probed (again
+        only when it changed); a stream is only known once `clips()` has opened it (a probe
+        would use up a listen-once server). None: not known (yet)."""
+        if self.path is None:
+            return self.info
+        try:
+            st = self.path.stat()
+        except OSError:
+            return self.info
+        if self._probed != (st.st_mtime_ns, st.st_size):
+            from .modalities import video
 
             try:
-                with av.open(str(self.path)) as c:
-                    self._has_audio = bool(c.streams.audio)
-            except (av.FFmpegError, OSError):
-                return False
-        return bool(self._has_audio)
+                with video.open_container(self.path) as c:
+                    self.info = StreamInfo.of(c, video.first_video_stream(c, self.path))
+            except InputError:
+                return self.info
+            self._probed = (st.st_mtime_ns, st.st_size)
+        return self.info
+
+    def has_audio(self) -> bool:
+        """Whether the source has an audio stream (`probe`)."""
+        info = self.probe()
+        return bool(info and info.has_audio)
 
     def stems(self) -> dict[str, set[str]]:
         return {"video": {"video"}, **({"audio": {"audio"}} if self.has_audio() else {})}
@@ -252,14 +281,27 @@ class MediaSource:
             fixed = ClipSettings(spec, frames)
             settings = lambda: fixed  # noqa: E731
 
-        def opened(has_audio: bool) -> None:
-            self._has_audio = has_audio
+        def opened(info: StreamInfo) -> None:
+            self.info = info
 
+        live = self.live
+        if live:
+            self._wall_offset_ns = None  # a new connection: its clock starts anew
         try:
             for c in demux_clips(self.url, settings, audio_rate=audio_rate, start_s=start_s,
                                  timeout=self.timeouts, on_open=opened):
-                if self._wall_offset_ns is None:
-                    self._wall_offset_ns = time.time_ns() - int(c.start_s * 1e9)
+                now = time.time_ns()
+                if live:
+                    # The wall time of pts 0. A clip is handed over after its last frame
+                    # was sent, so now - end_s is that time plus a delay >= 0; the smallest
+                    # seen is the best estimate. Anchoring on the first clip alone stamped a
+                    # whole stream ~1 s in the future: the clips buffered while the stream
+                    # was probed at connect come out in a burst, late.
+                    est = now - int(c.end_s * 1e9)
+                    if self._wall_offset_ns is None or est < self._wall_offset_ns:
+                        self._wall_offset_ns = est
+                elif self._wall_offset_ns is None:
+                    self._wall_offset_ns = now - int(c.start_s * 1e9)
                 clip = Clip(c.video, c.start_s, c.end_s,
                             self._wall_offset_ns + int(c.start_s * 1e9), self._count,
                             c.settings.spec, c.audio, c.settings.tag)
@@ -269,6 +311,9 @@ class MediaSource:
             raise SourceError(f"{self.url}: {e}") from None
         if self.path is not None and not self.path.is_file():
             raise SourceError(f"media file {self.path}: disappeared")
+        if self.live:
+            raise SourceError(f"stream {self.url}: ended (the sender closed it or stopped "
+                              f"sending)")
 
     def check_alive(self) -> None:
         if self.path is not None and not self.path.is_file():

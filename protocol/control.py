@@ -217,6 +217,7 @@ WIRE_ARGS.update({
     "sensor": {"input": str, "stem": str},
     "method": {"input": str, "name": str},
     "segment": {"start": float, "end": float},
+    "segment_clear": {},
     "label": {"name": str},
     "modalities": {"enable": Arg(list[str], required=False, default=[]),
                    "disable": Arg(list[str], required=False, default=[])},

@@ -25,6 +25,14 @@ ACCEPTED = "gray|grayscale, rgb, resize=WxH, crop=WxH[+X+Y], fps=R, none (comma-
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _CROP = re.compile(r"^(\d{1,5})x(\d{1,5})(?:\+(\d{1,5})\+(\d{1,5}))?$")
 MAX_SIDE = 8192
+#: Frame rates a filter may ask for. Below MIN_FPS a clip of a few frames would span hours
+#: (fps=1e-300 made a producer that never published again while saying "running").
+MIN_FPS, MAX_FPS = 0.01, 1000.0
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """What an error message quotes of the user's text: a 60 KB spec is not echoed whole."""
+    return text if len(text) <= n else text[:n] + "..."
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class FilterSpec:
             key, _, val = op.partition("=")
             key = {"grayscale": "gray", "grey": "gray"}.get(key, key)
             if key in seen or (key in ("gray", "rgb") and ({"gray", "rgb"} & seen)):
-                raise FilterSpecError(f"filter {spec!r}: {key!r} given twice; accepted: {ACCEPTED}")
+                raise FilterSpecError(f"filter {_clip(spec)!r}: {_clip(key)!r} given twice; accepted: {ACCEPTED}")
             seen.add(key)
             if key in ("gray", "rgb") and not val:
                 gray = key == "gray"
@@ -64,14 +72,14 @@ class FilterSpec:
                 m = _SIZE.match(val)
                 if not m or not all(0 < int(g) <= MAX_SIDE for g in m.groups()):
                     raise FilterSpecError(
-                        f"filter {spec!r}: resize={val!r}: expected WxH with 1..{MAX_SIDE} pixels"
+                        f"filter {_clip(spec)!r}: resize={_clip(val)!r}: expected WxH with 1..{MAX_SIDE} pixels"
                     )
                 width, height = int(m.group(1)), int(m.group(2))
             elif key == "crop":
                 m = _CROP.match(val)
                 if not m or not (0 < int(m.group(1)) <= MAX_SIDE and 0 < int(m.group(2)) <= MAX_SIDE):
                     raise FilterSpecError(
-                        f"filter {spec!r}: crop={val!r}: expected WxH or WxH+X+Y in pixels"
+                        f"filter {_clip(spec)!r}: crop={_clip(val)!r}: expected WxH or WxH+X+Y in pixels"
                     )
                 x = int(m.group(3)) if m.group(3) is not None else None
                 y = int(m.group(4)) if m.group(4) is not None else None
@@ -81,12 +89,13 @@ class FilterSpec:
                     fps = float(val)
                 except ValueError:
                     fps = -1.0
-                if not (0 < fps <= 1000):
+                if not (MIN_FPS <= fps <= MAX_FPS):
                     raise FilterSpecError(
-                        f"filter {spec!r}: fps={val!r}: expected a rate in (0, 1000] frames/s"
+                        f"filter {_clip(spec)!r}: fps={_clip(val)!r}: expected a rate of {MIN_FPS:g} to "
+                        f"{MAX_FPS:g} frames/s"
                     )
             else:
-                raise FilterSpecError(f"filter {spec!r}: unknown operation {op!r}; accepted: {ACCEPTED}")
+                raise FilterSpecError(f"filter {_clip(spec)!r}: unknown operation {_clip(op)!r}; accepted: {ACCEPTED}")
         return cls(gray=bool(gray), width=width, height=height, crop=crop, fps=fps)
 
     def crop_box(self, src_w: int, src_h: int) -> tuple[int, int, int, int]:
@@ -100,6 +109,24 @@ class FilterSpec:
         x = min(x, src_w - w)
         y = min(y, src_h - h)
         return x, y, w, h
+
+    def frame_problem(self, src_w: int, src_h: int, of: str = "") -> str | None:
+        """Why this filter cannot apply to src_w x src_h frames as written (a crop larger
+        than the frame, or one reaching past its edge), or None; `of` names whose frames
+        they are. `crop_box` would clamp such a crop silently - to the full frame for
+        crop=2000x2000 on 768x432 - so the daemon asks this first and refuses the change."""
+        if self.crop is None:
+            return None
+        w, h, x, y = self.crop
+        frame = f"the {src_w}x{src_h} frame" + (f" of {of}" if of else "")
+        if w > src_w or h > src_h:
+            return (f"crop={w}x{h} is larger than {frame}; a crop must fit inside it (at most "
+                    f"crop={src_w}x{src_h})")
+        if x is not None and (x + w > src_w or y + h > src_h):
+            return (f"crop={w}x{h}+{x}+{y} reaches past the edge of {frame} (x + w = {x + w}, "
+                    f"y + h = {y + h}); the largest offset for this size is "
+                    f"+{src_w - w}+{src_h - h}")
+        return None
 
     def output_size(self, src_w: int, src_h: int) -> tuple[int, int]:
         """(width, height) of frames this filter makes from a src_w x src_h source."""

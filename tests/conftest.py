@@ -6,12 +6,27 @@ the dataset into its own tmp_path first (`copy_dataset`), so tests never depend 
 from __future__ import annotations
 
 import shutil
+import os
 from pathlib import Path
 
 import pytest
 
 from producer.synth import make_bad_samples, make_dataset
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory):
+    """Every producer the suite starts keeps its generations (producer/generation_store.py)
+    in a folder of this run, not in the user's ~/.local/state/mmfeed."""
+    path = tmp_path_factory.mktemp("state")
+    old = os.environ.get("MMFEED_STATE_DIR")
+    os.environ["MMFEED_STATE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MMFEED_STATE_DIR", None)
+    else:
+        os.environ["MMFEED_STATE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

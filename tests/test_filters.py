@@ -46,10 +46,13 @@ def test_the_string_form_is_canonical_whatever_the_order_of_operations():
     (f"resize={MAX_SIDE + 1}x10", f"1..{MAX_SIDE}"),
     ("crop=10x", "expected WxH or WxH+X+Y"),
     ("crop=10x10+5", "expected WxH or WxH+X+Y"),
-    ("fps=0", "(0, 1000]"),
-    ("fps=1001", "(0, 1000]"),
-    ("fps=fast", "(0, 1000]"),
-    ("fps=nan", "(0, 1000]"),
+    ("fps=0", "0.01 to 1000 frames/s"),
+    ("fps=1001", "0.01 to 1000 frames/s"),
+    ("fps=fast", "0.01 to 1000 frames/s"),
+    ("fps=nan", "0.01 to 1000 frames/s"),
+    ("fps=inf", "0.01 to 1000 frames/s"),
+    ("fps=1e-300", "0.01 to 1000 frames/s"),   # a clip would span 1e300 s: nothing, ever
+    ("fps=-5", "0.01 to 1000 frames/s"),
     ("gray=1", "unknown operation 'gray=1'"),
     ("gray,", "unknown operation ''"),
 ])
@@ -58,6 +61,14 @@ def test_a_bad_spec_is_refused_naming_the_operation_and_what_is_accepted(text, s
         FilterSpec.parse(text)
     assert says in str(e.value)
     assert repr(text) in str(e.value)  # names the spec the user sent
+
+
+@pytest.mark.parametrize("spec", ["x" * 60_000, "gray," + "y" * 60_000,
+                                  "resize=" + "9" * 60_000, "z" * 30_000 + ",z" * 2])
+def test_a_huge_spec_is_refused_without_echoing_it_whole(spec):
+    with pytest.raises(FilterSpecError) as e:
+        FilterSpec.parse(spec)
+    assert len(str(e.value)) < 1000 and "..." in str(e.value)
 
 
 def test_a_spec_that_is_not_a_string_is_refused_naming_its_type():
@@ -75,6 +86,17 @@ def test_a_centred_crop_is_clamped_to_the_source_and_resize_sets_the_output_size
     assert FilterSpec.parse("crop=200x100,resize=32x16").output_size(640, 480) == (32, 16)
     assert FilterSpec().output_size(640, 480) == (640, 480)
     assert FilterSpec.parse("gray").channels == 1 and FilterSpec().channels == 3
+
+
+def test_a_crop_that_does_not_fit_the_frame_is_a_problem_naming_the_frame_size():
+    assert "larger than the 768x432 frame" in FilterSpec.parse("crop=2000x2000").frame_problem(
+        768, 432)
+    assert "at most crop=768x432" in FilterSpec.parse("crop=800x100").frame_problem(768, 432)
+    edge = FilterSpec.parse("crop=100x100+700+400").frame_problem(768, 432)
+    assert "reaches past the edge of the 768x432 frame" in edge and "+668+332" in edge
+    assert FilterSpec.parse("crop=768x432").frame_problem(768, 432) is None
+    assert FilterSpec.parse("crop=100x100+668+332").frame_problem(768, 432) is None
+    assert FilterSpec.parse("gray,resize=4000x4000").frame_problem(768, 432) is None
 
 
 sides = st.integers(1, MAX_SIDE)

@@ -366,6 +366,22 @@ BAD_REQUESTS = {
                     "bad_argument"),
     "bad_method": (b'{"v": 1, "cmd": "method", "args": {"input": "radar", "name": "fft9"}}',
                    "bad_argument"),
+    # numbers that fit JSON but not their field (issue 12): each was accepted once
+    "segment_past_int64_ns": (b'{"v": 1, "cmd": "segment", "args": {"start": 1e10, "end": 2e10}}',
+                              "bad_argument"),
+    "segment_negative": (b'{"v": 1, "cmd": "segment", "args": {"start": -1, "end": 0.2}}',
+                         "bad_argument"),
+    "segment_infinite": (b'{"v": 1, "cmd": "segment", "args": {"start": 0, "end": 1e400}}',
+                         "bad_argument"),
+    "segment_empty": (b'{"v": 1, "cmd": "segment", "args": {"start": 0.3, "end": 0.3}}',
+                      "bad_argument"),
+    "label_past_int32": (b'{"v": 1, "cmd": "label", "args": {"name": "3000000000"}}',
+                         "bad_argument"),
+    "label_beyond_classes": (b'{"v": 1, "cmd": "label", "args": {"name": "7"}}', "bad_argument"),
+    "crop_larger_than_frame": (b'{"v": 1, "cmd": "filter", "args": {"spec": "crop=2000x2000"}}',
+                               "bad_argument"),
+    "fps_denormal": (b'{"v": 1, "cmd": "filter", "args": {"spec": "fps=1e-300"}}',
+                     "bad_argument"),
 }
 
 
@@ -379,6 +395,46 @@ def test_bad_request_gets_error_changes_nothing_and_daemon_still_answers(daemon,
     if case == "missing_stem":  # the message names the stems that do exist
         assert "lidar_rear" in reply["error"]["message"]
         assert "lidar, lidar_front" in reply["error"]["message"]
+
+
+def test_label_beyond_the_class_list_is_refused_listing_the_classes(daemon):
+    with pytest.raises(RemoteError) as e:
+        daemon.request("label", name="7")
+    assert e.value.code == "bad_argument"
+    assert "0 circle, 1 square, 2 stripes" in str(e.value), str(e.value)
+
+
+def test_label_by_class_index_within_the_list_is_accepted(daemon):
+    gen = daemon.request("label", name="2")["generation"]
+    assert first_sample_of(daemon.ring, gen).meta.label == 2
+    daemon.request("label", name="auto")
+
+
+def test_crop_larger_than_the_datasets_frames_is_refused_naming_the_frame_size(daemon):
+    with pytest.raises(RemoteError) as e:
+        daemon.request("filter", spec="crop=2000x2000")
+    assert "larger than the 32x24 frame of video.mp4 in sample train/" in str(e.value)
+    with pytest.raises(RemoteError) as e:
+        daemon.request("filter", spec="crop=16x16+20+0")
+    assert "reaches past the edge of the 32x24 frame" in str(e.value)
+    gen = daemon.request("filter", spec="crop=16x16+16+8")["generation"]  # fits exactly
+    assert first_sample_of(daemon.ring, gen, lambda s: "video" in s.arrays
+                           ).arrays["video"].shape == (4, 3, 16, 16)
+    daemon.request("filter", spec="none")
+
+
+def test_segment_too_far_for_a_timestamp_is_refused_on_samples_without_video_or_audio(daemon):
+    # Without video and audio nothing decodes the segment, so only the range check stands
+    # between 1e10 s and the int64 nanosecond timestamp (which it overflowed).
+    gen = daemon.request("modalities", enable=[], disable=["video", "audio"])["generation"]
+    try:
+        with pytest.raises(RemoteError) as e:
+            daemon.request("segment", start=1e10, end=1e10 + 1)
+        assert e.value.code == "bad_argument" and "1e+07" in str(e.value), str(e.value)
+        assert daemon.status()["generation"] == gen
+    finally:
+        daemon.request("modalities", enable=["video", "audio"], disable=[])
+    wait_for(lambda: daemon.status()["state"] == "running", what="the daemon to go on")
 
 
 def test_filter_too_big_for_a_slot_is_refused_naming_both_sizes(daemon):

@@ -88,6 +88,16 @@ def test_hardening_keeps_dev_shm_shared_between_the_daemons(unit):
     assert "/dev/shm" in svc["ReadWritePaths"]
 
 
+def test_the_producer_keeps_its_generations_in_a_state_directory_it_may_write():
+    # ProtectSystem=strict makes the file system read-only but for what the unit names:
+    # StateDirectory= creates /var/lib/mmfeed for the mmfeed user and sets $STATE_DIRECTORY,
+    # which the producer uses for the last generation of each ring (generation_store.py).
+    svc = _parse(render_units(UnitSettings())["mm-producer.service"])["Service"]
+    assert svc["StateDirectory"] == ["mmfeed"]
+    assert svc["ProtectSystem"] == ["strict"]
+    assert "--state-dir" not in svc["ExecStart"][0]  # $STATE_DIRECTORY is the default
+
+
 def test_exec_start_uses_the_fixed_cli_interface():
     units = render_units(UnitSettings(bindir=Path("/opt/venv/bin")))
     prod = _parse(units["mm-producer.service"])["Service"]["ExecStart"][0]

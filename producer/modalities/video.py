@@ -461,6 +461,7 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
 open_container = _open
 first_video_stream = _video_stream
 stream_rate = _stream_rate
+duration_s = _duration_s
 FrameConverter = _Converter
 
 
