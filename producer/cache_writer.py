@@ -62,11 +62,12 @@ def fingerprint_files(paths: Iterable[str | Path]) -> str:
     """Names, sizes and mtimes of a sample's files, hashed: changes when any file does.
 
     Uses the base name, not the full path, so moving the dataset folder keeps the cache valid.
+    The name's own bytes (os.fsencode): a name that is not UTF-8 must not stop the run.
     """
     h = hashlib.blake2b(digest_size=16)
     for p in sorted(Path(p) for p in paths):
         st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(p.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -52,8 +52,9 @@ from typing import Callable, TextIO
 
 import click
 
-from protocol.errors import CacheError, FilterSpecError, InputError
+from protocol.errors import CacheError, FilterSpecError, InputError, SchemaError
 from protocol.filters import FilterSpec
+from protocol.names import escape_name, printable
 from protocol.schema import SampleSchema
 
 from .cache_writer import CacheWriter, fingerprint_files
@@ -143,9 +144,12 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     assert pipe is not None, "worker not initialised"
     try:
         arrays = pipe.process(sample, notes)
+        schema = SampleSchema.from_arrays(arrays)
     except InputError as e:
         return None, e.to_dict(), notes
-    schema = SampleSchema.from_arrays(arrays)
+    except SchemaError as e:  # e.g. an input name the schema refuses: this sample, not the run
+        return None, InputError(sample.dir, "inputs", "arrays the sample schema accepts",
+                                str(e)).to_dict(), notes
     return schema.encode(), schema.pack(arrays), notes
 
 
@@ -396,18 +400,24 @@ class Progress:
 
 
 def _rejection(err: InputError | dict, key: str | None) -> dict:
+    """One report entry; every text printable (InputError escapes names already)."""
     d = err.to_dict() if isinstance(err, InputError) else dict(err)
-    return {"sample": key, "file": d.get("file"), "field": d.get("field"),
-            "expected": d.get("expected"), "found": d.get("found"), "message": d.get("message")}
+    out = {"sample": key, "file": d.get("file"), "field": d.get("field"),
+           "expected": d.get("expected"), "found": d.get("found"), "message": d.get("message")}
+    return {k: printable(v) if isinstance(v, str) else v for k, v in out.items()}
 
 
 def _key_of(problem: InputError, root: Path) -> str | None:
-    """train/circle/0003 for a problem path inside a sample folder, else None."""
+    """train/circle/0003 for a problem path inside a sample folder, else None.
+
+    Lexical (abspath), never resolve(): the problem may be a symlink loop, which resolve()
+    raises on (a `video.mp4 -> video.mp4` link stopped the whole run that way); the index
+    built the path from `root`, so the text is enough. Names are escaped like the keys."""
     try:
-        parts = Path(problem.path).resolve().relative_to(root.resolve()).parts
+        parts = Path(os.path.abspath(problem.path)).relative_to(os.path.abspath(root)).parts
     except ValueError:
         return None
-    return "/".join(parts[:3]) if len(parts) >= 3 else None
+    return "/".join(escape_name(p) for p in parts[:3]) if len(parts) >= 3 else None
 
 
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
@@ -493,7 +503,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "reused": reused,
         "processed": processed,
         "rejected": rejected,
-        "notes": notes,
+        "notes": [printable(n) for n in notes],  # file names in notes may not be UTF-8
         "classes": index.classes,
         "splits": summary.counts,
         "cache": str(summary.directory),
