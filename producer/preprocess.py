@@ -2,7 +2,8 @@
 
     mm-producer preprocess DATASET --cache DIR [--split S]... [--workers N] [--json]
                            [--filter SPEC] [--clip-frames N] [--segment START END]
-                           [--sensor INPUT STEM]... [--method INPUT NAME]... [--quiet]
+                           [--sensor INPUT STEM]... [--method INPUT NAME]...
+                           [--read-limit KIND=SIZE]... [--group NAME] [--quiet]
 
 How a run goes, and why:
 1. Index the folder (producer/dataset.py). Index problems (empty folder, unreadable file, bad
@@ -59,6 +60,7 @@ from protocol.schema import SampleSchema
 
 from .cache_writer import CacheWriter, fingerprint_files
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
+from .modalities._limits import ReadLimits
 from .pipeline import METHODS, Pipeline, PipelineConfig, missing_inputs, sample_meta, union_inputs
 
 # --- worker side -----------------------------------------------------------------------------
@@ -561,10 +563,15 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
 @click.option("--method", "methods", type=(str, str), multiple=True, metavar="INPUT NAME",
               help=f"Processing method, e.g. --method radar points_bev "
                    f"({', '.join(METHODS['radar'])}).")
+@click.option("--read-limit", "read_limits", multiple=True, metavar="KIND=SIZE",
+              help="Largest lidar, radar or unknown-sensor file read (e.g. lidar=1G; "
+                   "defaults lidar=256M radar=64M unknown=64M, or $MMFEED_READ_LIMITS); a "
+                   "larger file is a rejected sample. See docs/dataset.md.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
-               segment: tuple[float, float] | None, sensors, methods, quiet: bool) -> None:
+               segment: tuple[float, float] | None, sensors, methods, read_limits,
+               quiet: bool) -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
@@ -577,8 +584,17 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
         raise click.UsageError(f"{dataset}: no split folders ({', '.join(SPLITS)}); expected "
                                "DATASET/<split>/<class>/<sample>/ files")
     try:
+        limits = ReadLimits.from_env()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        limits = limits.with_settings(",".join(read_limits))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--read-limit") from None
+    try:
         config = PipelineConfig(filter=filter_spec or FilterSpec(), clip_frames=clip_frames,
-                                segment=segment, sensors=dict(sensors), methods=dict(methods))
+                                segment=segment, sensors=dict(sensors), methods=dict(methods),
+                                read_limits=limits)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
