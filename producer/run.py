@@ -68,7 +68,8 @@ def _classes(value: str | None) -> tuple[str, ...]:
               help="Initial video filter (gray, resize=WxH, crop=WxH[+X+Y], fps=R).")
 @click.option("--clip-frames", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--split", "splits", multiple=True, help="Dataset split(s) to replay (default all).")
-@click.option("--group", default=None, help="Group allowed to read the ring and sockets (0660).")
+@click.option("--group", default=None, envvar="MMFEED_GROUP", metavar="NAME",
+              help="Group allowed to read the ring and sockets (0660; default $MMFEED_GROUP).")
 @click.option("--open-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
