@@ -56,8 +56,8 @@ def main() -> None:
               show_default=True)
 @click.option("--no-resume", is_flag=True, help="Ignore checkpoints already in --checkpoint-dir.")
 @click.option("--group", default=None, envvar="MMFEED_GROUP", metavar="NAME",
-              help="Group that may read the checkpoints: files 0640 of that group (default "
-                   "$MMFEED_GROUP; without it 0600).")
+              help="Group that may use the control and log sockets (0660) and read the "
+                   "checkpoints (0640) (default $MMFEED_GROUP; without it 0600).")
 @click.option("--control", default=None, help="Control endpoint (default ipc://RUNTIME/trainer.sock).")
 @click.option("--log-endpoint", default=None, help="Log PUB endpoint (default next to --control).")
 @click.option("--curve-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
