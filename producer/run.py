@@ -11,6 +11,7 @@ from protocol.errors import FilterSpecError, MmfeedError
 from protocol.filters import FilterSpec
 
 from .daemon import ProducerDaemon, RunOptions
+from .modalities._limits import ReadLimits
 
 EXIT_USAGE = 2
 
@@ -90,6 +91,10 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, lo
         raise click.BadParameter(str(e), param_hint="--filter") from None
     if device == "cuda":
         _require_cuda()
+    try:  # the pipeline reads its file size limits from there: a typo is a usage error
+        ReadLimits.from_env()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     opts = RunOptions(source=src, ring=ring, mode=mode, control=control, curve_dir=curve_dir,
                       slots=slots, slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch,
                       label=label, classes=_classes(classes), filter=filter_spec,

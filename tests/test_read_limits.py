@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +136,33 @@ def test_the_pipeline_config_takes_the_limits_from_the_environment(monkeypatch):
     cfg = PipelineConfig()
     assert (cfg.read_limits.lidar, cfg.read_limits.radar) == (GIB, 128 << 20)
     assert cfg.config_hash() == PipelineConfig(read_limits=ReadLimits()).config_hash()
+
+
+def test_a_bad_limit_in_the_environment_stops_producer_run_as_a_usage_error():
+    r = subprocess.run([sys.executable, "-m", "producer.cli", "run", "--source", "/nonexistent",
+                        "--ring", f"mmrl{os.getpid()}"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "MMFEED_READ_LIMITS": "lidar=lots"},
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and "$MMFEED_READ_LIMITS" in r.stderr and "lots" in r.stderr
+
+
+def test_producer_run_skips_a_file_over_the_limit_naming_it(one_sample, tmp_path):
+    runtime = tempfile.mkdtemp(prefix="mmrl", dir="/tmp")
+    log = tmp_path / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env.update(MMFEED_READ_LIMITS="unknown=1K", MMFEED_RUNTIME_DIR=runtime)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "run", "--source",
+                                 str(one_sample), "--ring", f"mmrl{uuid.uuid4().hex[:10]}",
+                                 "--rate", "max", "--loop"], stdout=subprocess.DEVNULL,
+                                stderr=err, env=env, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 90
+        while "the unknown read limit" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)  # polling a condition with a deadline
+        assert "imu.data" in log.read_text(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutil.rmtree(runtime, ignore_errors=True)
