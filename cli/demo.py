@@ -133,7 +133,7 @@ def _group_alive(pgid: int) -> bool:
 def run(s: DemoSettings) -> dict:
     s.workdir.mkdir(parents=True, exist_ok=True)
     runtime = s.workdir / "run"
-    runtime.mkdir(exist_ok=True)
+    runtime.mkdir(mode=0o700, exist_ok=True)  # the daemons refuse a socket dir others may write
     logs = s.workdir / "logs"
     logs.mkdir(exist_ok=True)
     ckpt = s.workdir / "checkpoints"

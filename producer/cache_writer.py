@@ -53,6 +53,14 @@ from protocol.cache import (
     version_name,
 )
 from protocol.errors import CacheError, CacheLocked, CacheNotFound, MmfeedError, SchemaError
+from protocol.filemodes import (
+    create_file,
+    file_mode,
+    group_id,
+    make_dir,
+    secure_fd,
+    write_file,
+)
 from protocol.schema import SOURCE_BYTES, SampleMeta, SampleSchema
 
 _COPY_CHUNK = 8 << 20
@@ -62,11 +70,12 @@ def fingerprint_files(paths: Iterable[str | Path]) -> str:
     """Names, sizes and mtimes of a sample's files, hashed: changes when any file does.
 
     Uses the base name, not the full path, so moving the dataset folder keeps the cache valid.
+    The name's own bytes (os.fsencode): a name that is not UTF-8 must not stop the run.
     """
     h = hashlib.blake2b(digest_size=16)
     for p in sorted(Path(p) for p in paths):
         st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(os.fsencode(p.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -106,11 +115,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -145,6 +149,10 @@ class CacheWriter:
 
     One writer per directory at a time: an exclusive flock on `DIR/.lock`, which the kernel
     drops when the process dies, so a crashed writer never blocks the next one.
+
+    Every file it writes is 0600 and every directory it makes 0700 whatever the umask; with
+    `group` (preprocess --group / $MMFEED_GROUP) 0640 and 0750, group `group`
+    (protocol/filemodes.py). A cache directory that already exists keeps its own mode.
     """
 
     # Class-level defaults make abort()/close safe after a half-built constructor.
@@ -154,7 +162,7 @@ class CacheWriter:
     _prev_fds: dict[int, int] = {}
 
     def __init__(self, cache_dir: str | Path, *, classes: list[str], config_hash: str = "",
-                 shard_bytes: int = 1 << 30, keep: int = 1):
+                 shard_bytes: int = 1 << 30, keep: int = 1, group: str | None = None):
         if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
             raise TypeError(f"classes must be a list of str, got {classes!r}")
         if len(set(classes)) != len(classes):
@@ -168,7 +176,8 @@ class CacheWriter:
         self.config_hash = str(config_hash)
         self.shard_bytes = int(shard_bytes)
         self.keep = int(keep)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._gid = group_id(group)
+        make_dir(self.directory, self._gid, exist_ok=True)
         self._lock()
         try:
             self._prev = self._load_previous()
@@ -176,7 +185,7 @@ class CacheWriter:
             existing = [parse_version_name(p.name) for p in self.directory.iterdir()]
             self.version = max([n for n in existing if n is not None], default=0) + 1
             self._vdir = self.directory / version_name(self.version)
-            self._vdir.mkdir()
+            make_dir(self._vdir, self._gid)
         except BaseException:
             self._unlock()
             raise
@@ -196,13 +205,19 @@ class CacheWriter:
     # --- set-up -----------------------------------------------------------------------------
 
     def _lock(self) -> None:
-        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        path = self.directory / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
+            if os.fstat(fd).st_uid == os.geteuid():
+                secure_fd(fd, file_mode(self._gid), self._gid, path)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise CacheLocked(f"{self.directory}: another mm-producer preprocess is writing this "
                               f"cache (it holds {self.directory / LOCK})") from None
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -337,8 +352,7 @@ class CacheWriter:
     def _roll(self) -> None:
         self._finish_shard()
         self._shard_no += 1
-        path = self._vdir / shard_name(self._shard_no)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._fd = create_file(self._vdir / shard_name(self._shard_no), self._gid)
         self._pos = 0
 
     def _finish_shard(self) -> None:
@@ -407,14 +421,16 @@ class CacheWriter:
         try:
             self._finish_shard()
             index = np.array(self._rows, dtype=INDEX_DTYPE)
-            with open(self._vdir / INDEX_FILE, "wb") as f:
+            with os.fdopen(create_file(self._vdir / INDEX_FILE, self._gid), "wb") as f:
                 np.save(f, index, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
-            _write_file_synced(self._vdir / SCHEMAS_FILE,
-                               json.dumps({str(k): v for k, v in self._schemas.items()}).encode())
-            _write_file_synced(self._vdir / KEYS_FILE,
-                               json.dumps({"keys": self._key_list}, separators=(",", ":")).encode())
+            write_file(self._vdir / SCHEMAS_FILE,
+                       json.dumps({str(k): v for k, v in self._schemas.items()}).encode(),
+                       self._gid)
+            write_file(self._vdir / KEYS_FILE,
+                       json.dumps({"keys": self._key_list}, separators=(",", ":")).encode(),
+                       self._gid)
             counts = {s: int(np.count_nonzero(index["split"] == i))
                       for i, s in enumerate(self._splits)}
             manifest = {
@@ -430,10 +446,11 @@ class CacheWriter:
                 "shards": self._shards,
                 "config_hash": self.config_hash,
             }
-            _write_file_synced(self._vdir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+            write_file(self._vdir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode(),
+                       self._gid)
             _fsync_dir(self._vdir)
             tmp = self.directory / (CURRENT + ".tmp")
-            _write_file_synced(tmp, (version_name(self.version) + "\n").encode())
+            write_file(tmp, (version_name(self.version) + "\n").encode(), self._gid)
             os.replace(tmp, self.directory / CURRENT)
             _fsync_dir(self.directory)
         except BaseException:

@@ -21,6 +21,12 @@ Layout (DESIGN.md "Dataset on disk"):
   stream has its own time base). A base that is also a file's stem (`lidar.bin` beside
   `lidar_0001.bin`, `lidar_0002.bin`) would give two sensors one name: the sample is
   rejected naming the file.
+- Names are text: class and sample folder names go through `protocol.names.escape_name`, so
+  a name that is not UTF-8 (`bad_\xff`) is cached under an escaped key that maps back to its
+  bytes (`unescape_name`), with a note; file stems go through `modality_name` (an input name
+  the schema accepts: `imu\xff.data` -> input `imu_xff`), with a note. The files themselves
+  are opened by their real names. A symlink loop (`video.mp4 -> video.mp4`)
+  is a rejected sample naming the file.
 - Indexing never raises for one bad sample: an empty folder, an unreadable or non-regular
   file, two files with one stem, or a bad metadata.json becomes an InputError in `problems`
   and the sample is left out; every other sample is indexed. Only a missing root raises.
@@ -33,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import InputError
+from protocol.names import escape_name, modality_name
 
 from .align import frame_sequences
 from .metadata import load_metadata
@@ -86,8 +93,9 @@ class SampleFiles:
 
     @property
     def key(self) -> str:
-        """`train/circle/0003`: the cache key; stable when the dataset folder moves."""
-        return f"{self.split}/{self.class_name}/{self.dir.name}"
+        """`train/circle/0003`: the cache key; stable when the dataset folder moves. The
+        folder name is escaped (protocol/names.py); `class_name` already is."""
+        return f"{self.split}/{self.class_name}/{escape_name(self.dir.name)}"
 
     def kind(self, stem: str) -> str:
         return kind_of(stem, self.files[stem])
@@ -142,7 +150,13 @@ def _check_readable(path: Path, st: os.stat_result) -> None:
 
 def _index_sample(split: str, class_name: str, label: int, sdir: Path,
                   notes: list[str]) -> SampleFiles:
-    """One sample folder -> SampleFiles; InputError for the first problem found."""
+    """One sample folder -> SampleFiles; InputError for the first problem found.
+    `class_name` is the escaped class folder name."""
+    key = f"{split}/{class_name}/{escape_name(sdir.name)}"
+    if escape_name(sdir.name) != sdir.name:
+        notes.append(f"{key}: folder name is not plain UTF-8 text; keyed as "
+                     f"{escape_name(sdir.name)} (\\xHH is a byte that is not UTF-8; "
+                     f"protocol.names.unescape_name gives the bytes back)")
     try:
         entries = [e for e in os.scandir(sdir) if not e.name.startswith(".")]
     except OSError as e:
@@ -160,7 +174,10 @@ def _index_sample(split: str, class_name: str, label: int, sdir: Path,
         if e.name == METADATA:
             meta_path = p
             continue
-        stem = file_stem(e.name)
+        stem = modality_name(file_stem(e.name))
+        if stem != file_stem(e.name):
+            notes.append(f"{key}: file name {escape_name(e.name)} is not a plain input name "
+                         f"(ASCII letters, digits, _ . -; UTF-8); its input is named {stem}")
         if stem in files:
             raise InputError(p, "file name", f"one file per stem; {files[stem].name} has the "
                              f"stem {stem!r} too", e.name)
@@ -174,7 +191,7 @@ def _index_sample(split: str, class_name: str, label: int, sdir: Path,
     if meta_path is not None:
         meta_notes: list[str] = []
         metadata = load_metadata(meta_path, meta_notes)
-        notes.extend(f"{split}/{class_name}/{sdir.name}/{n}" for n in meta_notes)
+        notes.extend(f"{key}/{n}" for n in meta_notes)
     return SampleFiles(split, class_name, label, sdir, files, metadata, meta_path, sequences)
 
 
@@ -194,7 +211,7 @@ def _sequences(files: dict[str, Path]) -> dict[str, list[str]]:
         if len(kinds) > 1:
             raise InputError(paths[0], "file name", f"frame files of {base!r} all of one "
                              f"kind", ", ".join(sorted(kinds)))
-        out[base] = [file_stem(p) for p in paths]
+        out[base] = [modality_name(file_stem(p)) for p in paths]
     return out
 
 
@@ -217,7 +234,7 @@ def index_dataset(root: str | Path, splits: list[str] | tuple[str, ...] | None =
                                    ", ".join(p.name for p in _subdirs(root)) or "none"))
     wanted = present if splits is None else [s for s in present if s in set(splits)]
     class_dirs = {s: _subdirs(root / s) for s in present}
-    classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+    classes = sorted({escape_name(d.name) for dirs in class_dirs.values() for d in dirs})
     label_of = {c: i for i, c in enumerate(classes)}
     samples: list[SampleFiles] = []
     notes: list[str] = []
@@ -225,8 +242,8 @@ def index_dataset(root: str | Path, splits: list[str] | tuple[str, ...] | None =
         for cdir in class_dirs[split]:
             for sdir in _subdirs(cdir):
                 try:
-                    samples.append(_index_sample(split, cdir.name, label_of[cdir.name], sdir,
-                                                 notes))
+                    cls = escape_name(cdir.name)
+                    samples.append(_index_sample(split, cls, label_of[cls], sdir, notes))
                 except InputError as e:
                     problems.append(e)
     return DatasetIndex(classes, samples, problems, wanted, notes)

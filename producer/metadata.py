@@ -9,8 +9,11 @@ Schema (every key optional; documented for users in docs/dataset.md):
 
     key                         type                                   meaning
     --------------------------  -------------------------------------  --------------------------
-    timestamp_ns                int >= 0                               sample start, ns (epoch)
-    timestamp                   number >= 0                            same, in seconds
+    timestamp_ns                int in 0 .. 2^63-1                     sample start, ns (epoch)
+    timestamp                   number in 0 .. 9223372036              same, in seconds (both
+                                                                       must fit int64 ns: the
+                                                                       cache index and the ring
+                                                                       store int64; year 2262)
     timestamps.<stem>           number >= 0 or non-decreasing list     per-frame times, seconds
                                                                        (a frame sequence's list,
                                                                        one frame file's time, or
@@ -45,11 +48,20 @@ A section applies to the file whose stem is its key (`lidar_top`), else to every
 that kind (`lidar`); a frame sequence's section (`imu` for `imu_0001.data` ...) applies to
 each of its frames (producer/pipeline.py). How frame times are read: producer/align.py. Any other top-level key is kept unchanged and reported in `notes`
 (a typo like `frame_rate` should be visible, but never cost the sample).
+
+Hostile files are rejected with the field named, never allowed to stop a run: JSON nested
+deeper than MAX_DEPTH (Python's parser recurses, and 2,000 levels raised RecursionError out of
+the whole preprocess) is refused after a bracket count over the bytes, before parsing;
+integers longer than MAX_INT_DIGITS (Python refuses to convert more than 4,300 digits, and a
+5,000-digit number raised ValueError) are refused naming where they are; timestamps must fit
+the int64 nanoseconds that the cache index stores (2^64 passed validation and failed at
+commit, after every sample had been processed).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +77,16 @@ RADAR_DTYPES = ("complex_int16", "int16", "complex64", "float32")
 RADAR_LAYOUTS = ("chirp_sample_rx", "chirp_rx_sample", "dca1000")
 RADAR_FORMATS = ("adc", "points")
 MAX_BYTES = 1 << 20  # a sidecar, not a data file: refuse megabytes of JSON
+#: Deepest nesting of objects/arrays accepted (calibration matrices are 3 deep).
+MAX_DEPTH = 64
+#: Longest integer accepted, in digits (an int64 has 19).
+MAX_INT_DIGITS = 100
+#: Largest timestamp_ns: the cache index and ring slots store int64 nanoseconds.
+MAX_TIMESTAMP_NS = (1 << 63) - 1
+#: Largest `timestamp` in seconds whose nanoseconds still fit MAX_TIMESTAMP_NS (year 2262).
+MAX_TIMESTAMP_S = 9_223_372_036.0
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
 def _show(value: Any) -> str:
@@ -82,6 +104,43 @@ def _is_number(v: Any) -> bool:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def nesting_depth(raw: bytes) -> int:
+    """How deep objects and arrays nest in JSON text, counted over the bytes (strings
+    blanked first) without parsing: safe on any input, linear, no recursion."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    if not bare.size:
+        return 0
+    step = ((bare == 0x5B).astype(np.int32) + (bare == 0x7B)
+            - (bare == 0x5D) - (bare == 0x7D))  # [ { ] }
+    return int(np.cumsum(step).max(initial=0))
+
+
+class _LongInt:
+    """Stands in for an integer too long to convert, so the check can say where it is."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    digits = len(text) - text.startswith("-")
+    return _LongInt(digits) if digits > MAX_INT_DIGITS else int(text)
+
+
+def _find_long_int(value: Any, where: str) -> tuple[str, _LongInt] | None:
+    """The dotted field of the first _LongInt in parsed metadata (depth <= MAX_DEPTH)."""
+    if isinstance(value, _LongInt):
+        return where, value
+    items = (value.items() if isinstance(value, dict)
+             else ((f"[{i}]", v) for i, v in enumerate(value)) if isinstance(value, list) else ())
+    for key, v in items:
+        sub = f"{where}{key}" if key.startswith("[") else f"{where}.{key}" if where else key
+        found = _find_long_int(v, sub)
+        if found is not None:
+            return found
+    return None
 
 
 class _Checker:
@@ -203,21 +262,46 @@ def load_metadata(path: str | Path, notes: list[str] | None = None) -> dict:
         raise InputError(path, "file", "a readable metadata.json", e.strerror or str(e)) from None
     if len(raw) > MAX_BYTES:
         raise InputError(path, "size", f"at most {MAX_BYTES} bytes", "more")
+    depth = nesting_depth(raw)
+    if depth > MAX_DEPTH:
+        raise InputError(path, "json", f"objects and arrays nested at most {MAX_DEPTH} deep",
+                         f"nesting {depth} deep")
+    long_ints = False
+
+    def parse_int(text: str) -> int | _LongInt:
+        nonlocal long_ints
+        value = _parse_int(text)
+        long_ints |= isinstance(value, _LongInt)
+        return value
+
     try:
-        meta = json.loads(raw)
+        meta = json.loads(raw, parse_int=parse_int)
+    except RecursionError:  # never after the depth check; kept so no input can crash a run
+        raise InputError(path, "json", f"objects and arrays nested at most {MAX_DEPTH} deep",
+                         "nesting too deep to parse") from None
     except UnicodeDecodeError as e:
         raise InputError(path, "json", "UTF-8 text", f"byte {e.start} is not UTF-8") from None
     except json.JSONDecodeError as e:
         raise InputError(path, "json", "valid JSON",
                          f"{e.msg} at line {e.lineno} column {e.colno}") from None
+    if long_ints:
+        field, big = _find_long_int(meta, "")  # type: ignore[misc]
+        raise InputError(path, field or "top level",
+                         f"an integer of at most {MAX_INT_DIGITS} digits",
+                         f"an integer of {big.digits} digits")
     if not isinstance(meta, dict):
         raise InputError(path, "top level", "a JSON object", type(meta).__name__)
 
     for key, value in meta.items():
         if key == "timestamp_ns":
-            if not (_is_int(value) and value >= 0):
-                chk.fail(key, "an integer >= 0 (nanoseconds)", value)
-        elif key in ("timestamp", "tolerance_s"):
+            if not (_is_int(value) and 0 <= value <= MAX_TIMESTAMP_NS):
+                chk.fail(key, f"an integer >= 0 and <= {MAX_TIMESTAMP_NS} (nanoseconds; "
+                         f"int64, until the year 2262)", value)
+        elif key == "timestamp":
+            if not (_is_number(value) and 0 <= value <= MAX_TIMESTAMP_S):
+                chk.fail(key, f"a number >= 0 and <= {MAX_TIMESTAMP_S:.0f} (seconds; its "
+                         f"nanoseconds must fit int64: until the year 2262)", value)
+        elif key == "tolerance_s":
             chk.number(key, value)
         elif key == "timestamps":
             chk.per_stem(key, value, chk.timestamps)

@@ -62,6 +62,7 @@ from .align import align, default_tolerance, frame_timestamps, timestamp_field
 from .dataset import METADATA, SampleFiles
 from .metadata import timestamp_ns
 from .modalities import audio, lidar, radar, unknown, video
+from .modalities._limits import ReadLimits
 from .modalities.audio import AudioConfig
 from .modalities.lidar import BevConfig
 from .modalities.radar import RadarConfig
@@ -93,6 +94,10 @@ class PipelineConfig:
     radar: RadarConfig = field(default_factory=RadarConfig)
     unknown_len: int = 256
     enabled: frozenset[str] | None = None
+    #: Most bytes a lidar/radar/unknown file may have (modalities/_limits.py); defaults with
+    #: $MMFEED_READ_LIMITS applied. Not in to_dict()/config_hash(): it decides which files
+    #: are read, not what a file becomes.
+    read_limits: ReadLimits = field(default_factory=ReadLimits.from_env)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -139,6 +144,8 @@ class PipelineConfig:
                 or self.unknown_len < 1:
             raise ValueError(f"PipelineConfig.unknown_len: expected an int >= 1, got "
                              f"{self.unknown_len!r}")
+        if not isinstance(self.read_limits, ReadLimits):
+            put("read_limits", ReadLimits().with_settings(self.read_limits))
         if self.enabled is not None:
             if isinstance(self.enabled, str):
                 raise TypeError("PipelineConfig.enabled: expected a set of input names, got a str")
@@ -240,10 +247,10 @@ class Pipeline:
         if inp == "audio":
             return audio.log_mel(path, c.audio, c.segment, notes)
         if inp == "lidar":
-            return lidar.bev(lidar.load_points(path, meta, notes), c.lidar)
+            return lidar.bev(lidar.load_points(path, meta, notes, c.read_limits), c.lidar)
         if inp == "radar":
-            return radar.process(path, c.methods["radar"], c.radar, meta, notes)
-        return unknown.load_unknown(path, meta, c.unknown_len, notes)
+            return radar.process(path, c.methods["radar"], c.radar, meta, notes, c.read_limits)
+        return unknown.load_unknown(path, meta, c.unknown_len, notes, c.read_limits)
 
     def _aligned_frame(self, sample: SampleFiles, name: str, sensor: str, times: np.ndarray,
                        clip_times: np.ndarray | None, notes: list[str] | None

@@ -2,7 +2,8 @@
 
     mm-producer preprocess DATASET --cache DIR [--split S]... [--workers N] [--json]
                            [--filter SPEC] [--clip-frames N] [--segment START END]
-                           [--sensor INPUT STEM]... [--method INPUT NAME]... [--quiet]
+                           [--sensor INPUT STEM]... [--method INPUT NAME]...
+                           [--read-limit KIND=SIZE]... [--group NAME] [--quiet]
 
 How a run goes, and why:
 1. Index the folder (producer/dataset.py). Index problems (empty folder, unreadable file, bad
@@ -23,6 +24,9 @@ How a run goes, and why:
    pool goes on with the rest (`_WorkerRuns`). `workers=0` (API only) runs in the caller's
    process, without that isolation (profiling, debugging).
 4. `commit()` switches CURRENT atomically; an interrupted run leaves the previous version.
+   A run killed outright leaves its scratch folder in TMPDIR; the next run removes the
+   folders of runs that are gone (`sweep_scratch`, noted in the report). Cache files are
+   0600 (0640 with --group / $MMFEED_GROUP), whatever the umask.
 
 Exit status (DESIGN.md): 0 every sample cached, 3 some rejected and the rest cached, 2 usage
 error (missing dataset folder, no split folders, bad --filter). With --json the last stdout
@@ -38,6 +42,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import re
 import select
 import shutil
 import signal
@@ -52,12 +57,16 @@ from typing import Callable, TextIO
 
 import click
 
-from protocol.errors import CacheError, FilterSpecError, InputError
+from protocol import leftovers
+from protocol.errors import CacheError, FilterSpecError, InputError, SchemaError
+from protocol.filemodes import GROUP_ENV, GroupError, group_id
 from protocol.filters import FilterSpec
+from protocol.names import escape_name, printable
 from protocol.schema import SampleSchema
 
 from .cache_writer import CacheWriter, fingerprint_files
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
+from .modalities._limits import ReadLimits
 from .pipeline import METHODS, Pipeline, PipelineConfig, missing_inputs, sample_meta, union_inputs
 
 # --- worker side -----------------------------------------------------------------------------
@@ -143,9 +152,12 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     assert pipe is not None, "worker not initialised"
     try:
         arrays = pipe.process(sample, notes)
+        schema = SampleSchema.from_arrays(arrays)
     except InputError as e:
         return None, e.to_dict(), notes
-    schema = SampleSchema.from_arrays(arrays)
+    except SchemaError as e:  # e.g. an input name the schema refuses: this sample, not the run
+        return None, InputError(sample.dir, "inputs", "arrays the sample schema accepts",
+                                str(e)).to_dict(), notes
     return schema.encode(), schema.pack(arrays), notes
 
 
@@ -396,24 +408,47 @@ class Progress:
 
 
 def _rejection(err: InputError | dict, key: str | None) -> dict:
+    """One report entry; every text printable (InputError escapes names already)."""
     d = err.to_dict() if isinstance(err, InputError) else dict(err)
-    return {"sample": key, "file": d.get("file"), "field": d.get("field"),
-            "expected": d.get("expected"), "found": d.get("found"), "message": d.get("message")}
+    out = {"sample": key, "file": d.get("file"), "field": d.get("field"),
+           "expected": d.get("expected"), "found": d.get("found"), "message": d.get("message")}
+    return {k: printable(v) if isinstance(v, str) else v for k, v in out.items()}
 
 
 def _key_of(problem: InputError, root: Path) -> str | None:
-    """train/circle/0003 for a problem path inside a sample folder, else None."""
+    """train/circle/0003 for a problem path inside a sample folder, else None.
+
+    Lexical (abspath), never resolve(): the problem may be a symlink loop, which resolve()
+    raises on (a `video.mp4 -> video.mp4` link stopped the whole run that way); the index
+    built the path from `root`, so the text is enough. Names are escaped like the keys."""
     try:
-        parts = Path(problem.path).resolve().relative_to(root.resolve()).parts
+        parts = Path(os.path.abspath(problem.path)).relative_to(os.path.abspath(root)).parts
     except ValueError:
         return None
-    return "/".join(parts[:3]) if len(parts) >= 3 else None
+    return "/".join(escape_name(p) for p in parts[:3]) if len(parts) >= 3 else None
+
+
+#: Each run's scratch folder in $TMPDIR: `mmfeed-preprocess-<pid>-<random>/`.
+SCRATCH_PREFIX = "mmfeed-preprocess-"
+_SCRATCH = re.compile(rf"^{SCRATCH_PREFIX}(\d+)-")
+
+
+def sweep_scratch() -> list[str]:
+    """Remove the scratch folders of earlier runs that were killed (SIGKILL, OOM: their
+    `finally` never ran) and return a note for each; a live run's folder is kept
+    (protocol/leftovers.py). The cache's own leftovers (an uncommitted version, CURRENT.tmp)
+    are removed by the CacheWriter under its lock."""
+    removed, _ = leftovers.sweep(tempfile.gettempdir(), _SCRATCH)
+    return [f"removed {r.path} ({r.nbytes} bytes): scratch space of an earlier preprocess run "
+            f"(pid {r.pid}) that was killed" for r in removed]
 
 
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
                    splits: list[str] | None = None, workers: int = 1,
-                   progress: bool = True, index: DatasetIndex | None = None) -> dict:
-    """Index, process and commit; returns the summary dict (what --json prints)."""
+                   progress: bool = True, index: DatasetIndex | None = None,
+                   group: str | None = None) -> dict:
+    """Index, process and commit; returns the summary dict (what --json prints). The cache's
+    files are 0600 (0640 and group `group` with one; protocol/filemodes.py)."""
     t0 = time.perf_counter()
     if workers > 0:
         start_worker_server()  # its imports overlap the indexing and fingerprinting below
@@ -428,7 +463,9 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
     bar.advance(len(index.problems), rejected=len(index.problems))
     reused = 0
     pool_restarts = 0
-    with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash()) as w:
+    notes.extend(sweep_scratch())
+    with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash(),
+                     group=group) as w:
         todo: list[tuple[int, SampleFiles, str]] = []
         for i, s in enumerate(index.samples):
             gone = missing_inputs(pipeline, s, expected)
@@ -477,7 +514,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
             for item in todo:
                 store(item, process_packed(item[1], pipeline))
         elif todo:
-            scratch_dir = Path(tempfile.mkdtemp(prefix="mmfeed-preprocess-"))
+            scratch_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
             try:
                 runs = _WorkerRuns(config, workers, scratch_dir, store, reject_crash)
                 runs.run(todo)
@@ -493,7 +530,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "reused": reused,
         "processed": processed,
         "rejected": rejected,
-        "notes": notes,
+        "notes": [printable(n) for n in notes],  # file names in notes may not be UTF-8
         "classes": index.classes,
         "splits": summary.counts,
         "cache": str(summary.directory),
@@ -551,30 +588,51 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
 @click.option("--method", "methods", type=(str, str), multiple=True, metavar="INPUT NAME",
               help=f"Processing method, e.g. --method radar points_bev "
                    f"({', '.join(METHODS['radar'])}).")
+@click.option("--read-limit", "read_limits", multiple=True, metavar="KIND=SIZE",
+              help="Largest lidar, radar or unknown-sensor file read (e.g. lidar=1G; "
+                   "defaults lidar=256M radar=64M unknown=64M, or $MMFEED_READ_LIMITS); a "
+                   "larger file is a rejected sample. See docs/dataset.md.")
+@click.option("--group", default=None, envvar=GROUP_ENV, metavar="NAME",
+              help=f"Group that may read the cache: files 0640 and directories 0750 of that "
+                   f"group (default ${GROUP_ENV}; without it 0600 and 0700).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
-               segment: tuple[float, float] | None, sensors, methods, quiet: bool) -> None:
+               segment: tuple[float, float] | None, sensors, methods, read_limits,
+               group: str | None, quiet: bool) -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
     cached, 3 some samples rejected (each reported with file, field and what was expected)
     and the rest cached, 2 usage error.
     """
+    try:
+        group_id(group)
+    except GroupError as e:
+        raise click.BadParameter(str(e), param_hint="--group") from None
     start_worker_server()  # imports in the background while the dataset is indexed
     index = index_dataset(dataset, list(splits) or None)
     if not index.splits and index.problems and index.problems[0].field == "splits":
         raise click.UsageError(f"{dataset}: no split folders ({', '.join(SPLITS)}); expected "
                                "DATASET/<split>/<class>/<sample>/ files")
     try:
+        limits = ReadLimits.from_env()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        limits = limits.with_settings(",".join(read_limits))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--read-limit") from None
+    try:
         config = PipelineConfig(filter=filter_spec or FilterSpec(), clip_frames=clip_frames,
-                                segment=segment, sensors=dict(sensors), methods=dict(methods))
+                                segment=segment, sensors=dict(sensors), methods=dict(methods),
+                                read_limits=limits)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
         summary = run_preprocess(dataset, cache, config, workers=workers, progress=not quiet,
-                                 index=index)
-    except CacheError as e:  # e.g. CacheLocked: another preprocess writes this cache
+                                 index=index, group=group)
+    except (CacheError, GroupError) as e:  # CacheLocked: another preprocess writes it
         raise click.ClickException(str(e)) from None
     report = format_report(summary)
     if as_json:

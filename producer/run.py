@@ -11,6 +11,7 @@ from protocol.errors import FilterSpecError, MmfeedError
 from protocol.filters import FilterSpec
 
 from .daemon import STATUS_INTERVAL_S, ProducerDaemon, RunOptions
+from .modalities._limits import ReadLimits
 
 EXIT_USAGE = 2
 
@@ -69,7 +70,8 @@ def _classes(value: str | None) -> tuple[str, ...]:
 @click.option("--clip-frames", type=click.IntRange(1, 1024), default=8, show_default=True,
               help="Frames per video clip (one sample).")
 @click.option("--split", "splits", multiple=True, help="Dataset split(s) to replay (default all).")
-@click.option("--group", default=None, help="Group allowed to read the ring and sockets (0660).")
+@click.option("--group", default=None, envvar="MMFEED_GROUP", metavar="NAME",
+              help="Group allowed to read the ring and sockets (0660; default $MMFEED_GROUP).")
 @click.option("--open-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -98,6 +100,10 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, lo
         raise click.BadParameter(str(e), param_hint="--filter") from None
     if device == "cuda":
         _require_cuda()
+    try:  # the pipeline reads its file size limits from there: a typo is a usage error
+        ReadLimits.from_env()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     opts = RunOptions(source=src, ring=ring, mode=mode, control=control, curve_dir=curve_dir,
                       slots=slots, slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch,
                       label=label, classes=_classes(classes), filter=filter_spec,

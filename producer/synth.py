@@ -266,9 +266,19 @@ BAD_CASES = {
     "radar_size_disagrees": ("radar.bin", "shape"),
     "empty_folder": ("", "files"),
     "unreadable_file": ("video.mp4", "file"),
+    # hostile files that used to stop the whole run (exit 1, nothing cached):
+    "video_symlink_loop": ("video.mp4", "file"),                 # video.mp4 -> video.mp4
+    "metadata_nested_2000_deep": ("metadata.json", "json"),      # RecursionError in json
+    "metadata_5000_digit_integer": ("metadata.json", "imu.offset"),  # int() digit limit
+    "timestamp_ns_2_pow_64": ("metadata.json", "timestamp_ns"),  # passed checks, broke commit
+    "timestamp_1e300": ("metadata.json", "timestamp"),           # OverflowError to ns
 }
-#: cases that are cached with a note, never rejected
-NOTED_CASES = {"audio_48k": "resampled 48000 Hz -> 16000 Hz", "missing_audio": "no audio"}
+#: cases that are cached with a note, never rejected. A case's key is
+#: `train/circle/bad_<case>`: the non-UTF-8 folder's case name is its escaped key
+#: (protocol/names.py), so the same parametrised tests check that the key round-trips.
+NOTED_CASES = {"audio_48k": "resampled 48000 Hz -> 16000 Hz", "missing_audio": "no audio",
+               "non_utf8_file_name": "its input is named imu_xff",
+               "non_utf8_folder_name\\xff": "folder name is not plain UTF-8 text"}
 
 
 def make_bad_samples(root: str | Path, *, split: str = "train", class_name: str = "circle",
@@ -322,6 +332,37 @@ def make_bad_samples(root: str | Path, *, split: str = "train", class_name: str 
 
     d = good("missing_audio")
     (d / "audio.wav").unlink()
+
+    d = good("video_symlink_loop")
+    (d / "video.mp4").unlink()
+    os.symlink("video.mp4", d / "video.mp4")
+
+    d = good("metadata_nested_2000_deep")
+    meta = json.loads((d / "metadata.json").read_text())
+    text = json.dumps(meta)
+    (d / "metadata.json").write_text(text[:-1] + ', "deep": ' + "[" * 2000 + "]" * 2000 + "}")
+
+    d = good("metadata_5000_digit_integer")
+    meta = json.loads((d / "metadata.json").read_text())
+    text = json.dumps({**meta, "imu": {"offset": 0}})
+    (d / "metadata.json").write_text(text.replace('"offset": 0', '"offset": ' + "7" * 5000))
+
+    for case, key, value in (("timestamp_ns_2_pow_64", "timestamp_ns", 2 ** 64),
+                             ("timestamp_1e300", "timestamp", 1e300)):
+        d = good(case)
+        meta = json.loads((d / "metadata.json").read_text())
+        meta.pop("timestamp_ns")
+        meta[key] = value
+        (d / "metadata.json").write_text(json.dumps(meta))
+
+    # Names that are not UTF-8 (byte 0xff), as a Latin-1 tool writes them: cached, escaped.
+    d = good("non_utf8_file_name")
+    os.rename(d / "imu.data", os.fsencode(d / "imu") + b"\xff.data")
+    d = good("non_utf8_folder_name")
+    raw = os.fsencode(d)[: -len(b"name")] + b"name\xff"
+    os.rename(os.fsencode(d), raw)
+    del made["non_utf8_folder_name"]
+    made["non_utf8_folder_name\\xff"] = Path(os.fsdecode(raw))
     return made
 
 

@@ -75,7 +75,15 @@ from .errors import (
     VersionMismatch,
 )
 from .logs import LogLimiter, clip
-from .paths import bound_inode, ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
+from .paths import (
+    bound_inode,
+    check_bind_endpoint,
+    check_connect_endpoint,
+    ipc_path,
+    prepare_ipc_bind,
+    remove_ipc_socket,
+    secure_ipc_socket,
+)
 
 CONTROL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -344,6 +352,8 @@ def daemon_sockets(daemon: str, control: str | None = None, logs: str | None = N
 
     ctl = control or control_endpoint(daemon)
     pub = logs or log_endpoint_for(ctl)
+    for e in (ctl, pub):  # abstract sockets, a squatted runtime dir: refused before anything
+        check_bind_endpoint(e)
     tcp = [e for e in (ctl, pub) if e.startswith("tcp://")]
     if tcp and curve_dir is None:
         raise ControlError(
@@ -489,7 +499,7 @@ class ControlServer:
             self._sock.setsockopt(zmq.MAXMSGSIZE, TRANSPORT_MAX_BYTES)
             if curve is not None:
                 self._auth = curve_server_socket(self._ctx, self._sock, curve)
-            self._path = prepare_ipc_bind(endpoint)
+            self._path = prepare_ipc_bind(endpoint, group)
             self._sock.bind(endpoint)
             self._inode = bound_inode(self._path)  # from here on, a failure removes our file
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -801,6 +811,7 @@ class ControlClient:
     def __init__(self, endpoint: str, timeouts: Timeouts = Timeouts(),
                  curve: CurveClientKeys | None = None, *, daemon: str | None = None):
         _needs_curve(endpoint, curve, "control client")
+        check_connect_endpoint(endpoint)  # never talk to a socket a stranger could have made
         self.endpoint = endpoint
         self.timeouts = timeouts
         self.curve = curve

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .names import printable
+
 
 class MmfeedError(Exception):
     """Base of every error mmfeed raises on purpose."""
@@ -115,7 +117,12 @@ class CacheLocked(CacheError):
 
 
 class InputError(MmfeedError):
-    """A raw input file is unusable. Names the file, the field and what was expected."""
+    """A raw input file is unusable. Names the file, the field and what was expected.
+
+    `path` is kept as given (it may hold bytes that are not UTF-8, as Python's lone
+    surrogates); the message and `to_dict()["file"]` show it escaped (protocol/names.py), so a
+    report can always be printed and written as JSON.
+    """
 
     code = "bad_input"
 
@@ -124,14 +131,15 @@ class InputError(MmfeedError):
         self.field = field
         self.expected = expected
         self.found = found
-        msg = f"{self.path}: {field}: expected {expected}"
+        msg = f"{printable(self.path)}: {field}: expected {expected}"
         if found is not None:
             msg += f", found {found}"
-        super().__init__(msg)
+        super().__init__(printable(msg))
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        d.update(file=self.path, field=self.field, expected=self.expected, found=self.found)
+        d.update(file=printable(self.path), field=self.field, expected=self.expected,
+                 found=None if self.found is None else printable(str(self.found)))
         return d
 
 

@@ -36,7 +36,14 @@ from typing import IO, Any, Iterator
 
 import zmq
 
-from .paths import bound_inode, ipc_path, prepare_ipc_bind, remove_ipc_socket, secure_ipc_socket
+from .paths import (
+    bound_inode,
+    check_connect_endpoint,
+    ipc_path,
+    prepare_ipc_bind,
+    remove_ipc_socket,
+    secure_ipc_socket,
+)
 
 # LogRecord attributes that are not user fields (plus the ones Formatter adds).
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -188,7 +195,7 @@ class PubHandler(logging.Handler):
                 from .control import curve_server_socket
 
                 self._auth = curve_server_socket(self._ctx, self._sock, curve)
-            self._path = prepare_ipc_bind(endpoint)
+            self._path = prepare_ipc_bind(endpoint, group)
             self._sock.bind(endpoint)
             self._inode = bound_inode(self._path)  # from here on, a failure removes our file
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -394,6 +401,7 @@ def follow(endpoint: str, *, timeout: float | None = None, curve=None) -> Iterat
     joiner"); `recent()` through the control socket covers those. Frames that are not JSON
     objects are skipped.
     """
+    check_connect_endpoint(endpoint)  # no abstract socket, no directory a stranger controls
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)

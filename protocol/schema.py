@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -23,10 +22,11 @@ from typing import Mapping
 import numpy as np
 
 from .errors import SchemaError
+from .names import MODALITY_NAME
 
 ALIGN = 64
 DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+_NAME_RE = MODALITY_NAME  # protocol/names.py maps any file stem onto it
 MAX_DIMS = 8
 
 

@@ -566,7 +566,6 @@ def test_curve_key_folder_that_is_not_keygens_layout_is_refused_naming_the_file(
     ("ipc:///run/mmfeed/producer.sock", "ipc:///run/mmfeed/producer.log.sock"),
     ("ipc:///tmp/x/ctl.sock", "ipc:///tmp/x/ctl.log.sock"),
     ("ipc:///tmp/x/ctl", "ipc:///tmp/x/ctl.log.sock"),
-    ("ipc://@mmfeed-producer", "ipc://@mmfeed-producer.log"),
     ("tcp://10.0.0.5:6000", "tcp://10.0.0.5:6001"),
     ("tcp://*:6000", "tcp://*:6001"),
     ("tcp://127.0.0.1:0", "tcp://127.0.0.1:0"),

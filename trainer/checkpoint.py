@@ -14,10 +14,17 @@ every rank its own back, so ranks stay decorrelated after a resume instead of al
 0's numbers. A checkpoint without a state for that rank (written by fewer ranks, or before
 `rng_ranks` existed) gets a state derived from the saved one and the rank.
 Files are loaded with `weights_only=True`: a checkpoint is data, never code to unpickle.
+
+Checkpoints hold the model's weights: they are 0600 (0640 and the group's with --group /
+$MMFEED_GROUP) whatever the umask, in a directory made 0700 (0750) when it is created here
+(protocol/filemodes.py). A temporary whose writer was killed before the rename
+(`.ckpt-*.pt.tmp-PID` of a pid that is gone) is removed when a trainer starts
+(`sweep_temporaries`, protocol/leftovers.py); a live writer's is kept.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import re
@@ -27,7 +34,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from protocol import leftovers
+from protocol.filemodes import create_file, group_id, make_dir
+
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
+#: What `save` writes before the rename: `.ckpt-00000042.pt.tmp-<writer pid>`.
+_TEMP = re.compile(r"^\.ckpt-\d{8}\.pt\.tmp-(\d+)$")
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -125,19 +138,36 @@ class _KeepaliveFile:
         self._f.flush()
 
 
+def sweep_temporaries(directory: str | Path) -> list[leftovers.Leftover]:
+    """Remove the temporaries of writers that are gone (killed between write and rename);
+    log each with its size; keep those of live writers. Returns what was removed."""
+    removed, kept = leftovers.sweep(directory, _TEMP)
+    for r in removed:
+        log.info("removed the partial checkpoint %s (%d bytes): its writer, pid %d, is gone",
+                 r.path, r.nbytes, r.pid,
+                 extra={"removed": str(r.path), "bytes": r.nbytes, "writer_pid": r.pid})
+    for k in kept:
+        log.info("kept the checkpoint temporary %s: its writer, pid %d, is alive", k.path,
+                 k.pid, extra={"kept": str(k.path), "writer_pid": k.pid})
+    return removed
+
+
 def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 3,
-         keepalive: Callable[[], None] | None = None) -> Path:
+         keepalive: Callable[[], None] | None = None, group: str | None = None) -> Path:
     """Write `state` as the checkpoint of `step` atomically; keep the newest `keep`. Returns its path.
 
     `keepalive`, if given, is called after every write and after the fsync (the two things that
-    take long for a big model on a slow disk); it should rate-limit itself.
+    take long for a big model on a slow disk); it should rate-limit itself. The file is 0600,
+    or 0640 of `group` (a directory created here 0700 / 0750), whatever the umask.
     """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    gid = group_id(group)
+    make_dir(d, gid, exist_ok=True)
     final = checkpoint_path(d, step)
     tmp = d / f".{final.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        # not exclusive: a temporary of an earlier process with our pid is stale
+        with os.fdopen(create_file(tmp, gid, exclusive=False), "wb") as f:
             torch.save(state, f if keepalive is None else _KeepaliveFile(f, keepalive))
             f.flush()
             os.fsync(f.fileno())

@@ -57,6 +57,9 @@ def main() -> None:
 @click.option("--ring-start", type=click.Choice(["newest", "oldest", "next"]), default="newest",
               show_default=True)
 @click.option("--no-resume", is_flag=True, help="Ignore checkpoints already in --checkpoint-dir.")
+@click.option("--group", default=None, envvar="MMFEED_GROUP", metavar="NAME",
+              help="Group that may use the control and log sockets (0660) and read the "
+                   "checkpoints (0640) (default $MMFEED_GROUP; without it 0600).")
 @click.option("--control", default=None, help="Control endpoint (default ipc://RUNTIME/trainer.sock).")
 @click.option("--log-endpoint", default=None, help="Log PUB endpoint (default next to --control).")
 @click.option("--curve-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -66,10 +69,11 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
 def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
-        control, log_endpoint, curve_dir, log_interval, as_json) -> None:
+        group, control, log_endpoint, curve_dir, log_interval, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
+    from protocol.filemodes import group_id
 
     from .daemon import DaemonConfig, run_daemon
     from .loop import TrainConfig
@@ -85,6 +89,10 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
                 usage(f"--cache {cache}: the cache has no 'train' records")
     except MmfeedError as e:
         usage(f"--cache {cache}: {e}")
+    try:
+        group_id(group)
+    except MmfeedError as e:
+        usage(f"--group: {e}")
     if model:
         try:
             load_factory(model)
@@ -97,7 +105,7 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
                           lr=lr, accum=accum, amp=amp, log_interval=log_interval,
                           eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
                           keep=keep, seed=seed, device=device, ring_start=ring_start,
-                          resume=not no_resume)
+                          resume=not no_resume, group=group)
     except ValueError as e:
         usage(str(e))
     sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,

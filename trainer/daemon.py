@@ -186,7 +186,7 @@ class TrainerDaemon:
                 "pause": wire_command("pause", self.on_pause),
                 "resume": wire_command("resume", self.on_resume),
                 "logs": logs_command(),
-            }, curve=socks.control_curve)
+            }, curve=socks.control_curve, group=self.cfg.group)
         self._last_wd = last_log = time.monotonic()
         heap = HeapTrimmer()
         loop_errors = LogLimiter(log, burst=1, window_s=60.0)
@@ -270,7 +270,7 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
             if d.enabled and dist.is_initialized():
                 dist.destroy_process_group()
             return 1
-        setup_daemon_logging("trainer", socks.logs, curve=socks.logs_curve)
+        setup_daemon_logging("trainer", socks.logs, group=cfg.group, curve=socks.logs_curve)
     else:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format=f"%(levelname)s trainer[rank {d.rank}] %(message)s")

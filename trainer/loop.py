@@ -80,6 +80,7 @@ class TrainConfig:
     device: str = "auto"
     ring_start: str = "newest"
     resume: bool = True
+    group: str | None = None            # checkpoint files 0640 of this group; else 0600
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
     # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
     mix_source: str = field(default="default", init=False)
@@ -254,6 +255,8 @@ class Trainer:
 
     def _resume_if_any(self) -> None:
         d = self.cfg.checkpoint_dir
+        if d is not None and self.dist.rank == 0:  # the only writer: its killed writes
+            ckpt.sweep_temporaries(d)
         if d is None or not self.cfg.resume:
             return
         path = ckpt.latest_checkpoint(d)
@@ -358,7 +361,8 @@ class Trainer:
             state = self.state_dict()
             if rngs is not None:
                 state["rng_ranks"] = rngs
-            path = ckpt.save(d, self.step, state, keep=self.cfg.keep, keepalive=keepalive)
+            path = ckpt.save(d, self.step, state, keep=self.cfg.keep, keepalive=keepalive,
+                             group=self.cfg.group)
             self.checkpoint_path = path
             log.info("checkpoint written", extra={"checkpoint": str(path), "step": self.step})
         if self.dist.enabled:

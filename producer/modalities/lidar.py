@@ -37,6 +37,7 @@ import numpy as np
 from protocol.errors import InputError
 
 from . import _grid
+from ._limits import ReadLimits, read_array
 from .pcd import looks_like_pcd, read_pcd
 
 KITTI_FIELDS = ("x", "y", "z", "intensity")
@@ -141,9 +142,9 @@ def _canonical(names: tuple[str, ...], columns: list[np.ndarray]) -> np.ndarray:
     return np.stack([by_name[n] for n in order], axis=1).astype(np.float32, copy=False)
 
 
-def _load_bin(path: Path, entry: dict, key: str, notes: list[str] | None) -> np.ndarray:
-    raw = np.fromfile(path, dtype="<f4")
-    nbytes = raw.size * 4 + path.stat().st_size % 4
+def _load_bin(path: Path, entry: dict, key: str, notes: list[str] | None,
+              limits: ReadLimits | None = None) -> np.ndarray:
+    raw, nbytes = read_array(path, "lidar", limits, "<f4")
     if nbytes == 0:
         raise InputError(path, "size", "at least one point (16 bytes for 4 float32 fields)",
                          "0 bytes (empty file)")
@@ -165,8 +166,9 @@ def _grey(packed: np.ndarray) -> np.ndarray:
     return ((0.299 * r + 0.587 * g + 0.114 * b) / 255.0).astype(np.float32)
 
 
-def _load_pcd(path: Path, notes: list[str] | None) -> np.ndarray:
-    cloud = read_pcd(path)
+def _load_pcd(path: Path, notes: list[str] | None, limits: ReadLimits | None = None
+              ) -> np.ndarray:
+    cloud = read_pcd(path, limits)
     cols = dict(cloud.columns)
     missing = [c for c in ("x", "y", "z") if c not in cols]
     if missing:
@@ -183,10 +185,12 @@ def _load_pcd(path: Path, notes: list[str] | None) -> np.ndarray:
 
 
 def load_points(path: str | Path, meta: Mapping[str, Any] | None = None,
-                notes: list[str] | None = None) -> np.ndarray:
+                notes: list[str] | None = None, limits: ReadLimits | None = None
+                ) -> np.ndarray:
     """Read a LiDAR file -> float32 (N, F), columns x, y, z, [intensity], others.
 
-    InputError when the file is unreadable or empty, its size is not a whole number of
+    InputError when the file is unreadable or empty, larger than the lidar read limit
+    (`limits`, default ReadLimits(); see _limits.py), its size is not a whole number of
     records, or its PCD header or compressed payload is bad.
     """
     path = Path(path)
@@ -198,9 +202,9 @@ def load_points(path: str | Path, meta: Mapping[str, Any] | None = None,
     entry = sensor_meta(path, meta, "lidar")
     key = _stem(path) if meta and _stem(path) in meta else "lidar"
     if path.suffix.lower() == ".pcd" or looks_like_pcd(head):
-        points = _load_pcd(path, notes)
+        points = _load_pcd(path, notes, limits)
     else:
-        points = _load_bin(path, entry, key, notes)
+        points = _load_bin(path, entry, key, notes, limits)
     finite = np.isfinite(points[:, :3]).all(axis=1)
     dropped = points.shape[0] - int(finite.sum())
     if dropped:

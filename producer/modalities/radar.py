@@ -41,6 +41,7 @@ import torch
 from protocol.errors import InputError
 
 from . import _grid
+from ._limits import ReadLimits, read_array
 from .lidar import sensor_meta
 
 METHODS = ("range_doppler", "range_azimuth", "points_bev")
@@ -151,14 +152,15 @@ def _decode_dca1000(path: Path, raw: np.ndarray, shape: tuple[int, int, int], tx
 
 
 def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
-             notes: list[str] | None = None) -> np.ndarray:
+             notes: list[str] | None = None, limits: ReadLimits | None = None) -> np.ndarray:
     """Read a raw ADC cube -> (chirps, samples, rx): complex64 for I/Q data (`complex_int16`,
     `complex64`, a complex .npy), float32 for real-sampled ADCs (`int16`, `float32`, a real
     .npy). Real stays real on purpose: a real signal's range spectrum is symmetric, and the
     range FFT keeps only its non-negative half; cast to complex, it would show every target
     twice (once mirrored) at half the range resolution.
 
-    InputError when the file is unreadable or empty, the metadata lacks or garbles the
+    InputError when the file is unreadable or empty, larger than the radar read limit
+    (`limits`, default ReadLimits(); _limits.py), the metadata lacks or garbles the
     shape/dtype/layout, or the byte size disagrees with the metadata shape.
     """
     path = Path(path)
@@ -175,6 +177,7 @@ def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
         raise InputError(path, "file", "a readable radar file", e.strerror or str(e)) from None
     if nbytes == 0:
         raise InputError(path, "size", "a raw ADC cube", "0 bytes (empty file)")
+    (limits or ReadLimits()).check(path, "radar", nbytes)
 
     if path.suffix.lower() == ".npy":
         try:
@@ -197,7 +200,10 @@ def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
         if nbytes != expected:
             raise InputError(path, "shape", f"{expected} bytes for {dtype} shape "
                              f"{list(shape)}", f"{nbytes} bytes")
-        raw = np.fromfile(path, dtype=np_dtype)
+        raw, nbytes = read_array(path, "radar", limits, np_dtype)
+        if raw.nbytes != expected:  # changed since it was measured
+            raise InputError(path, "shape", f"{expected} bytes for {dtype} shape "
+                             f"{list(shape)}", f"{nbytes} bytes")
         if layout == "dca1000":
             if dtype != "complex_int16":
                 raise InputError(path, f"metadata.{key}.dtype",
@@ -215,10 +221,12 @@ def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
 
 
 def load_points(path: str | Path, meta: Mapping[str, Any] | None = None,
-                notes: list[str] | None = None) -> np.ndarray:
+                notes: list[str] | None = None, limits: ReadLimits | None = None
+                ) -> np.ndarray:
     """Read a radar point list -> float32 (N, F): x, y, z, rcs, velocity, others.
 
-    Fields from metadata (`fields`: a count or names); without it VoD's 7 fields.
+    Fields from metadata (`fields`: a count or names); without it VoD's 7 fields. InputError
+    for a file over the radar read limit (`limits`), as for load_adc.
     """
     path = Path(path)
     entry, key = _entry(path, meta)
@@ -236,8 +244,7 @@ def load_points(path: str | Path, meta: Mapping[str, Any] | None = None,
     names = tuple(f.lower() for f in fields)
     record = 4 * len(names)
     try:
-        raw = np.fromfile(path, dtype="<f4")
-        nbytes = path.stat().st_size
+        raw, nbytes = read_array(path, "radar", limits, "<f4")
     except OSError as e:
         raise InputError(path, "file", "a readable radar file", e.strerror or str(e)) from None
     if nbytes == 0:
@@ -387,7 +394,8 @@ def points_bev(points: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarr
 
 
 def process(path: str | Path, method: str, cfg: RadarConfig = RadarConfig(),
-            meta: Mapping[str, Any] | None = None, notes: list[str] | None = None) -> np.ndarray:
+            meta: Mapping[str, Any] | None = None, notes: list[str] | None = None,
+            limits: ReadLimits | None = None) -> np.ndarray:
     """File -> image by `method` (one of METHODS); the shape is `cfg.output_shape(method)`.
 
     InputError when the file's metadata format does not fit the method (a point list
@@ -403,6 +411,6 @@ def process(path: str | Path, method: str, cfg: RadarConfig = RadarConfig(),
         raise InputError(path, f"metadata.{key}.format", f"{wanted} for method {method}",
                          repr(fmt))
     if method == "points_bev":
-        return points_bev(load_points(path, meta, notes), cfg)
-    cube = load_adc(path, meta, notes)
+        return points_bev(load_points(path, meta, notes, limits), cfg)
+    cube = load_adc(path, meta, notes, limits)
     return (range_doppler if method == "range_doppler" else range_azimuth)(cube, cfg)

@@ -23,6 +23,8 @@ import numpy as np
 
 from protocol.errors import InputError
 
+from ._limits import ReadLimits, open_checked, read_array
+
 
 def _entry(path: Path, meta: Mapping[str, Any] | None) -> tuple[dict | None, str]:
     stem = path.name.split(".", 1)[0]
@@ -71,6 +73,16 @@ def _finite(path: Path, a: np.ndarray, notes: list[str] | None) -> np.ndarray:
     return a
 
 
+#: Bytes read at a time for a byte profile: its memory does not grow with the file.
+PROFILE_CHUNK = 4 << 20
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    v -= v.mean()
+    norm = np.linalg.norm(v)
+    return (v / norm if norm > 0 else v).astype(np.float32)
+
+
 def byte_profile(raw: np.ndarray, length: int) -> np.ndarray:
     """uint8 bytes -> float32 (length,): span means (or interpolation), zero mean, unit norm."""
     n = raw.size
@@ -80,16 +92,39 @@ def byte_profile(raw: np.ndarray, length: int) -> np.ndarray:
         v = np.add.reduceat(raw.astype(np.float64), starts) / widths
     else:
         v = np.interp(np.linspace(0, n - 1, length), np.arange(n), raw.astype(np.float64))
-    v -= v.mean()
-    norm = np.linalg.norm(v)
-    return (v / norm if norm > 0 else v).astype(np.float32)
+    return _normalise(v)
+
+
+def byte_profile_of_file(f, n: int, length: int, chunk: int = PROFILE_CHUNK) -> np.ndarray:
+    """`byte_profile` of the first `n` bytes of the open file `f`, read `chunk` bytes at a
+    time (the whole file as float64 was 8x its size in memory). The same result: the span
+    sums are sums of whole numbers, exact in float64 in any order."""
+    if n < length:
+        return byte_profile(np.fromfile(f, dtype=np.uint8, count=n), length)
+    starts = (np.arange(length) * n) // length
+    sums = np.zeros(length, np.float64)
+    pos = 0
+    while pos < n:
+        buf = np.fromfile(f, dtype=np.uint8, count=min(chunk, n - pos))
+        if not buf.size:
+            raise OSError(f"file ended at byte {pos} of {n} (truncated while read)")
+        end = pos + buf.size
+        first = int(np.searchsorted(starts, pos, side="right")) - 1  # span of byte `pos`
+        inner = starts[first + 1:int(np.searchsorted(starts, end, side="left"))] - pos
+        idx = np.concatenate(([0], inner))
+        sums[first:first + idx.size] += np.add.reduceat(buf, idx, dtype=np.float64)
+        pos = end
+    widths = np.diff(np.append(starts, n))
+    return _normalise(sums / widths)
 
 
 def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length: int = 256,
-                 notes: list[str] | None = None) -> np.ndarray:
+                 notes: list[str] | None = None, limits: ReadLimits | None = None
+                 ) -> np.ndarray:
     """Any file -> float32: metadata's dtype/shape (or a .npy's own), else a (length,) vector.
 
-    InputError when the file is unreadable or empty, or its size disagrees with the
+    InputError when the file is unreadable or empty, larger than the unknown-sensor read
+    limit (`limits`, default ReadLimits(); _limits.py), or its size disagrees with the
     metadata's dtype and shape.
     """
     path = Path(path)
@@ -101,6 +136,7 @@ def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length
         raise InputError(path, "file", "a readable file", e.strerror or str(e)) from None
     if nbytes == 0:
         raise InputError(path, "size", "at least 1 byte", "0 bytes (empty file)")
+    (limits or ReadLimits()).check(path, "unknown", nbytes)
     entry, stem = _entry(path, meta)
     try:
         if entry is not None:
@@ -112,8 +148,8 @@ def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length
             dt = _dtype(path, entry.get("dtype"), f"{where}.dtype")
             shape = _shape(path, entry.get("shape"), f"{where}.shape", nbytes - offset,
                            dt.itemsize)
-            data = np.fromfile(path, dtype=dt, offset=offset).reshape(shape)
-            return _finite(path, data, notes)
+            data, _ = read_array(path, "unknown", limits, dt, offset)
+            return _finite(path, data.reshape(shape), notes)
         if path.suffix.lower() == ".npy":
             try:
                 data = np.load(path, allow_pickle=False)
@@ -123,10 +159,12 @@ def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length
             if data.dtype.kind not in "biuf":
                 raise InputError(path, "dtype", "a numeric array", str(data.dtype))
             return _finite(path, data, notes)
-        raw = np.fromfile(path, dtype=np.uint8)
+        f, nbytes = open_checked(path, "unknown", limits)
+        with f:
+            profile = byte_profile_of_file(f, nbytes, length)
     except OSError as e:
         raise InputError(path, "file", "a readable file", e.strerror or str(e)) from None
     if notes is not None:
         notes.append(f"{path.name}: no dtype/shape in metadata; {nbytes} bytes -> "
                      f"normalised byte profile of length {length}")
-    return byte_profile(raw, length)
+    return profile
