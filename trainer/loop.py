@@ -560,8 +560,9 @@ class Trainer:
             return {"live_in_per_s": None, "live_wanted_per_s": None, "live_starved": False,
                     "live_note": None}
         w = self.dist.world_size
-        live_in = (self.live.stats.samples - m.live_received) / elapsed * w
-        wanted = target * samples_per_s * w
+        # Rounded once, so the sentence and the fields never disagree (4.95 vs "4.9").
+        live_in = round((self.live.stats.samples - m.live_received) / elapsed * w, 2)
+        wanted = round(target * samples_per_s * w, 2)
         missed = self.mixer.live_misses > m.live_misses
         starved = missed and achieved < STARVED_BELOW * target
         note = None
