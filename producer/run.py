@@ -9,6 +9,7 @@ import click
 
 from protocol.errors import FilterSpecError, MmfeedError
 from protocol.filters import FilterSpec
+from protocol.ring import DEFAULT_MAX_RING_BYTES
 
 from .daemon import ProducerDaemon, RunOptions
 
@@ -55,7 +56,13 @@ def _classes(value: str | None) -> tuple[str, ...]:
                    "DIR/server.key_secret and DIR/clients/*.key (the clients let in).")
 @click.option("--slots", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--slot-bytes", type=click.IntRange(min=4096), default=8 << 20, show_default=True,
-              help="Largest sample payload a slot holds.")
+              help="Payload bytes per ring slot at start; a floor: a bigger sample moves the "
+                   "ring to bigger slots (readers follow), up to --max-ring-bytes.")
+@click.option("--max-ring-bytes", type=click.IntRange(min=4096), default=DEFAULT_MAX_RING_BYTES,
+              show_default=True,
+              help="Cap on one ring layout's shared memory (slots x slot size); a sample "
+                   "beyond it is skipped with a clear error, a change making such samples "
+                   "is refused.")
 @click.option("--loop", is_flag=True, help="Start over at the end of the source.")
 @click.option("--rate", type=click.Choice(["recorded", "max"]), default="recorded",
               show_default=True, help="Replay at recorded speed, or as fast as the ring takes it.")
@@ -78,7 +85,8 @@ def _classes(value: str | None) -> tuple[str, ...]:
                    "else cpu (said once in the log).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON line when ready and a summary JSON line at exit.")
-def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, loop, rate, watch,
+def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, max_ring_bytes,
+        loop, rate, watch,
         label, classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
         as_json) -> None:
     """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM or
@@ -90,7 +98,8 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, lo
     if device == "cuda":
         _require_cuda()
     opts = RunOptions(source=src, ring=ring, mode=mode, control=control, curve_dir=curve_dir,
-                      slots=slots, slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch,
+                      slots=slots, slot_bytes=slot_bytes, max_ring_bytes=max_ring_bytes,
+                      loop=loop, rate=rate, watch=watch,
                       label=label, classes=_classes(classes), filter=filter_spec,
                       clip_frames=clip_frames, group=group, log_endpoint=log_endpoint,
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
