@@ -34,7 +34,7 @@ import logging
 import time
 from typing import Callable, Mapping
 
-from protocol.errors import RingDamaged, RingFull, RingTooLarge
+from protocol.errors import RingDamaged, RingError, RingFull, RingTooLarge
 from protocol.ring import RingConfig, RingWriter
 from protocol.schema import SampleMeta, SampleSchema
 
@@ -43,6 +43,7 @@ log = logging.getLogger("producer.ring")
 SLOT_ROUND = 1 << 20     # slots grow in whole MiB
 HEADROOM_DIV = 8         # ... to the sample's size plus 1/8
 FOLLOW_WAIT_S = 2.0      # lossless: how long a move holds the producer for readers to follow
+REPLACE_RETRY_S = 1.0    # a damaged ring whose replacement failed is tried again this often
 
 
 def slot_bytes_for(need: int, current: int) -> int:
@@ -72,6 +73,9 @@ class RingKeeper:
         self._sizes: dict[int, int] = {}          # schema_id -> payload bytes
         self._refused_said: set[int] = set()      # schema ids whose refusal was logged
         self._follow: tuple[float, int] | None = None  # (deadline, readers) after a move
+        self._last_stats = None                   # RingStats of the last healthy read
+        self._retry_at = 0.0                      # no replacement attempt before this time
+        self._failed_said: str | None = None      # the last replacement failure logged
 
     # --- what the daemon reads ------------------------------------------------------------
 
@@ -94,11 +98,18 @@ class RingKeeper:
         return self.writer.published
 
     def stats(self):
+        """The writer's RingStats; on a damaged ring that cannot be replaced right now, the
+        last ones read (status and shutdown still answer)."""
         try:
-            return self.writer.stats()
+            self._last_stats = self.writer.stats()
         except RingDamaged as e:
-            self._replace(e)
-            return self.writer.stats()
+            try:
+                self._replace(e)
+                self._last_stats = self.writer.stats()
+            except RingDamaged:
+                if self._last_stats is None:
+                    raise
+        return self._last_stats
 
     def check_fits(self, need: int, why: str = "") -> None:
         """RingTooLarge when no layout within the cap holds a sample of `need` bytes: a
@@ -130,17 +141,25 @@ class RingKeeper:
             return self.writer.publish(schema, meta, arrays, timeout)
 
     def heartbeat(self) -> None:
+        """The writer's heartbeat; a damaged ring found there is replaced. Never raises for
+        damage: a replacement that fails (no room in /dev/shm) is logged and tried again."""
         try:
             self.writer.heartbeat()
         except RingDamaged as e:
-            self._replace(e)
+            try:
+                self._replace(e)
+            except RingDamaged:
+                pass  # said by _replace; the next heartbeat tries again
 
     def set_generation(self, generation: int) -> None:
         self._generation = int(generation)
         try:
             self.writer.set_generation(generation)
         except RingDamaged as e:
-            self._replace(e)
+            try:
+                self._replace(e)  # the new ring gets the generation
+            except RingDamaged:
+                pass
 
     def close(self) -> None:
         self.writer.close()
@@ -182,10 +201,24 @@ class RingKeeper:
                      "ring_bytes": self.total_bytes, "epoch": f"{self.writer.stats().epoch:#x}"})
 
     def _replace(self, err: RingDamaged) -> None:
+        """A fresh segment (same layout, new epoch) for a damaged one. RingDamaged when that
+        is not possible now (tried at most every REPLACE_RETRY_S; the failure said once)."""
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise err
+        self._retry_at = now + REPLACE_RETRY_S
         log.warning("ring damaged by another process; replacing it with a fresh segment (new "
                     "epoch); readers re-attach by themselves", extra={"error": str(err)})
-        self._move(self.config, "a fresh segment for a damaged one")
+        try:
+            self._move(self.config, "a fresh segment for a damaged one")
+        except (RingError, OSError) as e:
+            if str(e) != self._failed_said:
+                self._failed_said = str(e)
+                log.error("the damaged ring could not be replaced; trying again",
+                          extra={"error": str(e)})
+            raise RingDamaged(f"{err}; replacing it failed: {e}") from e
         self.replacements += 1
+        self._failed_said = None
 
     def _move(self, config: RingConfig, why: str) -> None:
         old = self.writer

@@ -418,3 +418,45 @@ def test_a_reader_waiting_on_a_forged_closed_ring_is_woken_by_the_next_sample(ri
     assert receive_all(r) == [0]
     r.close()
     assert p.stop() == 0
+
+
+# --- the user-facing dataset over the ring ---------------------------------------------------
+
+
+def test_ring_dataset_leaves_a_damaged_ring_and_reads_on_without_a_repeat_once_it_heals(
+        ring_name, procs, caplog):
+    import logging
+    import threading
+
+    from trainer.datasets import RingDataset
+
+    p = Producer(procs, ring_name)
+    ds = RingDataset(ring_name, start="next", max_samples=4, with_meta=True)
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def consume():
+        try:
+            for _, _, info in ds:
+                got.append(info["index"])
+        except BaseException as e:  # the test fails on it below
+            errors.append(e)
+
+    with caplog.at_level(logging.WARNING, logger="trainer.datasets"):
+        t = threading.Thread(target=consume, daemon=True)
+        t.start()
+        wait_until(lambda: _registered(ring_name), what="the dataset's reader")
+        p.publish(2)
+        wait_until(lambda: len(got) == 2, what="the first two samples")
+        damage(ring_name, H["published"], struct.pack("<Q", 1 << 62))
+        wait_until(lambda: any("damaged" in r.getMessage() for r in caplog.records),
+                   what="the damage noticed")
+        p.publish(2)  # writes the counter again: healthy
+        t.join(30)
+    assert not errors, errors
+    assert got == [0, 1, 2, 3]  # on after the damage, from where it was: none twice, none lost
+    assert p.stop() == 0
+
+
+def _registered(name: str) -> bool:
+    return header(name).active_mask != 0

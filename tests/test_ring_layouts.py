@@ -23,7 +23,7 @@ from _trainer_data import build_cache  # noqa: E402
 
 from producer.ring_keeper import RingKeeper, slot_bytes_for  # noqa: E402
 from protocol.control import ControlClient, Timeouts  # noqa: E402
-from protocol.errors import RingSuperseded, RingTooLarge  # noqa: E402
+from protocol.errors import ProducerGone, RingSuperseded, RingTooLarge  # noqa: E402
 from protocol.ring import RingConfig, RingReader, RingWriter  # noqa: E402
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema  # noqa: E402
 
@@ -237,3 +237,33 @@ def test_an_8_frame_1080p_clip_reaches_the_trainer_with_default_ring_settings(ri
     assert producer.returncode == 0, plog.read_text(errors="replace")[-3000:]
     assert trainer.returncode == 0, tlog.read_text(errors="replace")[-3000:]
     assert [f for f in os.listdir("/dev/shm") if ring_name in f] == []
+
+
+def test_a_gpu_slot_ring_moves_to_bigger_slots_and_its_reader_finds_the_new_one(ring_name):
+    # GPU slots over host shared memory (the "shm" backend runs the GPU slot protocol without
+    # a GPU): a move there is a new pool and ring; readers see ProducerGone and re-attach.
+    import torch
+
+    from producer.gpu_slots import GpuSlotWriter
+    from trainer.gpu_ring import GpuRingReader
+
+    keeper = RingKeeper(RingConfig(ring_name, slots=2, slot_bytes=4096),
+                        lambda cfg: GpuSlotWriter.create(cfg, backend="shm"))
+    try:
+        small, big = schema_of(1024), schema_of(3 * MiB)
+        keeper.publish(small, SampleMeta(index=0), patterned(0, 1024))
+        out = torch.empty(1, 4 * MiB, dtype=torch.uint8)
+        old = GpuRingReader.attach(ring_name, device="cpu", start="oldest")
+        assert old.receive_batch_into(out, timeout=5)[1][0].index == 0
+        keeper.publish(big, SampleMeta(index=1), patterned(1, 3 * MiB))
+        assert keeper.memory == "gpu" and keeper.relayouts == 1
+        assert keeper.slot_bytes == 4 * MiB  # 3 MiB + 1/8, whole MiB
+        with pytest.raises(ProducerGone):
+            old.receive_batch_into(out, timeout=5)
+        old.close()
+        with GpuRingReader.attach(ring_name, device="cpu", start="oldest") as r:
+            schema, metas = r.receive_batch_into(out, timeout=5)
+            assert metas[0].index == 1 and schema.payload_nbytes == 3 * MiB
+            assert (out[0, :3 * MiB].numpy().view(np.int64) == 1).all()
+    finally:
+        keeper.close()
