@@ -15,6 +15,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 
 import numpy as np
@@ -180,3 +181,30 @@ def test_another_user_cannot_open_a_private_ring_and_is_told_whose_it_is(other_u
         p.join(10)
     assert kind == "RingNotOwned", msg
     assert "permission denied" in msg and "owned by uid 0 (root)" in msg and "mode 0600" in msg
+
+
+def test_the_trainers_ring_loader_reads_another_users_group_ring_only_with_ring_group(
+        foreign_ring, other_user, ring_name, caplog):
+    from trainer.loop import TrainConfig
+    from trainer.prefetch import RingLoader
+
+    _, _, _, group = other_user
+    foreign_ring(group=group)
+    with pytest.raises(ValueError, match="no such group"):
+        TrainConfig(cache="c", ring=ring_name, ring_group="no-such-group-here")
+    for trusted in (None, group):
+        loader = RingLoader(ring_name, 2, start="oldest", group=trusted, max_wait_s=0.05).start()
+        try:
+            deadline = time.monotonic() + 20
+            while (b := loader.get(0.1)) is None and trusted and time.monotonic() < deadline:
+                pass
+            if trusted:
+                assert b is not None and b.n >= 1 and loader.stats.samples >= 2
+            else:  # refused (and said), never trained on: the loader waits, alive
+                while not any("trusts only" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "the refusal was never logged"
+                    time.sleep(0.01)
+                assert not loader.attached and loader.stats.samples == 0
+                assert not loader.finished
+        finally:
+            loader.close()
