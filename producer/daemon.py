@@ -71,15 +71,17 @@ import numpy as np
 
 from protocol import logs, notify
 from protocol.control import Command, ControlServer, daemon_sockets, wire_command
-from protocol.errors import BadArgument, ControlError, InputError, MmfeedError, RingFull
+from protocol.errors import (BadArgument, ControlError, InputError, RingDamaged, RingFull,
+                             RingTooLarge)
 from protocol.filters import FilterSpec
 from protocol.heap import HeapTrimmer
-from protocol.ring import RingConfig, RingWriter
+from protocol.ring import DEFAULT_MAX_RING_BYTES, RingConfig, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
 
 from .dataset import SampleFiles
 from .generation_store import GenerationStore, default_state_dir, ring_header_generation
 from .generations import Generation, Generations, SourceFacts
+from .ring_keeper import RingKeeper
 from .pipeline import Pipeline, PipelineConfig
 from .demux import ClipSettings
 from .modalities import audio
@@ -115,7 +117,8 @@ class RunOptions:
     control: str | None = None
     curve_dir: Path | None = None     # `mmctl keygen` folder: CURVE keys for tcp:// sockets
     slots: int = 8
-    slot_bytes: int = 8 << 20
+    slot_bytes: int = 8 << 20        # a floor: the ring grows past it (ring_keeper.py)
+    max_ring_bytes: int = DEFAULT_MAX_RING_BYTES  # the cap on one ring layout's memory
     loop: bool = False
     rate: str = "max"                 # "recorded" | "max"
     watch: Path | None = None
@@ -174,7 +177,7 @@ class ProducerDaemon:
         self._clip_reader: _ClipReader | None = None
         self._pace_origin: float | None = None
         self._paused_at: float | None = None
-        self.ring: RingWriter | None = None
+        self.ring: RingKeeper | None = None
         self.server: ControlServer | None = None
         self.notifier = notify.Notifier()
         self.gens: Generations | None = None
@@ -210,7 +213,8 @@ class ProducerDaemon:
         self._check_start_fits()
         self.ring = _open_ring(RingConfig(opts.ring, slots=opts.slots,
                                           slot_bytes=opts.slot_bytes, mode=opts.mode,
-                                          group=opts.group), opts.device)
+                                          group=opts.group, max_bytes=opts.max_ring_bytes),
+                               opts.device)
         # Frames headed for GPU slots are decoded by NVDEC straight into GPU memory.
         self.video_device = "cuda" if self._ring_memory() == "gpu" else "cpu"
         self.pipeline = self._pipeline(base)
@@ -552,12 +556,6 @@ class ProducerDaemon:
     def _publish(self, arrays, gen: Generation, own_label: int, ts_ns: int, source: str,
                  index: int) -> None:
         schema = self._schema_for(arrays)
-        if schema.payload_nbytes > self.ring.config.slot_bytes:
-            # Only possible for live URLs, whose changes cannot be proven beforehand.
-            self._skip(source, MmfeedError(
-                f"sample of {schema.payload_nbytes} bytes does not fit the ring's slot_bytes "
-                f"{self.ring.config.slot_bytes}"))
-            return
         self._last_published = schema
         said = (gen.number, schema.schema_id)
         if said not in self._schemas_logged:  # NOTE [schema log]
@@ -571,6 +569,13 @@ class ProducerDaemon:
             try:
                 self.ring.publish(schema, meta, arrays, timeout=IDLE_POLL_MS / 1000)
                 break
+            except (RingTooLarge, RingDamaged) as e:
+                # Beyond --max-ring-bytes (said once per schema by the ring keeper), or a
+                # damaged ring that could not be replaced: counted, never a crash.
+                c = self.counters
+                c.skipped += 1
+                c.last_error, c.last_error_at = f"{source}: {e}", time.time()
+                return
             except RingFull:  # lossless and the slowest reader is behind: keep answering
                 self._housekeeping()
                 if self._stop:
@@ -703,6 +708,12 @@ class ProducerDaemon:
             "mode": stats.mode,
             "epoch": stats.epoch,
             "ring_fill": round(fill, 3),
+            # ring_keeper.py NOTE [ring layouts]: the layout now in use and how it got there
+            "slot_bytes": self.ring.slot_bytes,
+            "ring_bytes": self.ring.total_bytes,
+            "ring_relayouts": self.ring.relayouts,
+            "ring_replaced": self.ring.replacements,
+            "ring_refused": self.ring.refused,
             "readers": stats.readers,
             "dropped": stats.dropped,
             "heartbeat_age_s": round(stats.heartbeat_age_s, 3),
@@ -717,7 +728,7 @@ class ProducerDaemon:
 
     def _ring_memory(self) -> str:
         """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
-        return "host" if isinstance(self.ring, RingWriter) else "gpu"
+        return self.ring.memory
 
     def on_filter(self, spec: str) -> dict:
         return self._change(self.gens.propose_filter(spec))
@@ -894,7 +905,6 @@ class ProducerDaemon:
 
     def _prove(self, gen: Generation):
         src = self._source
-        slot_bytes = self.ring.config.slot_bytes
         if isinstance(src, DatasetReplay) and self.state in ("running", "finished"):
             trial = self._pipeline(gen.config)
             # Samples only the new config cannot make (a bad video.mp4 when video is turned
@@ -928,9 +938,10 @@ class ProducerDaemon:
                     item = None
                     continue
                 need = self._schema_for(arrays).payload_nbytes
-                if need > slot_bytes:
-                    refuse(f"{gen.reason}: refused, its samples need {need} bytes "
-                           f"but a ring slot holds {slot_bytes} (--slot-bytes)")
+                try:
+                    self._check_ring_fits(gen, need)
+                except BadArgument as e:
+                    refuse(str(e))
                 for bad, err in doubtful:  # bad under the new config: skipped as it would be
                     self._skip(bad.sample.key, err)
                 return item, arrays
@@ -942,9 +953,8 @@ class ProducerDaemon:
             return None
         if isinstance(src, MediaSource) and src.path is not None and _on(gen.config, "video"):
             need = _media_payload_estimate(src, gen, self._last_schema())
-            if need is not None and need > slot_bytes:
-                raise BadArgument(f"{gen.reason}: refused, its samples need {need} bytes but a "
-                                  f"ring slot holds {slot_bytes} (--slot-bytes)")
+            if need is not None:
+                self._check_ring_fits(gen, need)
         return None
 
     def _take_item(self):
@@ -953,6 +963,14 @@ class ProducerDaemon:
             item, self._pending = self._pending[0], None
             return item
         return self._backlog.popleft() if self._backlog else self._source.next()
+
+    def _check_ring_fits(self, gen: Generation, need: int) -> None:
+        """A change whose samples no ring layout within --max-ring-bytes holds is refused
+        (a bigger one that fits moves the ring when its first sample comes)."""
+        try:
+            self.ring.check_fits(need, f"samples of {need} bytes")
+        except RingTooLarge as e:
+            raise BadArgument(f"{gen.reason}: refused, {e}") from None
 
     def _last_schema(self) -> SampleSchema | None:
         return self._last_published
@@ -1055,18 +1073,18 @@ class ProducerDaemon:
         return summary
 
 
-def _open_ring(config: RingConfig, device: str) -> RingWriter:
-    """The ring for `--device`: "cpu" is the host ring exactly as before (torch's CUDA state is
-    never touched); "auto"/"cuda" go through producer.gpu_slots.open_writer, which puts frames
-    in GPU slots when CUDA is there and otherwise logs once that they go through host memory.
-    Returns a RingWriter or a GpuSlotWriter (same surface: publish, stats, heartbeat, ...)."""
+def _open_ring(config: RingConfig, device: str) -> RingKeeper:
+    """The ring for `--device`, kept by a RingKeeper (grown and replaced as needed,
+    ring_keeper.py): "cpu" is the host ring exactly as before (torch's CUDA state is never
+    touched); "auto"/"cuda" go through producer.gpu_slots.open_writer, which puts frames in
+    GPU slots when CUDA is there and otherwise logs once that they go through host memory."""
     if device == "cpu":
-        return RingWriter.create(config)
+        return RingKeeper(config, RingWriter.create)
     if device not in ("auto", "cuda"):
         raise BadArgument(f"device {device!r}: expected 'cpu', 'auto' or 'cuda'")
     from .gpu_slots import open_writer
 
-    return open_writer(config, gpu=device)
+    return RingKeeper(config, lambda cfg: open_writer(cfg, gpu=device))
 
 
 def _on(config: PipelineConfig, name: str) -> bool:

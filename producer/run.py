@@ -9,6 +9,7 @@ import click
 
 from protocol.errors import FilterSpecError, MmfeedError
 from protocol.filters import FilterSpec
+from protocol.ring import DEFAULT_MAX_RING_BYTES
 
 from .daemon import STATUS_INTERVAL_S, ProducerDaemon, RunOptions
 from .modalities._limits import ReadLimits
@@ -56,7 +57,13 @@ def _classes(value: str | None) -> tuple[str, ...]:
                    "DIR/server.key_secret and DIR/clients/*.key (the clients let in).")
 @click.option("--slots", type=click.IntRange(min=2), default=8, show_default=True)
 @click.option("--slot-bytes", type=click.IntRange(min=4096), default=8 << 20, show_default=True,
-              help="Largest sample payload a slot holds.")
+              help="Payload bytes per ring slot at start; a floor: a bigger sample moves the "
+                   "ring to bigger slots (readers follow), up to --max-ring-bytes.")
+@click.option("--max-ring-bytes", type=click.IntRange(min=4096), default=DEFAULT_MAX_RING_BYTES,
+              show_default=True,
+              help="Cap on one ring layout's shared memory (slots x slot size); a sample "
+                   "beyond it is skipped with a clear error, a change making such samples "
+                   "is refused.")
 @click.option("--loop", is_flag=True, help="Start over at the end of the source.")
 @click.option("--rate", type=click.Choice(["recorded", "max"]), default="recorded",
               show_default=True, help="Replay at recorded speed, or as fast as the ring takes it.")
@@ -89,7 +96,8 @@ def _classes(value: str | None) -> tuple[str, ...]:
               help="Seconds between the periodic status log lines (and systemd STATUS=).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON line when ready and a summary JSON line at exit.")
-def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, loop, rate, watch,
+def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, max_ring_bytes,
+        loop, rate, watch,
         label, classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
         state_dir, status_interval, as_json) -> None:
     """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM or
@@ -105,7 +113,8 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, lo
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     opts = RunOptions(source=src, ring=ring, mode=mode, control=control, curve_dir=curve_dir,
-                      slots=slots, slot_bytes=slot_bytes, loop=loop, rate=rate, watch=watch,
+                      slots=slots, slot_bytes=slot_bytes, max_ring_bytes=max_ring_bytes,
+                      loop=loop, rate=rate, watch=watch,
                       label=label, classes=_classes(classes), filter=filter_spec,
                       clip_frames=clip_frames, group=group, log_endpoint=log_endpoint,
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,

@@ -24,6 +24,10 @@
 #include <string.h>
 #include <sched.h>
 #include <time.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define CPU_RELAX() _mm_pause()
@@ -35,8 +39,184 @@
 
 typedef _Atomic uint64_t au64;
 
+/*
+ * NOTE [truncated segments]
+ * A shared-memory segment can be shrunk (ftruncate) by any process allowed to write it, and
+ * every later access to a mapped page beyond the new end raises SIGBUS, whose default action
+ * kills the process: one mistaken `truncate` would kill the producer and every reader. No
+ * size check in Python can prevent that (the shrink can land between the check and the
+ * access, and numpy copies from zero-copy views run where no check is possible). So the
+ * ring registers each mapping here ("guard"), and a SIGBUS handler turns a fault inside a
+ * registered range into a recorded loss: it maps anonymous zero pages over the range from
+ * the faulting page to the end (MAP_FIXED; the truncated file pages are gone anyway) and
+ * returns, so the faulting access completes on zeros. The mapping is then "lost": every
+ * function of this module refuses a buffer that overlaps a lost range, raising the error
+ * class the ring registered (RingDamaged), and read()/read2() check again after their copy,
+ * so zeros are never returned as a sample. A healthy process pays one relaxed load of
+ * `g_lost` per call. Faults outside registered ranges go to the handler that was installed
+ * before (faulthandler, or the default action) exactly as if this one did not exist.
+ * mmap() in a signal handler: not on POSIX's async-signal-safe list, but on Linux it is a
+ * bare system call (glibc's wrapper takes no lock), which is what makes this technique work.
+ */
+#define GUARD_MAX 256
+typedef struct {
+    _Atomic uintptr_t base;
+    _Atomic size_t len;         /* 0: free entry */
+    _Atomic uint64_t faults;    /* faults turned into zero pages in this range */
+    _Atomic size_t first_off;   /* offset of the first lost page (SIZE_MAX: none) */
+    char label[192];            /* what the range is, for the error (written at guard()) */
+    char path[224];             /* file behind it, lstat()ed for the error; "" = none */
+} guard_entry;
+
+static guard_entry g_guard[GUARD_MAX];
+static _Atomic uint64_t g_lost;          /* sum of every entry's faults: 0 when healthy */
+static struct sigaction g_prev;          /* the SIGBUS action before ours */
+static PyObject *g_lost_error;           /* exception class for a lost range */
+static uintptr_t g_page = 4096;
+
+static void chain_sigbus(int sig, siginfo_t *info, void *ctx) {
+    if (g_prev.sa_flags & SA_SIGINFO) {
+        if (g_prev.sa_sigaction) { g_prev.sa_sigaction(sig, info, ctx); return; }
+    } else if (g_prev.sa_handler != SIG_DFL && g_prev.sa_handler != SIG_IGN) {
+        g_prev.sa_handler(sig);
+        return;
+    }
+    /* The default action: restore it; a fault re-executes and dies, a kill() is re-raised. */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGBUS, &dfl, NULL);
+    if (info == NULL || info->si_code <= 0) raise(SIGBUS);
+}
+
+static void on_sigbus(int sig, siginfo_t *info, void *ctx) {
+    if (info != NULL && info->si_code > 0) {   /* a fault, not a kill() */
+        uintptr_t a = (uintptr_t)info->si_addr;
+        for (int i = 0; i < GUARD_MAX; i++) {
+            size_t len = atomic_load(&g_guard[i].len);
+            uintptr_t base = atomic_load(&g_guard[i].base);
+            if (!len || a < base || a >= base + len) continue;
+            uintptr_t page = a & ~(g_page - 1);
+            void *p = mmap((void *)page, base + len - page, PROT_READ | PROT_WRITE,
+                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (p == MAP_FAILED) break;
+            size_t none = SIZE_MAX;
+            atomic_compare_exchange_strong(&g_guard[i].first_off, &none, (size_t)(page - base));
+            atomic_fetch_add(&g_guard[i].faults, 1);
+            atomic_fetch_add(&g_lost, 1);
+            return;   /* the access is retried and now reads (or writes) zero pages */
+        }
+    }
+    chain_sigbus(sig, info, ctx);
+}
+
+static void install_sigbus(void) {
+    struct sigaction cur;
+    if (sigaction(SIGBUS, NULL, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) &&
+        cur.sa_sigaction == on_sigbus)
+        return;
+    /* First time, or someone (faulthandler.enable()) installed theirs after ours: theirs
+     * becomes the one faults outside our ranges go to. */
+    g_prev = cur;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, NULL);
+}
+
+/* -1 with the lost-range error set when [buf, buf+len) overlaps a lost range, else 0. */
+static int lost_check(const void *buf, Py_ssize_t n) {
+    uintptr_t a = (uintptr_t)buf, b = a + (uintptr_t)(n > 0 ? n : 1);
+    for (int i = 0; i < GUARD_MAX; i++) {
+        guard_entry *e = &g_guard[i];
+        size_t len = atomic_load(&e->len);
+        uintptr_t base = atomic_load(&e->base);
+        if (!len || !atomic_load(&e->faults) || b <= base || a >= base + len) continue;
+        char now[288] = "";
+        struct stat st;
+        if (e->path[0]) {
+            if (lstat(e->path, &st) == 0)
+                snprintf(now, sizeof now, " %s now has %lld bytes;", e->path, (long long)st.st_size);
+            else
+                snprintf(now, sizeof now, " %s was removed;", e->path);
+        }
+        PyErr_Format(g_lost_error ? g_lost_error : PyExc_OSError,
+                     "%s: its shared memory shrank under this process:%s %zu bytes were "
+                     "mapped and the page at offset %zu is gone (another process truncated "
+                     "the segment); this mapping is no longer used",
+                     e->label, now, len, (size_t)atomic_load(&e->first_off));
+        return -1;
+    }
+    return 0;
+}
+
+#define LOST_CHECK(v) (atomic_load_explicit(&g_lost, memory_order_relaxed) && \
+                       lost_check((v)->buf, (v)->len) < 0)
+
+/* guard(buf, label, path) -> id: register a mapping (see NOTE [truncated segments]). */
+static PyObject *py_guard(PyObject *self, PyObject *args) {
+    PyObject *o; const char *label, *path; Py_buffer v;
+    if (!PyArg_ParseTuple(args, "Oss", &o, &label, &path)) return NULL;
+    if (PyObject_GetBuffer(o, &v, PyBUF_SIMPLE) < 0) return NULL;
+    uintptr_t base = (uintptr_t)v.buf;
+    size_t len = (size_t)v.len;
+    PyBuffer_Release(&v);
+    if (!len) return PyLong_FromLong(-1);
+    install_sigbus();
+    for (int i = 0; i < GUARD_MAX; i++) {
+        guard_entry *e = &g_guard[i];
+        if (atomic_load(&e->len) || atomic_load(&e->base)) continue;
+        uintptr_t zero = 0;
+        if (!atomic_compare_exchange_strong(&e->base, &zero, base)) continue;
+        snprintf(e->label, sizeof e->label, "%s", label);
+        snprintf(e->path, sizeof e->path, "%s", path);
+        atomic_store(&e->faults, 0);
+        atomic_store(&e->first_off, SIZE_MAX);
+        atomic_store(&e->len, len);   /* last: the handler only looks at entries with a len */
+        return PyLong_FromLong(i);
+    }
+    PyErr_Format(PyExc_RuntimeError, "guard: all %d guarded mappings are in use", GUARD_MAX);
+    return NULL;
+}
+
+/* unguard(id): forget a mapping (call after it is unmapped). Its faults leave the total. */
+static PyObject *py_unguard(PyObject *self, PyObject *args) {
+    int i;
+    if (!PyArg_ParseTuple(args, "i", &i)) return NULL;
+    if (i < 0 || i >= GUARD_MAX) Py_RETURN_NONE;
+    guard_entry *e = &g_guard[i];
+    atomic_store(&e->len, 0);
+    atomic_fetch_sub(&g_lost, atomic_exchange(&e->faults, 0));
+    atomic_store(&e->base, 0);
+    Py_RETURN_NONE;
+}
+
+/* guard_faults(id) -> faults recorded in that mapping (0: healthy). */
+static PyObject *py_guard_faults(PyObject *self, PyObject *args) {
+    int i;
+    if (!PyArg_ParseTuple(args, "i", &i)) return NULL;
+    if (i < 0 || i >= GUARD_MAX) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(atomic_load(&g_guard[i].faults));
+}
+
+/* set_lost_error(cls): the exception raised for a buffer in a lost range. */
+static PyObject *py_set_lost_error(PyObject *self, PyObject *cls) {
+    if (!PyExceptionClass_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "set_lost_error: expected an exception class");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(g_lost_error, cls);
+    Py_RETURN_NONE;
+}
+
 static int get_buf(PyObject *obj, Py_buffer *view, int writable) {
-    return PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE);
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) return -1;
+    if (LOST_CHECK(view)) { PyBuffer_Release(view); return -1; }
+    return 0;
 }
 
 static int check_range(Py_buffer *v, Py_ssize_t off, Py_ssize_t n, const char *what) {
@@ -216,6 +396,9 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     memcpy((char *)dv.buf + doff, (char *)sv.buf + soff, (size_t)n);
     Py_END_ALLOW_THREADS
+    if (LOST_CHECK(&sv) || LOST_CHECK(&dv)) {
+        PyBuffer_Release(&dv); PyBuffer_Release(&sv); return NULL;
+    }
     PyBuffer_Release(&dv); PyBuffer_Release(&sv);
     Py_RETURN_NONE;
 }
@@ -246,6 +429,7 @@ static PyObject *py_read(PyObject *self, PyObject *args) {
         s2 = s1 + 1;
     }
     Py_END_ALLOW_THREADS
+    if (LOST_CHECK(&sv)) { PyBuffer_Release(&sv); PyBuffer_Release(&dv); return NULL; }
     PyBuffer_Release(&sv); PyBuffer_Release(&dv);
     return PyLong_FromUnsignedLongLong((s1 == s2 && !(s1 & 1)) ? s1 : 0);
 }
@@ -282,6 +466,9 @@ static PyObject *py_read2(PyObject *self, PyObject *args) {
         s2 = s1 + 1;
     }
     Py_END_ALLOW_THREADS
+    if (LOST_CHECK(&sv)) {
+        PyBuffer_Release(&sv); PyBuffer_Release(&av); PyBuffer_Release(&bv); return NULL;
+    }
     PyBuffer_Release(&sv); PyBuffer_Release(&av); PyBuffer_Release(&bv);
     return PyLong_FromUnsignedLongLong((s1 == s2 && !(s1 & 1)) ? s1 : 0);
 }
@@ -354,6 +541,11 @@ static PyMethodDef methods[] = {
     {"spin_until", py_spin_until, METH_VARARGS,
      "spin_until(buf, off, target, max_ns[, yield_every]) -> value (acquire) once >= target "
      "or after max_ns"},
+    {"guard", py_guard, METH_VARARGS,
+     "guard(buf, label, path) -> id: turn SIGBUS in this mapping into an error (NOTE [truncated segments])"},
+    {"unguard", py_unguard, METH_VARARGS, "unguard(id): forget a guarded mapping (after unmapping it)"},
+    {"guard_faults", py_guard_faults, METH_VARARGS, "guard_faults(id) -> lost-page faults seen"},
+    {"set_lost_error", py_set_lost_error, METH_O, "set_lost_error(cls): error raised for a lost mapping"},
     {"read", py_read, METH_VARARGS,
      "read(src, seq_off, data_off, dst, dst_off, n) -> even seq, or 0 if busy/torn"},
     {NULL, NULL, 0, NULL},
@@ -362,4 +554,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_seqlock",
                                     "Seqlock memory ordering for the mmfeed ring.", -1, methods};
 
-PyMODINIT_FUNC PyInit__seqlock(void) { return PyModule_Create(&moddef); }
+PyMODINIT_FUNC PyInit__seqlock(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    if (page > 0) g_page = (uintptr_t)page;
+    return PyModule_Create(&moddef);
+}

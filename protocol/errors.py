@@ -63,6 +63,36 @@ class ProducerGone(RingError):
     code = "producer_gone"
 
 
+class RingDamaged(ProducerGone):
+    """The ring's memory is not what a producer wrote: the segment was truncated under the
+    mapping, or a header counter or slot holds what no producer writes. The reader detaches
+    with this error (naming the ring and what is wrong) and, like after ProducerGone,
+    re-attaches when a healthy producer serves the ring again."""
+
+    code = "ring_damaged"
+
+
+class RingSuperseded(ProducerGone):
+    """The producer moved the ring to a new layout (bigger slots for a bigger sample, or a
+    fresh segment replacing a damaged one) under the same name: re-attach by name. Raised
+    only once every sample of the old layout was read."""
+
+    code = "ring_superseded"
+
+
+class RingNotOwned(RingError):
+    """The segment (or semaphore) at the ring's name belongs to a user this side does not
+    trust; names its owner. Never read, never replaced."""
+
+    code = "ring_not_owned"
+
+
+class RingTooLarge(RingError):
+    """A ring layout would need more shared memory than the cap (or /dev/shm) allows."""
+
+    code = "ring_too_large"
+
+
 class RingFull(RingError):
     """Lossless mode and no slot freed before the writer's timeout."""
 

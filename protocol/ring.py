@@ -47,7 +47,6 @@ Failures this module exists to prevent, and how:
 """
 from __future__ import annotations
 
-import grp
 import mmap
 import os
 import secrets
@@ -55,6 +54,7 @@ import stat
 import struct
 import time
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -62,13 +62,20 @@ import numpy as np
 import posix_ipc
 
 from . import _seqlock as sl
-from .errors import (NotARing, ProducerGone, RingError, RingFull, RingInUse, RingNotFound,
-                     SchemaError, VersionMismatch)
+from .errors import (NotARing, ProducerGone, RingDamaged, RingError, RingFull, RingInUse,
+                     RingNotFound, RingNotOwned, RingSuperseded, RingTooLarge, SchemaError,
+                     VersionMismatch)
 from .ring_layout import (FIXED_OFFSETS, H, MAGIC, MAX_READERS, MODES, R, READER_BYTES,
                           RING_VERSION, S, SCHEMA_MAX, SLOT_HEADER_BYTES, SLOT_INFO,
                           SLOT_INFO_BYTES, SLOT_INFO_OFF, STATE_CLOSED, STATE_LIVE,
-                          STATE_STARTING, RingHeader, semaphore_name)
+                          STATE_STARTING, STATE_SUPERSEDED, RingHeader, semaphore_name)
+from .ring_owner import (check_kind, check_reader_owner, check_writer_owner, chmod_nofollow,
+                         describe_owner, group_gid, segment_stat)
 from .schema import Sample, SampleMeta, SampleSchema
+
+# A fault in a guarded mapping (a truncated segment) surfaces as RingDamaged from every
+# seqlock call on that mapping: NOTE [truncated segments] in _seqlock.c.
+sl.set_lost_error(RingDamaged)
 
 __all__ = ["RingConfig", "RingWriter", "RingReader", "RingStats", "ReaderStats", "Slot",
            "SampleView"]
@@ -81,6 +88,7 @@ _SPIN_NS = 50_000
 # than cores want to run (4 readers + a writer on 2 cores), a spinner hands its core to the
 # runnable peer instead of holding it for the whole budget.
 _SPIN_YIELD = 256
+_SIZE_CHECK_NS = 1_000_000_000  # how often heartbeat() compares the segment's size
 _STARTUP_WAIT_S = 2.0   # how long attach/create wait for a producer that is still starting
 # Where /proc cannot tell a producer from a new process that reuses its pid (no /proc, hidepid,
 # a ring from a build that did not record the start time), a producer whose pid is alive but
@@ -90,6 +98,9 @@ _STARTUP_WAIT_S = 2.0   # how long attach/create wait for a producer that is sti
 # `heartbeat()` well within this.
 _HEARTBEAT_STALE_S = 30.0
 _MAX_NAME = 200
+# The default cap on one ring layout's shared memory (RingConfig.max_bytes, --max-ring-bytes):
+# 8 slots of 8-frame 1080p RGB clips (~48 MiB each) fit with room for audio and sensors.
+DEFAULT_MAX_RING_BYTES = 1 << 30
 _U64 = (1 << 64) - 1
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux only; elsewhere pages fault lazily
 _SHM_DIR = "/dev/shm"   # where Linux keeps POSIX shm and semaphores (inode checks, chmod)
@@ -234,15 +245,14 @@ def _bits(mask: int):
 
 
 def _set_mode(path: str | None, fd: int | None, mode: int, gid: int | None) -> None:
-    """Apply the exact mode (umask may have cut bits) and group to a segment or semaphore."""
+    """Apply the exact mode (umask may have cut bits) and group to a segment or semaphore;
+    a path is changed through an O_NOFOLLOW descriptor (never a link's target)."""
     if fd is not None:
         os.fchmod(fd, mode)
         if gid is not None:
             os.fchown(fd, -1, gid)
-    elif path is not None and os.path.exists(path):
-        os.chmod(path, mode)
-        if gid is not None:
-            os.chown(path, -1, gid)
+    elif path is not None and os.path.lexists(path):
+        chmod_nofollow(path, mode, gid)
 
 
 def _unlink_semaphore(name: str) -> None:
@@ -250,6 +260,18 @@ def _unlink_semaphore(name: str) -> None:
         posix_ipc.unlink_semaphore(name)
     except posix_ipc.ExistentialError:
         pass
+
+
+# schema_len, then the reserved bytes up to the encoding: written as one slice with it.
+_SCHEMA_LEN = struct.Struct("<I")
+_SCHEMA_GAP = SLOT_HEADER_BYTES - SCHEMA_MAX - S["schema_len"] - _SCHEMA_LEN.size
+
+
+def _held(seq: int) -> str:
+    """What a slot's sequence word says it holds, for messages."""
+    if seq == 0:
+        return "no sample yet"
+    return f"sample {(seq - 1) // 2}" + (" (being written)" if seq & 1 else "")
 
 
 def _first_bytes(buf) -> str:
@@ -267,6 +289,9 @@ class RingConfig:
     mode: str = "lossy"        # "lossy" | "lossless"
     group: str | None = None   # when set: mode 0660 and chgrp to this group; else 0600
     max_readers: int = 64
+    # Shared memory one layout may take (header + slots x slot stride); `create` refuses more
+    # with RingTooLarge, and so does a /dev/shm without that much free space.
+    max_bytes: int = DEFAULT_MAX_RING_BYTES
 
     def __post_init__(self) -> None:
         _posix_name(self.name)
@@ -279,6 +304,39 @@ class RingConfig:
         if not isinstance(self.max_readers, int) or not 1 <= self.max_readers <= MAX_READERS:
             raise ValueError(
                 f"ring max_readers {self.max_readers!r}: expected 1..{MAX_READERS}")
+        if not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            raise ValueError(f"ring max_bytes {self.max_bytes!r}: expected a positive integer")
+
+    def layout(self, slot_bytes: int | None = None) -> RingHeader:
+        """The header (sizes, offsets) of this config, or of it with other `slot_bytes`."""
+        return RingHeader(mode=MODES.index(self.mode), slots=self.slots,
+                          max_readers=self.max_readers,
+                          slot_bytes=self.slot_bytes if slot_bytes is None else slot_bytes,
+                          producer_pid=0, epoch=0)
+
+    def check_size(self, slot_bytes: int | None = None, why: str = "") -> int:
+        """Total shared-memory bytes of the layout with `slot_bytes` (default: this config's);
+        RingTooLarge, saying what would fit, when it is above `max_bytes` or than /dev/shm
+        has free. `why` says what asked for the size (a sample of N bytes)."""
+        hdr = self.layout(slot_bytes)
+        total = hdr.total_bytes
+        what = (f"ring {_posix_name(self.name)}: {self.slots} slots x {hdr.slot_stride} bytes "
+                f"(slot_bytes {hdr.slot_bytes}{', ' + why if why else ''}) = {total} bytes "
+                f"of shared memory")
+        fix = ("lower the sample size (a `resize=WxH` filter, fewer --clip-frames), use fewer "
+               "--slots")
+        if total > self.max_bytes:
+            raise RingTooLarge(f"{what}, above the cap of {self.max_bytes} bytes "
+                               f"(--max-ring-bytes); {fix}, or raise the cap")
+        try:
+            vfs = os.statvfs(_SHM_DIR)
+            free = vfs.f_bavail * vfs.f_frsize
+        except OSError:
+            free = None
+        if free is not None and total > free:
+            raise RingTooLarge(f"{what}, but {_SHM_DIR} has {free} bytes free; {fix}, or give "
+                               f"{_SHM_DIR} more room (tmpfs size=)")
+        return total
 
 
 @dataclass(frozen=True)
@@ -312,6 +370,9 @@ class ReaderStats:
 class _Mapping:
     """Owns one open segment: the posix_ipc handle, its mmap and a numpy view of it.
 
+    The mapping is guarded (NOTE [truncated segments] in _seqlock.c): if another process
+    shrinks the segment, the pages it cut read as zeros instead of killing this process with
+    SIGBUS, and every seqlock call on the mapping raises RingDamaged from then on.
     `close()` is idempotent and safe after a half-built constructor (class-level defaults).
     """
 
@@ -319,32 +380,44 @@ class _Mapping:
     mm = None
     np = None
     inode = 0
+    guard = -1
 
-    def __init__(self, shm: posix_ipc.SharedMemory, size: int | None = None):
+    def __init__(self, shm: posix_ipc.SharedMemory, size: int | None = None,
+                 label: str = "ring", path: str = ""):
         self.shm = shm
         self.size = shm.size if size is None else size
         # MAP_POPULATE: fault every page in now (and, for the producer, allocate it), so no
         # sample pays for first-touch page faults - 2048 per 8 MiB slot per process otherwise.
         self.mm = mmap.mmap(shm.fd, self.size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        self.guard = sl.guard(self.mm, label, path)
         self.np = np.frombuffer(self.mm, np.uint8)
-        self.inode = os.fstat(shm.fd).st_ino
+        self.stat = os.fstat(shm.fd)
+        self.inode = self.stat.st_ino
         self.shm.close_fd()
+
+    @property
+    def lost(self) -> bool:
+        """True once a page of this mapping was found cut (the segment was truncated)."""
+        return self.guard >= 0 and sl.guard_faults(self.guard) > 0
 
     def close(self) -> None:
         self.np = None
         if self.mm is not None:
             try:
                 self.mm.close()
+                sl.unguard(self.guard)  # unmapped: the range may be reused by anything now
             except BufferError:
-                pass  # zero-copy views still alive: the mapping goes when they do
+                # zero-copy views still alive: the mapping goes when they do, and its guard
+                # entry with it (never before: an unguarded cut page would be a SIGBUS)
+                weakref.finalize(self.mm, sl.unguard, self.guard)
+            self.guard = -1
             self.mm = None
 
 
 def _name_inode(posix_name: str) -> int | None:
-    try:
-        return os.stat(_SHM_DIR + posix_name).st_ino
-    except FileNotFoundError:
-        return None
+    """The inode at the ring's name (lstat: a link planted there is not followed), or None."""
+    st = segment_stat(_SHM_DIR + posix_name)
+    return None if st is None else st.st_ino
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,28 +467,15 @@ class RingWriter:
 
     @classmethod
     def create(cls, config: RingConfig) -> "RingWriter":
-        """Create the ring. A stale ring (producer dead or closed, judged by pid and start
-        time: `_producer_alive`) at that name is replaced, whatever its protocol version; a
-        live one raises RingInUse naming its pid (VersionMismatch, naming both versions and
-        the pid, when it is another version's); a segment that is not a ring raises NotARing
-        (it may belong to someone else, so it is left alone)."""
-        self = object.__new__(cls)
-        self._closed = True
-        self.config = config
-        self.name = _posix_name(config.name)
-        self._perm = 0o660 if config.group else 0o600
-        self._gid = None
-        if config.group:
-            try:
-                self._gid = grp.getgrnam(config.group).gr_gid
-            except KeyError:
-                raise ValueError(f"ring group {config.group!r}: no such group") from None
-        self._hdr = RingHeader(
-            mode=MODES.index(config.mode), slots=config.slots, max_readers=config.max_readers,
-            slot_bytes=config.slot_bytes, producer_pid=os.getpid(),
-            producer_start=_own_start(), epoch=secrets.randbits(64) or 1,
-            created_ns=time.time_ns(),
-        )
+        """Create the ring. A stale ring (producer dead, judged by pid and start time:
+        `_producer_alive`; the header's state is not trusted) of this uid at that name is
+        replaced, whatever its protocol version; a live one raises RingInUse naming its pid
+        (VersionMismatch, naming both versions and the pid, when it is another version's); a
+        segment that is not a ring raises NotARing, one of another user RingNotOwned, a link
+        or a directory NotARing (all left alone). A layout above `config.max_bytes` or the
+        free space of /dev/shm raises RingTooLarge before anything is created."""
+        config.check_size()
+        self = cls._new(config)
         shm = None
         for _ in range(3):
             try:
@@ -426,9 +486,33 @@ class RingWriter:
                 _replace_if_stale(self.name)
         if shm is None:
             raise RingInUse(f"ring {self.name}: another producer keeps re-creating it")
+        self._build(shm, None)
+        return self
+
+    @classmethod
+    def _new(cls, config: RingConfig) -> "RingWriter":
+        self = object.__new__(cls)
+        self._closed = True
+        self.config = config
+        self.name = _posix_name(config.name)
+        self._perm = 0o660 if config.group else 0o600
+        self._gid = group_gid(config.group)
+        self._hdr = RingHeader(
+            mode=MODES.index(config.mode), slots=config.slots, max_readers=config.max_readers,
+            slot_bytes=config.slot_bytes, producer_pid=os.getpid(),
+            producer_start=_own_start(), epoch=secrets.randbits(64) or 1,
+            created_ns=time.time_ns(),
+        )
+        return self
+
+    def _build(self, shm: posix_ipc.SharedMemory, temp: str | None) -> None:
+        """Map and initialise a freshly created segment (`temp`: the name it was created
+        under, to be renamed by the caller; None: created at the ring's name)."""
         try:
             _set_mode(None, shm.fd, self._perm, self._gid)
-            self._map = _Mapping(shm, self._hdr.total_bytes)
+            self._map = _Mapping(shm, self._hdr.total_bytes,
+                                 f"ring {self.name} (epoch {self._hdr.epoch:#x})",
+                                 _SHM_DIR + self.name)
             self._init_segment()
         except BaseException:
             # Half-built: never leave a segment without a live owner behind.
@@ -436,9 +520,64 @@ class RingWriter:
                 self._map.close()
             else:
                 shm.close_fd()
-            _unlink_if_ours(self.name, None)
+            _unlink_if_ours(self.name if temp is None else temp, None)
             raise
-        return self
+
+    def supersede(self, config: RingConfig | None = None, *, slot_bytes: int | None = None,
+                  why: str = "") -> "RingWriter":
+        """Move the ring to a new layout under the same name and return its writer (new
+        epoch); this writer is closed. Readers of the old layout read what it holds, then
+        get RingSuperseded and re-attach by name (the trainer's loops do that by
+        themselves). `config` (default: this one) with `slot_bytes` when given; `why` goes
+        into a RingTooLarge message.
+
+        How: the new segment is created under a temporary name and renamed over the ring's
+        name (rename(2) in /dev/shm: atomic, so an attaching reader finds the old layout or
+        the new one, never nothing); the old header is marked superseded first, its readers
+        are woken, its semaphores removed. Also the way out of a damaged ring (RingDamaged):
+        a truncated segment is replaced by a fresh one the same way. Memory: until the last
+        reader of the old layout lets go, both segments exist."""
+        config = config or self.config
+        if slot_bytes is not None:
+            config = dataclasses.replace(config, slot_bytes=slot_bytes)
+        if _posix_name(config.name) != self.name:
+            raise ValueError(f"supersede: ring {self.name} cannot move to another name")
+        config.check_size(why=why)
+        new = RingWriter._new(config)
+        temp = f"{self.name}.next-{secrets.token_hex(4)}"
+        shm = posix_ipc.SharedMemory(temp, posix_ipc.O_CREX, mode=new._perm,
+                                     size=new._hdr.total_bytes)
+        new._build(shm, temp)
+        here = _name_inode(self.name)
+        if here is not None and here != self._map.inode:
+            new._discard(temp)
+            raise RingInUse(f"ring {self.name}: the name no longer holds this producer's ring "
+                            f"(epoch {self._hdr.epoch:#x}); another process replaced it")
+        self._mark(STATE_SUPERSEDED)  # before the rename: a reader never sees "replaced"
+        try:
+            os.rename(_SHM_DIR + temp, _SHM_DIR + self.name)
+        except OSError:
+            self._mark(STATE_LIVE)
+            new._discard(temp)
+            raise
+        self._retire(None)
+        return new
+
+    def _discard(self, temp: str) -> None:
+        """Drop a writer built under `temp` that never took the ring's name."""
+        self._closed = True
+        self._finalizer.detach()
+        _own_epochs.discard(self._hdr.epoch)
+        self._wsem.close()
+        _unlink_semaphore(self._wsem_name)
+        self._map.close()
+        _unlink_if_ours(temp, None)
+
+    def _mark(self, state: int) -> None:
+        try:
+            sl.store_seq_cst(self._mm, H["state"], state)
+        except RingDamaged:
+            pass  # a truncated header: its readers find out from their own mapping
 
     def _init_segment(self) -> None:
         hdr, mm = self._hdr, self._map.mm
@@ -448,13 +587,14 @@ class RingWriter:
         self._lossless = hdr.mode == 1
         self._slot_off = [hdr.slot_offset(i) for i in range(hdr.slots)]
         self._reader_off = [hdr.reader_offset(i) for i in range(hdr.max_readers)]
-        self._slot_schema = [0] * hdr.slots       # schema_id last written into each slot
         self._views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._specs: dict[int, list] = {}           # schema_id -> [(name, dtype, shape)]
         self._nbytes: dict[int, int] = {}           # schema_id -> payload bytes (checked)
+        self._encoded: dict[int, bytes] = {}        # schema_id -> schema encoding
         self._reader_sems: dict[int, posix_ipc.Semaphore] = {}
         self._n = 0
         self._loaned: Slot | None = None
+        self._size_check_ns = 0
         self._wsem_name = semaphore_name(self.name, hdr.epoch, "w")
         _unlink_semaphore(self._wsem_name)
         self._wsem = posix_ipc.Semaphore(self._wsem_name, posix_ipc.O_CREX, mode=self._perm,
@@ -471,6 +611,9 @@ class RingWriter:
         self._owner_pid = os.getpid()
         _own_epochs.add(hdr.epoch)
         self._spin_ns = _spin_budget_ns(_cpus_allowed())
+        self._arm_finalizer()
+
+    def _arm_finalizer(self) -> None:
         self._finalizer = weakref.finalize(self, _finalize_writer, self.name, self._hdr.epoch,
                                            self._hdr.max_readers, self._map.inode,
                                            self._owner_pid)
@@ -501,6 +644,7 @@ class RingWriter:
                 raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes "
                                   f"exceeds the slot's {SCHEMA_MAX} bytes; use fewer modalities")
             self._nbytes[sid] = need
+            self._encoded[sid] = _SCHEMA_LEN.pack(len(enc)) + bytes(_SCHEMA_GAP) + enc
         n = self._n
         if self._lossless:
             self._wait_for_space(n, timeout)
@@ -508,12 +652,12 @@ class RingWriter:
         off = self._slot_off[i]
         mm = self._mm
         sl.write_begin(mm, off, 2 * n + 1)
-        if self._slot_schema[i] != sid:
-            enc = schema.encode()
-            struct.pack_into("<I", mm, off + S["schema_len"], len(enc))
-            base = off + SLOT_HEADER_BYTES - SCHEMA_MAX
-            mm[base:base + len(enc)] = enc
-            self._slot_schema[i] = sid
+        # The schema length and encoding go into every slot write, not only when the slot's
+        # schema changes: a slot damaged by another process heals within one lap of the ring
+        # (a reader that met the damage re-attaches and would meet it again otherwise). One
+        # copy of a few hundred bytes (BENCHMARKS.md "hardening").
+        enc = self._encoded[sid]
+        mm[off + S["schema_len"]:off + S["schema_len"] + len(enc)] = enc
         views = self._views.get((i, sid))
         if views is None:
             p = off + SLOT_HEADER_BYTES
@@ -561,9 +705,34 @@ class RingWriter:
         sl.store_release(self._mm, H["generation"], int(generation))
 
     def heartbeat(self) -> None:
-        """Prove liveness while idle (publish() does this too)."""
+        """Prove liveness while idle (publish() does this too). Also the writer's cheap
+        health check: a `state` someone else wrote is put back to live (readers treat it as
+        advisory anyway, ring_layout.STATE_*), and about once a second the segment's size is
+        compared with the layout (an lstat, ~1 us): a shrink raises RingDamaged even where no
+        page was touched yet. Call `supersede()` then to go on with a fresh segment."""
         self._check_open()
-        sl.store_release(self._mm, H["heartbeat_ns"], time.monotonic_ns())
+        mm = self._mm
+        now = time.monotonic_ns()
+        sl.store_release(mm, H["heartbeat_ns"], now)
+        if sl.load_acquire(mm, H["state"]) != STATE_LIVE:
+            sl.store_seq_cst(mm, H["state"], STATE_LIVE)
+        if now >= self._size_check_ns:
+            self._size_check_ns = now + _SIZE_CHECK_NS
+            self.check_segment()
+
+    def check_segment(self) -> None:
+        """RingDamaged when the segment at the ring's name is this ring's and smaller than its
+        layout (truncated by another process). A name that holds something else is no
+        concern of this writer's until it closes (it never unlinks what is not its own)."""
+        st = segment_stat(_SHM_DIR + self.name)
+        total = self._hdr.total_bytes
+        if st is not None and st.st_ino == self._map.inode and st.st_size < total:
+            raise RingDamaged(
+                f"ring {self.name} (epoch {self._hdr.epoch:#x}): {_SHM_DIR}{self.name} has "
+                f"{st.st_size} bytes, its layout {total} ({self._slots} slots x "
+                f"{self._hdr.slot_stride} bytes): another process truncated it")
+        if self._map.lost:
+            sl.load_acquire(self._mm, 0)  # raises RingDamaged, saying what was lost
 
     # --- waiting and waking ------------------------------------------------------------
 
@@ -664,14 +833,28 @@ class RingWriter:
             raise RingError(f"ring {getattr(self, 'name', '?')} is closed")
 
     def close(self) -> None:
-        """Mark the ring closed, wake every reader (they raise ProducerGone once drained),
-        and remove the segment and semaphores. Idempotent."""
+        """Remove the segment and semaphores, mark the ring closed and wake every reader
+        (they raise ProducerGone once drained). Idempotent; works on a damaged ring too."""
+        self._retire(STATE_CLOSED)
+
+    def _retire(self, state: int | None) -> None:
+        """Close this writer: wake every registered reader after the name and semaphores are
+        gone (so a woken reader finds the ring removed, or superseded, at once), storing
+        `state` into the header first when given."""
         if self._closed:
             return
         self._closed = True
         mm = self._mm
-        sl.store_seq_cst(mm, H["state"], STATE_CLOSED)
-        self._wake(sl.load_seq_cst(mm, H["active_mask"]))
+        try:
+            active = sl.load_seq_cst(mm, H["active_mask"])
+        except RingDamaged:
+            active = 0  # a truncated header: readers find out from their own mapping
+        for i in _bits(active):
+            self._reader_sem(i)  # opened before their names go
+        self._finalizer()  # unlinks shm (if the name is still ours) + semaphores exactly once
+        if state is not None:
+            self._mark(state)
+        self._wake(active)
         for sem in self._reader_sems.values():
             sem.close()
         self._reader_sems.clear()
@@ -680,7 +863,6 @@ class RingWriter:
         self._loaned = None
         self._mm = None
         self._map.close()
-        self._finalizer()  # unlinks shm + semaphores exactly once
 
     def __enter__(self) -> "RingWriter":
         return self
@@ -739,25 +921,37 @@ def _ring_stats(mm, name: str, hdr: RingHeader, reader_off: list[int]) -> RingSt
 
 
 def _replace_if_stale(name: str) -> None:
-    """A segment already exists at `name`: remove it if its producer is gone, else refuse."""
+    """Something already exists at `name`: remove it if it is a ring of this uid whose
+    producer is gone, else refuse (NotARing for a link, a directory or another program's
+    segment, RingNotOwned for another user's, RingInUse for a live producer's)."""
+    path = _SHM_DIR + name
+    st = segment_stat(path)
+    if st is None:
+        return  # vanished meanwhile: just retry the create
+    check_writer_owner(st, path, name)
     try:
         shm = posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
-        return  # vanished meanwhile: just retry the create
+        return
+    except (OSError, ValueError, posix_ipc.Error) as e:  # swapped for a link or a directory
+        raise NotARing(f"ring {name}: {path} cannot be opened as shared memory ({e}); "
+                       f"remove it or choose another ring name") from None
     head = b""
     try:
-        size = shm.size
-        if size:
-            with mmap.mmap(shm.fd, min(size, 4096)) as mm:
-                deadline = time.monotonic() + _STARTUP_WAIT_S
-                while size >= 8 and bytes(mm[:8]) == b"\0" * 8 and time.monotonic() < deadline:
-                    time.sleep(0.01)  # another producer may be half-way through create()
-                head = bytes(mm[:256])
+        fst = os.fstat(shm.fd)
+        check_writer_owner(fst, path, name)  # on the descriptor: what we read is what we judge
+        inode = fst.st_ino
+        # pread, not mmap: a segment someone shrinks meanwhile cannot raise SIGBUS here
+        head = os.pread(shm.fd, 256, 0)
+        deadline = time.monotonic() + _STARTUP_WAIT_S
+        while len(head) >= 8 and head[:8] == b"\0" * 8 and time.monotonic() < deadline:
+            time.sleep(0.01)  # another producer may be half-way through create()
+            head = os.pread(shm.fd, 256, 0)
     finally:
         shm.close_fd()
     if head[:8] == b"\0" * 8 or not head:
         # Empty or all-zero header: a producer crashed inside create(). Nobody can use it.
-        _unlink_if_ours(name, None)
+        _unlink_if_ours(name, inode)
         return
     if head[:8] != MAGIC:
         raise NotARing(
@@ -766,27 +960,29 @@ def _replace_if_stale(name: str) -> None:
             f"name, or remove it yourself if it is stale")
     version = struct.unpack_from("<I", head, H["version"])[0] if len(head) >= 12 else None
     if version != RING_VERSION:
-        _replace_other_version(name, head, version)
+        _replace_other_version(name, head, version, inode)
         return
     if len(head) < 256:
         raise NotARing(f"{_SHM_DIR}{name} is a truncated ring header ({len(head)} bytes); "
                        f"remove it")
     old = RingHeader.unpack(head)
-    if old.state != STATE_CLOSED:
-        alive, why = _producer_alive(old.producer_pid, old.producer_start, old.epoch,
-                                     old.heartbeat_ns)
-        if alive:
-            raise RingInUse(
-                f"ring {name} belongs to live producer pid {old.producer_pid} ({why}); stop "
-                f"that producer or choose another ring name")
-    # Stale: its producer died (or closed without unlinking). Replace it.
-    _unlink_if_ours(name, None)
+    # Whatever the header's state says (anyone who can write the segment can write "closed"
+    # into it): a producer that closes its ring removes it, so a ring still here is judged by
+    # its producer alone.
+    alive, why = _producer_alive(old.producer_pid, old.producer_start, old.epoch,
+                                 old.heartbeat_ns)
+    if alive:
+        raise RingInUse(
+            f"ring {name} belongs to live producer pid {old.producer_pid} ({why}); stop "
+            f"that producer or choose another ring name")
+    # Stale: its producer died. Replace it.
+    _unlink_if_ours(name, inode)
     _unlink_semaphore(semaphore_name(name, old.epoch, "w"))
     for i in range(min(old.max_readers, MAX_READERS)):
         _unlink_semaphore(semaphore_name(name, old.epoch, f"r{i}"))
 
 
-def _replace_other_version(name: str, head: bytes, version: int | None) -> None:
+def _replace_other_version(name: str, head: bytes, version: int | None, inode: int) -> None:
     """A ring of another protocol version is at `name` (magic checked): replace it when its
     producer is gone - after a crash and an upgrade nobody should have to clean /dev/shm by
     hand - and refuse, naming both versions and the pid, while it runs. Only the fixed
@@ -802,7 +998,7 @@ def _replace_other_version(name: str, head: bytes, version: int | None) -> None:
     if alive:
         raise VersionMismatch(f"{where} of live producer pid {pid} ({why})", version,
                               RING_VERSION)
-    _unlink_if_ours(name, None)
+    _unlink_if_ours(name, inode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,45 +1044,70 @@ class RingReader:
         raise TypeError("use RingReader.attach(name)")
 
     @classmethod
-    def attach(cls, name: str, *, start: str = "newest", register: bool = True) -> "RingReader":
+    def attach(cls, name: str, *, start: str = "newest", register: bool = True,
+               group: str | None = None, resume: tuple[int, int] | None = None
+               ) -> "RingReader":
+        """Attach to ring `name`.
+
+        Refuses, with what to do: a name that holds nothing (RingNotFound), a link, a
+        directory or another program's segment (NotARing), a segment of a user this reader
+        does not trust (RingNotOwned: not its own uid, nor `group` with mode 0660;
+        ring_owner.py), a ring whose producer is gone (ProducerGone: a dead ring never
+        yields a sample again, not even its newest one) and a damaged ring (RingDamaged: the
+        segment is smaller than its header says, or `published` counts samples its slots do
+        not hold). `resume=(epoch, position)`, from a previous reader's `mark()`: on the same
+        epoch, start where that reader stopped (no sample twice); otherwise `start`.
+        """
         if start not in ("newest", "oldest", "next"):
             raise ValueError(f"start={start!r}: expected 'newest', 'oldest' or 'next'")
         self = object.__new__(cls)
         self.name = _posix_name(name)
+        gid = group_gid(group)
+        path = _SHM_DIR + self.name
+        missing = RingNotFound(
+            f"no ring named {self.name.lstrip('/')!r} ({path} does not exist): start a "
+            f"producer first, e.g. `mm-producer run --source SRC --ring "
+            f"{self.name.lstrip('/')}`")
+        st = segment_stat(path)
+        if st is None:
+            raise missing
+        check_kind(st, path, self.name)
         try:
             shm = posix_ipc.SharedMemory(self.name)
         except posix_ipc.ExistentialError:
-            raise RingNotFound(
-                f"no ring named {self.name.lstrip('/')!r} ({_SHM_DIR}{self.name} does not "
-                f"exist): start a producer first, e.g. `mm-producer run --source SRC --ring "
-                f"{self.name.lstrip('/')}`") from None
+            raise missing from None
         except posix_ipc.PermissionsError:
-            raise RingError(
-                f"ring {self.name}: permission denied; rings are mode 0600 (owner only) unless "
-                f"the producer sets a group (0660)") from None
+            raise RingNotOwned(
+                f"ring {self.name}: permission denied: {path} is {describe_owner(st)}; rings "
+                f"are mode 0600 (the producer's user only) unless the producer sets a group "
+                f"(0660): run as the producer's user or in its --group") from None
+        except (OSError, ValueError, posix_ipc.Error) as e:  # a link/dir swapped in meanwhile
+            raise NotARing(f"ring {self.name}: {path} cannot be opened as shared memory "
+                           f"({e}); remove it or choose another ring name") from None
         try:
-            self._open(shm, start, register)
+            # On the descriptor: the segment judged is the one read (no lstat/open race).
+            check_reader_owner(os.fstat(shm.fd), path, self.name, gid)
+            self._open(shm, start, register, gid, resume)
         except BaseException:
+            if self._map is None:
+                shm.close_fd()
             self.close()
             raise
         return self
 
-    def _open(self, shm: posix_ipc.SharedMemory, start: str, register: bool) -> None:
+    def _open(self, shm: posix_ipc.SharedMemory, start: str, register: bool, gid: int | None,
+              resume: tuple[int, int] | None) -> None:
         size = os.fstat(shm.fd).st_size
         deadline = time.monotonic() + _STARTUP_WAIT_S
         while size == 0 and time.monotonic() < deadline:
             time.sleep(0.01)  # a producer between shm_open and ftruncate inside create()
             size = os.fstat(shm.fd).st_size
         if size < 256:
-            head = b""
-            if size:
-                with mmap.mmap(shm.fd, size) as m:
-                    head = bytes(m[:size])
-            shm.close_fd()
+            head = os.pread(shm.fd, size, 0) if size else b""
             raise NotARing(
                 f"{_SHM_DIR}{self.name} is {size} bytes, too small for an mmfeed ring header "
                 f"(256); first bytes {_first_bytes(head)}")
-        self._map = _Mapping(shm, size)
+        self._map = _Mapping(shm, size, f"ring {self.name}", _SHM_DIR + self.name)
         mm = self._mm = self._map.mm
         deadline = time.monotonic() + _STARTUP_WAIT_S
         while bytes(mm[:8]) == b"\0" * 8 and time.monotonic() < deadline:
@@ -903,31 +1124,76 @@ class RingReader:
                 raise ProducerGone(f"ring {self.name}: its producer never finished starting")
             time.sleep(0.01)
         hdr = self._hdr = RingHeader.unpack(mm)
-        if hdr.total_bytes > size or hdr.max_readers > MAX_READERS or hdr.slots < 1:
-            raise NotARing(f"{_SHM_DIR}{self.name}: header describes {hdr.total_bytes} bytes "
-                           f"but the segment has {size}; it is damaged")
+        if not (1 <= hdr.slots and 1 <= hdr.max_readers <= MAX_READERS and hdr.slot_bytes):
+            raise RingDamaged(f"ring {self.name}: its header is damaged ({hdr.slots} slots, "
+                              f"{hdr.max_readers} reader entries, slot_bytes "
+                              f"{hdr.slot_bytes})")
+        if hdr.total_bytes > size:
+            raise RingDamaged(
+                f"ring {self.name} (epoch {hdr.epoch:#x}): {_SHM_DIR}{self.name} has {size} "
+                f"bytes but its header describes {hdr.total_bytes} ({hdr.slots} slots x "
+                f"{hdr.slot_stride} bytes): the segment was truncated or its header damaged")
         self._slots = hdr.slots
         self._slot_bytes = hdr.slot_bytes
         self._lossless = hdr.mode == 1
         self._slot_off = [hdr.slot_offset(i) for i in range(hdr.slots)]
         self._info = bytearray(SLOT_INFO_BYTES)
-        self._schemas: dict[int, SampleSchema] = {}
+        self._schemas: dict[int, tuple[SampleSchema, int]] = {}  # id -> (schema, nbytes)
         self._received = self._dropped = self._retried = 0
         self._pending: int | None = None
         self._wsem = None
         self._sem = None
+        self._gid = gid
+        self._state_check = 0.0
         self._closed = False
         self._pid = os.getpid()
         self._forks = _fork_count
         self._spin_ns = _spin_budget_ns(_cpus_allowed())
-        if sl.load_acquire(mm, H["state"]) == STATE_CLOSED:
-            raise ProducerGone(f"ring {self.name}: its producer pid {hdr.producer_pid} closed it")
+        # The header's state is advisory (ring_layout.STATE_*): whether this ring can still
+        # bring anything new is decided by its name and its producer's pid + start time.
+        # A dead producer's ring is refused here, so a re-attach loop never re-reads its
+        # newest sample as if it were new.
+        self._check_producer()
         published = sl.load_seq_cst(mm, H["published"])
+        self._check_published(published)
         pos = {"newest": max(published - 1, 0), "oldest": max(published - self._slots, 0),
                "next": published}[start]
-        self._pos = self._start = pos
+        self._start = pos
+        if resume is not None and resume[0] == hdr.epoch:
+            # The same ring a previous reader of ours left: go on after its last sample.
+            self._start = min(resume[1], published)
+            pos = max(self._start, published - self._slots)
+            self._dropped = pos - self._start
+        self._pos = pos
         if register:
             self._register(pos)
+
+    def mark(self) -> tuple[int, int]:
+        """(epoch, position): pass as `attach(resume=...)` to a later reader so that a
+        re-attach to the same ring goes on where this reader stopped."""
+        return self._hdr.epoch, self._pos
+
+    def _check_published(self, published: int) -> None:
+        """RingDamaged when the header counts a sample the ring never held: the writer
+        stores a slot's sequence (release) before `published` (seq_cst) and `published` was
+        loaded first, so the newest counted sample's slot holds it or a later one."""
+        if published == 0:
+            return
+        n = published - 1
+        seq = sl.load_acquire(self._mm, self._slot_off[n % self._slots])
+        if seq < 2 * n + 2:
+            raise self._damaged(n, f"the header counts {published} published samples, but "
+                                   f"slot {n % self._slots} holds "
+                                   f"{_held(seq)}: the published counter is damaged")
+
+    def _damaged(self, n: int, what: str) -> RingDamaged:
+        """Detach (close) and return the error to raise, naming the ring and the damage."""
+        hdr = self._hdr
+        err = RingDamaged(f"ring {self.name} (epoch {hdr.epoch:#x}, producer pid "
+                          f"{hdr.producer_pid}) is damaged, sample {n}: {what}; this reader "
+                          f"detached: re-attach when a healthy producer serves the ring")
+        self.close()
+        return err
 
     def _register(self, pos: int) -> None:
         mm, hdr, me = self._mm, self._hdr, os.getpid()
@@ -948,13 +1214,26 @@ class RingReader:
             raise RingError(f"ring {self.name}: all {hdr.max_readers} reader entries are in "
                             f"use by live processes")
         self._idx, self._roff, self._bit = i, off, 1 << i
-        perm = stat.S_IMODE(os.stat(_SHM_DIR + self.name).st_mode)
+        seg = self._map.stat
+        perm = stat.S_IMODE(seg.st_mode)
         sname = semaphore_name(self.name, hdr.epoch, f"r{i}")
-        self._sem = posix_ipc.Semaphore(sname, posix_ipc.O_CREAT, mode=perm, initial_value=0)
+        spath = _sem_path(sname)
         try:
-            _set_mode(_sem_path(sname), None, perm, None)
+            self._sem = posix_ipc.Semaphore(sname, posix_ipc.O_CREAT, mode=perm,
+                                            initial_value=0)
+        except (OSError, ValueError, posix_ipc.Error) as e:  # a link or a directory there
+            st = segment_stat(spath)
+            if st is not None:
+                check_kind(st, spath, self.name)
+            raise RingError(f"ring {self.name}: cannot open its reader semaphore {spath} "
+                            f"({e})") from None
+        try:
+            _set_mode(spath, None, perm, seg.st_gid if perm & 0o070 else None)
         except PermissionError:
-            pass  # created by another user earlier; its mode was set then
+            pass  # created by another reader's user earlier; its mode was set then
+        st = segment_stat(spath)
+        if st is not None:  # who else could post it, or make it never be posted
+            check_reader_owner(st, spath, self.name, seg.st_gid if perm == 0o660 else None)
         if self._lossless:
             try:
                 self._wsem = posix_ipc.Semaphore(semaphore_name(self.name, hdr.epoch, "w"))
@@ -1015,7 +1294,6 @@ class RingReader:
             self._pending = None
         mm, slots = self._mm, self._slots
         deadline = None if timeout is None else time.monotonic() + timeout
-        suspicious = 0
         while True:
             n = self._pos
             published = sl.load_acquire(mm, H["published"])
@@ -1024,6 +1302,7 @@ class RingReader:
                     return None
                 continue
             if n + slots < published:
+                self._check_published(published)  # a forged counter must not skip us ahead
                 self._skip(published - slots)
                 continue
             off = self._slot_off[n % slots]
@@ -1033,35 +1312,41 @@ class RingReader:
                 if seq > want:        # lapped: a newer sample is (being) written there
                     self._skip(max(n + 1, sl.load_acquire(mm, H["published"]) - slots))
                     continue
-                # Older than a sample that was already published: not our producer's slot.
-                suspicious += 1
-                self._check_producer()
-                if suspicious > 1000:
-                    raise RingError(f"ring {self.name}: slot {n % slots} holds sequence {seq}, "
-                                    f"expected {want} for published sample {n}; it is damaged")
-                continue
+                # `published` (loaded first, acquire) counts sample n, and the writer stores
+                # a slot's sequence before `published`: no healthy ring shows an older one.
+                raise self._damaged(n, f"the header counts {published} published samples, "
+                                       f"but slot {n % slots} holds {_held(seq)}")
             schema_id, nbytes, slen = SLOT_INFO.unpack_from(mm, off + SLOT_INFO_OFF)
+            if nbytes > self._slot_bytes or (out is not None and nbytes > cap):
+                if sl.validate(mm, off) != want:
+                    continue  # read while being overwritten: not this sample's size
+                if nbytes > self._slot_bytes:
+                    raise self._damaged(n, f"slot {n % slots} says its payload is {nbytes} "
+                                           f"bytes, more than a slot's {self._slot_bytes}")
+                raise ValueError(
+                    f"receive_into: buffer of {cap} bytes is smaller than sample {n}'s "
+                    f"payload of {nbytes} bytes; size it to the ring's slot_bytes "
+                    f"({self._slot_bytes})")
             if out is None:
                 got = sl.read(mm, off, off + SLOT_INFO_OFF, self._info, 0, SLOT_INFO_BYTES)
             else:
-                if nbytes > cap:
-                    if sl.validate(mm, off) != want:
-                        continue
-                    raise ValueError(
-                        f"receive_into: buffer of {cap} bytes is smaller than sample {n}'s "
-                        f"payload of {nbytes} bytes; size it to the ring's slot_bytes "
-                        f"({self._slot_bytes})")
                 got = sl.read2(mm, off, off + SLOT_INFO_OFF, self._info, SLOT_INFO_BYTES,
                                off + SLOT_HEADER_BYTES, out, 0, nbytes)
             if got != want:
                 self._retried += 1
                 continue
-            schema = self._schemas.get(schema_id)
-            if schema is None:
-                schema = self._load_schema(off, want, slen, schema_id)
-                if schema is None:
+            # From here on what was read is whole (the sequence did not move from the first
+            # load to the last), so whatever does not fit is damage, never a race.
+            known = self._schemas.get(schema_id)
+            if known is None:
+                known = self._load_schema(off, want, slen, schema_id, n)
+                if known is None:
                     self._retried += 1
                     continue
+            schema, size = known
+            if size != nbytes:
+                raise self._damaged(n, f"slot {n % slots} says its payload is {nbytes} bytes, "
+                                       f"its schema {schema!r} makes {size}")
             meta = SampleMeta.unpack_from(self._info, 0)
             self._received += 1
             if out is None:
@@ -1072,18 +1357,34 @@ class RingReader:
             self._advance(n + 1)
             return schema, meta
 
-    def _load_schema(self, off: int, want: int, slen: int, schema_id: int):
+    def _load_schema(self, off: int, want: int, slen: int, schema_id: int, n: int
+                     ) -> tuple[SampleSchema, int] | None:
+        """Decode a slot's schema (first sample of an unseen schema id). None: the slot
+        changed while read (retry); RingDamaged: what a whole read found cannot be a
+        producer's (the encoding is validated before anything trusts it)."""
+        where = f"slot {n % self._slots}"
         if not 0 < slen <= SCHEMA_MAX:
-            return None
+            if sl.validate(self._mm, off) != want:
+                return None
+            raise self._damaged(n, f"{where} says its schema encoding is {slen} bytes, "
+                                   f"expected 1..{SCHEMA_MAX}")
         buf = bytearray(slen)
         if sl.read(self._mm, off, off + SLOT_HEADER_BYTES - SCHEMA_MAX, buf, 0, slen) != want:
             return None
-        schema = SampleSchema.decode(bytes(buf))
+        try:
+            schema = SampleSchema.decode(bytes(buf))
+            size = schema.payload_nbytes
+        except Exception as e:  # untrusted bytes: any failure to decode is damage
+            raise self._damaged(n, f"{where}'s schema does not decode ({type(e).__name__}: "
+                                   f"{e}); first bytes {_first_bytes(buf)}") from None
         if schema.schema_id != schema_id:
-            raise SchemaError(f"ring {self.name}: slot schema encoding hashes to "
-                              f"{schema.schema_id:#x}, slot says {schema_id:#x}")
-        self._schemas[schema_id] = schema
-        return schema
+            raise self._damaged(n, f"{where}'s schema encoding hashes to "
+                                   f"{schema.schema_id:#x}, the slot says {schema_id:#x}")
+        if size > self._slot_bytes:
+            raise self._damaged(n, f"{where}'s schema {schema!r} needs {size} bytes, more "
+                                   f"than a slot's {self._slot_bytes}")
+        self._schemas[schema_id] = (schema, size)
+        return schema, size
 
     def _advance(self, pos: int) -> None:
         self._pos = pos
@@ -1108,10 +1409,16 @@ class RingReader:
     def _wait(self, n: int, deadline: float | None) -> bool:
         """Sleep until sample n is published; False at the deadline. Raises ProducerGone."""
         mm = self._mm
-        if sl.load_acquire(mm, H["state"]) == STATE_CLOSED:
-            raise ProducerGone(
-                f"ring {self.name}: producer pid {self._hdr.producer_pid} closed the ring "
-                f"after {n} samples; re-attach when a new producer runs")
+        if sl.load_acquire(mm, H["state"]) != STATE_LIVE:
+            # Closed or superseded - or so says a word anyone who can write the segment can
+            # write. A closing or superseding producer takes the name away first, so the
+            # name and the producer's pid decide (at most once per slice: a forged state
+            # must not turn every wait into an lstat and a /proc read). A live producer
+            # behind a forged state goes on being read.
+            now = time.monotonic()
+            if now >= self._state_check:
+                self._state_check = now + _SLICE_S
+                self._check_producer()
         wait = _SLICE_S
         if deadline is not None:
             wait = min(wait, deadline - time.monotonic())
@@ -1142,9 +1449,22 @@ class RingReader:
         return True
 
     def _check_producer(self) -> None:
+        """ProducerGone (RingSuperseded) unless the ring's name still holds this reader's
+        segment and its producer (pid + start time) is running."""
         hdr = self._hdr
         inode = _name_inode(self.name)
         if inode != self._map.inode:
+            state = sl.load_acquire(self._mm, H["state"])
+            if inode is None and state == STATE_CLOSED:
+                raise ProducerGone(
+                    f"ring {self.name}: producer pid {hdr.producer_pid} closed the ring after "
+                    f"{sl.load_acquire(self._mm, H['published'])} samples; re-attach when a "
+                    f"new producer runs")
+            if inode is not None and state == STATE_SUPERSEDED:
+                raise RingSuperseded(
+                    f"ring {self.name}: producer pid {hdr.producer_pid} moved it to a new "
+                    f"layout (this one: epoch {hdr.epoch:#x}, {hdr.slots} slots x "
+                    f"{hdr.slot_bytes} bytes, every sample read); re-attach by name")
             what = "removed" if inode is None else "replaced by a new producer"
             raise ProducerGone(
                 f"ring {self.name} (producer pid {hdr.producer_pid}, epoch {hdr.epoch:#x}) was "
@@ -1189,8 +1509,12 @@ class RingReader:
         if self._idx >= 0 and self._mm is not None:
             try:
                 _release_entry(self._mm, self._idx, self._roff, os.getpid())
-            except (ValueError, IndexError):
+            except (ValueError, IndexError, RingDamaged):
                 pass
+            if _name_inode(self.name) != self._map.inode:
+                # Its producer removed (or moved on from) this ring and its semaphores, maybe
+                # before this reader registered: nobody else will remove ours.
+                _unlink_semaphore(semaphore_name(self.name, self._hdr.epoch, f"r{self._idx}"))
             self._idx = -1
         for sem in (getattr(self, "_sem", None), getattr(self, "_wsem", None)):
             if sem is not None:

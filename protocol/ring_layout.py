@@ -28,7 +28,9 @@ Header (HEADER_STRUCT, little-endian)::
      56     8  producer_pid     producer       once (never moves)
      64     8  epoch            producer       once, random u64, new at every start
      72     8  created_ns       producer       once, CLOCK_REALTIME, for people
-     80     8  state            producer       atomic: 0 starting, 1 live, 2 closed
+     80     8  state            producer       atomic: 0 starting, 1 live, 2 closed,
+                                               3 superseded (a new layout took the name);
+                                               advisory: readers decide by name + pid
      88     8  heartbeat_ns     producer       atomic, CLOCK_MONOTONIC at last publish/heartbeat
      96     8  published        producer       atomic seq_cst, samples published so far
     104     8  generation       producer       atomic, current layout generation
@@ -85,7 +87,11 @@ MAGIC = b"MMFRING\0"
 # handles) and ignore them when reading, so the two share rings exactly as before.
 RING_VERSION = 1
 MODES = ("lossy", "lossless")
-STATE_STARTING, STATE_LIVE, STATE_CLOSED = 0, 1, 2
+# `state` is advisory for readers (any process that can write the segment can write it): what
+# ends a reader's ring is the name no longer pointing at its segment, or the producer (pid +
+# start time) being gone. SUPERSEDED came after version 1 without a bump: an older reader
+# treats it like LIVE until it sees the name point elsewhere, which is the same outcome.
+STATE_STARTING, STATE_LIVE, STATE_CLOSED, STATE_SUPERSEDED = 0, 1, 2, 3
 MAX_READERS = 64  # one bit each in the header's waiting_mask
 PAGE = 4096
 

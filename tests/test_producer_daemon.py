@@ -46,6 +46,7 @@ from protocol.ring import RingReader
 ROOT = Path(__file__).resolve().parents[1]
 T0_NS = 1_700_000_000_000_000_000  # producer/synth.py stamps samples on whole seconds from here
 SLOT_BYTES = 1 << 20                # a synthetic sample is ~0.36 MB
+MAX_RING_BYTES = 12 << 20           # 8 slots of 1 MiB fit, 8 of a 400x400 clip (~2 MB) do not
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ def daemon(dataset, tmp_path_factory):
     # A control socket of its own name: where the log socket goes then is tested on this
     # daemon (the default name is what every other daemon here uses).
     d = Daemon(root, "--loop", "--rate", "max", "--clip-frames", "4",
-               "--slot-bytes", str(SLOT_BYTES), control=lambda run: f"ipc://{run}/ctl.sock")
+               "--slot-bytes", str(SLOT_BYTES), "--max-ring-bytes", str(MAX_RING_BYTES),
+               control=lambda run: f"ipc://{run}/ctl.sock")
     d.dataset = root
     yield d
     d.stop()
@@ -438,14 +440,16 @@ def test_segment_too_far_for_a_timestamp_is_refused_on_samples_without_video_or_
     wait_for(lambda: daemon.status()["state"] == "running", what="the daemon to go on")
 
 
-def test_filter_too_big_for_a_slot_is_refused_naming_both_sizes(daemon):
+def test_filter_too_big_for_any_ring_within_the_cap_is_refused_naming_the_sizes(daemon):
+    # A bigger sample moves the ring to bigger slots (test_ring_layouts.py); what is refused
+    # is a sample no layout within --max-ring-bytes holds.
     before = daemon.status()["generation"]
     with pytest.raises(RemoteError) as e:
         daemon.request("filter", spec="resize=400x400")
     assert e.value.code == "bad_argument"
     msg = str(e.value)
-    need = int(re.search(r"need (\d+) bytes", msg).group(1))
-    assert need > 4 * 3 * 400 * 400 and f"holds {SLOT_BYTES}" in msg, msg
+    need = int(re.search(r"samples of (\d+) bytes", msg).group(1))
+    assert need > 4 * 3 * 400 * 400 and f"above the cap of {MAX_RING_BYTES}" in msg, msg
     assert daemon.status()["generation"] == before
     assert daemon.status()["config"]["filter"] in ("none", "rgb")
 

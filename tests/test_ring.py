@@ -378,11 +378,9 @@ def test_a_reader_gets_producer_gone_when_its_producers_pid_was_reused(
     pid = os.getpid() if new_owner == "this process" else \
         other_process(old.producer_start).pid
     forge(ring_name, producer_pid=pid)
-    out = np.empty(SLOT, np.uint8)
-    with RingReader.attach(ring_name, start="oldest") as r:
-        assert r.receive_into(out, timeout=5)[1].index == 0  # what it published is whole
-        with pytest.raises(ProducerGone, match=f"pid {pid} died .*reused"):
-            r.receive_into(out, timeout=10)  # without the start time: None, forever
+    # Without the start time the reused pid looks alive: attach would succeed and wait forever.
+    with pytest.raises(ProducerGone, match=f"pid {pid} died .*reused"):
+        RingReader.attach(ring_name, start="oldest")
 
 
 def test_a_second_writer_in_the_same_process_is_refused_until_the_first_closes(ring_name):
@@ -416,11 +414,8 @@ def test_without_a_start_time_a_live_pid_whose_heartbeat_stopped_long_ago_is_sta
     pid = other_process(old.producer_start).pid
     forge(ring_name, producer_pid=pid, producer_start=0,
           heartbeat_ns=time.monotonic_ns() - 100 * 10**9)
-    out = np.empty(SLOT, np.uint8)
-    with RingReader.attach(ring_name, start="oldest") as r:
-        assert r.receive_into(out, timeout=5)[1].index == 0
-        with pytest.raises(ProducerGone, match=f"pid {pid} died .*heartbeat stopped"):
-            r.receive_into(out, timeout=10)
+    with pytest.raises(ProducerGone, match=f"pid {pid} died .*heartbeat stopped"):
+        RingReader.attach(ring_name, start="oldest")
     with RingWriter.create(RingConfig(ring_name, slots=4, slot_bytes=SLOT)) as w:
         assert w.stats().epoch != old.epoch
 

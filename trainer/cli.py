@@ -56,6 +56,9 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
 @click.option("--ring-start", type=click.Choice(["newest", "oldest", "next"]), default="newest",
               show_default=True)
+@click.option("--ring-group", default=None, metavar="GROUP",
+              help="Also read a ring of this group with mode 0660 (a producer run as another "
+                   "user with --group GROUP); without it only this user's rings are read.")
 @click.option("--no-resume", is_flag=True, help="Ignore checkpoints already in --checkpoint-dir.")
 @click.option("--group", default=None, envvar="MMFEED_GROUP", metavar="NAME",
               help="Group that may use the control and log sockets (0660) and read the "
@@ -68,8 +71,8 @@ def main() -> None:
               help="Seconds between metric log lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
 def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
-        amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
-        group, control, log_endpoint, curve_dir, log_interval, as_json) -> None:
+        amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, ring_group,
+        no_resume, group, control, log_endpoint, curve_dir, log_interval, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
@@ -105,7 +108,7 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
                           lr=lr, accum=accum, amp=amp, log_interval=log_interval,
                           eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
                           keep=keep, seed=seed, device=device, ring_start=ring_start,
-                          resume=not no_resume, group=group)
+                          ring_group=ring_group, resume=not no_resume, group=group)
     except ValueError as e:
         usage(str(e))
     sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,

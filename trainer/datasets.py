@@ -34,7 +34,8 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from protocol.cache import CacheReader
-from protocol.errors import NotARing, ProducerGone, RingNotFound
+from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingNotFound, RingNotOwned,
+                             RingSuperseded)
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
@@ -123,13 +124,17 @@ class RingDataset(IterableDataset):
     batches when `batch_size` is given (use `DataLoader(ds, batch_size=None)` then).
 
     Attaches in `__iter__` (per worker, NOTE [workers and duplicates]). A producer that goes
-    away (restart, crash) is a logged warning and a re-attach, never an exception; iteration
-    ends only after `max_samples` or after `idle_timeout` seconds without a sample.
+    away (restart, crash), a damaged ring or a move to a new layout is a logged message and a
+    re-attach, never an exception (a dead ring is never read again; a new layout is read from
+    its oldest sample); iteration ends only after `max_samples` or after `idle_timeout`
+    seconds without a sample. `group`: trust a ring of that group with mode 0660 besides this
+    user's own (RingReader.attach).
     """
 
     def __init__(self, ring: str, *, batch_size: int | None = None, start: str = "newest",
                  max_samples: int | None = None, idle_timeout: float | None = None,
-                 rank: int = 0, world_size: int = 1, with_meta: bool = False):
+                 rank: int = 0, world_size: int = 1, with_meta: bool = False,
+                 group: str | None = None):
         self.with_meta = with_meta  # yield (inputs, label, {"index", "generation"}) per sample
         self.ring = ring
         self.batch_size = batch_size
@@ -137,19 +142,21 @@ class RingDataset(IterableDataset):
         self.max_samples = max_samples
         self.idle_timeout = idle_timeout
         self.rank, self.world_size = rank, world_size
+        self.group = group
 
-    def _attach(self, deadline: float | None):
+    def _attach(self, deadline: float | None, start: str, resume):
         from protocol.ring import RingReader
 
-        warned = False
+        said: type | None = None
         while deadline is None or time.monotonic() < deadline:
             try:
-                return RingReader.attach(self.ring, start=self.start)
-            except (RingNotFound, ProducerGone, NotARing) as e:
+                return RingReader.attach(self.ring, start=start, resume=resume,
+                                         group=self.group)
+            except (RingNotFound, ProducerGone, NotARing, RingNotOwned) as e:
                 # NotARing too: a producer inside create() has not sized the segment yet.
-                if not warned:
+                if type(e) is not said:
                     log.warning("ring %s: %s; waiting for a producer", self.ring, e)
-                    warned = True
+                    said = type(e)
                 time.sleep(0.05)  # polling for a producer to appear; no event to wait on
         return None
 
@@ -158,21 +165,33 @@ class RingDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, nshards = self.rank * nw + wid, self.world_size * nw
         reader, buf, got = None, None, 0
+        start, resume = self.start, None
         last = time.monotonic()
+
+        def lost(e: ProducerGone):
+            """Where the next reader starts: see RingLoader._lost (trainer/prefetch.py)."""
+            if isinstance(e, RingSuperseded):
+                log.info("ring %s: %s; following it", self.ring, e)
+                return "oldest", None
+            log.warning("ring %s: %s; re-attaching", self.ring, e)
+            if isinstance(e, RingDamaged):
+                time.sleep(0.2)  # the damage may still be there: no attach/detach spin
+            return self.start, reader.mark()
+
         try:
             while self.max_samples is None or got < self.max_samples:
                 if self.idle_timeout is not None and time.monotonic() - last > self.idle_timeout:
                     return
                 if reader is None:
                     deadline = None if self.idle_timeout is None else last + self.idle_timeout
-                    reader = self._attach(deadline)
+                    reader = self._attach(deadline, start, resume)
                     if reader is None:
                         return
                     buf = None
                 try:
                     view = reader.receive_view(timeout=0.1)
-                except ProducerGone as e:
-                    log.warning("ring %s: %s; re-attaching", self.ring, e)
+                except ProducerGone as e:  # RingDamaged and RingSuperseded included
+                    start, resume = lost(e)
                     reader.close()
                     reader = None
                     continue
@@ -186,8 +205,14 @@ class RingDataset(IterableDataset):
                 rows = schema.views(out.numpy())
                 for k, a in view.arrays.items():
                     np.copyto(rows[k], a)
-                if not view.still_valid():
-                    continue  # lossy: overwritten while copied
+                try:
+                    if not view.still_valid():
+                        continue  # lossy: overwritten while copied
+                except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
+                    start, resume = lost(e)
+                    reader.close()
+                    reader = None
+                    continue
                 tensors = {k: v[0] for k, v in modality_views(schema, out.unsqueeze(0)).items()}
                 got += 1
                 yield schema, view.meta, tensors, view.meta.label

@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     ring_start: str = "newest"
+    ring_group: str | None = None       # also trust a ring of this group, mode 0660 (another user's)
     resume: bool = True
     group: str | None = None            # checkpoint files 0640 of this group; else 0600
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
@@ -100,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"--mix {self.mix}: a live fraction above 0 needs --ring NAME")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give --steps or --epochs, not both")
+        if self.ring_group is not None:
+            from protocol.ring_owner import group_gid
+
+            group_gid(self.ring_group)  # ValueError naming it when there is no such group
         for name in ("batch_size", "accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -245,6 +250,7 @@ class Trainer:
                                       world_size=d.world_size).start()
         elif cfg.ring:
             self.live = RingLoader(cfg.ring, cfg.batch_size, start=cfg.ring_start,
+                                   group=cfg.ring_group,
                                    rank=d.rank, world_size=d.world_size).start()
         self.mixer = LiveDiskMixer(self.live, self.disk, cfg.mix or 0.0,
                                    window=max(64, 32 * cfg.batch_size))

@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from protocol.errors import NotARing, ProducerGone, RingError, RingNotFound
+from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingError, RingNotFound,
+                             RingNotOwned, RingSuperseded)
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTOR_SCHEMA_ID = DESCRIPTOR_SCHEMA.schema_id  # a GPU slot descriptor, not a payload
 _POLL_S = 0.05
+# After a damaged ring, wait this long before attaching again: the damage may still be there
+# (a slot the producer has not rewritten yet), and attach/detach must not spin.
+DAMAGE_BACKOFF_S = 0.2
 _END = object()  # put by a loader thread after its last batch
 
 
@@ -56,7 +60,9 @@ class LoaderStats:
     samples: int = 0
     copies: int = 0          # host copies of samples made by this loader
     dropped: int = 0         # samples read but discarded (torn lossy read, partial at shutdown)
-    reattached: int = 0
+    reattached: int = 0      # every re-attach, whatever the cause (the two below included)
+    relayouts: int = 0       # the producer moved the ring to a new layout (bigger slots)
+    damaged: int = 0         # the ring was found damaged and left (RingDamaged)
     generations: set = field(default_factory=RecentGenerations)  # newest 256 seen
 
 
@@ -232,9 +238,11 @@ class RingLoader(_LoaderThread):
 
     def __init__(self, ring: str, batch_size: int, *, start: str = "newest", rank: int = 0,
                  world_size: int = 1, max_wait_s: float = 0.5, depth: int = 2,
-                 pin: bool | None = None, attach: Callable | None = None):
+                 pin: bool | None = None, attach: Callable | None = None,
+                 group: str | None = None):
         super().__init__(depth)
         self.ring = ring
+        self.group = group  # also trust a ring of this group with mode 0660 (RingReader.attach)
         self.batch_size = batch_size
         self.start_pos = start
         self.rank, self.world_size = rank, world_size
@@ -245,26 +253,57 @@ class RingLoader(_LoaderThread):
         self.reader = None
         self.attached = False
         self.generation_seen = -1
+        self._resume: tuple[int, int] | None = None  # (epoch, position) of the last reader
+        self._next_start = start
+        self._damaged_epoch: int | None = None       # the last epoch found damaged (said once)
 
     def _attach(self):
+        """Attach, waiting (never raising) while the ring is missing, dead, damaged, not a
+        ring (a link, a directory, a producer half-way through create) or another user's:
+        training goes on from disk meanwhile. Each kind of wait is logged once."""
         from protocol.ring import RingReader
 
-        warned = False
+        said: type | None = None
         while not self._stop.is_set():
             try:
-                r = RingReader.attach(self.ring, start=self.start_pos)
-                if warned or self.stats.reattached:
-                    log.warning("ring %s: attached to a new producer (epoch %#x)", self.ring,
-                                r.epoch)
+                r = RingReader.attach(self.ring, start=self._next_start, resume=self._resume,
+                                      group=self.group)
+                if said is not None or self.stats.reattached:
+                    log.warning("ring %s: attached (epoch %#x)", self.ring, r.epoch)
                 self._on_gpu_slots(r, gpu_slot_refusal(r))
                 return r
-            except (RingNotFound, ProducerGone, NotARing) as e:
-                # NotARing too: a producer inside create() has not sized the segment yet.
-                if not warned:
+            except (RingNotFound, ProducerGone, NotARing, RingNotOwned) as e:
+                if type(e) is not said:
                     log.warning("ring %s not available (%s); waiting for a producer", self.ring, e)
-                    warned = True
+                    said = type(e)
                 self._stop.wait(0.1)
         return None
+
+    def _lost(self, e: ProducerGone) -> None:
+        """The reader's ring ended (ProducerGone and its kinds): say why, count it, and set
+        where the next reader starts. A dead ring is never attached to again (attach refuses
+        it), a same-epoch re-attach goes on from the last sample read (no sample twice), and
+        a new layout is read from its oldest sample (nothing lost in the move)."""
+        self.stats.reattached += 1
+        r = self.reader
+        self._resume = r.mark() if r is not None else None
+        self._next_start = self.start_pos
+        if isinstance(e, RingSuperseded):
+            self.stats.relayouts += 1
+            self._next_start, self._resume = "oldest", None
+            log.info("ring %s: %s; following it", self.ring, e)
+        elif isinstance(e, RingDamaged):
+            self.stats.damaged += 1
+            epoch = self._resume[0] if self._resume else None
+            if epoch != self._damaged_epoch:  # once per ring, not per attempt
+                log.warning("ring %s: %s; training goes on from disk meanwhile", self.ring, e)
+            self._damaged_epoch = epoch
+            self._drop_reader()
+            self._stop.wait(DAMAGE_BACKOFF_S)
+            return
+        else:
+            log.warning("ring %s: %s; re-attaching", self.ring, e)
+        self._drop_reader()
 
     def _new_pool(self, schema: SampleSchema) -> BufferPool:
         return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
@@ -317,10 +356,8 @@ class RingLoader(_LoaderThread):
                     self.attached = True
                 try:
                     view = self.reader.receive_view(timeout=_POLL_S)
-                except ProducerGone as e:
-                    log.warning("ring %s: %s; re-attaching", self.ring, e)
-                    self.stats.reattached += 1
-                    self._drop_reader()
+                except ProducerGone as e:  # RingDamaged and RingSuperseded included
+                    self._lost(e)
                     if not emit_all():
                         return
                     continue
@@ -362,7 +399,13 @@ class RingLoader(_LoaderThread):
                 row = view.schema.views(o["rows"][j])
                 for name, src in view.arrays.items():
                     np.copyto(row[name], src)  # the one host copy of this sample
-                if not view.still_valid():  # lossy: overwritten while we copied; discard the row
+                try:
+                    valid = view.still_valid()
+                except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
+                    self.stats.dropped += 1
+                    self._lost(e)
+                    continue
+                if not valid:  # lossy: overwritten while we copied; discard the row
                     self.stats.dropped += 1
                     continue
                 o["labels"][j] = meta.label
