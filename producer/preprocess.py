@@ -304,10 +304,25 @@ class _WorkerRuns:
         try:
             while pending or window:
                 # at most 2 chunks per worker in flight: bounded memory and scratch space
+                broken = False
                 while pending and len(window) < 2 * self.workers:
                     items, scratch = pending.popleft(), self._scratch()
-                    window.append((items, scratch, pool.submit(
-                        process_chunk, [s for _, s, _ in items], scratch)))
+                    try:
+                        fut = pool.submit(process_chunk, [s for _, s, _ in items], scratch)
+                    except BrokenProcessPool:
+                        # A worker died between two submits: the pool refuses new work before
+                        # any future of it was read. The chunk goes back; recover as below.
+                        pending.appendleft(items)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(scratch)
+                        broken = True
+                        break
+                    window.append((items, scratch, fut))
+                if broken and not window:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = self._pool()
+                    self.pool_restarts += 1
+                    continue
                 items, scratch, fut = window.popleft()
                 try:
                     results = fut.result()

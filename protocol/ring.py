@@ -65,7 +65,7 @@ from . import _seqlock as sl
 from .errors import (NotARing, ProducerGone, RingDamaged, RingError, RingFull, RingInUse,
                      RingNotFound, RingNotOwned, RingSuperseded, RingTooLarge, SchemaError,
                      VersionMismatch)
-from .ring_layout import (FIXED_OFFSETS, H, MAGIC, MAX_READERS, MODES, R, READER_BYTES,
+from .ring_layout import (FIXED_OFFSETS, H, HEADER_BYTES, MAGIC, MAX_READERS, MODES, R, READER_BYTES,
                           RING_VERSION, S, SCHEMA_MAX, SLOT_HEADER_BYTES, SLOT_INFO,
                           SLOT_INFO_BYTES, SLOT_INFO_OFF, STATE_CLOSED, STATE_LIVE,
                           STATE_STARTING, STATE_SUPERSEDED, RingHeader, semaphore_name)
@@ -1538,3 +1538,27 @@ class RingReader:
 def _release_entry_bits(mm, i: int) -> None:
     sl.fetch_and(mm, H["active_mask"], _U64 ^ (1 << i))
     sl.fetch_and(mm, H["waiting_mask"], _U64 ^ (1 << i))
+
+
+def peek_generation(name: str) -> int | None:
+    """The layout generation in the header of ring `name`, dead producer or live, without
+    attaching (a reader refuses a dead ring: it never yields a sample again; but a new
+    producer must still continue the numbers a SIGKILLed one left in its header). None when
+    nothing of ours, of this version, is there. Never follows a link; opens read-only."""
+    path = _SHM_DIR + _posix_name(name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                or st.st_size < HEADER_BYTES:
+            return None
+        buf = os.pread(fd, HEADER_BYTES, 0)
+    finally:
+        os.close(fd)
+    if len(buf) < HEADER_BYTES or buf[:len(MAGIC)] != MAGIC:
+        return None
+    hdr = RingHeader.unpack(buf)
+    return int(hdr.generation) if hdr.version == RING_VERSION else None
