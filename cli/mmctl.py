@@ -38,6 +38,7 @@ from protocol.control import (
 )
 from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
 from protocol.filters import FilterSpec
+from protocol.stages import bottleneck
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 DAEMONS = ("producer", "trainer")
@@ -146,12 +147,21 @@ def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str |
 # --- output helpers ---------------------------------------------------------------------------
 
 
+def human(v: Any) -> str:
+    """A value as people read it: null is "-" (never Python's "None"), true/false as words."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
 def _scalars(reply: dict, skip: tuple[str, ...] = ("ok",)) -> str:
     items = []
     for k, v in reply.items():
         if k in skip or isinstance(v, (dict, list)):
             continue
-        items.append(f"{k}={v}")
+        items.append(f"{k}={human(v)}")
     return " ".join(items)
 
 
@@ -206,17 +216,40 @@ def status_table(results: dict[str, dict]) -> str:
         rows.append((label, *(down[d] if d in down and key == "state" else _cell(ok[d], key, fmt)
                               for d in results)))
     fixed = {key for _, key, _ in _ROWS} | {"ok", "daemon"}
+    shown_apart = ("stages", "bottleneck")  # drawn below the table
     # A daemon may also nest its whole status under its own name; don't show it twice.
-    flats = {d: _flat({k: v for k, v in r.items() if k != d}) if r else {} for d, r in ok.items()}
+    flats = {d: _flat({k: v for k, v in r.items() if k != d and k not in shown_apart})
+             if r else {} for d, r in ok.items()}
     extra = sorted({k for f in flats.values() for k in f} - fixed)
     for key in extra:
-        rows.append((key, *(str(flats[d].get(key, "-")) for d in results)))
+        rows.append((key, *(human(flats[d].get(key)) for d in results)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += stage_lines(ok)
+    said = bottleneck(ok.get("producer"), ok.get("trainer"))
+    if said:
+        lines.append(f"bottleneck: {said}")
     for d, r in results.items():
         if not r.get("ok"):
             lines.append(f"{d}: {r['error']['message']}")
     return "\n".join(lines)
+
+
+def stage_lines(replies: dict[str, dict | None]) -> list[str]:
+    """Each daemon's stage times, grouped: 'producer  pipeline  video (...)  12.1  15.0  30.2'."""
+    rows = []
+    for d, r in replies.items():
+        for group, stages in ((r or {}).get("stages") or {}).items():
+            for name, s in stages.items():
+                rows.append((d, group, s.get("label", name), f"{s['p50_ms']:.1f}",
+                             f"{s['p90_ms']:.1f}", f"{s['p99_ms']:.1f}", str(s["count"])))
+    if not rows:
+        return []
+    rows.insert(0, ("stage times", "group", "stage", "p50 ms", "p90 ms", "p99 ms", "count"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [""] + ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                   for row in rows]
 
 
 @main.command()

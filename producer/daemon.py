@@ -76,6 +76,7 @@ from protocol.filters import FilterSpec
 from protocol.heap import HeapTrimmer
 from protocol.ring import RingConfig, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
+from protocol.stages import StageTimer, now_ns, producer_bottleneck
 
 from .dataset import SampleFiles
 from .generation_store import GenerationStore, default_state_dir, ring_header_generation
@@ -151,6 +152,7 @@ class ProducerDaemon:
         self.out = out
         self.json_lines = json_lines
         self.counters = _Counters()
+        self.stages = StageTimer("producer")  # NOTE [cheap timing] in protocol/stages.py
         self.state = "starting"
         self.paused = False
         self._stop = False
@@ -240,10 +242,11 @@ class ProducerDaemon:
         stats = self.ring.stats()
         log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
                                           "logs": logs.pub_endpoint(),
-                                          "epoch": f"{stats.epoch:#x}", "source": opts.source})
+                                          "ring_epoch": f"{stats.epoch:#x}",
+                                          "source": opts.source})
         self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
                     "logs": logs.pub_endpoint(),
-                    "epoch": stats.epoch, "generation": first, "pid": os.getpid(),
+                    "ring_epoch": stats.epoch, "generation": first, "pid": os.getpid(),
                     "ring_memory": self._ring_memory()})
 
     def abort(self) -> None:
@@ -432,7 +435,8 @@ class ProducerDaemon:
         if reader is None:
             start = gen.config.segment[0] if gen.config.segment else 0.0
             self._clip_reader = reader = _ClipReader(src, gen, start,
-                                                     gen.config.audio.sample_rate)
+                                                     gen.config.audio.sample_rate,
+                                                     self.stages.stage("demux_decode", "source"))
         try:
             clip = reader.get(IDLE_POLL_MS / 1000)
         except SourceError:
@@ -473,10 +477,12 @@ class ProducerDaemon:
         if clip.audio is not None and _on(cfg, "audio"):
             # The clip's span, padded or cut to the configured length: the same shape and
             # meaning as the pipeline's `log_mel(file, segment=(start, end))`.
+            t0 = now_ns()
             samples = np.zeros(cfg.audio.n_samples, np.float32)
             n = min(clip.audio.size, samples.size)
             samples[:n] = clip.audio[:n]
             out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
+            self.stages.stage("audio", "pipeline").since(t0)
         if self._watch is None:
             return out
         self._scan_watch()
@@ -567,6 +573,7 @@ class ProducerDaemon:
             log.info("sample schema", extra={"generation": gen.number, "schema": repr(schema)})
         meta = SampleMeta(label=self.gens.label_index(gen, own_label), timestamp_ns=ts_ns,
                           generation=gen.number, source=source, index=index)
+        t0 = t_try = now_ns()
         while True:
             try:
                 self.ring.publish(schema, meta, arrays, timeout=IDLE_POLL_MS / 1000)
@@ -575,6 +582,10 @@ class ProducerDaemon:
                 self._housekeeping()
                 if self._stop:
                     return
+                t_try = now_ns()
+        self.stages.stage("ring_write", "ring").since(t_try)
+        if t_try != t0:
+            self.stages.stage("ring_wait", "ring").add(t_try - t0)
         c = self.counters
         c.published += 1
         if c.retries:
@@ -681,7 +692,7 @@ class ProducerDaemon:
         c = self.counters
         fill = min(stats.published, stats.slots) / stats.slots  # slots holding a sample
         info = self._source.probe() if isinstance(self._source, MediaSource) else None
-        return {
+        reply = {
             "state": self._state_name(),
             "idle_reason": self._idle_reason(),
             "generation": self.gens.current.number,
@@ -701,7 +712,7 @@ class ProducerDaemon:
             "unaligned": dict(self._unaligned),
             "ring": stats.name,
             "mode": stats.mode,
-            "epoch": stats.epoch,
+            "ring_epoch": stats.epoch,
             "ring_fill": round(fill, 3),
             "readers": stats.readers,
             "dropped": stats.dropped,
@@ -711,9 +722,12 @@ class ProducerDaemon:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
+        reply["stages"] = self.stages.summary()
+        reply["bottleneck"] = producer_bottleneck(reply)
+        return reply
 
     def _pipeline(self, config: PipelineConfig) -> Pipeline:
-        return Pipeline(config, video_device=self.video_device)
+        return Pipeline(config, video_device=self.video_device, timer=self.stages)
 
     def _ring_memory(self) -> str:
         """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
@@ -1042,7 +1056,7 @@ class ProducerDaemon:
                    "source_errors": self.counters.source_errors,
                    "generation": self.gens.current.number if self.gens else 0,
                    "ring": stats.name if stats else self.opts.ring,
-                   "epoch": stats.epoch if stats else None,
+                   "ring_epoch": stats.epoch if stats else None,
                    "uptime_s": round(time.monotonic() - self.t_start, 3)}
         log.info("producer stopping", extra={k: v for k, v in summary.items() if k != "event"})
         if self.server is not None:
@@ -1115,8 +1129,10 @@ class _ClipReader:
     open of the source; `switch(gen)` changes the clips it makes from the next clip boundary
     on, without reopening (a listen-once stream cannot be opened again)."""
 
-    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int):
+    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int,
+                 stage=None):
         self.segment = gen.config.segment
+        self._stage = stage  # protocol.stages.Stage: time to demux and decode one clip
         self.switch(gen)
         self.done = False
         self.clips = 0           # clips the source gave
@@ -1137,13 +1153,17 @@ class _ClipReader:
 
     def _run(self, source: MediaSource, start: float, audio_rate: int) -> None:
         try:
+            t0 = now_ns()
             for clip in source.clips(self._settings.spec, self._settings.frames, start,
                                      audio_rate=audio_rate, settings=lambda: self._settings):
+                if self._stage is not None:
+                    self._stage.since(t0)
                 self.clips += 1
                 if self.discard:
                     self.dropped += 1
                     if self._stop.is_set():
                         return
+                    t0 = now_ns()
                     continue
                 while not self._stop.is_set():
                     try:
@@ -1153,6 +1173,7 @@ class _ClipReader:
                         continue
                 if self._stop.is_set():
                     return
+                t0 = now_ns()  # the wait for a free queue place is not decoding
         except SourceError as e:
             self._error = e
         except Exception as e:  # never let a decoder bug kill the thread silently

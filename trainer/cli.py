@@ -63,10 +63,15 @@ def main() -> None:
               help="CURVE keys for tcp:// control/log sockets, as `mmctl keygen DIR` writes them.")
 @click.option("--log-interval", type=float, default=10.0, show_default=True,
               help="Seconds between metric log lines.")
+@click.option("--progress-interval", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True, metavar="S",
+              help="Seconds between progress lines (step/total, epoch, samples/s, ETA, loss, "
+                   "val acc) when stderr is not a terminal; on a terminal a bar is redrawn "
+                   "in place instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
 def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
-        control, log_endpoint, curve_dir, log_interval, as_json) -> None:
+        control, log_endpoint, curve_dir, log_interval, progress_interval, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
@@ -95,6 +100,7 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
                           checkpoint_dir=checkpoint_dir or _default_checkpoint_dir(),
                           steps=steps, epochs=epochs, batch_size=batch_size, workers=workers,
                           lr=lr, accum=accum, amp=amp, log_interval=log_interval,
+                          progress_interval=progress_interval,
                           eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
                           keep=keep, seed=seed, device=device, ring_start=ring_start,
                           resume=not no_resume)

@@ -32,6 +32,7 @@ from protocol.logs import LogLimiter, close_daemon_logging, logs_command, setup_
 from protocol.notify import Notifier, watchdog_interval
 
 from .loop import Dist, Trainer, TrainConfig
+from .progress import Progress
 
 log = logging.getLogger("trainer")
 
@@ -191,6 +192,8 @@ class TrainerDaemon:
         heap = HeapTrimmer()
         loop_errors = LogLimiter(log, burst=1, window_s=60.0)
         tr.state = "running"
+        progress = Progress(tr.progress, interval=self.cfg.progress_interval) \
+            if self.dist.rank == 0 else None
         if self.notifier:
             self.notifier.ready(f"training, control at {self.server.endpoint}")
         log.info("training started", extra={
@@ -203,6 +206,8 @@ class TrainerDaemon:
             while True:
                 self._serve(0, loop_errors)
                 self._keepalive()
+                if progress is not None:
+                    progress.maybe()
                 heap.maybe(time.monotonic())
                 stop, ck, paused = self._sync()
                 if stop:
@@ -233,13 +238,19 @@ class TrainerDaemon:
                     if m:
                         log.info("train", extra=m)
                         if self.notifier:
-                            self.notifier.status(f"step {tr.step} loss {m.get('loss')}" + (
+                            loss = m.get("loss")
+                            self.notifier.status(f"step {tr.step}" + (
+                                f" loss {loss:.4f}" if loss is not None else "") + (
                                 f"; {m['live_note']}" if m.get("live_note") else ""))
             if not self.stop_requested:
                 # Before STOPPING=1: systemd's stop timeout, not the watchdog, governs what
                 # comes after it, and a big val split would outlast TimeoutStopSec.
                 self._evaluate()
             tr.state = "stopping"
+            if progress is not None:
+                progress.report()
+                progress.close()
+                progress = None
             if self.notifier:
                 self.notifier.stopping()
             self._save()
@@ -250,6 +261,8 @@ class TrainerDaemon:
                 print(json.dumps(summary), flush=True)
             return 0
         finally:
+            if progress is not None:
+                progress.close()
             tr.close()
             if self.server is not None:
                 self.server.close()

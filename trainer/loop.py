@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from protocol.cache import CacheReader
 from protocol.errors import CacheError
 from protocol.schema import UNLABELLED
+from protocol.stages import StageTimer, now_ns, trainer_bottleneck
 
 from . import checkpoint as ckpt
 from .adapt import ShapeAdapter
@@ -73,6 +74,7 @@ class TrainConfig:
     accum: int = 1                      # micro-batches per optimiser step
     amp: str = "auto"                   # auto | bf16 | off
     log_interval: float = 10.0          # seconds
+    progress_interval: float = 10.0     # seconds between plain progress lines (trainer/progress.py)
     eval_interval: int = 0              # steps; 0 = only at the end
     checkpoint_interval: int = 0        # steps; 0 = only at exit
     keep: int = 3
@@ -198,6 +200,11 @@ class Trainer:
         self.started = time.monotonic()
         self.last_metrics: dict = {}
         self.state = "starting"
+        self.stages = StageTimer("trainer")  # NOTE [cheap timing] in protocol/stages.py
+        st = self.stages.stage
+        self._st_wait, self._st_device = st("wait", "data"), st("to_device", "device")
+        self._st_fwd, self._st_bwd = st("forward", "compute"), st("backward", "compute")
+        self._st_opt = st("optimizer", "compute")
         self._meter = Meter()
         self._resume_if_any()
         self._log_mix_choice()
@@ -248,6 +255,9 @@ class Trainer:
         self.mixer = LiveDiskMixer(self.live, self.disk, cfg.mix or 0.0,
                                    window=max(64, 32 * cfg.batch_size))
         self.prefetcher = DevicePrefetcher(self.mixer.get, self.device)
+        self.disk.stage = self.stages.stage("disk_read", "data")
+        if self.live is not None:
+            self.live.stage = self.stages.stage("ring_copy", "data")
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = cfg.epochs * max(1, self.disk.batches_per_epoch() // cfg.accum)
@@ -434,13 +444,16 @@ class Trainer:
         samples = live = labelled = 0
         for k in range(self.cfg.accum):
             tw = time.monotonic()
+            t_ns = now_ns()
             batch = self.prefetcher.get(timeout)
             wait += time.monotonic() - tw
             if batch is None:
                 if k == 0:
                     return False
                 break
+            t_ns = self._st_wait.since(t_ns)
             inputs, labels = self._prepare(batch)
+            t_ns = self._st_device.since(t_ns)
             targets, n_valid = self._usable(labels, batch)
             labelled += n_valid
             # Under DDP every rank runs forward and backward (the backward is a collective),
@@ -459,7 +472,9 @@ class Trainer:
                         # The mean over the labelled samples (never 0/0: NaN).
                         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_LABEL,
                                                reduction="sum") / max(n_valid, 1) / self.cfg.accum
+                    t_ns = self._st_fwd.since(t_ns)
                     loss.backward()
+                    self._st_bwd.since(t_ns)
                 loss_total += float(loss.detach())
             samples += batch.n
             if batch.live:
@@ -480,7 +495,9 @@ class Trainer:
             labelled = int(t.item())
         m = self._meter
         if labelled:
+            t_ns = now_ns()
             self.optimizer.step()
+            self._st_opt.since(t_ns)
             self.step += 1
             self.loss = loss_total
             m.steps += 1
@@ -636,7 +653,7 @@ class Trainer:
         disk_epoch = self.disk_position[0]
         lm = self.last_metrics
         lifetime = self.lifetime_counts()
-        return {
+        st = {
             "state": self.state, "step": self.step, "total_steps": self.total_steps,
             "epoch": disk_epoch, "loss": self.loss, "accuracy": self.accuracy,
             "samples_per_s": self.last_metrics.get(
@@ -672,7 +689,17 @@ class Trainer:
             "rank": self.dist.rank, "world_size": self.dist.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "")
             if self.amp_dtype else "off",
+            "stages": self.stages.summary(),
         }
+        st["bottleneck"] = trainer_bottleneck(st)
+        return st
+
+    def progress(self) -> dict:
+        """The few figures a progress line needs (cheaper than `status()`)."""
+        return {"step": self.step, "total_steps": self.total_steps,
+                "epoch": self.disk_position[0], "samples": self.samples_live + self.samples_disk,
+                "samples_per_s": self.last_metrics.get("samples_per_s"), "loss": self.loss,
+                "accuracy": self.accuracy}
 
     def stall_fraction(self) -> float:
         return round(self.total_wait_s / self.total_step_s, 4) if self.total_step_s else 0.0

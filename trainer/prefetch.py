@@ -33,6 +33,7 @@ import torch
 from protocol.errors import NotARing, ProducerGone, RingError, RingNotFound
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
+from protocol.stages import now_ns
 
 from .gpu_ring import gpu_slot_refusal
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
@@ -64,6 +65,7 @@ class _LoaderThread:
     """A daemon thread that puts HostBatches into a bounded queue; `get(timeout)` takes them."""
 
     name = "loader"
+    stage = None  # protocol.stages.Stage the trainer sets: this thread's read/copy times
 
     def __init__(self, depth: int = 2):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
@@ -200,7 +202,10 @@ class DiskLoader(_LoaderThread):
                         return
                     pair = pool.get(timeout=_POLL_S)
                 buf, labels = pair
+                t_ns = now_ns()
                 _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                if self.stage is not None:
+                    self.stage.since(t_ns)
                 if metas.cold and k + 1 < len(plan):
                     # reading from disk: start the next batch's reads now, behind this one's
                     # training (warm batches skip this: fadvise walks the page cache per page)
@@ -359,9 +364,12 @@ class RingLoader(_LoaderThread):
                                         "rows": buf.numpy(), "labels": labels, "n": 0,
                                         "since": time.monotonic()}
                 j = o["n"]
+                t_ns = now_ns()
                 row = view.schema.views(o["rows"][j])
                 for name, src in view.arrays.items():
                     np.copyto(row[name], src)  # the one host copy of this sample
+                if self.stage is not None:
+                    self.stage.since(t_ns)
                 if not view.still_valid():  # lossy: overwritten while we copied; discard the row
                     self.stats.dropped += 1
                     continue
