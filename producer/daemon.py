@@ -74,6 +74,7 @@ from protocol.control import Command, ControlServer, daemon_sockets, wire_comman
 from protocol.errors import BadArgument, ControlError, InputError, MmfeedError, RingFull
 from protocol.filters import FilterSpec
 from protocol.heap import HeapTrimmer
+from protocol.metrics import MetricsExporter
 from protocol.ring import RingConfig, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
 from protocol.stages import StageTimer, now_ns, producer_bottleneck
@@ -131,6 +132,7 @@ class RunOptions:
     device: str = "cpu"               # "cpu" | "auto" | "cuda": where the ring's frames live
     state_dir: Path | None = None     # generation_store.py; None: default_state_dir()
     status_interval: float = STATUS_INTERVAL_S
+    metrics: str | None = None        # HOST:PORT of the Prometheus endpoint; None: off
 
 
 @dataclass
@@ -178,6 +180,7 @@ class ProducerDaemon:
         self._paused_at: float | None = None
         self.ring: RingWriter | None = None
         self.server: ControlServer | None = None
+        self.metrics: MetricsExporter | None = None
         self.notifier = notify.Notifier()
         self.gens: Generations | None = None
         self.pipeline: Pipeline | None = None
@@ -207,7 +210,7 @@ class ProducerDaemon:
             self._source_failed(e)
             facts = SourceFacts({}, tuple(opts.classes))
         self._store = GenerationStore(opts.state_dir or default_state_dir(), opts.ring)
-        first = self._first_generation()
+        first = self._first = self._first_generation()
         self.gens = Generations(base, facts, opts.label, first=first)
         self._check_start_fits()
         self.ring = _open_ring(RingConfig(opts.ring, slots=opts.slots,
@@ -220,6 +223,9 @@ class ProducerDaemon:
         self.ring.set_generation(first)
         self.server = ControlServer(socks.control, self._commands(), group=opts.group,
                                     curve=socks.control_curve)
+        if opts.metrics is not None:
+            self.metrics = MetricsExporter("producer", opts.metrics, self.stages).start()
+            self.metrics.refresh(self._metric_values, time.monotonic(), force=True)
         if self.state == "starting":
             self.state = "running"
         self.notifier.ready(self._status_line())
@@ -242,15 +248,18 @@ class ProducerDaemon:
         stats = self.ring.stats()
         log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
                                           "logs": logs.pub_endpoint(),
+                                          "metrics": self._metrics_url(),
                                           "ring_epoch": f"{stats.epoch:#x}",
                                           "source": opts.source})
         self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
-                    "logs": logs.pub_endpoint(),
+                    "logs": logs.pub_endpoint(), "metrics": self._metrics_url(),
                     "ring_epoch": stats.epoch, "generation": first, "pid": os.getpid(),
                     "ring_memory": self._ring_memory()})
 
     def abort(self) -> None:
         """Undo a start() that failed half-way: nothing of ours is left behind."""
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None:
             self.server.close()
         if self.ring is not None:
@@ -270,6 +279,7 @@ class ProducerDaemon:
             "pause": wire_command("pause", self.on_pause),
             "resume": wire_command("resume", self.on_resume),
             "logs": logs.logs_command(),
+            "generation": wire_command("generation", self.on_generation),
         }
 
     def _facts(self) -> SourceFacts:
@@ -362,6 +372,8 @@ class ProducerDaemon:
             self.notifier.watchdog()
             self._next_watchdog = now + self._watchdog_every
         self._heap.maybe(now)
+        if self.metrics is not None:
+            self.metrics.refresh(self._metric_values, now)
         if now >= self._next_status:
             self._next_status = now + self.opts.status_interval
             line = self._status_line()
@@ -722,9 +734,30 @@ class ProducerDaemon:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
+        reply["metrics"] = self._metrics_url()
         reply["stages"] = self.stages.summary()
         reply["bottleneck"] = producer_bottleneck(reply)
         return reply
+
+    def _metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
+
+    def _metric_values(self) -> dict:
+        """What `--metrics` exports (protocol/metrics.py METRICS), read on this thread."""
+        c, stats = self.counters, self.ring.stats()
+        return {
+            "mmfeed_producer_samples_published_total": c.published,
+            "mmfeed_producer_samples_skipped_total": c.skipped,
+            "mmfeed_producer_samples_dropped_while_paused_total": self._dropped_while_paused(),
+            "mmfeed_producer_source_errors_total": c.source_errors,
+            "mmfeed_producer_generation": self.gens.current.number,
+            "mmfeed_producer_generations_total": self.gens.current.number - self._first + 1,
+            "mmfeed_producer_samples_per_second": self._rate(),
+            "mmfeed_producer_paused": self.paused,
+            "mmfeed_ring_fill_ratio": min(stats.published, stats.slots) / stats.slots,
+            "mmfeed_ring_readers": stats.readers,
+            "mmfeed_ring_dropped": stats.dropped,
+        }
 
     def _pipeline(self, config: PipelineConfig) -> Pipeline:
         return Pipeline(config, video_device=self.video_device, timer=self.stages)
@@ -732,6 +765,16 @@ class ProducerDaemon:
     def _ring_memory(self) -> str:
         """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
         return "host" if isinstance(self.ring, RingWriter) else "gpu"
+
+    def on_generation(self, number: int) -> dict:
+        """What made generation `number` (filter, sensors, methods, the change): the trainer's
+        TensorBoard marker names it. The newest 64 are kept."""
+        for gen in self.gens.history:
+            if gen.number == number:
+                return {"generation": number, "created": gen.created, **gen.summary()}
+        kept = [g.number for g in self.gens.history]
+        raise BadArgument(f"generation {number}: not among the {len(kept)} this producer keeps "
+                          f"({kept[0]}..{kept[-1]})")
 
     def on_filter(self, spec: str) -> dict:
         return self._change(self.gens.propose_filter(spec))
@@ -1059,6 +1102,8 @@ class ProducerDaemon:
                    "ring_epoch": stats.epoch if stats else None,
                    "uptime_s": round(time.monotonic() - self.t_start, 3)}
         log.info("producer stopping", extra={k: v for k, v in summary.items() if k != "event"})
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None:
             self.server.close()
         if self.ring is not None:

@@ -68,10 +68,21 @@ def main() -> None:
               help="Seconds between progress lines (step/total, epoch, samples/s, ETA, loss, "
                    "val acc) when stderr is not a terminal; on a terminal a bar is redrawn "
                    "in place instead.")
+@click.option("--metrics", metavar="HOST:PORT", default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; port 0 "
+                   "picks a free one, `mmctl status` says which).")
+@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Write TensorBoard event files to DIR: loss, accuracy, stall, "
+              "live fraction, samples/s, stage times, and a marker at every new live generation "
+              "(`tensorboard --logdir DIR`).")
+@click.option("--producer", "producer", metavar="ADDR", default=None, envvar="MMFEED_PRODUCER",
+              help="The producer's control endpoint, asked what made each generation for the "
+                   "TensorBoard markers [default: where mmctl finds it].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
 def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
-        control, log_endpoint, curve_dir, log_interval, progress_interval, as_json) -> None:
+        control, log_endpoint, curve_dir, log_interval, progress_interval, metrics,
+        tensorboard, producer, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
@@ -90,6 +101,19 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
                 usage(f"--cache {cache}: the cache has no 'train' records")
     except MmfeedError as e:
         usage(f"--cache {cache}: {e}")
+    if metrics is not None:
+        from protocol.metrics import parse_address
+
+        try:
+            parse_address(metrics)
+        except MmfeedError as e:
+            usage(str(e))
+    if tensorboard is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError as e:
+            usage(f"--tensorboard needs the tensorboard package ({e}); install it with "
+                  f"`pip install 'mmfeed[tensorboard]'`")
     if model:
         try:
             load_factory(model)
@@ -107,7 +131,9 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
     except ValueError as e:
         usage(str(e))
     sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,
-                                          curve_dir=curve_dir, json=as_json)))
+                                          curve_dir=curve_dir, json=as_json,
+                                          metrics=metrics, tensorboard=tensorboard,
+                                          producer=producer)))
 
 
 if __name__ == "__main__":

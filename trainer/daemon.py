@@ -28,6 +28,7 @@ import torch.distributed as dist
 from protocol.control import ControlServer, DaemonSockets, daemon_sockets, wire_command
 from protocol.errors import BadArgument, MmfeedError
 from protocol.heap import HeapTrimmer
+from protocol.metrics import MetricsExporter
 from protocol.logs import LogLimiter, close_daemon_logging, logs_command, setup_daemon_logging
 from protocol.notify import Notifier, watchdog_interval
 
@@ -43,11 +44,14 @@ class DaemonConfig:
     log_endpoint: str | None = None   # None = next to control (paths.log_endpoint_for)
     curve_dir: Path | None = None     # `mmctl keygen` folder: CURVE keys for tcp:// sockets
     json: bool = False
+    metrics: str | None = None        # HOST:PORT of the Prometheus endpoint (rank 0); None: off
+    tensorboard: Path | None = None   # event files here (rank 0); None: off
+    producer: str | None = None       # producer control endpoint (generation markers' text)
 
 
 class TrainerDaemon:
     def __init__(self, cfg: TrainConfig, dcfg: DaemonConfig, trainer: Trainer, d: Dist,
-                 sockets: DaemonSockets | None = None):
+                 sockets: DaemonSockets | None = None, metrics: MetricsExporter | None = None):
         self.cfg, self.dcfg, self.trainer, self.dist = cfg, dcfg, trainer, d
         self.sockets = sockets  # rank 0: where the control and log sockets go
         self.stop_requested = False
@@ -55,7 +59,10 @@ class TrainerDaemon:
         self.paused = False
         self.checkpoint_requested = False
         self.server: ControlServer | None = None
+        self.metrics = metrics  # started by run_daemon (rank 0, --metrics); closed by run()
         self.notifier = Notifier() if d.rank == 0 else None
+        self.tb = None  # trainer/tensorboard.py TensorBoardLog (rank 0, --tensorboard)
+        self._producer_client = None
         self._wd = watchdog_interval()
         self._last_wd = time.monotonic()
 
@@ -64,6 +71,7 @@ class TrainerDaemon:
     def on_status(self) -> dict:
         st = self.trainer.status()
         st["state"] = "paused" if self.paused else st["state"]
+        st["metrics"] = self.metrics.url if self.metrics is not None else None
         return st
 
     def on_mix(self, fraction: float) -> dict:
@@ -138,10 +146,26 @@ class TrainerDaemon:
         tr = self.trainer
         self._status(f"evaluating on the val split at step {tr.step}")
         acc = tr.evaluate(keepalive=self._keepalive)
+        if self.tb is not None:
+            self.tb.evaluation(tr.step, acc)
         if acc is not None:
             log.info("evaluation", extra={"step": tr.step, "accuracy": round(acc, 4)})
         self._status(f"step {tr.step}" + (f" accuracy {acc:.4f}" if acc is not None else ""))
         return acc
+
+    def _describe_generation(self, number: int) -> str:
+        """What made live generation `number`, in the producer's words (runs on the
+        TensorBoard marker thread, which alone uses this client)."""
+        from protocol import paths
+        from protocol.control import ControlClient, Timeouts
+
+        from .tensorboard import describe_generation
+
+        if self._producer_client is None:
+            endpoint = self.dcfg.producer or paths.find_control_endpoint("producer")[0]
+            self._producer_client = ControlClient(endpoint, Timeouts(request=2.0, retries=0),
+                                                  daemon="producer")
+        return describe_generation(self._producer_client.request("generation", number=number))
 
     def _save(self) -> Path | None:
         tr = self.trainer
@@ -188,6 +212,12 @@ class TrainerDaemon:
                 "resume": wire_command("resume", self.on_resume),
                 "logs": logs_command(),
             }, curve=socks.control_curve)
+            if self.metrics is not None:
+                self.metrics.timer = tr.stages
+            if self.dcfg.tensorboard is not None:
+                from .tensorboard import TensorBoardLog
+
+                self.tb = TensorBoardLog(self.dcfg.tensorboard, self._describe_generation)
         self._last_wd = last_log = time.monotonic()
         heap = HeapTrimmer()
         loop_errors = LogLimiter(log, burst=1, window_s=60.0)
@@ -201,13 +231,17 @@ class TrainerDaemon:
             "mix": tr.mixer.fraction, "mix_source": self.cfg.mix_source,
             "device": str(tr.device), "rank": self.dist.rank,
             "world_size": self.dist.world_size,
-            "control": self.server.endpoint if self.server else None})
+            "control": self.server.endpoint if self.server else None,
+            "metrics": self.metrics.url if self.metrics else None,
+            "tensorboard": str(self.dcfg.tensorboard) if self.tb else None})
         try:
             while True:
                 self._serve(0, loop_errors)
                 self._keepalive()
                 if progress is not None:
                     progress.maybe()
+                if self.metrics is not None:
+                    self.metrics.refresh(tr.metric_values, time.monotonic())
                 heap.maybe(time.monotonic())
                 stop, ck, paused = self._sync()
                 if stop:
@@ -227,6 +261,8 @@ class TrainerDaemon:
                 tr.state = "running"
                 before = tr.step
                 tr.step_once(timeout=0.5 if not self.dist.enabled else 30.0)
+                if self.tb is not None:
+                    self.tb.generation(tr.step, tr.last_generation)
                 if tr.step != before:  # an optimiser step (not data without labels)
                     if self.cfg.eval_interval and tr.step % self.cfg.eval_interval == 0:
                         self._evaluate()
@@ -237,6 +273,8 @@ class TrainerDaemon:
                     m = tr.reset_meter()
                     if m:
                         log.info("train", extra=m)
+                        if self.tb is not None:
+                            self.tb.interval(tr.step, m, tr.stages.summary(), self.cfg.batch_size)
                         if self.notifier:
                             loss = m.get("loss")
                             self.notifier.status(f"step {tr.step}" + (
@@ -263,6 +301,12 @@ class TrainerDaemon:
         finally:
             if progress is not None:
                 progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self._producer_client is not None:
+                self._producer_client.close()
             tr.close()
             if self.server is not None:
                 self.server.close()
@@ -274,10 +318,12 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
     if d.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
-    socks = None
+    socks = metrics = None
     if d.rank == 0:
         try:  # a tcp:// socket without keys, a bad key folder: say so before training starts
             socks = daemon_sockets("trainer", dcfg.control, dcfg.log_endpoint, dcfg.curve_dir)
+            if dcfg.metrics is not None:  # a port in use: said before the model is built
+                metrics = MetricsExporter("trainer", dcfg.metrics).start()
         except MmfeedError as e:
             print(f"mm-trainer run: {e}", file=sys.stderr)
             if d.enabled and dist.is_initialized():
@@ -289,8 +335,10 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
                             format=f"%(levelname)s trainer[rank {d.rank}] %(message)s")
     try:
         trainer = Trainer(cfg, d)
-        return TrainerDaemon(cfg, dcfg, trainer, d, socks).run()
+        return TrainerDaemon(cfg, dcfg, trainer, d, socks, metrics).run()
     finally:
+        if metrics is not None:
+            metrics.close()  # idempotent; here for a Trainer that failed to build
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
         if d.rank == 0:

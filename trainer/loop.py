@@ -694,6 +694,28 @@ class Trainer:
         st["bottleneck"] = trainer_bottleneck(st)
         return st
 
+    def metric_values(self) -> dict:
+        """What `--metrics` exports (protocol/metrics.py METRICS); None values are left out."""
+        lm = self.last_metrics
+        return {
+            "mmfeed_trainer_steps_total": self.step,
+            "mmfeed_trainer_samples_total": {"live": self.samples_live, "disk": self.samples_disk},
+            "mmfeed_trainer_samples_unlabelled_total": self.samples_unlabelled,
+            "mmfeed_trainer_samples_bad_label_total": self.samples_bad_label,
+            "mmfeed_trainer_stall_seconds_total": self.total_wait_s,
+            "mmfeed_trainer_step_seconds_total": self.total_step_s,
+            "mmfeed_trainer_stall_ratio": lm.get("stall_fraction", self.stall_fraction()),
+            "mmfeed_trainer_samples_per_second": lm.get("samples_per_s"),
+            "mmfeed_trainer_live_fraction": self.mixer.achieved,
+            "mmfeed_trainer_live_fraction_target": self.mixer.fraction,
+            "mmfeed_trainer_live_starved": self.live_starved,
+            "mmfeed_trainer_live_dropped_total": self.live.stats.dropped if self.live else 0,
+            "mmfeed_trainer_generation": self.last_generation,
+            "mmfeed_trainer_loss": self.loss,
+            "mmfeed_trainer_accuracy": self.accuracy,
+            "mmfeed_trainer_batch_size": self.cfg.batch_size,
+        }
+
     def progress(self) -> dict:
         """The few figures a progress line needs (cheaper than `status()`)."""
         return {"step": self.step, "total_steps": self.total_steps,

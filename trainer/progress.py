@@ -124,8 +124,8 @@ class Progress:
             self._bar = self.bar(f)
             self._draw()
         else:
-            log.info(self.line(f), extra={k: (round(v, 1) if k == "eta_s" and v is not None
-                                              else v) for k, v in f.items()})
+            log.info(self.line(f), extra={k: round(v, 4) if isinstance(v, float) else v
+                                          for k, v in f.items()})
 
     def close(self) -> None:
         if self.tty and self._bar:
