@@ -366,6 +366,58 @@ def modalities(ctl: Ctl, enable: tuple[str, ...], disable: tuple[str, ...]) -> N
     _changed(ctl, "producer", reply)
 
 
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("mmfeed-preview.png"), show_default=True,
+              help="Where the PNG goes.")
+@pass_ctl
+def preview(ctl: Ctl, out: Path) -> None:
+    """Draw the newest live sample as the model gets it (video frames, log-mel, LiDAR
+    bird's-eye view, radar map, unknown sensors as plots) into a PNG captioned with its
+    generation, filter, sensors and method. `mmctl filter gray`, then `mmctl preview`, shows it.
+
+    With --json: {"ok": true, "path", "width", "height", "caption": [...], "panels": [...]}."""
+    from protocol.preview import decode_sample, render_png
+
+    reply = ctl.call("producer", "preview")
+    try:
+        res = render_png(decode_sample(reply), reply, out)
+    except ValueError as e:
+        ctl.fail(EXIT_REMOTE, f"producer: a preview that does not add up: {e}", "malformed",
+                 "producer")
+    except OSError as e:
+        ctl.fail(EXIT_USAGE, f"preview: cannot write {out}: {e.strerror or e}; pass --out "
+                             f"with a writable path", "bad_argument")
+    ctl.emit({"ok": True, "daemon": "producer", **res},
+             f"wrote {res['path']} ({res['width']}x{res['height']}, "
+             f"{', '.join(p['name'] for p in res['panels'])}): {' / '.join(res['caption'])}")
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["start", "stop", "status"]))
+@click.option("--split", default="train", show_default=True,
+              help="With start: the split the recorded samples go to.")
+@click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+              help="With start: the cache to append to [default: the producer's --record-cache].")
+@pass_ctl
+def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
+    """Record live samples into the disk cache: `record start [--split S]` begins, `record
+    stop` commits them as a new cache version (atomic: the trainer's next run reads them),
+    each with its generation, filter/sensor/method settings and label."""
+    if action != "start" and (cache is not None or split != "train"):
+        ctl.fail(EXIT_USAGE, f"record {action}: --split and --cache go with `record start`",
+                 "bad_argument")
+    reply = ctl.call("producer", "record", action=action, split=split, cache=cache or "")
+    if action == "start":
+        text = f"producer: recording live samples into {reply.get('cache')} (split {split})"
+    elif action == "stop":
+        text = (f"producer: {reply.get('recorded')} samples recorded into {reply.get('cache')}, "
+                f"cache version {reply.get('version')} ({reply.get('records')} records in all)")
+    else:
+        text = f"producer: record {_scalars(reply)}"
+    ctl.emit({"daemon": "producer", **reply}, text)
+
+
 # --- trainer commands ------------------------------------------------------------------------
 
 
@@ -376,6 +428,24 @@ def mix(ctl: Ctl, fraction: float) -> None:
     """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
     reply = ctl.call("trainer", "mix", fraction=fraction)
     ctl.emit({"daemon": "trainer", **reply}, f"trainer: live fraction {fraction:g} {_scalars(reply)}".rstrip())
+
+
+@main.command()
+@click.argument("size", type=click.IntRange(1, 65536))
+@click.option("--lr-rule", type=click.Choice(["none", "linear", "sqrt"]), default="none",
+              show_default=True,
+              help="Scale the learning rate with the batch: linear (lr x N/old, the usual rule "
+                   "for SGD-like training), sqrt (x sqrt(N/old), common for Adam), or none.")
+@pass_ctl
+def batch(ctl: Ctl, size: int, lr_rule: str) -> None:
+    """Train on batches of SIZE samples from the next step on (batches already read ahead
+    keep their size). `mm-trainer run --auto-batch` picks the largest that fits in memory."""
+    reply = ctl.call("trainer", "batch", size=size, lr_rule=lr_rule)
+    lr = (f", lr {reply['previous_lr']:.3g} -> {reply['lr']:.3g} ({lr_rule})"
+          if lr_rule != "none" else "")
+    ctl.emit({"daemon": "trainer", **reply},
+             f"trainer: batch size {reply.get('previous')} -> {reply.get('batch_size')} from step "
+             f"{reply.get('step')}{lr}")
 
 
 @main.command()

@@ -133,6 +133,7 @@ class RunOptions:
     state_dir: Path | None = None     # generation_store.py; None: default_state_dir()
     status_interval: float = STATUS_INTERVAL_S
     metrics: str | None = None        # HOST:PORT of the Prometheus endpoint; None: off
+    record_cache: Path | None = None  # where `mmctl record start` appends (unless it says)
 
 
 @dataclass
@@ -168,6 +169,9 @@ class ProducerDaemon:
         self._schemas: dict[tuple, SampleSchema] = {}
         self._heap = HeapTrimmer()
         self._last_published: SampleSchema | None = None
+        self._newest: tuple | None = None  # (arrays, meta, generation) last published: preview
+        self._recorder = None  # producer/recorder.py Recorder while `mmctl record` runs
+        self._recorded_total = 0  # samples of finished recordings (metrics)
         # NOTE [schema log]: one "sample schema" line per (generation, schema id), not one
         # per change of schema: a dataset whose samples alternate between two schemas (an
         # unknown sensor with and without metadata dtype) would log every sample otherwise.
@@ -280,6 +284,8 @@ class ProducerDaemon:
             "resume": wire_command("resume", self.on_resume),
             "logs": logs.logs_command(),
             "generation": wire_command("generation", self.on_generation),
+            "preview": wire_command("preview", self.on_preview),
+            "record": wire_command("record", self.on_record),
         }
 
     def _facts(self) -> SourceFacts:
@@ -598,6 +604,9 @@ class ProducerDaemon:
         self.stages.stage("ring_write", "ring").since(t_try)
         if t_try != t0:
             self.stages.stage("ring_wait", "ring").add(t_try - t0)
+        self._newest = (arrays, meta, gen)  # a reference, no copy (the pipeline's own arrays)
+        if self._recorder is not None:
+            self._recorder.offer(schema, meta, arrays, gen)
         c = self.counters
         c.published += 1
         if c.retries:
@@ -735,6 +744,7 @@ class ProducerDaemon:
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
         reply["metrics"] = self._metrics_url()
+        reply["record"] = self._recorder.status() if self._recorder is not None else None
         reply["stages"] = self.stages.summary()
         reply["bottleneck"] = producer_bottleneck(reply)
         return reply
@@ -754,6 +764,9 @@ class ProducerDaemon:
             "mmfeed_producer_generations_total": self.gens.current.number - self._first + 1,
             "mmfeed_producer_samples_per_second": self._rate(),
             "mmfeed_producer_paused": self.paused,
+            "mmfeed_producer_recording": self._recorder is not None,
+            "mmfeed_producer_samples_recorded_total": self._recorded_total
+            + (self._recorder.counts.recorded if self._recorder is not None else 0),
             "mmfeed_ring_fill_ratio": min(stats.published, stats.slots) / stats.slots,
             "mmfeed_ring_readers": stats.readers,
             "mmfeed_ring_dropped": stats.dropped,
@@ -775,6 +788,48 @@ class ProducerDaemon:
         kept = [g.number for g in self.gens.history]
         raise BadArgument(f"generation {number}: not among the {len(kept)} this producer keeps "
                           f"({kept[0]}..{kept[-1]})")
+
+    def on_preview(self) -> dict:
+        """The newest published sample as the ring carried it, thinned to fit a reply
+        (protocol/preview.py), with the generation, filter, sensors and method that made it."""
+        from protocol.preview import encode_sample
+
+        if self._newest is None:
+            raise WrongState(f"preview: nothing published yet ({self._idle_reason() or 'starting'})")
+        arrays, meta, gen = self._newest
+        classes = self.gens.facts.classes
+        info = {**gen.summary(), "source": meta.source, "label": meta.label,
+                "label_name": classes[meta.label] if 0 <= meta.label < len(classes) else None,
+                "timestamp_ns": meta.timestamp_ns, "index": meta.index,
+                "made_by": "mm-producer run (the ring)"}
+        host = {k: (v.cpu().numpy() if hasattr(v, "cpu") else v) for k, v in arrays.items()}
+        return encode_sample(host, info)
+
+    def on_record(self, action: str, split: str, cache: str) -> dict:
+        """`mmctl record start|stop|status` (producer/recorder.py)."""
+        from .recorder import Recorder
+
+        rec = self._recorder
+        if action == "status":
+            return rec.status() if rec is not None else {"recording": False}
+        if action == "stop":
+            if rec is None:
+                raise WrongState("record stop: nothing is being recorded (`mmctl record start`)")
+            self._recorder = None
+            self._recorded_total += rec.counts.recorded
+            return rec.stop()
+        if action != "start":
+            raise BadArgument(f"record: action {action[:40]!r}: expected start, stop or status")
+        if rec is not None:
+            raise WrongState(f"record start: already recording into {rec.cache} "
+                             f"(split {rec.split}); `mmctl record stop` first")
+        where = cache or self.opts.record_cache
+        if not where:
+            raise BadArgument("record start: no cache to record into; give one (`mmctl record "
+                              "start --cache DIR`) or start the producer with --record-cache DIR")
+        self._recorder = Recorder.start(where, split, self.opts.ring,
+                                        tuple(self.gens.facts.classes))
+        return self._recorder.status()
 
     def on_filter(self, spec: str) -> dict:
         return self._change(self.gens.propose_filter(spec))
@@ -1091,6 +1146,12 @@ class ProducerDaemon:
 
     def _shutdown(self) -> dict:
         self.notifier.stopping()
+        if self._recorder is not None:  # what was recorded is good data: keep it
+            try:
+                self._recorder.stop()
+            except MmfeedError as e:
+                log.error("the recording could not be kept: %s", e)
+            self._recorder = None
         if self._clip_reader is not None:
             self._clip_reader.stop()
         stats = self.ring.stats() if self.ring is not None else None

@@ -39,7 +39,15 @@ def main() -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs over this rank's disk shard (counted in steps).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per batch; `mmctl batch N` changes it while training.")
+@click.option("--auto-batch", is_flag=True,
+              help="Start with the largest batch that fits --memory-budget, measured with real "
+                   "forward/backward passes of the model (device memory on a GPU, resident "
+                   "memory on the CPU); replaces --batch-size.")
+@click.option("--memory-budget", metavar="SIZE", default=None,
+              help="Memory --auto-batch may use, e.g. 6GiB [default: 90% of the GPU's memory; "
+                   "on the CPU half the machine's or the cgroup's].")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes for the disk; 0 = one in-process reader thread.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -79,7 +87,8 @@ def main() -> None:
               help="The producer's control endpoint, asked what made each generation for the "
                    "TensorBoard markers [default: where mmctl finds it].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
-def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
+def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, auto_batch,
+        memory_budget, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, no_resume,
         control, log_endpoint, curve_dir, log_interval, progress_interval, metrics,
         tensorboard, producer, as_json) -> None:
@@ -108,6 +117,16 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
             parse_address(metrics)
         except MmfeedError as e:
             usage(str(e))
+    budget = None
+    if memory_budget is not None:
+        from .autobatch import parse_size
+
+        if not auto_batch:
+            usage("--memory-budget is the budget of --auto-batch: give --auto-batch too")
+        try:
+            budget = parse_size(memory_budget)
+        except ValueError as e:
+            usage(str(e))
     if tensorboard is not None:
         try:
             import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
@@ -123,6 +142,7 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
         cfg = TrainConfig(cache=cache, ring=ring, mix=mix, model=model,
                           checkpoint_dir=checkpoint_dir or _default_checkpoint_dir(),
                           steps=steps, epochs=epochs, batch_size=batch_size, workers=workers,
+                          auto_batch=auto_batch, memory_budget=budget,
                           lr=lr, accum=accum, amp=amp, log_interval=log_interval,
                           progress_interval=progress_interval,
                           eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,

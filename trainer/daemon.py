@@ -86,6 +86,18 @@ class TrainerDaemon:
         log.info("live fraction changed", extra={"previous": previous, "fraction": fraction})
         return {"fraction": fraction, "previous": previous}
 
+    def on_batch(self, size: int, lr_rule: str) -> dict:
+        """`mmctl batch N [--lr-rule linear|sqrt|none]`: handlers run between steps, so the
+        change lands at a step boundary; under torchrun the other ranks follow at the next
+        step's agreement (`_sync`)."""
+        try:
+            reply = self.trainer.set_batch_size(size, lr_rule)
+        except ValueError as e:
+            raise BadArgument(f"batch: {e}") from None
+        reply["note"] = ("batches already read ahead (at most 2 per loader) keep the old size; "
+                         "status batch_size_trained shows the size of the last one trained")
+        return reply
+
     def on_checkpoint(self) -> dict:
         if self.cfg.checkpoint_dir is None:
             raise BadArgument("checkpoint: this trainer has no --checkpoint-dir")
@@ -184,9 +196,13 @@ class TrainerDaemon:
             stop, ck, self.checkpoint_requested = self.stop_requested, self.checkpoint_requested, False
             return stop, ck, self.paused
         r0 = self.dist.rank == 0
+        tr = self.trainer
         t = torch.tensor([float(self.stop_requested), float(r0 and self.checkpoint_requested),
                           float(r0 and self.paused),
-                          self.trainer.mixer.fraction if r0 else -1.0], dtype=torch.float64)
+                          self.trainer.mixer.fraction if r0 else -1.0,
+                          float(tr.cfg.batch_size) if r0 else -1.0,
+                          tr.optimizer.param_groups[0]["lr"] if r0 else -1.0],
+                         dtype=torch.float64)
         if self.trainer.device.type == "cuda":
             t = t.to(self.trainer.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -194,6 +210,10 @@ class TrainerDaemon:
         self.checkpoint_requested = False
         if not r0 and abs(float(t[3]) - self.trainer.mixer.fraction) > 1e-12:
             self.trainer.mixer.set_fraction(float(t[3]))
+        if not r0 and int(t[4]) != tr.cfg.batch_size:  # `mmctl batch` reached rank 0
+            tr.set_batch_size(int(t[4]))
+            for g in tr.optimizer.param_groups:
+                g["lr"] = float(t[5])
         self.paused = bool(t[2])
         return bool(t[0]), bool(t[1]), bool(t[2])
 
@@ -208,6 +228,7 @@ class TrainerDaemon:
                 "status": wire_command("status", self.on_status),
                 "mix": wire_command("mix", self.on_mix),
                 "checkpoint": wire_command("checkpoint", self.on_checkpoint),
+                "batch": wire_command("batch", self.on_batch),
                 "pause": wire_command("pause", self.on_pause),
                 "resume": wire_command("resume", self.on_resume),
                 "logs": logs_command(),
@@ -334,7 +355,12 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                             format=f"%(levelname)s trainer[rank {d.rank}] %(message)s")
     try:
-        trainer = Trainer(cfg, d)
+        try:
+            trainer = Trainer(cfg, d)
+        except ValueError as e:  # --auto-batch over the budget, a checkpoint of other classes
+            log.error("%s", e)
+            print(f"mm-trainer run: {e}", file=sys.stderr)
+            return 1
         return TrainerDaemon(cfg, dcfg, trainer, d, socks, metrics).run()
     finally:
         if metrics is not None:

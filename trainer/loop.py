@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 IGNORE_LABEL = -100          # cross_entropy's ignore_index: what unusable labels become
 BAD_LABELS_LOGGED = 8        # distinct out-of-range label values logged (each once)
 STARVED_BELOW = 0.8          # achieved live fraction under this share of the target ...
+MAX_BATCH_SIZE = 65536
+LR_RULES = ("none", "linear", "sqrt")  # how `mmctl batch N --lr-rule` scales the learning rate
 
 
 @dataclass
@@ -82,6 +84,8 @@ class TrainConfig:
     device: str = "auto"
     ring_start: str = "newest"
     resume: bool = True
+    auto_batch: bool = False            # find the largest batch_size within memory_budget
+    memory_budget: int | None = None    # bytes; None: trainer/autobatch.py default_budget
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
     # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
     mix_source: str = field(default="default", init=False)
@@ -164,6 +168,8 @@ class Trainer:
         schema = self.train_reader.schema(0)
         self.model = build_model(cfg.model, schema, len(self.classes)).to(self.device)
         self.adapter = ShapeAdapter(expected_shapes(self.model, schema))
+        self.auto_batch = self._auto_batch(schema) if cfg.auto_batch else None
+        self.batch_size_trained: int | None = None  # rows of the last micro-batch trained
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -222,6 +228,51 @@ class Trainer:
                      "AMP are off)")
             return torch.device("cpu")
         return torch.device(want)
+
+    def _auto_batch(self, schema):
+        """`--auto-batch`: the largest batch within the memory budget (trainer/autobatch.py);
+        under torchrun every rank takes the smallest any rank found."""
+        from .autobatch import default_budget, find_batch_size
+
+        budget = self.cfg.memory_budget or default_budget(self.device)
+        found = find_batch_size(self.model, schema, len(self.classes), self.device, budget)
+        size = found.batch_size
+        if self.dist.enabled:
+            t = torch.tensor([size], dtype=torch.int64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            size = found.batch_size = int(t.item())
+        self.cfg.batch_size = size
+        log.info(found.sentence(), extra={"batch_size": size, "memory_budget": budget,
+                                          "memory": found.memory})
+        return found
+
+    def set_batch_size(self, n: int, lr_rule: str = "none") -> dict:
+        """`mmctl batch N`, at a step boundary (the daemon calls it between steps): the loaders
+        start batches of n samples now (batches already read ahead keep their size); with
+        lr_rule "linear" the learning rate scales by n/old, "sqrt" by its square root."""
+        if not 1 <= n <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch size must be in 1..{MAX_BATCH_SIZE}, got {n}")
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr rule {lr_rule!r}: expected one of {', '.join(LR_RULES)}")
+        old = self.cfg.batch_size
+        lr_old = self.optimizer.param_groups[0]["lr"]
+        scale = {"none": 1.0, "linear": n / old, "sqrt": (n / old) ** 0.5}[lr_rule]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * scale
+        self.cfg.batch_size = n
+        for loader in (self.disk, self.live):
+            if loader is not None:
+                loader.set_batch_size(n)
+        if self.cfg.epochs is not None and self.total_steps is not None:
+            # the same samples are left to train on, in batches of the new size
+            self.total_steps = self.step + -(-max(0, self.total_steps - self.step) * old // n)
+        lr = self.optimizer.param_groups[0]["lr"]
+        log.info("batch size changed", extra={"batch_size": n, "previous": old,
+                                              "lr_rule": lr_rule, "lr": lr, "previous_lr": lr_old,
+                                              "step": self.step})
+        return {"batch_size": n, "previous": old, "lr_rule": lr_rule, "lr": lr,
+                "previous_lr": lr_old, "step": self.step, "total_steps": self.total_steps}
 
     def _pick_amp(self) -> torch.dtype | None:
         if self.cfg.amp == "off" or self.device.type != "cuda":
@@ -305,6 +356,7 @@ class Trainer:
             "mix": self.mixer.fraction if hasattr(self, "mixer") else self.cfg.mix,
             "classes": list(self.classes),
             "counts": self.lifetime_counts(),
+            "batch_size": self.cfg.batch_size,  # the unit of disk_position's batch index
         }
 
     def lifetime_counts(self) -> dict[str, int]:
@@ -323,6 +375,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.disk_position = tuple(int(x) for x in state["disk_position"])
+        saved_bs = int(state.get("batch_size") or self.cfg.batch_size)
+        if saved_bs != self.cfg.batch_size:  # the position counts batches of the saved size
+            epoch, k = self.disk_position
+            self.disk_position = (epoch, round(k * saved_bs / self.cfg.batch_size))
         self.resumed_step = self.step
         self._restore_mix(state.get("mix"))
         counts = state.get("counts", {})
@@ -477,6 +533,7 @@ class Trainer:
                     self._st_bwd.since(t_ns)
                 loss_total += float(loss.detach())
             samples += batch.n
+            self.batch_size_trained = batch.n
             if batch.live:
                 live += batch.n
                 self.samples_live += batch.n
@@ -689,6 +746,9 @@ class Trainer:
             "rank": self.dist.rank, "world_size": self.dist.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "")
             if self.amp_dtype else "off",
+            "batch_size": self.cfg.batch_size, "batch_size_trained": self.batch_size_trained,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "auto_batch": self.auto_batch.sentence() if self.auto_batch else None,
             "stages": self.stages.summary(),
         }
         st["bottleneck"] = trainer_bottleneck(st)
@@ -767,6 +827,7 @@ class Trainer:
             "copies_per_sample": self.copies_per_sample(),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "world_size": self.dist.world_size, "ranks": self.rank_counts(),
+            "batch_size": self.cfg.batch_size,
         }
 
     def close(self) -> None:

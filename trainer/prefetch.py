@@ -125,6 +125,16 @@ class _LoaderThread:
             return self._fail_or_none()
         return item
 
+    def set_batch_size(self, n: int) -> None:
+        """`mmctl batch N`: batches started from now on hold n samples. Batches already in
+        the queue keep their size; buffers of the old size are freed as they come back."""
+        if n < 1:
+            raise ValueError(f"batch size must be >= 1, got {n}")
+        self.batch_size = n
+        pools = getattr(self, "_pools", None)
+        if pools is not None:
+            self._pools = pools.fresh()
+
     def _fail_or_none(self) -> None:
         if self._error is not None:
             raise LoaderError(f"{self.name} thread failed: {self._error!r}") from self._error
@@ -186,13 +196,24 @@ class DiskLoader(_LoaderThread):
     def _pool(self, schema: SampleSchema) -> BufferPool:
         return self._pools.get(schema)
 
+    def _plan(self, epoch: int, skip: int) -> tuple[list, int, int]:
+        """(this epoch's batches, the batch size they have, where to go on). A batch size
+        changed mid-epoch (`mmctl batch`) re-plans the epoch in the new size and goes on at
+        the same fraction of it: later epochs are exact, the one of the change covers its
+        samples approximately (some may come twice, some not)."""
+        bs = self.batch_size
+        plan = group_batches(self._groups, bs, shuffle=self.shuffle, seed=self.seed,
+                             epoch=epoch, rank=self.rank, world_size=self.world_size)
+        return plan, bs, skip
+
     def _run(self) -> None:
         epoch, skip = self.start_at
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
-            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
-                                 seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size)
-            for k in range(skip, len(plan)):
+            plan, bs, k = self._plan(epoch, skip)
+            while k < len(plan):
+                if self.batch_size != bs:
+                    plan, bs, k = self._plan(epoch, round(k * bs / self.batch_size))
+                    continue
                 idx = plan[k]
                 schema = self.reader.schema(int(idx[0]))
                 pool = self._pool(schema)
@@ -220,6 +241,7 @@ class DiskLoader(_LoaderThread):
                 self.stats.copies += len(idx)
                 if not self._put(b):
                     return
+                k += 1
             epoch, skip = epoch + 1, 0
 
 
@@ -379,7 +401,9 @@ class RingLoader(_LoaderThread):
                 self.stats.copies += 1
                 self.stats.generations.add(meta.generation)
                 self.generation_seen = meta.generation
-                if o["n"] == self.batch_size and not emit(key):
+                # >= and the buffer's own size: after `mmctl batch` an open batch may have
+                # been started under the old size
+                if o["n"] >= min(self.batch_size, len(o["labels"])) and not emit(key):
                     return
                 if not emit_stale():
                     return
@@ -543,11 +567,13 @@ class WorkerDiskLoader(DiskLoader):
     def _plans(self):
         epoch, skip = self.start_at
         while self.epochs is None or epoch < self.epochs:
-            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
-                                 seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size)
-            for k in range(skip, len(plan)):
+            plan, bs, k = self._plan(epoch, skip)
+            while k < len(plan):
+                if self.batch_size != bs:
+                    plan, bs, k = self._plan(epoch, round(k * bs / self.batch_size))
+                    continue
                 yield (epoch, k + 1), plan[k].tolist()
+                k += 1
             epoch, skip = epoch + 1, 0
 
     def _run(self) -> None:

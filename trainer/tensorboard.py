@@ -22,6 +22,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 _STOP = object()
+FLUSH_S = 5  # events reach the file within this (TensorBoard's default of 120 s hides a run)
 
 
 def summary_writer(logdir: Path):
@@ -32,7 +33,7 @@ def summary_writer(logdir: Path):
         raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with "
                           f"`pip install 'mmfeed[tensorboard]'` (or `pip install tensorboard`)") \
             from None
-    return SummaryWriter(log_dir=str(logdir))
+    return SummaryWriter(log_dir=str(logdir), flush_secs=FLUSH_S)
 
 
 def describe_generation(info: dict) -> str:
