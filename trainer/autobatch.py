@@ -137,7 +137,8 @@ class AutoBatch:
         mib = 1024 * 1024
         used = self.baseline + self.footprints.get(self.batch_size, 0)
         what = "device memory" if self.memory == "cuda" else "resident memory (RSS)"
-        cap = f", the most asked for (--auto-batch stops at {MAX_BATCH})" if self.capped else ""
+        cap = (", the most it tries (the train split's size per rank, at most "
+               f"{MAX_BATCH})" if self.capped else "")
         return (f"auto batch size {self.batch_size}: {used / mib:.0f} MiB of {what} at that "
                 f"size, within the budget of {self.budget / mib:.0f} MiB{cap}")
 

@@ -232,10 +232,14 @@ class Trainer:
     def _auto_batch(self, schema):
         """`--auto-batch`: the largest batch within the memory budget (trainer/autobatch.py);
         under torchrun every rank takes the smallest any rank found."""
-        from .autobatch import default_budget, find_batch_size
+        from .autobatch import MAX_BATCH, default_budget, find_batch_size
 
         budget = self.cfg.memory_budget or default_budget(self.device)
-        found = find_batch_size(self.model, schema, len(self.classes), self.device, budget)
+        # no batch larger than this rank's share of the train split: the disk side could
+        # never fill it
+        most = max(1, min(MAX_BATCH, -(-len(self.train_reader) // self.dist.world_size)))
+        found = find_batch_size(self.model, schema, len(self.classes), self.device, budget,
+                                max_batch=most)
         size = found.batch_size
         if self.dist.enabled:
             t = torch.tensor([size], dtype=torch.int64,
