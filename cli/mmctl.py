@@ -282,6 +282,56 @@ def status(ctl: Ctl, daemon: str | None) -> None:
         raise click.exceptions.Exit(EXIT_NO_DAEMON if timeouts else EXIT_REMOTE)
 
 
+def _poll_both(ctl: Ctl) -> tuple[dict[str, dict | None], dict[str, str]]:
+    """Both daemons' status replies (None for one that did not answer) and why not."""
+    results: dict[str, dict | None] = {}
+    errors: dict[str, str] = {}
+    for d in DAEMONS:
+        client = ctl.client(d)
+        try:
+            if client.listening() is False:
+                raise ControlTimeout(client._silence_message("status", 0.0))
+            results[d] = client.request("status")
+        except (ControlTimeout, RemoteError) as e:
+            results[d], errors[d] = None, f"{e}{ctl.tried_note(d)}"
+    return results, errors
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+              metavar="S", help="Seconds between refreshes.")
+@pass_ctl
+def top(ctl: Ctl, once: bool, interval: float) -> None:
+    """Both daemons live, refreshed in place: state, generation, rates, stall, mix target and
+    achieved, ring fill and drops, errors, every stage as a bar with p50/p99, and the
+    bottleneck. Ctrl-C leaves. `--once` prints one frame; with --json one object:
+    {"ok", "producer", "trainer", "errors", "bottleneck"}."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .top import view
+
+    if once or ctl.as_json:
+        results, errors = _poll_both(ctl)
+        if ctl.as_json:
+            click.echo(json.dumps({"ok": any(results.values()), **results, "errors": errors,
+                                   "bottleneck": bottleneck(results.get("producer"),
+                                                            results.get("trainer"))}, default=str))
+        else:
+            Console(width=shutil.get_terminal_size((120, 40)).columns).print(view(results, errors))
+        if not any(results.values()):
+            raise click.exceptions.Exit(EXIT_NO_DAEMON)
+        return
+    try:
+        with Live(view(*_poll_both(ctl)), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval)  # the refresh period the user asked for
+                live.update(view(*_poll_both(ctl)))
+    except KeyboardInterrupt:
+        return
+
+
 # --- producer commands -----------------------------------------------------------------------
 
 

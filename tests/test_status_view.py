@@ -31,3 +31,30 @@ def test_stage_times_are_grouped_per_daemon_and_the_bottleneck_is_named():
                          "producer: video (demux, decode, filter) takes 100% of each sample "
                          "(p50 120.0 ms); 1.6 samples/s")
     assert not any(line.startswith("stages.") for line in lines)  # not flattened into rows
+
+
+def test_top_draws_a_daemon_that_is_down_as_its_error_and_the_other_in_full():
+    from rich.console import Console
+
+    from cli.top import view
+
+    console = Console(width=120, record=True)
+    producer = {"ok": True, "state": "running", "generation": 3, "samples_per_s": 2.0,
+                "config": {"filter": "gray"}, "stages": {"pipeline": {"video": STAGE}},
+                "last_error": None}
+    console.print(view({"producer": producer, "trainer": None},
+                       {"trainer": "no daemon is listening at ipc:///x/trainer.sock"}))
+    text = console.export_text()
+    assert "no daemon is listening at ipc:///x/trainer.sock" in text
+    assert "pipeline/video (demux, decode, filter)" in text and "100%" in text
+    assert "filter      gray" in text and "None" not in text
+    assert "bottleneck: producer: video" in text
+
+
+def test_top_once_without_daemons_exits_3(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.mmctl import main
+
+    r = CliRunner().invoke(main, ["top", "--once"], env={"MMFEED_RUNTIME_DIR": str(tmp_path)})
+    assert r.exit_code == 3 and "not" in r.output

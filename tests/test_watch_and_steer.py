@@ -257,3 +257,11 @@ def test_progress_lines_say_step_total_rate_and_eta(run):
                               if re.search(r" step \d+/100000 \(\d+%\)", l) and "ETA" in l
                               and "samples/s" in l], 60, "progress lines")
     assert "None" not in lines[-1]
+
+
+def test_top_once_shows_both_daemons_with_stage_bars_and_the_bottleneck(run):
+    text = run.mmctl_text("top", "--once")
+    assert "producer" in text and "trainer" in text and "bottleneck: " in text
+    assert "compute/forward" in text and "pipeline/video" in text and "None" not in text
+    frame = run.mmctl("top")
+    assert frame["ok"] and frame["producer"]["state"] and frame["trainer"]["step"] >= 0
