@@ -274,9 +274,15 @@ def run(s: DemoSettings) -> dict:
             if p and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for name, p in procs.items():
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + 120
+            while p.poll() is None and time.monotonic() < deadline:
+                try:
+                    p.wait(timeout=SAY_EVERY_S)
+                except subprocess.TimeoutExpired:
+                    _say(f"waiting for the {name} to stop" + (
+                        " (it evaluates on val and writes its checkpoint)"
+                        if name == "trainer" else ""))
+            if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             summary.setdefault("exit_codes", {})[name] = p.returncode
