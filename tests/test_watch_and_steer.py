@@ -55,7 +55,9 @@ class Run:
                                  "MMFEED_PRODUCER", "MMFEED_TRAINER")}
         self.env["MMFEED_RUNTIME_DIR"] = self.runtime
         self.ring = f"mmw{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.dataset = make_dataset(base / "ds", per_class={"train": 2, "val": 1},
+        # 4 a class: each schema group of the train split holds 6 samples, so a disk batch of
+        # 5 (the size test_batch_size... sets) is always possible
+        self.dataset = make_dataset(base / "ds", per_class={"train": 4, "val": 1},
                                     size=(32, 24), clip_seconds=0.5)
         self.cache = base / "cache"
         run_preprocess(self.dataset, self.cache, PipelineConfig(), workers=0, progress=False)
@@ -209,13 +211,13 @@ def test_preview_draws_every_modality_of_the_newest_live_sample_captioned(run, t
 
 def test_batch_size_changes_at_a_step_boundary_with_a_linear_lr_rule(run):
     before = run.status("trainer")
-    reply = run.mmctl("batch", "6", "--lr-rule", "linear")
-    assert reply["previous"] == before["batch_size"] == 4 and reply["batch_size"] == 6
-    assert reply["lr"] == pytest.approx(before["lr"] * 1.5)
-    # a batch of 6 can only come from the new size (live partial batches are smaller)
-    st = wait_for(lambda: (s := run.status("trainer"))["batch_size_trained"] == 6 and s, 120,
-                  "a batch of 6")
-    assert st["batch_size"] == 6 and st["lr"] == pytest.approx(before["lr"] * 1.5)
+    reply = run.mmctl("batch", "5", "--lr-rule", "linear")
+    assert reply["previous"] == before["batch_size"] == 4 and reply["batch_size"] == 5
+    assert reply["lr"] == pytest.approx(before["lr"] * 1.25)
+    # a batch of 5 can only come from the new size (old buffers hold 4 rows at most)
+    st = wait_for(lambda: (s := run.status("trainer"))["batch_size_trained"] == 5 and s, 120,
+                  "a batch of 5")
+    assert st["batch_size"] == 5 and st["lr"] == pytest.approx(before["lr"] * 1.25)
 
 
 def test_recorded_live_samples_are_read_by_a_second_training_run(run):
@@ -230,16 +232,19 @@ def test_recorded_live_samples_are_read_by_a_second_training_run(run):
         gens = {r.meta(i).generation for i in range(len(r))}
         assert all(g >= 1 for g in gens)  # live generations, not preprocess's 0
         assert all(r.generation_settings(g)["filter"] for g in gens)
+    # a user's model, its batch size found by --auto-batch within a memory budget
     second = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "run", "--cache", str(fresh), "--steps", "2",
+         "--model", "_big_activation_model:build",
          "--auto-batch", "--memory-budget", "4GiB", "--no-resume",
          "--control", f"ipc://{run.runtime}/second.sock",
          "--checkpoint-dir", str(run.base / "ck2"), "--json"],
-        env=run.env, capture_output=True, text=True, timeout=300)
+        env={**run.env, "PYTHONPATH": str(Path(__file__).parent)},
+        capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["samples_disk"] > 0 and summary["samples_live"] == 0
-    assert "auto batch size" in second.stderr
+    assert "auto batch size" in second.stderr and summary["batch_size"] >= 1
 
 
 def test_recording_appends_a_part_to_the_training_cache(run):
