@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py protocol/_seqlock.c producer/_lzf.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,tensorboard]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) -m cli.demo
 
 bench: $(STAMP)
-	for b in ring decode cache preprocess loader stall producer; do \
+	for b in ring decode cache preprocess loader stall producer stages; do \
 	  test -f bench/$$b.py && $(PY) -m bench.$$b || true; done
 
 clean:

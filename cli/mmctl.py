@@ -38,6 +38,7 @@ from protocol.control import (
 )
 from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
 from protocol.filters import FilterSpec
+from protocol.stages import bottleneck
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 DAEMONS = ("producer", "trainer")
@@ -146,12 +147,21 @@ def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str |
 # --- output helpers ---------------------------------------------------------------------------
 
 
+def human(v: Any) -> str:
+    """A value as people read it: null is "-" (never Python's "None"), true/false as words."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
 def _scalars(reply: dict, skip: tuple[str, ...] = ("ok",)) -> str:
     items = []
     for k, v in reply.items():
         if k in skip or isinstance(v, (dict, list)):
             continue
-        items.append(f"{k}={v}")
+        items.append(f"{k}={human(v)}")
     return " ".join(items)
 
 
@@ -206,17 +216,40 @@ def status_table(results: dict[str, dict]) -> str:
         rows.append((label, *(down[d] if d in down and key == "state" else _cell(ok[d], key, fmt)
                               for d in results)))
     fixed = {key for _, key, _ in _ROWS} | {"ok", "daemon"}
+    shown_apart = ("stages", "bottleneck")  # drawn below the table
     # A daemon may also nest its whole status under its own name; don't show it twice.
-    flats = {d: _flat({k: v for k, v in r.items() if k != d}) if r else {} for d, r in ok.items()}
+    flats = {d: _flat({k: v for k, v in r.items() if k != d and k not in shown_apart})
+             if r else {} for d, r in ok.items()}
     extra = sorted({k for f in flats.values() for k in f} - fixed)
     for key in extra:
-        rows.append((key, *(str(flats[d].get(key, "-")) for d in results)))
+        rows.append((key, *(human(flats[d].get(key)) for d in results)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += stage_lines(ok)
+    said = bottleneck(ok.get("producer"), ok.get("trainer"))
+    if said:
+        lines.append(f"bottleneck: {said}")
     for d, r in results.items():
         if not r.get("ok"):
             lines.append(f"{d}: {r['error']['message']}")
     return "\n".join(lines)
+
+
+def stage_lines(replies: dict[str, dict | None]) -> list[str]:
+    """Each daemon's stage times, grouped: 'producer  pipeline  video (...)  12.1  15.0  30.2'."""
+    rows = []
+    for d, r in replies.items():
+        for group, stages in ((r or {}).get("stages") or {}).items():
+            for name, s in stages.items():
+                rows.append((d, group, s.get("label", name), f"{s['p50_ms']:.1f}",
+                             f"{s['p90_ms']:.1f}", f"{s['p99_ms']:.1f}", str(s["count"])))
+    if not rows:
+        return []
+    rows.insert(0, ("stage times", "group", "stage", "p50 ms", "p90 ms", "p99 ms", "count"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [""] + ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                   for row in rows]
 
 
 @main.command()
@@ -247,6 +280,56 @@ def status(ctl: Ctl, daemon: str | None) -> None:
     if not any_ok:
         timeouts = all(r["error"]["code"] == "timeout" for r in results.values())
         raise click.exceptions.Exit(EXIT_NO_DAEMON if timeouts else EXIT_REMOTE)
+
+
+def _poll_both(ctl: Ctl) -> tuple[dict[str, dict | None], dict[str, str]]:
+    """Both daemons' status replies (None for one that did not answer) and why not."""
+    results: dict[str, dict | None] = {}
+    errors: dict[str, str] = {}
+    for d in DAEMONS:
+        client = ctl.client(d)
+        try:
+            if client.listening() is False:
+                raise ControlTimeout(client._silence_message("status", 0.0))
+            results[d] = client.request("status")
+        except (ControlTimeout, RemoteError) as e:
+            results[d], errors[d] = None, f"{e}{ctl.tried_note(d)}"
+    return results, errors
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+              metavar="S", help="Seconds between refreshes.")
+@pass_ctl
+def top(ctl: Ctl, once: bool, interval: float) -> None:
+    """Both daemons live, refreshed in place: state, generation, rates, stall, mix target and
+    achieved, ring fill and drops, errors, every stage as a bar with p50/p99, and the
+    bottleneck. Ctrl-C leaves. `--once` prints one frame; with --json one object:
+    {"ok", "producer", "trainer", "errors", "bottleneck"}."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .top import view
+
+    if once or ctl.as_json:
+        results, errors = _poll_both(ctl)
+        if ctl.as_json:
+            click.echo(json.dumps({"ok": any(results.values()), **results, "errors": errors,
+                                   "bottleneck": bottleneck(results.get("producer"),
+                                                            results.get("trainer"))}, default=str))
+        else:
+            Console(width=shutil.get_terminal_size((120, 40)).columns).print(view(results, errors))
+        if not any(results.values()):
+            raise click.exceptions.Exit(EXIT_NO_DAEMON)
+        return
+    try:
+        with Live(view(*_poll_both(ctl)), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval)  # the refresh period the user asked for
+                live.update(view(*_poll_both(ctl)))
+    except KeyboardInterrupt:
+        return
 
 
 # --- producer commands -----------------------------------------------------------------------
@@ -333,6 +416,58 @@ def modalities(ctl: Ctl, enable: tuple[str, ...], disable: tuple[str, ...]) -> N
     _changed(ctl, "producer", reply)
 
 
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("mmfeed-preview.png"), show_default=True,
+              help="Where the PNG goes.")
+@pass_ctl
+def preview(ctl: Ctl, out: Path) -> None:
+    """Draw the newest live sample as the model gets it (video frames, log-mel, LiDAR
+    bird's-eye view, radar map, unknown sensors as plots) into a PNG captioned with its
+    generation, filter, sensors and method. `mmctl filter gray`, then `mmctl preview`, shows it.
+
+    With --json: {"ok": true, "path", "width", "height", "caption": [...], "panels": [...]}."""
+    from protocol.preview import decode_sample, render_png
+
+    reply = ctl.call("producer", "preview")
+    try:
+        res = render_png(decode_sample(reply), reply, out)
+    except ValueError as e:
+        ctl.fail(EXIT_REMOTE, f"producer: a preview that does not add up: {e}", "malformed",
+                 "producer")
+    except OSError as e:
+        ctl.fail(EXIT_USAGE, f"preview: cannot write {out}: {e.strerror or e}; pass --out "
+                             f"with a writable path", "bad_argument")
+    ctl.emit({"ok": True, "daemon": "producer", **res},
+             f"wrote {res['path']} ({res['width']}x{res['height']}, "
+             f"{', '.join(p['name'] for p in res['panels'])}): {' / '.join(res['caption'])}")
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["start", "stop", "status"]))
+@click.option("--split", default="train", show_default=True,
+              help="With start: the split the recorded samples go to.")
+@click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+              help="With start: the cache to append to [default: the producer's --record-cache].")
+@pass_ctl
+def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
+    """Record live samples into the disk cache: `record start [--split S]` begins, `record
+    stop` commits them as a new cache version (atomic: the trainer's next run reads them),
+    each with its generation, filter/sensor/method settings and label."""
+    if action != "start" and (cache is not None or split != "train"):
+        ctl.fail(EXIT_USAGE, f"record {action}: --split and --cache go with `record start`",
+                 "bad_argument")
+    reply = ctl.call("producer", "record", action=action, split=split, cache=cache or "")
+    if action == "start":
+        text = f"producer: recording live samples into {reply.get('cache')} (split {split})"
+    elif action == "stop":
+        text = (f"producer: {reply.get('recorded')} samples recorded into {reply.get('cache')}, "
+                f"cache version {reply.get('version')} ({reply.get('records')} records in all)")
+    else:
+        text = f"producer: record {_scalars(reply)}"
+    ctl.emit({"daemon": "producer", **reply}, text)
+
+
 # --- trainer commands ------------------------------------------------------------------------
 
 
@@ -343,6 +478,24 @@ def mix(ctl: Ctl, fraction: float) -> None:
     """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
     reply = ctl.call("trainer", "mix", fraction=fraction)
     ctl.emit({"daemon": "trainer", **reply}, f"trainer: live fraction {fraction:g} {_scalars(reply)}".rstrip())
+
+
+@main.command()
+@click.argument("size", type=click.IntRange(1, 65536))
+@click.option("--lr-rule", type=click.Choice(["none", "linear", "sqrt"]), default="none",
+              show_default=True,
+              help="Scale the learning rate with the batch: linear (lr x N/old, the usual rule "
+                   "for SGD-like training), sqrt (x sqrt(N/old), common for Adam), or none.")
+@pass_ctl
+def batch(ctl: Ctl, size: int, lr_rule: str) -> None:
+    """Train on batches of SIZE samples from the next step on (batches already read ahead
+    keep their size). `mm-trainer run --auto-batch` picks the largest that fits in memory."""
+    reply = ctl.call("trainer", "batch", size=size, lr_rule=lr_rule)
+    lr = (f", lr {reply['previous_lr']:.3g} -> {reply['lr']:.3g} ({lr_rule})"
+          if lr_rule != "none" else "")
+    ctl.emit({"daemon": "trainer", **reply},
+             f"trainer: batch size {reply.get('previous')} -> {reply.get('batch_size')} from step "
+             f"{reply.get('step')}{lr}")
 
 
 @main.command()

@@ -36,6 +36,7 @@ import numpy as np
 from protocol.cache import (
     CURRENT,
     FORMAT_VERSION,
+    GENERATIONS_FILE,
     INDEX_DTYPE,
     INDEX_FILE,
     KEYS_FILE,
@@ -201,6 +202,7 @@ class CacheWriter:
         self._scratch = bytearray()
         self._prev_fds = {}
         self._written = self._carried = 0
+        self._generations: dict[str, dict] = {}  # generation -> what made it (generations.json)
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -279,8 +281,10 @@ class CacheWriter:
         entry = self._prev_keys().get(key)
         return entry is not None and entry[1] == fingerprint
 
-    def carry_over(self, key: str) -> int:
-        """Copy `key`'s record(s) from the committed version, byte for byte; returns the count."""
+    def carry_over(self, key: str, labels: Mapping[int, int] | None = None) -> int:
+        """Copy `key`'s record(s) from the committed version, byte for byte; returns the count.
+        `labels` maps old class indices to this version's (classes renamed or added: a
+        recorded part keeps its labels by class name); an index it lacks becomes -1."""
         self._check_open()
         entry = self._prev_keys().get(key)
         if entry is None:
@@ -304,8 +308,68 @@ class CacheWriter:
                 int(r["generation"]), key_id, self._split_id(prev_splits[int(r["split"])]),
                 bytes(r["source"]),
             ))
+            if labels is not None and self._rows[-1][6] >= 0:
+                row = list(self._rows[-1])
+                row[6] = int(labels.get(row[6], -1))
+                self._rows[-1] = tuple(row)
         self._carried += len(rows)
         return len(rows)
+
+    @property
+    def previous_classes(self) -> list[str] | None:
+        """The committed version's class list (None without one)."""
+        return self._prev.classes if self._prev is not None else None
+
+    def previous_keys(self) -> list[str]:
+        """The keys of the committed version (e.g. to carry parts no dataset sample makes)."""
+        return list(self._prev_keys())
+
+    def carry_all(self) -> int:
+        """Every record of the committed version, without copying a byte: its shard files are
+        hard-linked into the new version (shards are never written again once committed), its
+        index rows, schemas and keys taken over; new records then go to new shards. What
+        `mmctl record` appends with: a new version = the previous one + a new part. Must come
+        before anything else is written. Returns the records carried."""
+        self._check_open()
+        prev = self._prev
+        if prev is None:
+            return 0
+        if self._rows or self._shard_no >= 0:
+            raise CacheError(f"{self.directory}: carry_all() must come before other records")
+        keys = self._prev_keys()
+        ids = sorted(keys.items(), key=lambda kv: kv[1][0])
+        self._key_list = [[k, fp] for k, (_, fp) in ids]
+        self._keys = {k: i for i, (k, _) in enumerate(self._key_list)}
+        known = len(self._key_list)
+        for i, shard in enumerate(prev.manifest["shards"]):
+            src, dst = prev.shard_paths[i], self._vdir / shard_name(i)
+            try:
+                os.link(src, dst)
+            except OSError:  # a filesystem without hard links: copy in the kernel
+                with open(src, "rb") as fi, open(dst, "wb") as fo:
+                    _copy_range(fi.fileno(), 0, fo.fileno(), 0, os.fstat(fi.fileno()).st_size)
+                    os.fsync(fo.fileno())
+            self._shards.append({"file": shard_name(i), "nbytes": int(shard["nbytes"])})
+        self._shard_no = len(self._shards) - 1
+        for sid, schema in prev.schemas.items():
+            self._schemas[int(sid)] = schema.encode().decode()
+        splits = prev.splits
+        for r in prev.index:
+            key_id = int(r["key_id"])
+            if key_id >= known:  # keys.json unreadable: the record keeps a key of its own
+                key_id = self._new_key(f"carried/{len(self._key_list)}", "")
+            self._rows.append((
+                int(r["offset"]), int(r["nbytes"]), int(r["schema_id"]), int(r["timestamp_ns"]),
+                int(r["index"]), int(r["shard"]), int(r["label"]), int(r["generation"]), key_id,
+                self._split_id(splits[int(r["split"])]), bytes(r["source"])))
+        self._carried += len(prev.index)
+        return len(prev.index)
+
+    def note_generation(self, generation: int, settings: Mapping) -> None:
+        """Say what made the records of `generation` (filter, sensors, methods, reason, ...):
+        kept in the version's generations.json with the previous version's notes."""
+        self._generations[str(int(generation))] = json.loads(json.dumps(dict(settings),
+                                                                        default=str))
 
     def keep_if_unchanged(self, key: str, fingerprint: str) -> bool:
         """`unchanged()` then `carry_over()`: True when the sample needs no work this run."""
@@ -446,6 +510,11 @@ class CacheWriter:
                 "shards": self._shards,
                 "config_hash": self.config_hash,
             }
+            generations = self._previous_generations()
+            generations.update(self._generations)
+            if generations:
+                write_file(self._vdir / GENERATIONS_FILE,
+                           json.dumps(generations, sort_keys=True).encode(), self._gid)
             write_file(self._vdir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode(),
                        self._gid)
             _fsync_dir(self._vdir)
@@ -466,6 +535,17 @@ class CacheWriter:
             written=self._written, carried=self._carried, removed_keys=removed,
             bytes_written=int(index["nbytes"].sum()), shards=len(self._shards), counts=counts,
         )
+
+    def _previous_generations(self) -> dict:
+        """The committed version's generations.json, for the generations still in this one."""
+        if self._prev is None:
+            return {}
+        try:
+            found = json.loads((self._prev.path / GENERATIONS_FILE).read_bytes())
+        except (OSError, ValueError):
+            return {}
+        have = {str(int(r[7])) for r in self._rows}
+        return {k: v for k, v in found.items() if k in have} if isinstance(found, dict) else {}
 
     def _prune(self) -> None:
         """Remove committed versions older than the newest `keep` before this one. A reader that

@@ -71,12 +71,14 @@ import numpy as np
 
 from protocol import logs, notify
 from protocol.control import Command, ControlServer, daemon_sockets, wire_command
-from protocol.errors import (BadArgument, ControlError, InputError, RingDamaged, RingFull,
+from protocol.errors import (BadArgument, ControlError, InputError, MmfeedError, RingDamaged, RingFull,
                              RingTooLarge)
 from protocol.filters import FilterSpec
 from protocol.heap import HeapTrimmer
+from protocol.metrics import MetricsExporter
 from protocol.ring import DEFAULT_MAX_RING_BYTES, RingConfig, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
+from protocol.stages import StageTimer, now_ns, producer_bottleneck
 
 from .dataset import SampleFiles
 from .generation_store import GenerationStore, default_state_dir, ring_header_generation
@@ -133,6 +135,8 @@ class RunOptions:
     device: str = "cpu"               # "cpu" | "auto" | "cuda": where the ring's frames live
     state_dir: Path | None = None     # generation_store.py; None: default_state_dir()
     status_interval: float = STATUS_INTERVAL_S
+    metrics: str | None = None        # HOST:PORT of the Prometheus endpoint; None: off
+    record_cache: Path | None = None  # where `mmctl record start` appends (unless it says)
 
 
 @dataclass
@@ -154,6 +158,7 @@ class ProducerDaemon:
         self.out = out
         self.json_lines = json_lines
         self.counters = _Counters()
+        self.stages = StageTimer("producer")  # NOTE [cheap timing] in protocol/stages.py
         self.state = "starting"
         self.paused = False
         self._stop = False
@@ -167,6 +172,9 @@ class ProducerDaemon:
         self._schemas: dict[tuple, SampleSchema] = {}
         self._heap = HeapTrimmer()
         self._last_published: SampleSchema | None = None
+        self._newest: tuple | None = None  # (arrays, meta, generation) last published: preview
+        self._recorder = None  # producer/recorder.py Recorder while `mmctl record` runs
+        self._recorded_total = 0  # samples of finished recordings (metrics)
         # NOTE [schema log]: one "sample schema" line per (generation, schema id), not one
         # per change of schema: a dataset whose samples alternate between two schemas (an
         # unknown sensor with and without metadata dtype) would log every sample otherwise.
@@ -179,6 +187,7 @@ class ProducerDaemon:
         self._paused_at: float | None = None
         self.ring: RingKeeper | None = None
         self.server: ControlServer | None = None
+        self.metrics: MetricsExporter | None = None
         self.notifier = notify.Notifier()
         self.gens: Generations | None = None
         self.pipeline: Pipeline | None = None
@@ -208,7 +217,7 @@ class ProducerDaemon:
             self._source_failed(e)
             facts = SourceFacts({}, tuple(opts.classes))
         self._store = GenerationStore(opts.state_dir or default_state_dir(), opts.ring)
-        first = self._first_generation()
+        first = self._first = self._first_generation()
         self.gens = Generations(base, facts, opts.label, first=first)
         self._check_start_fits()
         self.ring = _open_ring(RingConfig(opts.ring, slots=opts.slots,
@@ -222,6 +231,9 @@ class ProducerDaemon:
         self.ring.set_generation(first)
         self.server = ControlServer(socks.control, self._commands(), group=opts.group,
                                     curve=socks.control_curve)
+        if opts.metrics is not None:
+            self.metrics = MetricsExporter("producer", opts.metrics, self.stages).start()
+            self.metrics.refresh(self._metric_values, time.monotonic(), force=True)
         if self.state == "starting":
             self.state = "running"
         self.notifier.ready(self._status_line())
@@ -244,14 +256,18 @@ class ProducerDaemon:
         stats = self.ring.stats()
         log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
                                           "logs": logs.pub_endpoint(),
-                                          "epoch": f"{stats.epoch:#x}", "source": opts.source})
+                                          "metrics": self._metrics_url(),
+                                          "ring_epoch": f"{stats.epoch:#x}",
+                                          "source": opts.source})
         self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
-                    "logs": logs.pub_endpoint(),
-                    "epoch": stats.epoch, "generation": first, "pid": os.getpid(),
+                    "logs": logs.pub_endpoint(), "metrics": self._metrics_url(),
+                    "ring_epoch": stats.epoch, "generation": first, "pid": os.getpid(),
                     "ring_memory": self._ring_memory()})
 
     def abort(self) -> None:
         """Undo a start() that failed half-way: nothing of ours is left behind."""
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None:
             self.server.close()
         if self.ring is not None:
@@ -271,6 +287,9 @@ class ProducerDaemon:
             "pause": wire_command("pause", self.on_pause),
             "resume": wire_command("resume", self.on_resume),
             "logs": logs.logs_command(),
+            "generation": wire_command("generation", self.on_generation),
+            "preview": wire_command("preview", self.on_preview),
+            "record": wire_command("record", self.on_record),
         }
 
     def _facts(self) -> SourceFacts:
@@ -363,6 +382,8 @@ class ProducerDaemon:
             self.notifier.watchdog()
             self._next_watchdog = now + self._watchdog_every
         self._heap.maybe(now)
+        if self.metrics is not None:
+            self.metrics.refresh(self._metric_values, now)
         if now >= self._next_status:
             self._next_status = now + self.opts.status_interval
             line = self._status_line()
@@ -436,7 +457,8 @@ class ProducerDaemon:
         if reader is None:
             start = gen.config.segment[0] if gen.config.segment else 0.0
             self._clip_reader = reader = _ClipReader(src, gen, start,
-                                                     gen.config.audio.sample_rate)
+                                                     gen.config.audio.sample_rate,
+                                                     self.stages.stage("demux_decode", "source"))
         try:
             clip = reader.get(IDLE_POLL_MS / 1000)
         except SourceError:
@@ -477,10 +499,12 @@ class ProducerDaemon:
         if clip.audio is not None and _on(cfg, "audio"):
             # The clip's span, padded or cut to the configured length: the same shape and
             # meaning as the pipeline's `log_mel(file, segment=(start, end))`.
+            t0 = now_ns()
             samples = np.zeros(cfg.audio.n_samples, np.float32)
             n = min(clip.audio.size, samples.size)
             samples[:n] = clip.audio[:n]
             out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
+            self.stages.stage("audio", "pipeline").since(t0)
         if self._watch is None:
             return out
         self._scan_watch()
@@ -565,6 +589,7 @@ class ProducerDaemon:
             log.info("sample schema", extra={"generation": gen.number, "schema": repr(schema)})
         meta = SampleMeta(label=self.gens.label_index(gen, own_label), timestamp_ns=ts_ns,
                           generation=gen.number, source=source, index=index)
+        t0 = t_try = now_ns()
         while True:
             try:
                 self.ring.publish(schema, meta, arrays, timeout=IDLE_POLL_MS / 1000)
@@ -580,6 +605,13 @@ class ProducerDaemon:
                 self._housekeeping()
                 if self._stop:
                     return
+                t_try = now_ns()
+        self.stages.stage("ring_write", "ring").since(t_try)
+        if t_try != t0:
+            self.stages.stage("ring_wait", "ring").add(t_try - t0)
+        self._newest = (arrays, meta, gen)  # a reference, no copy (the pipeline's own arrays)
+        if self._recorder is not None:
+            self._recorder.offer(schema, meta, arrays, gen)
         c = self.counters
         c.published += 1
         if c.retries:
@@ -686,7 +718,7 @@ class ProducerDaemon:
         c = self.counters
         fill = min(stats.published, stats.slots) / stats.slots  # slots holding a sample
         info = self._source.probe() if isinstance(self._source, MediaSource) else None
-        return {
+        reply = {
             "state": self._state_name(),
             "idle_reason": self._idle_reason(),
             "generation": self.gens.current.number,
@@ -706,7 +738,7 @@ class ProducerDaemon:
             "unaligned": dict(self._unaligned),
             "ring": stats.name,
             "mode": stats.mode,
-            "epoch": stats.epoch,
+            "ring_epoch": stats.epoch,
             "ring_fill": round(fill, 3),
             # ring_keeper.py NOTE [ring layouts]: the layout now in use and how it got there
             "slot_bytes": self.ring.slot_bytes,
@@ -722,13 +754,93 @@ class ProducerDaemon:
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
+        reply["metrics"] = self._metrics_url()
+        reply["record"] = self._recorder.status() if self._recorder is not None else None
+        reply["stages"] = self.stages.summary()
+        reply["bottleneck"] = producer_bottleneck(reply)
+        return reply
+
+    def _metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
+
+    def _metric_values(self) -> dict:
+        """What `--metrics` exports (protocol/metrics.py METRICS), read on this thread."""
+        c, stats = self.counters, self.ring.stats()
+        return {
+            "mmfeed_producer_samples_published_total": c.published,
+            "mmfeed_producer_samples_skipped_total": c.skipped,
+            "mmfeed_producer_samples_dropped_while_paused_total": self._dropped_while_paused(),
+            "mmfeed_producer_source_errors_total": c.source_errors,
+            "mmfeed_producer_generation": self.gens.current.number,
+            "mmfeed_producer_generations_total": self.gens.current.number - self._first + 1,
+            "mmfeed_producer_samples_per_second": self._rate(),
+            "mmfeed_producer_paused": self.paused,
+            "mmfeed_producer_recording": self._recorder is not None,
+            "mmfeed_producer_samples_recorded_total": self._recorded_total
+            + (self._recorder.counts.recorded if self._recorder is not None else 0),
+            "mmfeed_ring_fill_ratio": min(stats.published, stats.slots) / stats.slots,
+            "mmfeed_ring_readers": stats.readers,
+            "mmfeed_ring_dropped": stats.dropped,
+        }
 
     def _pipeline(self, config: PipelineConfig) -> Pipeline:
-        return Pipeline(config, video_device=self.video_device)
+        return Pipeline(config, video_device=self.video_device, timer=self.stages)
 
     def _ring_memory(self) -> str:
         """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
         return self.ring.memory
+
+    def on_generation(self, number: int) -> dict:
+        """What made generation `number` (filter, sensors, methods, the change): the trainer's
+        TensorBoard marker names it. The newest 64 are kept."""
+        for gen in self.gens.history:
+            if gen.number == number:
+                return {"generation": number, "created": gen.created, **gen.summary()}
+        kept = [g.number for g in self.gens.history]
+        raise BadArgument(f"generation {number}: not among the {len(kept)} this producer keeps "
+                          f"({kept[0]}..{kept[-1]})")
+
+    def on_preview(self) -> dict:
+        """The newest published sample as the ring carried it, thinned to fit a reply
+        (protocol/preview.py), with the generation, filter, sensors and method that made it."""
+        from protocol.preview import encode_sample
+
+        if self._newest is None:
+            raise WrongState(f"preview: nothing published yet ({self._idle_reason() or 'starting'})")
+        arrays, meta, gen = self._newest
+        classes = self.gens.facts.classes
+        info = {**gen.summary(), "source": meta.source, "label": meta.label,
+                "label_name": classes[meta.label] if 0 <= meta.label < len(classes) else None,
+                "timestamp_ns": meta.timestamp_ns, "index": meta.index,
+                "made_by": "mm-producer run (the ring)"}
+        host = {k: (v.cpu().numpy() if hasattr(v, "cpu") else v) for k, v in arrays.items()}
+        return encode_sample(host, info)
+
+    def on_record(self, action: str, split: str, cache: str) -> dict:
+        """`mmctl record start|stop|status` (producer/recorder.py)."""
+        from .recorder import Recorder
+
+        rec = self._recorder
+        if action == "status":
+            return rec.status() if rec is not None else {"recording": False}
+        if action == "stop":
+            if rec is None:
+                raise WrongState("record stop: nothing is being recorded (`mmctl record start`)")
+            self._recorder = None
+            self._recorded_total += rec.counts.recorded
+            return rec.stop()
+        if action != "start":
+            raise BadArgument(f"record: action {action[:40]!r}: expected start, stop or status")
+        if rec is not None:
+            raise WrongState(f"record start: already recording into {rec.cache} "
+                             f"(split {rec.split}); `mmctl record stop` first")
+        where = cache or self.opts.record_cache
+        if not where:
+            raise BadArgument("record start: no cache to record into; give one (`mmctl record "
+                              "start --cache DIR`) or start the producer with --record-cache DIR")
+        self._recorder = Recorder.start(where, split, self.opts.ring,
+                                        tuple(self.gens.facts.classes))
+        return self._recorder.status()
 
     def on_filter(self, spec: str) -> dict:
         return self._change(self.gens.propose_filter(spec))
@@ -1052,6 +1164,12 @@ class ProducerDaemon:
 
     def _shutdown(self) -> dict:
         self.notifier.stopping()
+        if self._recorder is not None:  # what was recorded is good data: keep it
+            try:
+                self._recorder.stop()
+            except MmfeedError as e:
+                log.error("the recording could not be kept: %s", e)
+            self._recorder = None
         if self._clip_reader is not None:
             self._clip_reader.stop()
         stats = self.ring.stats() if self.ring is not None else None
@@ -1060,9 +1178,11 @@ class ProducerDaemon:
                    "source_errors": self.counters.source_errors,
                    "generation": self.gens.current.number if self.gens else 0,
                    "ring": stats.name if stats else self.opts.ring,
-                   "epoch": stats.epoch if stats else None,
+                   "ring_epoch": stats.epoch if stats else None,
                    "uptime_s": round(time.monotonic() - self.t_start, 3)}
         log.info("producer stopping", extra={k: v for k, v in summary.items() if k != "event"})
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None:
             self.server.close()
         if self.ring is not None:
@@ -1133,8 +1253,10 @@ class _ClipReader:
     open of the source; `switch(gen)` changes the clips it makes from the next clip boundary
     on, without reopening (a listen-once stream cannot be opened again)."""
 
-    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int):
+    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int,
+                 stage=None):
         self.segment = gen.config.segment
+        self._stage = stage  # protocol.stages.Stage: time to demux and decode one clip
         self.switch(gen)
         self.done = False
         self.clips = 0           # clips the source gave
@@ -1155,13 +1277,17 @@ class _ClipReader:
 
     def _run(self, source: MediaSource, start: float, audio_rate: int) -> None:
         try:
+            t0 = now_ns()
             for clip in source.clips(self._settings.spec, self._settings.frames, start,
                                      audio_rate=audio_rate, settings=lambda: self._settings):
+                if self._stage is not None:
+                    self._stage.since(t0)
                 self.clips += 1
                 if self.discard:
                     self.dropped += 1
                     if self._stop.is_set():
                         return
+                    t0 = now_ns()
                     continue
                 while not self._stop.is_set():
                     try:
@@ -1171,6 +1297,7 @@ class _ClipReader:
                         continue
                 if self._stop.is_set():
                     return
+                t0 = now_ns()  # the wait for a free queue place is not decoding
         except SourceError as e:
             self._error = e
         except Exception as e:  # never let a decoder bug kill the thread silently

@@ -57,6 +57,7 @@ import numpy as np
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
 from protocol.schema import SampleMeta
+from protocol.stages import StageTimer, now_ns
 
 from .align import align, default_tolerance, frame_timestamps, timestamp_field
 from .dataset import METADATA, SampleFiles
@@ -200,11 +201,13 @@ class Pipeline:
     without a GPU it decodes on the CPU and says so once.
     """
 
-    def __init__(self, config: PipelineConfig | None = None, *, video_device: str = "cpu"):
+    def __init__(self, config: PipelineConfig | None = None, *, video_device: str = "cpu",
+                 timer: StageTimer | None = None):
         if video_device not in ("cpu", "cuda"):
             raise ValueError(f"video_device must be 'cpu' or 'cuda', got {video_device!r}")
         self.config = config if config is not None else PipelineConfig()
         self.video_device = video_device
+        self.timer = timer  # the daemon's per-stage timing (protocol/stages.py); None: untimed
 
     def _on(self, name: str) -> bool:
         return self.config.enabled is None or name in self.config.enabled
@@ -313,8 +316,11 @@ class Pipeline:
             else:
                 path = sample.files[sensor]
             times: list[float] | None = [] if name == "video" else None
+            t0 = now_ns()
             try:
                 out[name] = self._one(name, path, meta_for, notes, times)
+                if self.timer is not None:
+                    self.timer.stage(name if name in INPUTS else "unknown", "pipeline").since(t0)
             except InputError as e:
                 prefix = f"metadata.{lent}."
                 if lent is not None and e.field.startswith(prefix):

@@ -458,6 +458,28 @@ def sweep_scratch() -> list[str]:
             f"(pid {r.pid}) that was killed" for r in removed]
 
 
+RECORD_PREFIX = "record/"  # keys of live parts `mmctl record` appended (producer/recorder.py)
+
+
+def carry_recorded_parts(w: CacheWriter, classes: list[str], notes: list[str]) -> None:
+    """Keep what `mmctl record` appended: no dataset sample makes those keys, so without this a
+    re-run would drop recorded live data. Labels follow their class names when the class list
+    changed (a class that is gone: unlabelled, said in the notes)."""
+    before = w.previous_classes
+    if before is None:
+        return
+    relabel = None
+    if before != list(classes):
+        relabel = {i: classes.index(c) for i, c in enumerate(before) if c in classes}
+        gone = [c for c in before if c not in classes]
+        if gone:
+            notes.append(f"recorded live parts: class(es) {', '.join(gone)} are no longer in the "
+                         f"dataset; their recorded samples are kept unlabelled")
+    for key in w.previous_keys():
+        if key.startswith(RECORD_PREFIX):
+            w.carry_over(key, labels=relabel)
+
+
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
                    splits: list[str] | None = None, workers: int = 1,
                    progress: bool = True, index: DatasetIndex | None = None,
@@ -536,6 +558,8 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                 pool_restarts = runs.pool_restarts
             finally:
                 shutil.rmtree(scratch_dir, ignore_errors=True)
+        carry_recorded_parts(w, index.classes, notes)
+        w.note_generation(0, {**config.to_dict(), "reason": "mm-producer preprocess"})
         summary = w.commit()
     bar.finish()
     seconds = time.perf_counter() - t0

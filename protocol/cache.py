@@ -27,6 +27,11 @@ Layout (`DIR` is the cache directory)::
       manifest.json               magic, format_version, version, created,  at commit, last file
                                   classes, splits, counts, records, shards  of the version
                                   (file + nbytes), config_hash
+      generations.json            {"<generation>": {filter, sensors,       at commit, when known;
+                                  methods, reason, ...}}: what made the     optional (readers
+                                  records of each generation (0: the       without it: None)
+                                  preprocess config; recorded live parts:
+                                  the producer's generations)
 
     INDEX_DTYPE (packed, little-endian, 124 bytes a record)
     field         type  meaning
@@ -77,6 +82,7 @@ INDEX_FILE = "index.npy"
 SCHEMAS_FILE = "schemas.json"
 KEYS_FILE = "keys.json"
 MANIFEST_FILE = "manifest.json"
+GENERATIONS_FILE = "generations.json"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
 INDEX_DTYPE = np.dtype(
@@ -453,6 +459,20 @@ class CacheReader:
 
     def split_of(self, i: int) -> str:
         return self.splits[int(self._split_id[self._check(i)])]
+
+    def generation_settings(self, generation: int) -> dict | None:
+        """What made the records of `generation` (filter, sensors, methods, reason, ...) as
+        the writer noted it in generations.json; None when the version does not say (read
+        on first use: tools ask this, never the data path)."""
+        if not hasattr(self, "_generations"):
+            try:
+                with open(self._vdir / GENERATIONS_FILE, "rb") as f:
+                    found = json.loads(f.read())
+                self._generations = found if isinstance(found, dict) else {}
+            except (OSError, ValueError):
+                self._generations = {}
+        got = self._generations.get(str(int(generation)))
+        return dict(got) if isinstance(got, dict) else None
 
     def schema_groups(self) -> dict[int, np.ndarray]:
         """schema_id -> indices of this reader's records with that schema (for batching by shape)."""

@@ -139,6 +139,12 @@ class PoolCache(Generic[P]):
             self.evicted += 1
         return pool
 
+    def fresh(self) -> "PoolCache[P]":
+        """An empty cache with the same factory and bound (a new batch size: pools are made
+        again, of the new size). Swapped in whole, so a loader thread never sees it half
+        cleared; batches still out keep their old pool alive until they are released."""
+        return PoolCache(self._make, self._keep)
+
     def __len__(self) -> int:
         return len(self._pools)
 

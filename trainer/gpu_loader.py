@@ -122,6 +122,11 @@ class GpuRingLoader(RingLoader):
                 self._stop.wait(0.1)
         return None
 
+    def set_batch_size(self, n: int) -> None:
+        """`mmctl batch N` on the GPU slot path too: device buffers of the new size."""
+        super().set_batch_size(n)
+        self._dev_pools = self._dev_pools.fresh()
+
     def _dev_pool(self, schema: SampleSchema) -> DeviceBufferPool:
         return self._dev_pools.get(schema)
 

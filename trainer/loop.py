@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from protocol.cache import CacheReader
 from protocol.errors import CacheError
 from protocol.schema import UNLABELLED
+from protocol.stages import StageTimer, now_ns, trainer_bottleneck
 
 from . import checkpoint as ckpt
 from .adapt import ShapeAdapter
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 IGNORE_LABEL = -100          # cross_entropy's ignore_index: what unusable labels become
 BAD_LABELS_LOGGED = 8        # distinct out-of-range label values logged (each once)
 STARVED_BELOW = 0.8          # achieved live fraction under this share of the target ...
+MAX_BATCH_SIZE = 65536
+LR_RULES = ("none", "linear", "sqrt")  # how `mmctl batch N --lr-rule` scales the learning rate
 
 
 @dataclass
@@ -73,6 +76,7 @@ class TrainConfig:
     accum: int = 1                      # micro-batches per optimiser step
     amp: str = "auto"                   # auto | bf16 | off
     log_interval: float = 10.0          # seconds
+    progress_interval: float = 10.0     # seconds between plain progress lines (trainer/progress.py)
     eval_interval: int = 0              # steps; 0 = only at the end
     checkpoint_interval: int = 0        # steps; 0 = only at exit
     keep: int = 3
@@ -82,6 +86,8 @@ class TrainConfig:
     ring_group: str | None = None       # also trust a ring of this group, mode 0660 (another user's)
     resume: bool = True
     group: str | None = None            # checkpoint files 0640 of this group; else 0600
+    auto_batch: bool = False            # find the largest batch_size within memory_budget
+    memory_budget: int | None = None    # bytes; None: trainer/autobatch.py default_budget
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
     # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
     mix_source: str = field(default="default", init=False)
@@ -168,6 +174,8 @@ class Trainer:
         schema = self.train_reader.schema(0)
         self.model = build_model(cfg.model, schema, len(self.classes)).to(self.device)
         self.adapter = ShapeAdapter(expected_shapes(self.model, schema))
+        self.auto_batch = self._auto_batch(schema) if cfg.auto_batch else None
+        self.batch_size_trained: int | None = None  # rows of the last micro-batch trained
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -204,6 +212,11 @@ class Trainer:
         self.started = time.monotonic()
         self.last_metrics: dict = {}
         self.state = "starting"
+        self.stages = StageTimer("trainer")  # NOTE [cheap timing] in protocol/stages.py
+        st = self.stages.stage
+        self._st_wait, self._st_device = st("wait", "data"), st("to_device", "device")
+        self._st_fwd, self._st_bwd = st("forward", "compute"), st("backward", "compute")
+        self._st_opt = st("optimizer", "compute")
         self._meter = Meter()
         self._resume_if_any()
         self._log_mix_choice()
@@ -221,6 +234,55 @@ class Trainer:
                      "AMP are off)")
             return torch.device("cpu")
         return torch.device(want)
+
+    def _auto_batch(self, schema):
+        """`--auto-batch`: the largest batch within the memory budget (trainer/autobatch.py);
+        under torchrun every rank takes the smallest any rank found."""
+        from .autobatch import MAX_BATCH, default_budget, find_batch_size
+
+        budget = self.cfg.memory_budget or default_budget(self.device)
+        # no batch larger than this rank's share of the train split: the disk side could
+        # never fill it
+        most = max(1, min(MAX_BATCH, -(-len(self.train_reader) // self.dist.world_size)))
+        found = find_batch_size(self.model, schema, len(self.classes), self.device, budget,
+                                max_batch=most)
+        size = found.batch_size
+        if self.dist.enabled:
+            t = torch.tensor([size], dtype=torch.int64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            size = found.batch_size = int(t.item())
+        self.cfg.batch_size = size
+        log.info(found.sentence(), extra={"batch_size": size, "memory_budget": budget,
+                                          "memory": found.memory})
+        return found
+
+    def set_batch_size(self, n: int, lr_rule: str = "none") -> dict:
+        """`mmctl batch N`, at a step boundary (the daemon calls it between steps): the loaders
+        start batches of n samples now (batches already read ahead keep their size); with
+        lr_rule "linear" the learning rate scales by n/old, "sqrt" by its square root."""
+        if not 1 <= n <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch size must be in 1..{MAX_BATCH_SIZE}, got {n}")
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr rule {lr_rule!r}: expected one of {', '.join(LR_RULES)}")
+        old = self.cfg.batch_size
+        lr_old = self.optimizer.param_groups[0]["lr"]
+        scale = {"none": 1.0, "linear": n / old, "sqrt": (n / old) ** 0.5}[lr_rule]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * scale
+        self.cfg.batch_size = n
+        for loader in (self.disk, self.live):
+            if loader is not None:
+                loader.set_batch_size(n)
+        if self.cfg.epochs is not None and self.total_steps is not None:
+            # the same samples are left to train on, in batches of the new size
+            self.total_steps = self.step + -(-max(0, self.total_steps - self.step) * old // n)
+        lr = self.optimizer.param_groups[0]["lr"]
+        log.info("batch size changed", extra={"batch_size": n, "previous": old,
+                                              "lr_rule": lr_rule, "lr": lr, "previous_lr": lr_old,
+                                              "step": self.step})
+        return {"batch_size": n, "previous": old, "lr_rule": lr_rule, "lr": lr,
+                "previous_lr": lr_old, "step": self.step, "total_steps": self.total_steps}
 
     def _pick_amp(self) -> torch.dtype | None:
         if self.cfg.amp == "off" or self.device.type != "cuda":
@@ -255,6 +317,9 @@ class Trainer:
         self.mixer = LiveDiskMixer(self.live, self.disk, cfg.mix or 0.0,
                                    window=max(64, 32 * cfg.batch_size))
         self.prefetcher = DevicePrefetcher(self.mixer.get, self.device)
+        self.disk.stage = self.stages.stage("disk_read", "data")
+        if self.live is not None:
+            self.live.stage = self.stages.stage("ring_copy", "data")
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = cfg.epochs * max(1, self.disk.batches_per_epoch() // cfg.accum)
@@ -304,6 +369,7 @@ class Trainer:
             "mix": self.mixer.fraction if hasattr(self, "mixer") else self.cfg.mix,
             "classes": list(self.classes),
             "counts": self.lifetime_counts(),
+            "batch_size": self.cfg.batch_size,  # the unit of disk_position's batch index
         }
 
     def lifetime_counts(self) -> dict[str, int]:
@@ -322,6 +388,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.disk_position = tuple(int(x) for x in state["disk_position"])
+        saved_bs = int(state.get("batch_size") or self.cfg.batch_size)
+        if saved_bs != self.cfg.batch_size:  # the position counts batches of the saved size
+            epoch, k = self.disk_position
+            self.disk_position = (epoch, round(k * saved_bs / self.cfg.batch_size))
         self.resumed_step = self.step
         self._restore_mix(state.get("mix"))
         counts = state.get("counts", {})
@@ -444,13 +514,16 @@ class Trainer:
         samples = live = labelled = 0
         for k in range(self.cfg.accum):
             tw = time.monotonic()
+            t_ns = now_ns()
             batch = self.prefetcher.get(timeout)
             wait += time.monotonic() - tw
             if batch is None:
                 if k == 0:
                     return False
                 break
+            t_ns = self._st_wait.since(t_ns)
             inputs, labels = self._prepare(batch)
+            t_ns = self._st_device.since(t_ns)
             targets, n_valid = self._usable(labels, batch)
             labelled += n_valid
             # Under DDP every rank runs forward and backward (the backward is a collective),
@@ -469,9 +542,12 @@ class Trainer:
                         # The mean over the labelled samples (never 0/0: NaN).
                         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_LABEL,
                                                reduction="sum") / max(n_valid, 1) / self.cfg.accum
+                    t_ns = self._st_fwd.since(t_ns)
                     loss.backward()
+                    self._st_bwd.since(t_ns)
                 loss_total += float(loss.detach())
             samples += batch.n
+            self.batch_size_trained = batch.n
             if batch.live:
                 live += batch.n
                 self.samples_live += batch.n
@@ -490,7 +566,9 @@ class Trainer:
             labelled = int(t.item())
         m = self._meter
         if labelled:
+            t_ns = now_ns()
             self.optimizer.step()
+            self._st_opt.since(t_ns)
             self.step += 1
             self.loss = loss_total
             m.steps += 1
@@ -647,7 +725,7 @@ class Trainer:
         disk_epoch = self.disk_position[0]
         lm = self.last_metrics
         lifetime = self.lifetime_counts()
-        return {
+        st = {
             "state": self.state, "step": self.step, "total_steps": self.total_steps,
             "epoch": disk_epoch, "loss": self.loss, "accuracy": self.accuracy,
             "samples_per_s": self.last_metrics.get(
@@ -683,7 +761,42 @@ class Trainer:
             "rank": self.dist.rank, "world_size": self.dist.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "")
             if self.amp_dtype else "off",
+            "batch_size": self.cfg.batch_size, "batch_size_trained": self.batch_size_trained,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "auto_batch": self.auto_batch.sentence() if self.auto_batch else None,
+            "stages": self.stages.summary(),
         }
+        st["bottleneck"] = trainer_bottleneck(st)
+        return st
+
+    def metric_values(self) -> dict:
+        """What `--metrics` exports (protocol/metrics.py METRICS); None values are left out."""
+        lm = self.last_metrics
+        return {
+            "mmfeed_trainer_steps_total": self.step,
+            "mmfeed_trainer_samples_total": {"live": self.samples_live, "disk": self.samples_disk},
+            "mmfeed_trainer_samples_unlabelled_total": self.samples_unlabelled,
+            "mmfeed_trainer_samples_bad_label_total": self.samples_bad_label,
+            "mmfeed_trainer_stall_seconds_total": self.total_wait_s,
+            "mmfeed_trainer_step_seconds_total": self.total_step_s,
+            "mmfeed_trainer_stall_ratio": lm.get("stall_fraction", self.stall_fraction()),
+            "mmfeed_trainer_samples_per_second": lm.get("samples_per_s"),
+            "mmfeed_trainer_live_fraction": self.mixer.achieved,
+            "mmfeed_trainer_live_fraction_target": self.mixer.fraction,
+            "mmfeed_trainer_live_starved": self.live_starved,
+            "mmfeed_trainer_live_dropped_total": self.live.stats.dropped if self.live else 0,
+            "mmfeed_trainer_generation": self.last_generation,
+            "mmfeed_trainer_loss": self.loss,
+            "mmfeed_trainer_accuracy": self.accuracy,
+            "mmfeed_trainer_batch_size": self.cfg.batch_size,
+        }
+
+    def progress(self) -> dict:
+        """The few figures a progress line needs (cheaper than `status()`)."""
+        return {"step": self.step, "total_steps": self.total_steps,
+                "epoch": self.disk_position[0], "samples": self.samples_live + self.samples_disk,
+                "samples_per_s": self.last_metrics.get("samples_per_s"), "loss": self.loss,
+                "accuracy": self.accuracy}
 
     def stall_fraction(self) -> float:
         return round(self.total_wait_s / self.total_step_s, 4) if self.total_step_s else 0.0
@@ -729,6 +842,7 @@ class Trainer:
             "copies_per_sample": self.copies_per_sample(),
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "world_size": self.dist.world_size, "ranks": self.rank_counts(),
+            "batch_size": self.cfg.batch_size,
         }
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingError, Rin
                              RingNotOwned, RingSuperseded)
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
+from protocol.stages import now_ns
 
 from .gpu_ring import gpu_slot_refusal
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
@@ -70,6 +71,7 @@ class _LoaderThread:
     """A daemon thread that puts HostBatches into a bounded queue; `get(timeout)` takes them."""
 
     name = "loader"
+    stage = None  # protocol.stages.Stage the trainer sets: this thread's read/copy times
 
     def __init__(self, depth: int = 2):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
@@ -128,6 +130,16 @@ class _LoaderThread:
             self._ended = True
             return self._fail_or_none()
         return item
+
+    def set_batch_size(self, n: int) -> None:
+        """`mmctl batch N`: batches started from now on hold n samples. Batches already in
+        the queue keep their size; buffers of the old size are freed as they come back."""
+        if n < 1:
+            raise ValueError(f"batch size must be >= 1, got {n}")
+        self.batch_size = n
+        pools = getattr(self, "_pools", None)
+        if pools is not None:
+            self._pools = pools.fresh()
 
     def _fail_or_none(self) -> None:
         if self._error is not None:
@@ -190,13 +202,24 @@ class DiskLoader(_LoaderThread):
     def _pool(self, schema: SampleSchema) -> BufferPool:
         return self._pools.get(schema)
 
+    def _plan(self, epoch: int, skip: int) -> tuple[list, int, int]:
+        """(this epoch's batches, the batch size they have, where to go on). A batch size
+        changed mid-epoch (`mmctl batch`) re-plans the epoch in the new size and goes on at
+        the same fraction of it: later epochs are exact, the one of the change covers its
+        samples approximately (some may come twice, some not)."""
+        bs = self.batch_size
+        plan = group_batches(self._groups, bs, shuffle=self.shuffle, seed=self.seed,
+                             epoch=epoch, rank=self.rank, world_size=self.world_size)
+        return plan, bs, skip
+
     def _run(self) -> None:
         epoch, skip = self.start_at
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
-            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
-                                 seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size)
-            for k in range(skip, len(plan)):
+            plan, bs, k = self._plan(epoch, skip)
+            while k < len(plan):
+                if self.batch_size != bs:
+                    plan, bs, k = self._plan(epoch, round(k * bs / self.batch_size))
+                    continue
                 idx = plan[k]
                 schema = self.reader.schema(int(idx[0]))
                 pool = self._pool(schema)
@@ -206,7 +229,10 @@ class DiskLoader(_LoaderThread):
                         return
                     pair = pool.get(timeout=_POLL_S)
                 buf, labels = pair
+                t_ns = now_ns()
                 _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                if self.stage is not None:
+                    self.stage.since(t_ns)
                 if metas.cold and k + 1 < len(plan):
                     # reading from disk: start the next batch's reads now, behind this one's
                     # training (warm batches skip this: fadvise walks the page cache per page)
@@ -221,6 +247,7 @@ class DiskLoader(_LoaderThread):
                 self.stats.copies += len(idx)
                 if not self._put(b):
                     return
+                k += 1
             epoch, skip = epoch + 1, 0
 
 
@@ -396,9 +423,12 @@ class RingLoader(_LoaderThread):
                                         "rows": buf.numpy(), "labels": labels, "n": 0,
                                         "since": time.monotonic()}
                 j = o["n"]
+                t_ns = now_ns()
                 row = view.schema.views(o["rows"][j])
                 for name, src in view.arrays.items():
                     np.copyto(row[name], src)  # the one host copy of this sample
+                if self.stage is not None:
+                    self.stage.since(t_ns)
                 try:
                     valid = view.still_valid()
                 except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
@@ -414,7 +444,9 @@ class RingLoader(_LoaderThread):
                 self.stats.copies += 1
                 self.stats.generations.add(meta.generation)
                 self.generation_seen = meta.generation
-                if o["n"] == self.batch_size and not emit(key):
+                # >= and the buffer's own size: after `mmctl batch` an open batch may have
+                # been started under the old size
+                if o["n"] >= min(self.batch_size, len(o["labels"])) and not emit(key):
                     return
                 if not emit_stale():
                     return
@@ -578,11 +610,13 @@ class WorkerDiskLoader(DiskLoader):
     def _plans(self):
         epoch, skip = self.start_at
         while self.epochs is None or epoch < self.epochs:
-            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
-                                 seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size)
-            for k in range(skip, len(plan)):
+            plan, bs, k = self._plan(epoch, skip)
+            while k < len(plan):
+                if self.batch_size != bs:
+                    plan, bs, k = self._plan(epoch, round(k * bs / self.batch_size))
+                    continue
                 yield (epoch, k + 1), plan[k].tolist()
+                k += 1
             epoch, skip = epoch + 1, 0
 
     def _run(self) -> None:
