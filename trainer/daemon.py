@@ -10,6 +10,8 @@ thread, still only on progress).
 Under torchrun, rank 0 owns the control socket, the log PUB socket and sd_notify; at every
 step all ranks agree on (stop, checkpoint, pause, live fraction) with one tiny all_reduce, so
 they stop, pause and checkpoint at the same step (a rank that ran ahead would hang in DDP).
+The same all_reduce carries each rank's last live generation, so rank 0's `status` says
+what every rank, on every node, has trained on (`mmctl wait GEN` waits for all of them).
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class TrainerDaemon:
         self.stop_reason = ""
         self.paused = False
         self.checkpoint_requested = False
+        self.rank_generations: list[int | None] = [None] * d.world_size
         self.server: ControlServer | None = None
         self.notifier = Notifier() if d.rank == 0 else None
         self._wd = watchdog_interval()
@@ -63,6 +66,14 @@ class TrainerDaemon:
     def on_status(self) -> dict:
         st = self.trainer.status()
         st["state"] = "paused" if self.paused else st["state"]
+        if self.dist.enabled:
+            # `generation` is what EVERY rank has trained on (the lowest rank's last live
+            # generation; null while any rank has none), the number `mmctl wait` compares;
+            # `rank_generations` has each rank's, as of the last step boundary.
+            gens = self.rank_generations
+            st["rank_generations"] = gens
+            st["generation"] = (min(gens) if gens and all(g is not None for g in gens)
+                                else None)
         return st
 
     def on_mix(self, fraction: float) -> dict:
@@ -159,13 +170,21 @@ class TrainerDaemon:
             stop, ck, self.checkpoint_requested = self.stop_requested, self.checkpoint_requested, False
             return stop, ck, self.paused
         r0 = self.dist.rank == 0
-        t = torch.tensor([float(self.stop_requested), float(r0 and self.checkpoint_requested),
-                          float(r0 and self.paused),
-                          self.trainer.mixer.fraction if r0 else -1.0], dtype=torch.float64)
+        # Then one slot per rank: its last live generation trained on (-1: none yet), so
+        # rank 0's status can say what EVERY rank trained on (`mmctl wait`).
+        gens = torch.full((self.dist.world_size,), -2.0, dtype=torch.float64)
+        last = self.trainer.last_generation
+        gens[self.dist.rank] = -1.0 if last is None else float(last)
+        t = torch.cat([torch.tensor([float(self.stop_requested),
+                                     float(r0 and self.checkpoint_requested),
+                                     float(r0 and self.paused),
+                                     self.trainer.mixer.fraction if r0 else -1.0],
+                                    dtype=torch.float64), gens])
         if self.trainer.device.type == "cuda":
             t = t.to(self.trainer.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         t = t.cpu()
+        self.rank_generations = [None if g < 0 else int(g) for g in t[4:].tolist()]
         self.checkpoint_requested = False
         if not r0 and abs(float(t[3]) - self.trainer.mixer.fraction) > 1e-12:
             self.trainer.mixer.set_fraction(float(t[3]))
@@ -260,7 +279,8 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
     d = Dist.from_env()
     if d.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
+        # the ranks of THIS node share its cores (not every rank of the job: other nodes')
+        torch.set_num_threads(max(1, torch.get_num_threads() // d.local_world_size))
     socks = None
     if d.rank == 0:
         try:  # a tcp:// socket without keys, a bad key folder: say so before training starts
