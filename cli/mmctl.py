@@ -272,7 +272,7 @@ def status(ctl: Ctl, daemon: str | None) -> None:
     any_ok = any(r.get("ok") for r in results.values())
     # JSON shape fixed in CONTRACTS.md: a daemon that did not answer is null, its error under "errors".
     shown = {d: r if r.get("ok") else None for d, r in results.items()}
-    if several:  # "producer" stays the first node's; "producers" has every node's
+    if several and daemon != "trainer":  # "producer": the first node's; "producers": each's
         prods = {d.split(" ", 1)[1]: shown.pop(d) for d in list(shown) if d.startswith("producer ")}
         shown = {"producer": prods[ctl.producers[0]], "producers": prods, **shown}
     ctl.emit({"ok": any_ok, **shown,

@@ -97,6 +97,17 @@ def test_status_shows_every_nodes_producer(nodes):
     assert table[1].split() == ["state", "running", "paused"]
 
 
+def test_the_trainers_status_alone_needs_no_producer(nodes, rundir):
+    from test_mmctl import FakeTrainer, serve
+
+    server = serve("trainer", FakeTrainer())
+    try:
+        out = last_json(run("--json", "--producer", _both(nodes), "status", "trainer"))
+    finally:
+        server.close()
+    assert out["ok"] is True and out["trainer"]["step"] == 120 and "producer" not in out
+
+
 def test_logs_with_several_producers_asks_for_one(nodes):
     r = run("--producer", _both(nodes), "logs")
     assert r.exit_code == 2 and "name the node's with --producer ADDR" in r.stderr

@@ -189,6 +189,12 @@ class TrainerDaemon:
         if not r0 and abs(float(t[3]) - self.trainer.mixer.fraction) > 1e-12:
             self.trainer.mixer.set_fraction(float(t[3]))
         self.paused = bool(t[2])
+        if t[0] and not self.stop_requested:
+            # Another rank got the signal (a node's unit stopped first): this rank stops too,
+            # AS a stop - it must skip the final evaluation as the signalled rank does, or the
+            # ranks run different collectives (evaluate vs checkpoint) and hang.
+            self.stop_requested = True
+            self.stop_reason = "a stop on another rank"
         return bool(t[0]), bool(t[1]), bool(t[2])
 
     def run(self) -> int:
