@@ -3,6 +3,7 @@
     mm-producer preprocess DATASET --cache DIR [--split S]... [--workers N] [--json]
                            [--filter SPEC] [--clip-frames N] [--segment START END]
                            [--sensor INPUT STEM]... [--method INPUT NAME]... [--quiet]
+                           [--ray [ADDRESS]]   (the chunks as Ray tasks: ray_preprocess.py)
 
 How a run goes, and why:
 1. Index the folder (producer/dataset.py). Index problems (empty folder, unreadable file, bad
@@ -412,10 +413,16 @@ def _key_of(problem: InputError, root: Path) -> str | None:
 
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
                    splits: list[str] | None = None, workers: int = 1,
-                   progress: bool = True, index: DatasetIndex | None = None) -> dict:
-    """Index, process and commit; returns the summary dict (what --json prints)."""
+                   progress: bool = True, index: DatasetIndex | None = None,
+                   ray: str | None = None) -> dict:
+    """Index, process and commit; returns the summary dict (what --json prints).
+
+    `ray`: None runs the chunks on the local process pool (`workers`); a string runs them as
+    Ray tasks (producer/ray_preprocess.py) on the cluster at that address ("" = the default:
+    RAY_ADDRESS, a cluster running on this machine, else a new local one). Everything else,
+    and so the cache, is the same."""
     t0 = time.perf_counter()
-    if workers > 0:
+    if workers > 0 and ray is None:
         start_worker_server()  # its imports overlap the indexing and fingerprinting below
     root = Path(dataset)
     if index is None:
@@ -428,6 +435,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
     bar.advance(len(index.problems), rejected=len(index.problems))
     reused = 0
     pool_restarts = 0
+    ray_summary = None
     with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash()) as w:
         todo: list[tuple[int, SampleFiles, str]] = []
         for i, s in enumerate(index.samples):
@@ -473,7 +481,23 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                 s.key))
             bar.advance(rejected=1)
 
-        if workers <= 0:  # in this process: no isolation (profiling, debugging)
+        if ray is not None and todo:  # the same chunks as Ray tasks; scratch on the cache's FS
+            from .ray_preprocess import RayRuns, scratch_dir_in
+
+            scratch_dir = scratch_dir_in(cache)
+            # Ray's driver prints the cluster's messages ("a worker died ...") on stdout, where
+            # --json promises our summary: they go to stderr, with the other diagnostics.
+            with contextlib.redirect_stdout(sys.stderr):
+                runs = None
+                try:
+                    runs = RayRuns(config, ray or None, scratch_dir, store, reject_crash)
+                    runs.run(todo)
+                    pool_restarts, ray_summary = runs.pool_restarts, runs.summary()
+                finally:
+                    if runs is not None:
+                        runs.close()
+                    shutil.rmtree(scratch_dir, ignore_errors=True)
+        elif workers <= 0:  # in this process: no isolation (profiling, debugging)
             for item in todo:
                 store(item, process_packed(item[1], pipeline))
         elif todo:
@@ -503,6 +527,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "samples_per_s": round((processed + reused) / seconds, 2) if seconds > 0 else None,
         "processed_per_s": round(processed / seconds, 2) if seconds > 0 else None,
         "pool_restarts": pool_restarts,
+        **({"ray": ray_summary} if ray_summary is not None else {}),
     }
 
 
@@ -552,16 +577,31 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
               help=f"Processing method, e.g. --method radar points_bev "
                    f"({', '.join(METHODS['radar'])}).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Run the pipeline as Ray tasks on the cluster at ADDRESS (HOST:PORT; alone: "
+                   "RAY_ADDRESS, else a cluster on this machine, else a new local one). Dataset "
+                   "and cache on a file system every node mounts at the same path. Needs "
+                   "`pip install 'mmfeed[ray]'`.")
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
-               segment: tuple[float, float] | None, sensors, methods, quiet: bool) -> None:
+               segment: tuple[float, float] | None, sensors, methods, quiet: bool,
+               ray_address: str | None) -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
     cached, 3 some samples rejected (each reported with file, field and what was expected)
     and the rest cached, 2 usage error.
     """
-    start_worker_server()  # imports in the background while the dataset is indexed
+    if ray_address is not None:
+        from .ray_preprocess import RayUnavailable, import_ray
+
+        try:  # before any work: without Ray, say how to install it (exit 2)
+            import_ray()
+        except RayUnavailable as e:
+            raise click.UsageError(str(e)) from None
+    else:
+        start_worker_server()  # imports in the background while the dataset is indexed
     index = index_dataset(dataset, list(splits) or None)
     if not index.splits and index.problems and index.problems[0].field == "splits":
         raise click.UsageError(f"{dataset}: no split folders ({', '.join(SPLITS)}); expected "
@@ -571,10 +611,14 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
                                 segment=segment, sensors=dict(sensors), methods=dict(methods))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    from .ray_preprocess import RayRunError
+
     try:
         summary = run_preprocess(dataset, cache, config, workers=workers, progress=not quiet,
-                                 index=index)
+                                 index=index, ray=ray_address)
     except CacheError as e:  # e.g. CacheLocked: another preprocess writes this cache
+        raise click.ClickException(str(e)) from None
+    except RayRunError as e:  # the cluster cannot run it (unreachable, no shared FS): exit 1
         raise click.ClickException(str(e)) from None
     report = format_report(summary)
     if as_json:
