@@ -8,6 +8,11 @@ Which daemon gets what: filter, sensor, method, segment, label, modalities -> pr
 mix, checkpoint, wait -> trainer; pause, resume, logs -> the daemon named (default producer);
 status -> both, side by side.
 
+Several nodes (docs/deploy.md): `--producer` takes a list (comma-separated or repeated), one
+control address per node's producer; every producer command then goes to each of them in turn
+and the reply lists each node's (cli/fanout.py). The trainer has one control socket, on the node
+of rank 0; `mmctl wait` reads there what every rank of every node has trained on.
+
 Exit codes:
     0  ok
     1  the daemon answered with an error (bad argument, unknown sensor, ...)
@@ -66,6 +71,7 @@ class Ctl:
     timeouts: Timeouts
     keys: Path | None
     tried: dict[str, list[str]] = field(default_factory=dict)  # daemon -> endpoints considered
+    producers: list[str] = field(default_factory=list)  # every node's producer (several nodes)
     _clients: dict[str, ControlClient] = field(default_factory=dict)
 
     def curve(self, endpoint: str) -> CurveClientKeys | None:
@@ -76,18 +82,24 @@ class Ctl:
         """'; sockets tried: A, B': where mmctl looked, for a message saying nothing answered."""
         return f"; sockets tried: {', '.join(self.tried.get(daemon) or [self.endpoints[daemon]])}"
 
-    def client(self, daemon: str) -> ControlClient:
-        if daemon not in self._clients:
-            endpoint = self.endpoints[daemon]
+    def client(self, daemon: str, endpoint: str | None = None) -> ControlClient:
+        endpoint = endpoint or self.endpoints[daemon]
+        key = f"{daemon} {endpoint}"
+        if key not in self._clients:
             try:
-                self._clients[daemon] = ControlClient(endpoint, self.timeouts, self.curve(endpoint),
-                                                      daemon=daemon)
+                self._clients[key] = ControlClient(endpoint, self.timeouts, self.curve(endpoint),
+                                                   daemon=daemon)
             except ControlError as e:
                 self.fail(EXIT_USAGE, str(e), e.code, daemon)
-        return self._clients[daemon]
+        return self._clients[key]
 
     def call(self, daemon: str, cmd: str, **args: Any) -> dict:
-        """One request; every failure becomes its documented exit code."""
+        """One request; every failure becomes its documented exit code. A producer command
+        with several producers goes to every one of them (cli/fanout.py)."""
+        if daemon == "producer" and len(self.producers) > 1:
+            from .fanout import call_every_producer
+
+            return call_every_producer(self, cmd, **args)
         try:
             return self.client(daemon).request(cmd, **args)
         except ControlTimeout as e:
@@ -114,9 +126,10 @@ pass_ctl = click.make_pass_decorator(Ctl)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the last line).")
-@click.option("--producer", metavar="ADDR", envvar="MMFEED_PRODUCER",
+@click.option("--producer", metavar="ADDR[,ADDR...]", envvar="MMFEED_PRODUCER", multiple=True,
               help="Producer control endpoint [default: producer.sock in the runtime dir, "
-                   "else in /run/mmfeed].")
+                   "else in /run/mmfeed]. Several nodes: one per node's producer, "
+                   "comma-separated or repeated; producer commands go to each.")
 @click.option("--trainer", metavar="ADDR", envvar="MMFEED_TRAINER",
               help="Trainer control endpoint [default: trainer.sock in the runtime dir, "
                    "else in /run/mmfeed].")
@@ -125,11 +138,13 @@ pass_ctl = click.make_pass_decorator(Ctl)
 @click.option("--keys", type=click.Path(file_okay=False, path_type=Path), envvar="MMFEED_KEYS",
               help="CURVE key folder from `mmctl keygen` (needed for tcp:// endpoints).")
 @click.pass_context
-def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str | None,
+def main(ctx: click.Context, as_json: bool, producer: tuple[str, ...], trainer: str | None,
          timeout: float, keys: Path | None) -> None:
     """mmctl: control the mmfeed daemons (mm-producer, mm-trainer)."""
     endpoints, tried = {}, {}
-    for daemon, given in (("producer", producer), ("trainer", trainer)):
+    producers = [a.strip() for given in producer for a in given.split(",") if a.strip()]
+    for daemon, given in (("producer", producers[0] if producers else None),
+                          ("trainer", trainer)):
         if given:
             endpoints[daemon], tried[daemon] = given, [given]
         else:  # own runtime dir, then /run/mmfeed (systemd); creates neither
@@ -140,6 +155,7 @@ def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str |
         timeouts=Timeouts.within(timeout, retries=1),
         keys=keys,
         tried=tried,
+        producers=producers or [endpoints["producer"]],
     )
     ctx.call_on_close(lambda: [c.close() for c in ctx.obj._clients.values()])
 
@@ -169,8 +185,16 @@ def _changed(ctl: Ctl, daemon: str, reply: dict) -> None:
     """Print the result of a command that changes the output: its new generation first."""
     gen = reply.get("generation")
     head = f"{daemon}: generation {gen}" if gen is not None else f"{daemon}: ok"
-    rest = _scalars(reply, skip=("ok", "generation"))
+    if "producers" in reply:  # several nodes: each one's generation (cli/fanout.py)
+        each = ", ".join(f"{ep} {r.get('generation', 'ok')}" for ep, r in reply["producers"].items())
+        head = f"{len(reply['producers'])} producers: generation {gen} ({each})"
+    rest = _scalars(reply, skip=("ok", "generation", "generations_differ"))
     ctl.emit({"daemon": daemon, **reply}, f"{head} {rest}".rstrip())
+    from .fanout import differ_note
+
+    note = differ_note(reply)
+    if note and not ctl.as_json:
+        click.echo(f"mmctl: {note}", err=True)
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -261,20 +285,31 @@ def status(ctl: Ctl, daemon: str | None) -> None:
 
     With --json: {"ok": ..., "producer": {...} | null, "trainer": {...} | null, "errors": {...}}."""
     results: dict[str, dict] = {}
-    for d in (daemon,) if daemon else DAEMONS:
-        client = ctl.client(d)
+    # Several producers (one per node): a column for each, named "producer ADDR".
+    several = len(ctl.producers) > 1
+    asked: list[tuple[str, str | None]] = []  # (column, endpoint; None: the daemon's default)
+    if daemon != "trainer":
+        asked += [(f"producer {ep}", ep) for ep in ctl.producers] if several else [("producer", None)]
+    if daemon != "producer":
+        asked.append(("trainer", None))
+    for d, endpoint in asked:
+        client = ctl.client(d.split(" ")[0], endpoint)
         try:
             if client.listening() is False:  # no socket file or nobody behind it: don't wait
                 raise ControlTimeout(client._silence_message("status", 0.0))
             results[d] = client.request("status")
         except ControlTimeout as e:
             results[d] = {"ok": False, "error": {"code": e.code,
-                                                 "message": f"{e}{ctl.tried_note(d)}"}}
+                                                 "message": f"{e}{ctl.tried_note(d) if endpoint is None else ''}"}}
         except RemoteError as e:
             results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
     any_ok = any(r.get("ok") for r in results.values())
     # JSON shape fixed in CONTRACTS.md: a daemon that did not answer is null, its error under "errors".
-    ctl.emit({"ok": any_ok, **{d: r if r.get("ok") else None for d, r in results.items()},
+    shown = {d: r if r.get("ok") else None for d, r in results.items()}
+    if several and daemon != "trainer":  # "producer": the first node's; "producers": each's
+        prods = {d.split(" ", 1)[1]: shown.pop(d) for d in list(shown) if d.startswith("producer ")}
+        shown = {"producer": prods[ctl.producers[0]], "producers": prods, **shown}
+    ctl.emit({"ok": any_ok, **shown,
               "errors": {d: r["error"] for d, r in results.items() if not r.get("ok")}},
              status_table(results))
     if not any_ok:
@@ -514,14 +549,17 @@ def checkpoint(ctl: Ctl) -> None:
               metavar="S", help="Seconds between status polls.")
 @pass_ctl
 def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
-    """Return once the trainer has trained a step on GENERATION (or a later one)."""
+    """Return once the trainer has trained a step on GENERATION (or a later one); under
+    torchrun, once EVERY rank on every node has (the trainer's status says the lowest)."""
     client = ctl.client("trainer")
     t0 = time.monotonic()
     last: Any = None
+    ranks = None
     silent = ""
     while True:
         try:
-            last = client.request("status").get("generation")
+            st = client.request("status")
+            last, ranks = st.get("generation"), st.get("rank_generations")
             silent = ""
         except ControlTimeout as e:  # restarting or busy: keep trying until the deadline
             silent = str(e)
@@ -533,7 +571,8 @@ def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
                      f"trainer: trained on generation {last}")
             return
         if time.monotonic() - t0 >= deadline:
-            why = silent or f"the trainer's last trained generation is {last}"
+            why = silent or f"the trainer's last trained generation is {last}" + (
+                f" (each rank's: {ranks})" if ranks else "")
             ctl.fail(EXIT_NO_DAEMON, f"wait {generation}: gave up after {deadline:g} s; {why}",
                      "timeout", "trainer")
         time.sleep(interval)  # a poll interval, not a guess at how long something takes
@@ -577,6 +616,10 @@ def resume(ctl: Ctl, daemon: str) -> None:
 def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, source: str | None) -> None:
     """Show DAEMON's recent log records (default: producer); -f follows them (from the
     daemon's PUB socket, or from the journal when it runs under systemd)."""
+    if daemon == "producer" and len(ctl.producers) > 1 and not source:
+        ctl.fail(EXIT_USAGE, f"logs: {len(ctl.producers)} producers given; name the node's "
+                 f"with --producer ADDR (one of {', '.join(ctl.producers)})", "bad_argument",
+                 daemon)
     if not follow:
         reply = ctl.call(daemon, "logs", n=lines)
         records = reply.get("records", [])

@@ -4,6 +4,7 @@
                            [--filter SPEC] [--clip-frames N] [--segment START END]
                            [--sensor INPUT STEM]... [--method INPUT NAME]...
                            [--read-limit KIND=SIZE]... [--group NAME] [--quiet]
+                           [--ray [ADDRESS]]   (the chunks as Ray tasks: ray_preprocess.py)
 
 How a run goes, and why:
 1. Index the folder (producer/dataset.py). Index problems (empty folder, unreadable file, bad
@@ -483,11 +484,16 @@ def carry_recorded_parts(w: CacheWriter, classes: list[str], notes: list[str]) -
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
                    splits: list[str] | None = None, workers: int = 1,
                    progress: bool = True, index: DatasetIndex | None = None,
-                   group: str | None = None) -> dict:
+                   group: str | None = None, ray: str | None = None) -> dict:
     """Index, process and commit; returns the summary dict (what --json prints). The cache's
-    files are 0600 (0640 and group `group` with one; protocol/filemodes.py)."""
+    files are 0600 (0640 and group `group` with one; protocol/filemodes.py).
+
+    `ray`: None runs the chunks on the local process pool (`workers`); a string runs them as
+    Ray tasks (producer/ray_preprocess.py) on the cluster at that address ("" = the default:
+    RAY_ADDRESS, a cluster running on this machine, else a new local one). Everything else,
+    and so the cache, is the same."""
     t0 = time.perf_counter()
-    if workers > 0:
+    if workers > 0 and ray is None:
         start_worker_server()  # its imports overlap the indexing and fingerprinting below
     root = Path(dataset)
     if index is None:
@@ -501,6 +507,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
     reused = 0
     pool_restarts = 0
     notes.extend(sweep_scratch())
+    ray_summary = None
     with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash(),
                      group=group) as w:
         todo: list[tuple[int, SampleFiles, str]] = []
@@ -547,7 +554,23 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                 s.key))
             bar.advance(rejected=1)
 
-        if workers <= 0:  # in this process: no isolation (profiling, debugging)
+        if ray is not None and todo:  # the same chunks as Ray tasks; scratch on the cache's FS
+            from .ray_preprocess import RayRuns, scratch_dir_in
+
+            scratch_dir = scratch_dir_in(cache)
+            # Ray's driver prints the cluster's messages ("a worker died ...") on stdout, where
+            # --json promises our summary: they go to stderr, with the other diagnostics.
+            with contextlib.redirect_stdout(sys.stderr):
+                runs = None
+                try:
+                    runs = RayRuns(config, ray or None, scratch_dir, store, reject_crash)
+                    runs.run(todo)
+                    pool_restarts, ray_summary = runs.pool_restarts, runs.summary()
+                finally:
+                    if runs is not None:
+                        runs.close()
+                    shutil.rmtree(scratch_dir, ignore_errors=True)
+        elif workers <= 0:  # in this process: no isolation (profiling, debugging)
             for item in todo:
                 store(item, process_packed(item[1], pipeline))
         elif todo:
@@ -579,6 +602,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "samples_per_s": round((processed + reused) / seconds, 2) if seconds > 0 else None,
         "processed_per_s": round(processed / seconds, 2) if seconds > 0 else None,
         "pool_restarts": pool_restarts,
+        **({"ray": ray_summary} if ray_summary is not None else {}),
     }
 
 
@@ -635,10 +659,16 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
               help=f"Group that may read the cache: files 0640 and directories 0750 of that "
                    f"group (default ${GROUP_ENV}; without it 0600 and 0700).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Run the pipeline as Ray tasks on the cluster at ADDRESS (HOST:PORT; alone: "
+                   "RAY_ADDRESS, else a cluster on this machine, else a new local one). Dataset "
+                   "and cache on a file system every node mounts at the same path. Needs "
+                   "`pip install 'mmfeed[ray]'`.")
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
                segment: tuple[float, float] | None, sensors, methods, read_limits,
-               group: str | None, quiet: bool) -> None:
+               group: str | None, quiet: bool, ray_address: str | None) -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
@@ -649,7 +679,15 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
         group_id(group)
     except GroupError as e:
         raise click.BadParameter(str(e), param_hint="--group") from None
-    start_worker_server()  # imports in the background while the dataset is indexed
+    if ray_address is not None:
+        from .ray_preprocess import RayUnavailable, import_ray
+
+        try:  # before any work: without Ray, say how to install it (exit 2)
+            import_ray()
+        except RayUnavailable as e:
+            raise click.UsageError(str(e)) from None
+    else:
+        start_worker_server()  # imports in the background while the dataset is indexed
     index = index_dataset(dataset, list(splits) or None)
     if not index.splits and index.problems and index.problems[0].field == "splits":
         raise click.UsageError(f"{dataset}: no split folders ({', '.join(SPLITS)}); expected "
@@ -668,10 +706,14 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
                                 read_limits=limits)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    from .ray_preprocess import RayRunError
+
     try:
         summary = run_preprocess(dataset, cache, config, workers=workers, progress=not quiet,
-                                 index=index, group=group)
+                                 index=index, group=group, ray=ray_address)
     except (CacheError, GroupError) as e:  # CacheLocked: another preprocess writes it
+        raise click.ClickException(str(e)) from None
+    except RayRunError as e:  # the cluster cannot run it (unreachable, no shared FS): exit 1
         raise click.ClickException(str(e)) from None
     report = format_report(summary)
     if as_json:

@@ -10,6 +10,8 @@ thread, still only on progress).
 Under torchrun, rank 0 owns the control socket, the log PUB socket and sd_notify; at every
 step all ranks agree on (stop, checkpoint, pause, live fraction) with one tiny all_reduce, so
 they stop, pause and checkpoint at the same step (a rank that ran ahead would hang in DDP).
+The same all_reduce carries each rank's last live generation, so rank 0's `status` says
+what every rank, on every node, has trained on (`mmctl wait GEN` waits for all of them).
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class TrainerDaemon:
         self.stop_reason = ""
         self.paused = False
         self.checkpoint_requested = False
+        self.rank_generations: list[int | None] = [None] * d.world_size
         self.server: ControlServer | None = None
         self.metrics = metrics  # started by run_daemon (rank 0, --metrics); closed by run()
         self.notifier = Notifier() if d.rank == 0 else None
@@ -72,6 +75,14 @@ class TrainerDaemon:
         st = self.trainer.status()
         st["state"] = "paused" if self.paused else st["state"]
         st["metrics"] = self.metrics.url if self.metrics is not None else None
+        if self.dist.enabled:
+            # `generation` is what EVERY rank has trained on (the lowest rank's last live
+            # generation; null while any rank has none), the number `mmctl wait` compares;
+            # `rank_generations` has each rank's, as of the last step boundary.
+            gens = self.rank_generations
+            st["rank_generations"] = gens
+            st["generation"] = (min(gens) if gens and all(g is not None for g in gens)
+                                else None)
         return st
 
     def on_mix(self, fraction: float) -> dict:
@@ -197,16 +208,23 @@ class TrainerDaemon:
             return stop, ck, self.paused
         r0 = self.dist.rank == 0
         tr = self.trainer
-        t = torch.tensor([float(self.stop_requested), float(r0 and self.checkpoint_requested),
-                          float(r0 and self.paused),
-                          self.trainer.mixer.fraction if r0 else -1.0,
-                          float(tr.cfg.batch_size) if r0 else -1.0,
-                          tr.optimizer.param_groups[0]["lr"] if r0 else -1.0],
-                         dtype=torch.float64)
+        # Then one slot per rank: its last live generation trained on (-1: none yet), so
+        # rank 0's status can say what EVERY rank trained on (`mmctl wait`).
+        gens = torch.full((self.dist.world_size,), -2.0, dtype=torch.float64)
+        last = tr.last_generation
+        gens[self.dist.rank] = -1.0 if last is None else float(last)
+        t = torch.cat([torch.tensor([float(self.stop_requested),
+                                     float(r0 and self.checkpoint_requested),
+                                     float(r0 and self.paused),
+                                     tr.mixer.fraction if r0 else -1.0,
+                                     float(tr.cfg.batch_size) if r0 else -1.0,
+                                     tr.optimizer.param_groups[0]["lr"] if r0 else -1.0],
+                                    dtype=torch.float64), gens])
         if self.trainer.device.type == "cuda":
             t = t.to(self.trainer.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         t = t.cpu()
+        self.rank_generations = [None if g < 0 else int(g) for g in t[6:].tolist()]
         self.checkpoint_requested = False
         if not r0 and abs(float(t[3]) - self.trainer.mixer.fraction) > 1e-12:
             self.trainer.mixer.set_fraction(float(t[3]))
@@ -215,6 +233,12 @@ class TrainerDaemon:
             for g in tr.optimizer.param_groups:
                 g["lr"] = float(t[5])
         self.paused = bool(t[2])
+        if t[0] and not self.stop_requested:
+            # Another rank got the signal (a node's unit stopped first): this rank stops too,
+            # AS a stop - it must skip the final evaluation as the signalled rank does, or the
+            # ranks run different collectives (evaluate vs checkpoint) and hang.
+            self.stop_requested = True
+            self.stop_reason = "a stop on another rank"
         return bool(t[0]), bool(t[1]), bool(t[2])
 
     def run(self) -> int:
@@ -338,7 +362,8 @@ def run_daemon(cfg: TrainConfig, dcfg: DaemonConfig) -> int:
     d = Dist.from_env()
     if d.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        torch.set_num_threads(max(1, torch.get_num_threads() // d.world_size))
+        # the ranks of THIS node share its cores (not every rank of the job: other nodes')
+        torch.set_num_threads(max(1, torch.get_num_threads() // d.local_world_size))
     socks = metrics = None
     if d.rank == 0:
         try:  # a tcp:// socket without keys, a bad key folder: say so before training starts

@@ -174,6 +174,7 @@ class GpuRingLoader(RingLoader):
         if self.world_size > 1:
             keep = [i for i, m in enumerate(metas) if m.index % self.world_size == self.rank]
             if len(keep) < len(metas):
+                self.stats.skipped += len(metas) - len(keep)
                 if keep:
                     buf[:len(keep)] = buf[torch.tensor(keep, device=self.device)]
                 metas = [metas[i] for i in keep]

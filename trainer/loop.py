@@ -27,7 +27,6 @@ are this run's; the checkpoint's totals plus this run's are `lifetime_*`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,10 +43,13 @@ from protocol.stages import StageTimer, now_ns, trainer_bottleneck
 
 from . import checkpoint as ckpt
 from .adapt import ShapeAdapter
+from .batching import group_batches
 from .datasets import LiveDiskMixer
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
 from .recent import RecentGenerations
+from .resume import newest_checkpoint
+from .topology import Dist, rescale_disk_position
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +118,6 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"--amp {self.amp!r}: expected auto, bf16 or off")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
 
 
 @dataclass
@@ -307,13 +293,16 @@ class Trainer:
             # GPU slot rings by device copies, host rings as RingLoader (trainer/gpu_loader.py).
             from .gpu_loader import GpuRingLoader
 
+            # NOTE [live split] in topology.py: the ring is this node's, split among its ranks.
+            reader, readers = d.live_shard
             self.live = GpuRingLoader(cfg.ring, cfg.batch_size, device=self.device,
-                                      start=cfg.ring_start, rank=d.rank,
-                                      world_size=d.world_size).start()
+                                      start=cfg.ring_start, rank=reader,
+                                      world_size=readers).start()
         elif cfg.ring:
+            reader, readers = d.live_shard
             self.live = RingLoader(cfg.ring, cfg.batch_size, start=cfg.ring_start,
                                    group=cfg.ring_group,
-                                   rank=d.rank, world_size=d.world_size).start()
+                                   rank=reader, world_size=readers).start()
         self.mixer = LiveDiskMixer(self.live, self.disk, cfg.mix or 0.0,
                                    window=max(64, 32 * cfg.batch_size))
         self.prefetcher = DevicePrefetcher(self.mixer.get, self.device)
@@ -330,10 +319,11 @@ class Trainer:
             ckpt.sweep_temporaries(d)
         if d is None or not self.cfg.resume:
             return
-        path = ckpt.latest_checkpoint(d)
+        # The newest any rank's node holds, on every rank (trainer/resume.py).
+        path, state = newest_checkpoint(d, self.dist)
         if path is None:
             return
-        self.load_state(ckpt.load(path))
+        self.load_state(state)
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step,
                  extra={"checkpoint": str(path), "step": self.step,
@@ -370,6 +360,9 @@ class Trainer:
             "classes": list(self.classes),
             "counts": self.lifetime_counts(),
             "batch_size": self.cfg.batch_size,  # the unit of disk_position's batch index
+            # what `disk_position` counts in: a resume on another world size rescales it
+            "world_size": self.dist.world_size,
+            "disk_batches_per_epoch": self.disk_batches_per_epoch(),
         }
 
     def lifetime_counts(self) -> dict[str, int]:
@@ -387,11 +380,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.disk_position = tuple(int(x) for x in state["disk_position"])
-        saved_bs = int(state.get("batch_size") or self.cfg.batch_size)
-        if saved_bs != self.cfg.batch_size:  # the position counts batches of the saved size
-            epoch, k = self.disk_position
-            self.disk_position = (epoch, round(k * saved_bs / self.cfg.batch_size))
+        self.disk_position = self._disk_position_from(state)
         self.resumed_step = self.step
         self._restore_mix(state.get("mix"))
         counts = state.get("counts", {})
@@ -401,6 +390,37 @@ class Trainer:
         if how == "derived":
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
                      self.dist.rank)
+
+    def disk_batches_per_epoch(self, world_size: int | None = None,
+                               batch_size: int | None = None) -> int:
+        """Batches per epoch of one rank's disk shard, for `world_size` ranks and batches of
+        `batch_size` (defaults: this job's)."""
+        return len(group_batches(self.train_reader.schema_groups(),
+                                 batch_size or self.cfg.batch_size,
+                                 shuffle=False, seed=0, epoch=0, rank=0,
+                                 world_size=world_size or self.dist.world_size))
+
+    def _disk_position_from(self, state: dict) -> tuple[int, int]:
+        """The checkpoint's disk position, rescaled when it was written by another number of
+        ranks (a job resumed on another node count: topology.rescale_disk_position)."""
+        pos = tuple(int(x) for x in state["disk_position"])
+        saved_world = int(state.get("world_size", self.dist.world_size))
+        # ... or of another batch size (`mmctl batch`, --auto-batch): the position counts
+        # batches of the saved size
+        saved_bs = int(state.get("batch_size") or self.cfg.batch_size)
+        if saved_world == self.dist.world_size and saved_bs == self.cfg.batch_size:
+            return pos
+        saved = int(state.get("disk_batches_per_epoch")
+                    or self.disk_batches_per_epoch(saved_world, saved_bs))
+        new = rescale_disk_position(pos, saved, self.disk_batches_per_epoch())
+        log.info("resuming on %d ranks with batches of %d from a checkpoint of %d ranks with "
+                 "batches of %d: disk position (epoch %d, batch %d of %d) becomes (epoch %d, "
+                 "batch %d of %d)", self.dist.world_size, self.cfg.batch_size, saved_world,
+                 saved_bs, pos[0], pos[1], saved, new[0], new[1],
+                 self.disk_batches_per_epoch(),
+                 extra={"saved_world_size": saved_world, "world_size": self.dist.world_size,
+                        "saved_batch_size": saved_bs, "batch_size": self.cfg.batch_size})
+        return new
 
     def _restore_mix(self, saved) -> None:
         """The checkpoint's live fraction, unless --mix was given (the command line wins) or
@@ -637,13 +657,14 @@ class Trainer:
         Starved = the achieved live fraction fell below STARVED_BELOW of the target AND the
         mixer found no live batch ready when it wanted one: the ring delivers fewer samples
         than the mix asks at this training speed (not a short-lived swing of the window).
-        Rates count every rank (each rank reads its share of the ring)."""
+        Rates are per node: they count the node's ranks (each reads its share of the node's
+        ring, NOTE [live split] in topology.py), so they compare with that node's producer."""
         target = self.mixer.fraction
         if self.live is None or target <= 0:
             self.live_starved = False
             return {"live_in_per_s": None, "live_wanted_per_s": None, "live_starved": False,
                     "live_note": None}
-        w = self.dist.world_size
+        w = self.dist.local_world_size
         # Rounded once, so the sentence and the fields never disagree (4.95 vs "4.9").
         live_in = round((self.live.stats.samples - m.live_received) / elapsed * w, 2)
         wanted = round(target * samples_per_s * w, 2)
@@ -802,20 +823,32 @@ class Trainer:
         return round(self.total_wait_s / self.total_step_s, 4) if self.total_step_s else 0.0
 
     def rank_counts(self) -> list[dict]:
-        """Samples each rank trained on, live and disk (a collective: call on all ranks).
+        """What each rank trained on, one row per rank (a collective: call on all ranks).
 
-        The other counts in `summary` are this rank's; this is how rank 0's summary shows
-        that every rank read the ring as its own reader and trained on what it got.
+        The other counts in `summary` are this rank's; these rows show that every rank read
+        its own node's ring as its own reader (`node`, `ring_epoch`: the epoch of the producer
+        it read, `live_skipped`: samples of that ring left to the node's other ranks, NOTE
+        [live split] in topology.py) and that DDP kept the ranks in step (`weights_sum`, the
+        sum of every parameter, is the same on every rank; `loss` is the rank's own last one).
         """
-        t = torch.zeros(self.dist.world_size, 2, dtype=torch.float64)
-        t[self.dist.rank, 0], t[self.dist.rank, 1] = self.samples_live, self.samples_disk
-        if self.dist.enabled:
-            if self.device.type == "cuda":
-                t = t.to(self.device)
-            dist.all_reduce(t)  # each row is filled by one rank, zeros elsewhere
-            t = t.cpu()
-        return [{"rank": r, "samples_live": int(live), "samples_disk": int(disk)}
-                for r, (live, disk) in enumerate(t.tolist())]
+        live = self.live
+        reader = getattr(live, "reader", None) if live is not None else None
+        mine = {"rank": self.dist.rank, "node": self.dist.node,
+                "local_rank": self.dist.local_rank, "samples_live": self.samples_live,
+                "samples_disk": self.samples_disk,
+                "live_skipped": live.stats.skipped if live is not None else 0,
+                "ring_epoch": getattr(reader, "epoch", None), "generation": self.last_generation,
+                "loss": self.loss, "weights_sum": self.weights_sum()}
+        if not self.dist.enabled:
+            return [mine]
+        rows: list = [None] * self.dist.world_size
+        dist.all_gather_object(rows, mine)
+        return rows
+
+    @torch.no_grad()
+    def weights_sum(self) -> float:
+        """Sum of every parameter, in float64: equal on all ranks while DDP keeps them in sync."""
+        return float(sum(p.detach().double().sum().item() for p in self.model.parameters()))
 
     def summary(self) -> dict:
         """What the run ends with; a collective under torchrun (`rank_counts`): all ranks call it."""

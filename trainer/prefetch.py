@@ -64,6 +64,7 @@ class LoaderStats:
     reattached: int = 0      # every re-attach, whatever the cause (the two below included)
     relayouts: int = 0       # the producer moved the ring to a new layout (bigger slots)
     damaged: int = 0         # the ring was found damaged and left (RingDamaged)
+    skipped: int = 0         # live samples left to this ring's other readers (rank split)
     generations: set = field(default_factory=RecentGenerations)  # newest 256 seen
 
 
@@ -258,7 +259,9 @@ class RingLoader(_LoaderThread):
     batch is handed out when it is full, when a newer generation arrives (an older one will not
     come back), or when it has waited `max_wait_s` (a slow stream still gets trained on). A
     producer that goes away is a warning and a re-attach loop, never an exception. With `world_size > 1` every rank keeps
-    the samples whose `meta.index % world_size == rank`, so ranks do not train on duplicates.
+    the samples whose `meta.index % world_size == rank`, so ranks do not train on duplicates;
+    `rank`/`world_size` are this reader's place among the ring's readers (the trainer passes
+    LOCAL_RANK/LOCAL_WORLD_SIZE: the ring is its node's, NOTE [live split] in topology.py).
     """
 
     name = "ring loader"
@@ -399,6 +402,7 @@ class RingLoader(_LoaderThread):
                         f"ring {self.ring}: samples are GPU slot descriptors"))
                     continue
                 if self.world_size > 1 and meta.index % self.world_size != self.rank:
+                    self.stats.skipped += 1
                     continue
                 key = BatchKey(view.schema.schema_id, meta.generation)
                 o = buckets.get(key)
