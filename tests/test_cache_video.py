@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,59 @@ def test_preprocess_video_store_is_in_the_config_hash_so_another_store_redoes_re
     assert run("hevc")["reused"] == 6
     again = run("nv12")
     assert again["processed"] == 6 and again["stores"] == {"nv12": 6}
+
+
+def test_the_trainer_skips_counts_and_names_a_corrupt_record_and_trains_on(caches, tmp_path,
+                                                                           caplog):
+    import logging
+
+    from trainer.loop import Trainer, TrainConfig
+
+    cache = tmp_path / "h264"
+    shutil.copytree(caches["h264"], cache)
+    r = CacheReader(cache, "train")
+    bad = int(group(r)[0])
+    shard = corrupt_record(cache, r, bad)
+    n_train = len(r)
+    with caplog.at_level(logging.WARNING, logger="trainer.cache"):
+        tr = Trainer(TrainConfig(cache=cache, batch_size=4, epochs=2, checkpoint_dir=tmp_path))
+        try:
+            while tr.step < tr.total_steps:
+                assert tr.step_once(timeout=30.0)
+            summary = tr.summary()
+        finally:
+            tr.close()
+    assert summary["records_corrupt"] >= 1
+    assert summary["samples_disk"] <= 2 * (n_train - 1) and summary["steps"] == tr.total_steps
+    said = [rec.getMessage() for rec in caplog.records if "CRC" in rec.getMessage()]
+    assert len(said) == 1 and str(shard) in said[0] and f"record {bad} " in said[0]
+
+
+def test_dataloader_workers_drop_a_corrupt_record_and_the_parent_counts_it(caches, tmp_path):
+    # In a fresh process: DataLoader workers fork from the loader thread, and this test process
+    # has decoded video on its main thread (whose swscale context a forked child must never
+    # free: producer/modalities/_fork.py); a trainer process decodes no source video.
+    cache = tmp_path / "h264"
+    shutil.copytree(caches["h264"], cache)
+    r = CacheReader(cache, "train")
+    corrupt_record(cache, r, int(group(r)[1]))
+    script = textwrap.dedent(f"""
+        import json
+        from protocol.cache import CacheReader
+        from trainer.prefetch import WorkerDiskLoader
+        r = CacheReader({str(cache)!r}, "train")
+        loader = WorkerDiskLoader(r, 4, workers=1, epochs=1, shuffle=False).start()
+        got = 0
+        while (b := loader.get(60.0)) is not None:
+            got += b.n
+            b.release()
+        loader.close()
+        print(json.dumps({{"got": got, "records": len(r), "corrupt": loader.stats.corrupt,
+                          "exhausted": loader.exhausted}}))
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=240, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["exhausted"] and out["corrupt"] == 1 and out["got"] == out["records"] - 1
+    assert "CRC" in p.stderr  # the warning names it (logging's default stderr handler)

@@ -55,7 +55,7 @@ def modality_views(schema: SampleSchema, buf: torch.Tensor) -> dict[str, torch.T
         off = schema.offset(m.name)
         col = buf[:, off: off + m.nbytes]
         t = col.view(TORCH_DTYPES[m.dtype]) if m.dtype != "uint8" else col
-        out[m.name] = t.unflatten(1, m.shape)
+        out[m.name] = t.unflatten(1, m.stored_shape)
     return out
 
 
@@ -166,8 +166,16 @@ class HostBatch:
     def data(self) -> torch.Tensor:
         return self.buf[: self.n]
 
-    def inputs(self) -> dict[str, torch.Tensor]:
+    def views(self) -> dict[str, torch.Tensor]:
+        """Per-modality views of the rows as stored (packed layouts still packed)."""
         return modality_views(self.schema, self.data)
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """What the model takes: the views, packed modalities (NV12) unpacked on the buffer's
+        device (trainer/layouts.py)."""
+        from .layouts import unpack_inputs
+
+        return unpack_inputs(self.schema, self.views())
 
     def release(self) -> None:
         cb, self.on_release = self.on_release, None

@@ -46,6 +46,8 @@ from .adapt import ShapeAdapter
 from .datasets import LiveDiskMixer
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
+from .transforms import build_transform
+from .windows import TiledReader, TileSpec
 from .recent import RecentGenerations
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class TrainConfig:
     ring_start: str = "newest"
     resume: bool = True
     group: str | None = None            # checkpoint files 0640 of this group; else 0600
+    transform: tuple[str, ...] = ()     # --transform specs (trainer/transforms.py)
+    tiles: str | None = None            # --tiles INPUT=HxW[/S]: patch samples (trainer/windows.py)
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
     # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
     mix_source: str = field(default="default", init=False)
@@ -159,10 +163,21 @@ class Trainer:
             raise CacheError(f"{cfg.cache}: the cache has no 'train' records")
         self.val_reader = (CacheReader(cfg.cache, "val")
                            if "val" in self.train_reader.splits else None)
+        if cfg.tiles:  # patch samples read window by window (trainer/windows.py)
+            spec = TileSpec.parse(cfg.tiles)
+            self.train_reader = TiledReader(self.train_reader, spec)
+            if self.val_reader is not None:
+                self.val_reader = TiledReader(self.val_reader, spec)
         self.classes = self.train_reader.classes
-        schema = self.train_reader.schema(0)
+        schema = self.train_reader.schema(0).unpacked()  # NV12 video: the model sees RGB
         self.model = build_model(cfg.model, schema, len(self.classes)).to(self.device)
-        self.adapter = ShapeAdapter(expected_shapes(self.model, schema))
+        # --transform: on the device after the copy (trainer/transforms.py); the adapter then
+        # keeps inputs at the data's shapes and the transforms make the model's
+        self.transform = (build_transform(cfg.transform, schema, device=self.device,
+                                          seed=(cfg.seed + 1) * 1_000_003 + self.dist.rank)
+                          if cfg.transform else None)
+        self.adapter = ShapeAdapter(expected_shapes(self.model, schema) if self.transform is None
+                                    else {m.name: m.shape for m in schema.modalities})
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -298,6 +313,8 @@ class Trainer:
             "mix": self.mixer.fraction if hasattr(self, "mixer") else self.cfg.mix,
             "classes": list(self.classes),
             "counts": self.lifetime_counts(),
+            **({"transform_rng": self.transform.state_dict()["generator"]}
+               if self.transform is not None else {}),
         }
 
     def lifetime_counts(self) -> dict[str, int]:
@@ -321,6 +338,8 @@ class Trainer:
         counts = state.get("counts", {})
         self.lifetime_base = {k: int(counts.get(k, 0))
                               for k in ("live", "disk", "unlabelled", "bad_label")}
+        if self.transform is not None and "transform_rng" in state:
+            self.transform.load_state_dict({"generator": state["transform_rng"]})
         how = ckpt.restore_rng(state, self.dist.rank)
         if how == "derived":
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
@@ -371,7 +390,7 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _prepare(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _prepare(self, batch, train: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Model inputs and labels that no longer depend on the batch's host buffer.
 
         On the CPU the batch is a view of a pooled host buffer that the loader thread refills
@@ -386,7 +405,10 @@ class Trainer:
                 inputs[k] = v.to(torch.float32, copy=True)
         labels = batch.labels if batch.labels.device.type != "cpu" else batch.labels.clone()
         batch.release()
-        return self.adapter(inputs, batch.generation), labels
+        inputs = self.adapter(inputs, batch.generation)
+        if self.transform is not None:
+            inputs = self.transform(inputs) if train else self.transform.evaluate(inputs)
+        return inputs, labels
 
     def _usable(self, labels: torch.Tensor, batch) -> tuple[torch.Tensor, int]:
         """Targets for the loss (unusable labels -> IGNORE_LABEL) and how many are usable.
@@ -615,7 +637,7 @@ class Trainer:
                     if loader.exhausted:
                         break
                     continue
-                inputs, labels = self._prepare(b)
+                inputs, labels = self._prepare(b, train=False)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                     enabled=self.amp_dtype is not None):
                     pred = self.model(inputs).argmax(dim=1)
@@ -672,6 +694,7 @@ class Trainer:
             "ring_reattached": live.reattached if live else 0,
             "live_dropped": live.dropped if live else 0,
             "adapted_batches": self.adapter.adapted,
+            "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "rank": self.dist.rank, "world_size": self.dist.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "")
@@ -720,6 +743,7 @@ class Trainer:
             "stall_fraction": self.stall_fraction(),
             "live_fraction": round(self.mixer.achieved_total, 4),
             "copies_per_sample": self.copies_per_sample(),
+            "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "world_size": self.dist.world_size, "ranks": self.rank_counts(),
         }

@@ -30,11 +30,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from protocol.cache import compact_rows
 from protocol.errors import NotARing, ProducerGone, RingError, RingNotFound
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 
+from .corrupt import CorruptRecords
 from .gpu_ring import gpu_slot_refusal
+from .layouts import unpack_inputs
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
 from .recent import RecentGenerations
@@ -58,6 +61,7 @@ class LoaderStats:
     dropped: int = 0         # samples read but discarded (torn lossy read, partial at shutdown)
     reattached: int = 0
     generations: set = field(default_factory=RecentGenerations)  # newest 256 seen
+    corrupt: int = 0         # cache records skipped because their bytes were damaged
 
 
 class _LoaderThread:
@@ -173,6 +177,7 @@ class DiskLoader(_LoaderThread):
         self._labels = torch.as_tensor(reader.labels, dtype=torch.int64)
         self._depth = depth
         self._pools: PoolCache[BufferPool] = PoolCache(self._new_pool)
+        self._corrupt = CorruptRecords()  # damaged records skipped (trainer/corrupt.py)
 
     def batches_per_epoch(self) -> int:
         return len(group_batches(self._groups, self.batch_size, shuffle=False, seed=0, epoch=0,
@@ -206,13 +211,18 @@ class DiskLoader(_LoaderThread):
                     # training (warm batches skip this: fadvise walks the page cache per page)
                     self.reader.prefetch(plan[k + 1])
                 labels[: len(idx)] = self._labels[torch.from_numpy(idx)]
+                n = self._corrupt.drop_failed(buf, labels, len(idx), metas.failed)
+                self.stats.corrupt = self._corrupt.count
+                if n == 0:  # every record of the batch was damaged: nothing to train on
+                    pool.put(pair)
+                    continue
                 gen = int(metas.generation[0])
-                b = HostBatch(schema, gen, buf, labels, len(idx), live=0, copies=len(idx),
+                b = HostBatch(schema, gen, buf, labels, n, live=0, copies=n,
                               on_release=lambda pair=pair, pool=pool: pool.put(pair))
                 b.position = (epoch, k + 1)  # type: ignore[attr-defined]
                 self.stats.batches += 1
-                self.stats.samples += len(idx)
-                self.stats.copies += len(idx)
+                self.stats.samples += n
+                self.stats.copies += n
                 if not self._put(b):
                     return
             epoch, skip = epoch + 1, 0
@@ -447,10 +457,12 @@ class DevicePrefetcher:
         with torch.cuda.stream(self._stream):
             data = hb.data.to(self.device, non_blocking=True)
             labels = hb.labels[: hb.n].to(self.device, non_blocking=True)
+            # packed modalities (NV12) cross the bus packed and are unpacked on the device,
+            # on this stream: after their copy, before the event the step waits on
+            inputs = unpack_inputs(hb.schema, modality_views(hb.schema, data))
             ev = torch.cuda.Event()
             ev.record(self._stream)
-        db = DeviceBatch(hb.schema, hb.generation, modality_views(hb.schema, data), labels,
-                         hb.n, hb.live, hb.copies)
+        db = DeviceBatch(hb.schema, hb.generation, inputs, labels, hb.n, hb.live, hb.copies)
         self._in_flight.append((hb, ev))
         return db, ev
 
@@ -511,8 +523,13 @@ class _RawBatches(torch.utils.data.Dataset):
         idx = np.asarray(idx, dtype=np.int64)
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
-        self.reader.read_batch_into(idx, buf.numpy())
-        return buf, torch.as_tensor(self.reader.labels[idx], dtype=torch.int64), int(idx[0])
+        _, metas = self.reader.read_batch_into(idx, buf.numpy())
+        labels = torch.as_tensor(self.reader.labels[idx], dtype=torch.int64)
+        if metas.failed:  # dropped here; the parent reports them (WorkerDiskLoader._run)
+            keep = compact_rows(buf, len(idx), metas.failed, extra=(labels,))
+            buf, labels = buf[: len(keep)], labels[: len(keep)]
+        failed = [(f.record, str(f.error)) for f in metas.failed]
+        return buf, labels, int(idx[0]), failed
 
 
 def _identity(x):
@@ -560,10 +577,16 @@ class WorkerDiskLoader(DiskLoader):
         copies = 3 if pin else 2  # mmap -> worker tensor -> shared memory (-> pinned)
         it = iter(dl)
         try:
-            for buf, labels, first in it:
+            for buf, labels, first, failed in it:
                 if self._stop.is_set():
                     return
+                for record, message in failed:
+                    self._corrupt.report(record, message)
+                self.stats.corrupt = self._corrupt.count
                 n = buf.shape[0]
+                if n == 0:
+                    positions.popleft()
+                    continue
                 b = HostBatch(self.reader.schema(first), self.reader.meta(first).generation,
                               buf, labels, n, live=0, copies=copies * n)
                 b.position = positions.popleft()  # type: ignore[attr-defined]
