@@ -389,7 +389,7 @@ class BatchMeta(Sequence):
     """
 
     __slots__ = ("label", "timestamp_ns", "generation", "index", "source", "records", "cold",
-                 "failed")
+                 "failed", "deferred")
 
     def __init__(self, reader: "CacheReader", idx: np.ndarray, cold: int = 0,
                  failed: tuple = ()):
@@ -401,6 +401,7 @@ class BatchMeta(Sequence):
         self.source = reader._source[idx]
         self.cold = int(cold)
         self.failed: tuple[RecordFailure, ...] = tuple(failed)
+        self.deferred: tuple = ()  # (row, record, video blob) with read_batch_into(defer_video)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -679,7 +680,8 @@ class CacheReader:
                 raise CacheCorrupt(self._vdir, f"record {i}: shard ended early")
             done += got
 
-    def read_batch_into(self, indices, out2d: np.ndarray) -> tuple[SampleSchema, "BatchMeta"]:
+    def read_batch_into(self, indices, out2d: np.ndarray, *, defer_video: bool = False
+                        ) -> tuple[SampleSchema, "BatchMeta"]:
         """Read records `indices` into rows of `out2d` (uint8, (B, >= payload)); one schema only.
 
         Row j gets record indices[j]. Vectorised per batch (NOTE [batch reads]): index columns
@@ -689,6 +691,10 @@ class CacheReader:
         `metas[j]` builds a SampleMeta only when asked). Compressed (h264/hevc) records are
         decoded straight into their rows by `decode_threads` threads (NOTE [decoding records]);
         one whose bytes are damaged is listed in `BatchMeta.failed` instead of raising.
+        `defer_video`: compressed records get their other modalities only, and their checked
+        video blobs come back in `BatchMeta.deferred` as (row, record, blob bytes), for a
+        decoder on the GPU after the copy (trainer/nvdec.py); the rows' video bytes are left
+        undefined until then.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if (not isinstance(out2d, np.ndarray) or out2d.ndim != 2 or out2d.dtype != np.uint8
@@ -722,13 +728,17 @@ class CacheReader:
             packed = np.isin(self._store[idx], video_store.COMPRESSED)
             if packed.any():
                 rows = np.flatnonzero(packed)
-                failed, cold_count = self._decode_batch(idx[rows], rows, out2d, schema)
+                failed, cold_count, deferred = self._decode_batch(idx[rows], rows, out2d,
+                                                                  schema, defer_video)
                 positions = np.flatnonzero(~packed)
         if positions is None:
             positions = np.arange(len(idx))
+            deferred = []
         if len(positions):
             cold_count += self._copy_payloads(idx[positions], positions, out2d, n)
-        return schema, BatchMeta(self, idx, cold=cold_count, failed=failed)
+        meta = BatchMeta(self, idx, cold=cold_count, failed=failed)
+        meta.deferred = tuple(deferred)
+        return schema, meta
 
     def _copy_payloads(self, recs: np.ndarray, positions: np.ndarray, out2d: np.ndarray,
                        n: int) -> int:
@@ -769,7 +779,8 @@ class CacheReader:
         return self._pool
 
     def _decode_batch(self, recs: np.ndarray, rows: np.ndarray, out2d: np.ndarray,
-                      schema: SampleSchema) -> tuple[list[RecordFailure], int]:
+                      schema: SampleSchema, defer: bool = False
+                      ) -> tuple[list[RecordFailure], int, list]:
         shards, offs, sizes = self._shard[recs], self._offset[recs], self._nbytes[recs]
         resident = self._resident_records(shards, offs, sizes)
         cold = np.flatnonzero(~resident)
@@ -777,6 +788,15 @@ class CacheReader:
             os.posix_fadvise(self._fds[int(shards[k])], int(offs[k]), int(sizes[k]),
                              os.POSIX_FADV_WILLNEED)
         jobs = list(zip(recs.tolist(), rows.tolist(), resident.tolist()))
+        if defer:  # no decoding here: the rest into the rows, the blobs back to the caller
+            failed, deferred = [], []
+            for rec, row, warm in jobs:
+                got = self._blob_of(rec, out2d[row], schema, warm)
+                if isinstance(got, CorruptRecord):
+                    failed.append(RecordFailure(row, rec, got))
+                else:
+                    deferred.append((row, rec, got))
+            return failed, len(cold), deferred
 
         def run(share: list) -> list[RecordFailure]:
             out = []
@@ -788,14 +808,25 @@ class CacheReader:
 
         threads = min(self.decode_threads, len(jobs))
         if threads <= 1:
-            return run(jobs), len(cold)
+            return run(jobs), len(cold), []
         shares = [jobs[k::threads] for k in range(threads)]
         failed = [f for part in self._decoder_pool().map(run, shares) for f in part]
-        return failed, len(cold)
+        return failed, len(cold), []
 
-    def _decode_one(self, i: int, dst: np.ndarray, schema: SampleSchema,
-                    warm: bool) -> CorruptRecord | None:
-        """Decode compressed record i into dst (a row); the error instead of raising it."""
+    def _blob_of(self, i: int, dst: np.ndarray, schema: SampleSchema,
+                 warm: bool) -> "bytes | CorruptRecord":
+        """The checked video blob of compressed record i (a copy), its rest copied into dst."""
+        data = self._checked_bytes(i, warm)
+        if isinstance(data, CorruptRecord):
+            return data
+        try:
+            return bytes(video_store.copy_rest_into(schema, data, dst))
+        except (video_store.VideoStoreError, SchemaError) as e:
+            return self._corrupt(i, str(e))
+
+    def _checked_bytes(self, i: int, warm: bool) -> "np.ndarray | CorruptRecord":
+        """Record i's bytes (the map when cached, else this thread's scratch buffer), CRC
+        checked."""
         n = int(self._nbytes[i])
         if warm:
             data = self._record(i)
@@ -808,6 +839,14 @@ class CacheReader:
         if video_store.record_crc(data) != int(self._crc[i]):
             return self._corrupt(i, f"CRC-32 {video_store.record_crc(data):#010x} of its "
                                     f"{n} bytes, the index recorded {int(self._crc[i]):#010x}")
+        return data
+
+    def _decode_one(self, i: int, dst: np.ndarray, schema: SampleSchema,
+                    warm: bool) -> CorruptRecord | None:
+        """Decode compressed record i into dst (a row); the error instead of raising it."""
+        data = self._checked_bytes(i, warm)
+        if isinstance(data, CorruptRecord):
+            return data
         try:
             video_store.decode_record_into(schema, data, dst)
         except (video_store.VideoStoreError, SchemaError) as e:

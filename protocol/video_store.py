@@ -445,19 +445,27 @@ def record_crc(payload) -> int:
     return zlib.crc32(payload) & 0xFFFFFFFF
 
 
+def copy_rest_into(schema: SampleSchema, record, out_row: np.ndarray) -> np.ndarray:
+    """Copy a compressed record's other modalities to their places in `out_row`; returns the
+    video blob (a view of `record`), for a decoder elsewhere (the GPU's)."""
+    rec = np.frombuffer(record, np.uint8) if not isinstance(record, np.ndarray) else record
+    rest, off = rest_layout(schema)
+    if rest is not None:
+        views = schema.views(out_row)
+        for name, a in rest.views(rec[: rest.payload_nbytes]).items():
+            np.copyto(views[name], a)
+    return rec[off:]
+
+
 def decode_record_into(schema: SampleSchema, record, out_row: np.ndarray) -> None:
     """A compressed record's bytes -> the schema payload in `out_row` (uint8, >= payload bytes):
     the rest's modalities copied to their places, the video decoded into its place."""
-    rec = np.frombuffer(record, np.uint8) if not isinstance(record, np.ndarray) else record
-    rest, off = rest_layout(schema)
-    views = schema.views(out_row)
-    if rest is not None:
-        for name, a in rest.views(rec[: rest.payload_nbytes]).items():
-            np.copyto(views[name], a)
-    decode_video_into(rec[off:], views[VIDEO])
+    blob = copy_rest_into(schema, record, out_row)
+    decode_video_into(blob, schema.views(out_row)[VIDEO])
 
 
 __all__ = ["COMPRESSED", "DEFAULT_SETTINGS", "H264", "HEVC", "NV12_STORE", "RAW", "STORES",
-           "StoreSettings", "VIDEO", "VideoStoreError", "blob_info", "decode_record_into",
+           "StoreSettings", "VIDEO", "VideoStoreError", "blob_info", "copy_rest_into",
+           "decode_record_into",
            "decode_video_into", "encode_record", "encode_video", "nv12_to_rgb_swscale",
            "record_crc", "rest_layout", "store_of_record", "to_nv12"]

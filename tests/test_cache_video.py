@@ -286,3 +286,30 @@ def test_dataloader_workers_drop_a_corrupt_record_and_the_parent_counts_it(cache
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["exhausted"] and out["corrupt"] == 1 and out["got"] == out["records"] - 1
     assert "CRC" in p.stderr  # the warning names it (logging's default stderr handler)
+
+
+def test_raw_h264_and_nv12_caches_train_the_demo_video_to_the_same_accuracy_band(tmp_path):
+    """The demo's synthetic clips (class = shape and colour), video only so that the store is
+    what matters, trained the same way (seed, steps) from each store; val accuracy must be in
+    one band: each at least 0.75 and within 2 of the 12 val clips of raw's."""
+    from producer.synth import make_dataset
+
+    from trainer.loop import Trainer, TrainConfig
+
+    data = make_dataset(tmp_path / "ds", per_class={"train": 8, "val": 4}, seed=3, extras=False)
+    accuracy = {}
+    for store in ("raw", "h264", "nv12"):
+        cache = tmp_path / store
+        run_preprocess(data, cache, PipelineConfig(video_store=store, enabled={"video"}),
+                       workers=0, progress=False)
+        assert CacheReader(cache).store_counts() == {store: 36}
+        tr = Trainer(TrainConfig(cache=cache, batch_size=8, steps=45, lr=3e-3, seed=0,
+                                 checkpoint_dir=tmp_path / f"ck-{store}"))
+        try:
+            while tr.step < 45:
+                assert tr.step_once(timeout=30.0)
+            accuracy[store] = tr.evaluate()
+        finally:
+            tr.close()
+    assert min(accuracy.values()) >= 0.75, accuracy
+    assert all(abs(a - accuracy["raw"]) <= 2 / 12 + 1e-9 for a in accuracy.values()), accuracy

@@ -161,6 +161,7 @@ class HostBatch:
     live: int = 0
     copies: int = 0
     on_release: Callable[[], None] | None = field(default=None, repr=False)
+    _inputs: dict | None = field(default=None, init=False, repr=False)
 
     @property
     def data(self) -> torch.Tensor:
@@ -172,10 +173,18 @@ class HostBatch:
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """What the model takes: the views, packed modalities (NV12) unpacked on the buffer's
-        device (trainer/layouts.py)."""
+        device (trainer/layouts.py); `unpack_now` may have done it already."""
+        if self._inputs is not None:
+            return self._inputs
         from .layouts import unpack_inputs
 
         return unpack_inputs(self.schema, self.views())
+
+    def unpack_now(self) -> None:
+        """Unpack packed modalities here and keep the result for `inputs()`: a CPU trainer's
+        loader thread calls it, so NV12 -> RGB overlaps the step instead of stalling it."""
+        if self.schema.packed and self._inputs is None:
+            self._inputs = self.inputs()
 
     def release(self) -> None:
         cb, self.on_release = self.on_release, None

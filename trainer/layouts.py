@@ -31,25 +31,33 @@ from protocol.schema import SampleSchema, parse_layout
 _K = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 
 
-def _upsample_chroma(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(N, ceil(H/2), ceil(W/2)) chroma -> float32 (N, H, W) (siting: module docstring)."""
-    return F.interpolate(c.float().unsqueeze(1), size=(h, w), mode="bilinear",
-                         align_corners=False).squeeze(1)
+def _upsample_chroma(c: torch.Tensor, h: int, w: int, siting: str = "center") -> torch.Tensor:
+    """(N, ceil(H/2), ceil(W/2)) chroma -> float32 (N, H, W). "center": samples centred in
+    both directions (the NV12 store; module docstring). "left": H.264/HEVC's default, what a
+    decoder reports and swscale follows for decoded frames: centred vertically, co-sited with
+    the even luma columns horizontally (odd columns average their two neighbours)."""
+    if siting == "center":
+        return F.interpolate(c.float().unsqueeze(1), size=(h, w), mode="bilinear",
+                             align_corners=False).squeeze(1)
+    n, ch, cw = c.shape
+    cv = F.interpolate(c.float().unsqueeze(1), size=(2 * ch, cw), mode="bilinear",
+                       align_corners=False).squeeze(1)
+    out = torch.empty((n, 2 * ch, 2 * cw), dtype=torch.float32, device=c.device)
+    out[..., 0::2] = cv
+    out[..., 1:-1:2] = (cv[..., :-1] + cv[..., 1:]) * 0.5
+    out[..., -1] = cv[..., -1]
+    return out[..., :h, :w]
 
 
-def nv12_to_rgb(planes: torch.Tensor, height: int, width: int, matrix: str = "bt601",
-                color_range: str = "limited") -> torch.Tensor:
-    """uint8 NV12 planes (..., nv12_frame_bytes(H, W)) -> uint8 RGB (..., 3, H, W), on the
-    planes' device; one batched computation for every frame of every sample."""
+def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str = "bt601",
+                  color_range: str = "limited", siting: str = "center") -> torch.Tensor:
+    """uint8 planes y (N, H, W), u and v (N, ceil(H/2), ceil(W/2)) -> uint8 RGB (N, 3, H, W)."""
+    height, width = y.shape[-2:]
     kr, kb = _K[matrix]
     kg = 1.0 - kr - kb
-    lead = planes.shape[:-1]
-    flat = planes.reshape(-1, planes.shape[-1])
-    ch, cw = (height + 1) // 2, (width + 1) // 2
-    y = flat[:, : height * width].reshape(-1, height, width).float()
-    uv = flat[:, height * width:].reshape(-1, ch, cw, 2)
-    u = _upsample_chroma(uv[..., 0], height, width) - 128.0
-    v = _upsample_chroma(uv[..., 1], height, width) - 128.0
+    y = y.float()
+    u = _upsample_chroma(u, height, width, siting) - 128.0
+    v = _upsample_chroma(v, height, width, siting) - 128.0
     if color_range == "limited":
         y = (y - 16.0) * (255.0 / 219.0)
         u = u * (255.0 / 224.0)
@@ -57,7 +65,20 @@ def nv12_to_rgb(planes: torch.Tensor, height: int, width: int, matrix: str = "bt
     rgb = torch.stack((y + 2 * (1 - kr) * v,
                        y - 2 * (1 - kb) * kb / kg * u - 2 * (1 - kr) * kr / kg * v,
                        y + 2 * (1 - kb) * u), dim=-3)
-    return rgb.round_().clamp_(0, 255).to(torch.uint8).reshape(*lead, 3, height, width)
+    return rgb.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def nv12_to_rgb(planes: torch.Tensor, height: int, width: int, matrix: str = "bt601",
+                color_range: str = "limited") -> torch.Tensor:
+    """uint8 NV12 planes (..., nv12_frame_bytes(H, W)) -> uint8 RGB (..., 3, H, W), on the
+    planes' device; one batched computation for every frame of every sample."""
+    lead = planes.shape[:-1]
+    flat = planes.reshape(-1, planes.shape[-1])
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    y = flat[:, : height * width].reshape(-1, height, width)
+    uv = flat[:, height * width:].reshape(-1, ch, cw, 2)
+    rgb = yuv420_to_rgb(y, uv[..., 0], uv[..., 1], matrix, color_range)
+    return rgb.reshape(*lead, 3, height, width)
 
 
 def unpack_inputs(schema: SampleSchema, inputs: dict[str, torch.Tensor]
@@ -76,4 +97,4 @@ def unpack_inputs(schema: SampleSchema, inputs: dict[str, torch.Tensor]
     return out
 
 
-__all__ = ["nv12_to_rgb", "unpack_inputs"]
+__all__ = ["nv12_to_rgb", "unpack_inputs", "yuv420_to_rgb"]

@@ -47,6 +47,7 @@ from .datasets import LiveDiskMixer
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
 from .transforms import build_transform
+from .nvdec import nvdec_refusal
 from .windows import TiledReader, TileSpec
 from .recent import RecentGenerations
 
@@ -241,6 +242,15 @@ class Trainer:
             raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(self.device)} has no bf16")
         return None
 
+    def _nvdec(self, reader) -> bool:
+        """Decode the cache's h264/hevc clips with NVDEC after the copy (trainer/nvdec.py)?"""
+        if not getattr(reader, "has_compressed", False) or self.device.type != "cuda":
+            return False
+        why = nvdec_refusal(self.device)
+        if why is not None:
+            log.info("compressed video decoded by the loader threads on the CPU: %s", why)
+        return why is None
+
     def _open_sources(self) -> None:
         cfg, d = self.cfg, self.dist
         common = dict(shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
@@ -249,7 +259,8 @@ class Trainer:
             self.disk = WorkerDiskLoader(self.train_reader, cfg.batch_size, workers=cfg.workers,
                                          **common).start()
         else:
-            self.disk = DiskLoader(self.train_reader, cfg.batch_size, **common).start()
+            self.disk = DiskLoader(self.train_reader, cfg.batch_size,
+                                   defer_video=self._nvdec(self.train_reader), **common).start()
         self.live = None
         if cfg.ring and self.device.type == "cuda":
             # GPU slot rings by device copies, host rings as RingLoader (trainer/gpu_loader.py).
@@ -627,7 +638,8 @@ class Trainer:
             return None
         self.model.eval()
         loader = DiskLoader(self.val_reader, self.cfg.batch_size, shuffle=False, epochs=1,
-                            rank=self.dist.rank, world_size=self.dist.world_size).start()
+                            rank=self.dist.rank, world_size=self.dist.world_size,
+                            defer_video=self.disk.defer_video).start()
         pf = DevicePrefetcher(loader.get, self.device)
         correct = total = 0
         try:

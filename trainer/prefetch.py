@@ -38,6 +38,7 @@ from protocol.schema import SampleSchema
 from .corrupt import CorruptRecords
 from .gpu_ring import gpu_slot_refusal
 from .layouts import unpack_inputs
+from .nvdec import decode_deferred
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
 from .recent import RecentGenerations
@@ -165,9 +166,12 @@ class DiskLoader(_LoaderThread):
 
     def __init__(self, reader, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None):
+                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None,
+                 defer_video: bool = False):
         super().__init__(depth)
         self.reader = reader
+        # compressed clips left for the device to decode after the copy (trainer/nvdec.py)
+        self.defer_video = defer_video
         self.batch_size = batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epochs = epochs
@@ -205,7 +209,10 @@ class DiskLoader(_LoaderThread):
                         return
                     pair = pool.get(timeout=_POLL_S)
                 buf, labels = pair
-                _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                if self.defer_video:
+                    _, metas = self.reader.read_batch_into(idx, buf.numpy(), defer_video=True)
+                else:
+                    _, metas = self.reader.read_batch_into(idx, buf.numpy())
                 if metas.cold and k + 1 < len(plan):
                     # reading from disk: start the next batch's reads now, behind this one's
                     # training (warm batches skip this: fadvise walks the page cache per page)
@@ -220,12 +227,25 @@ class DiskLoader(_LoaderThread):
                 b = HostBatch(schema, gen, buf, labels, n, live=0, copies=n,
                               on_release=lambda pair=pair, pool=pool: pool.put(pair))
                 b.position = (epoch, k + 1)  # type: ignore[attr-defined]
+                deferred = getattr(metas, "deferred", ())
+                if deferred and metas.failed:  # rows moved by drop_failed: follow them
+                    deferred = _follow_moves(deferred, metas.failed, len(idx))
+                b.deferred = deferred  # type: ignore[attr-defined]
+                if schema.packed and not buf.is_pinned():
+                    b.unpack_now()  # CPU trainer: NV12 -> RGB here, beside the step
                 self.stats.batches += 1
                 self.stats.samples += n
                 self.stats.copies += n
                 if not self._put(b):
                     return
             epoch, skip = epoch + 1, 0
+
+
+def _follow_moves(deferred, failed, n: int) -> tuple:
+    """Deferred clips' rows after `compact_rows` moved good rows into the failed ones' places."""
+    keep = compact_rows(np.zeros((n, 0), np.uint8), n, failed)
+    where = {int(src): dst for dst, src in enumerate(keep.tolist())}
+    return tuple((where[row], rec, blob) for row, rec, blob in deferred if row in where)
 
 
 class RingLoader(_LoaderThread):
@@ -450,13 +470,18 @@ class DevicePrefetcher:
             labels = hb.labels[: hb.n].to(self.device)
             return DeviceBatch(hb.schema, hb.generation, hb.inputs(), labels, hb.n, hb.live,
                                hb.copies, host=hb), None
+        deferred = getattr(hb, "deferred", None)  # compressed clips to decode after the copy
         if not self.cuda:
+            if deferred:
+                decode_deferred(hb.schema, hb.data, deferred)
             db = DeviceBatch(hb.schema, hb.generation, hb.inputs(), hb.labels[: hb.n], hb.n,
                              hb.live, hb.copies, host=hb)
             return db, None
         with torch.cuda.stream(self._stream):
             data = hb.data.to(self.device, non_blocking=True)
             labels = hb.labels[: hb.n].to(self.device, non_blocking=True)
+            if deferred:  # NVDEC into the rows on the device (trainer/nvdec.py)
+                decode_deferred(hb.schema, data, deferred)
             # packed modalities (NV12) cross the bus packed and are unpacked on the device,
             # on this stream: after their copy, before the event the step waits on
             inputs = unpack_inputs(hb.schema, modality_views(hb.schema, data))
