@@ -17,7 +17,9 @@ Layout (`DIR` is the cache directory)::
       shard-NNNNN.bin             payloads; each record starts at a        appended, ftruncated
                                   multiple of RECORD_ALIGN (4096) so reads  to a 4096 multiple,
                                   are page aligned (O_DIRECT-friendly);     fsync'd; rolls over at
-                                  zero padding between records              shard_bytes (1 GiB)
+                                  zero padding between records; compressed  shard_bytes (1 GiB)
+                                  (h264/hevc) records start at multiples
+                                  of PACKED_ALIGN (64) instead
       index.npy                   np.save of INDEX_DTYPE rows, one per      once, at commit
                                   record, in record order (see below)
       schemas.json                {"<schema_id>": "<SampleSchema.encode()>"}  once per schema
@@ -26,7 +28,8 @@ Layout (`DIR` is the cache directory)::
                                   skip samples whose files did not change
       manifest.json               magic, format_version, version, created,  at commit, last file
                                   classes, splits, counts, records, shards  of the version
-                                  (file + nbytes), config_hash
+                                  (file + nbytes), config_hash, stores
+                                  (records per video store), video_store
 
     INDEX_DTYPE (packed, little-endian, 129 bytes a record; format 1 had the first 124)
     field         type  meaning

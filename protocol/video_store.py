@@ -42,12 +42,13 @@ Settings (`DEFAULT_SETTINGS`, chosen by measurement, `python -m bench.video_stor
 BENCHMARKS.md `## video store`): libx264 crf 20 preset medium, libx265 crf 22 preset medium; GOP
 = the clip (one IDR, no scene cuts), B-frames as the preset has them (they decode inside the
 clip), frame rate tagged 25 (x264's rate control depends on it; fixed so crf means one thing).
-Measured on 8-frame clips (dev machine, loaded): real footage (intel_car-detection.mp4) at
-224x224 h264 crf 20 = 5.4 KB a clip, 224x raw, 43.9 dB (min 41.9); crf 23 = 315x, 42.7 dB (min
-40.2); crf 18 = 172x, 44.8 dB. The demo's synthetic clips (64x48, +-12 levels of per-pixel
-noise that no codec keeps): crf 20 = 31.7x, 31.0 dB (min 25.3). Preset veryfast made files
-within 5% of medium's at 0.2 dB less; decode times differed less than the load's noise.
-hevc crf 22 = 237x, 43.6 dB on the same real clips (x265's headers cost more on tiny clips).
+Measured on 8-frame clips (BENCHMARKS.md `## video store`, the sweep): real footage
+(intel_car-detection.mp4) at 224x224, h264 crf 20 = 5.4 KB a clip, 224x smaller than raw, 43.9
+dB PSNR (worst clip 41.9); crf 23 = 316x, 42.7 dB (40.1); crf 18 = 172x, 44.7 dB. The demo's
+synthetic clips (64x48 with +-12 levels of per-pixel noise that no codec keeps): crf 20 = 31.9x,
+30.5 dB (24.8). Preset veryfast made files within 5% of medium's at 0.2 dB less; decode times
+differed less than the (loaded) machine's noise. hevc crf 22 = 237x, 43.6 dB on the same real
+clips (x265's headers cost more on tiny clips: 22.6x on the demo's).
 
 A compressed video is kept only when it is smaller than the raw clip (noise does not compress);
 otherwise the record is stored raw and the notes say so: a cache may mix stores.

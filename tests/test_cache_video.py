@@ -74,7 +74,7 @@ def test_an_h264_cache_decodes_every_record_close_to_the_raw_cache(caches):
         va, vb = schema.views(a[j]), schema.views(b[j])
         for name in schema.names:
             if name == "video":
-                assert psnr(va[name], vb[name]) > 24.0  # noisy synthetic clips
+                assert psnr(va[name], vb[name]) > 22.0  # noisy synthetic clips
             else:  # the other modalities are stored as they are
                 np.testing.assert_array_equal(va[name], vb[name])
     video_bytes = schema.spec("video").nbytes
@@ -107,7 +107,7 @@ def test_one_cache_mixes_stores_and_the_index_says_which_record_is_which(tmp_pat
     assert not metas.failed
     ref, _ = batch(src, picked[plain])
     for j in range(len(plain)):
-        assert psnr(schema.views(out[j])["video"], schema.views(ref[j])["video"]) > 24.0
+        assert psnr(schema.views(out[j])["video"], schema.views(ref[j])["video"]) > 22.0
         np.testing.assert_array_equal(schema.views(out[j])["lidar"], schema.views(ref[j])["lidar"])
     nv12 = r.schema(int(next(iter(g for g in groups.values() if len(g) == 1))[0]))
     assert nv12.packed and nv12.unpacked() == schema

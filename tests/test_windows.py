@@ -199,3 +199,16 @@ def test_mm_trainer_trains_on_tiles_of_a_grid(tmp_path):
     finally:
         tr.close()
     assert seen == {(2, 3, 8, 8)}
+
+
+def test_mm_trainer_refuses_a_bad_tiles_spec_before_starting(big_cache, tmp_path):
+    import subprocess
+
+    cache, _ = big_cache
+    mm_trainer = Path(sys.executable).parent / "mm-trainer"
+    for spec, said in (("lidar", "expected INPUT=HxW"),
+                       ("radar=8x8", "no record of")):
+        p = subprocess.run([str(mm_trainer), "run", "--cache", str(cache), "--steps", "1",
+                            "--checkpoint-dir", str(tmp_path), "--tiles", spec],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and said in p.stderr, p.stderr
