@@ -200,3 +200,28 @@ def test_mm_trainer_refuses_a_bad_transform_before_starting(cache, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "--transform: random_crop=99x99@video: larger than the 16x16 input" in p.stderr
+
+
+def test_under_torchrun_each_rank_resumes_its_own_transform_draws(cache, tmp_path):
+    from trainer.loop import Dist
+
+    tr = Trainer(TrainConfig(cache=cache, batch_size=8, checkpoint_dir=tmp_path,
+                             transform=("flip",)))
+    try:
+        states = []
+        for seed in (1, 2):  # what two ranks' generators held at the checkpoint
+            tr.transform.generator.manual_seed(seed)
+            states.append(tr._rank_rng_state())
+        saved = {"transform_rng": states[0]["transform"], "rng_ranks": states}
+        tr.dist = Dist(rank=1, world_size=2)
+        tr._restore_transform_rng(saved)
+        assert torch.equal(tr.transform.generator.get_state(), states[1]["transform"])
+        tr.dist = Dist(rank=3, world_size=4)  # a rank with nothing saved derives its own
+        tr._restore_transform_rng(saved)
+        derived = tr.transform.generator.get_state()
+        assert not any(torch.equal(derived, s["transform"]) for s in states)
+        tr._restore_transform_rng(saved)
+        assert torch.equal(tr.transform.generator.get_state(), derived)
+    finally:
+        tr.dist = Dist()
+        tr.close()

@@ -349,12 +349,34 @@ class Trainer:
         counts = state.get("counts", {})
         self.lifetime_base = {k: int(counts.get(k, 0))
                               for k in ("live", "disk", "unlabelled", "bad_label")}
-        if self.transform is not None and "transform_rng" in state:
-            self.transform.load_state_dict({"generator": state["transform_rng"]})
+        self._restore_transform_rng(state)
         how = ckpt.restore_rng(state, self.dist.rank)
         if how == "derived":
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
                      self.dist.rank)
+
+    def _rank_rng_state(self) -> dict:
+        """This rank's RNG states for `rng_ranks`: the global ones plus the transforms'."""
+        state = ckpt.rng_state()
+        if self.transform is not None:
+            state["transform"] = self.transform.state_dict()["generator"]
+        return state
+
+    def _restore_transform_rng(self, state: dict) -> None:
+        """The transforms' generator where this rank left it (its `rng_ranks` entry, rank 0's
+        `transform_rng`); a rank without a saved one derives its own from rank 0's, so ranks
+        never draw the same augmentations."""
+        if self.transform is None or "transform_rng" not in state:
+            return
+        per_rank = state.get("rng_ranks") or []
+        mine = per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else None
+        if mine is not None and "transform" in mine:
+            self.transform.load_state_dict({"generator": mine["transform"]})
+        elif self.dist.rank == 0:
+            self.transform.load_state_dict({"generator": state["transform_rng"]})
+        else:
+            seed = int.from_bytes(state["transform_rng"].numpy().tobytes()[-8:], "little")
+            self.transform.generator.manual_seed((seed + 7919 * self.dist.rank) % 2**63)
 
     def _restore_mix(self, saved) -> None:
         """The checkpoint's live fraction, unless --mix was given (the command line wins) or
@@ -386,7 +408,7 @@ class Trainer:
         rngs = None
         if self.dist.enabled:  # every rank's RNG state, so each resumes its own streams
             rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, ckpt.rng_state())
+            dist.all_gather_object(rngs, self._rank_rng_state())
         if self.dist.rank == 0:
             state = self.state_dict()
             if rngs is not None:
