@@ -56,7 +56,8 @@ class CacheDataset(Dataset):
     the reader's threads; NV12 video is converted to RGB here (on the CPU; to do it on your GPU
     instead, pass `unpack=False` and call `trainer.layouts.unpack_inputs(schema, inputs)` after
     `.to(device)`). A damaged record is left out of its batch, counted in `corrupt.count` and
-    logged once (trainer/corrupt.py): a batch may then be shorter than asked.
+    logged once (trainer/corrupt.py): a batch may then be shorter than asked; `ds[i]` of a
+    damaged record raises CorruptRecord (naming record, sample and shard file).
 
     `transform` (trainer/transforms.py `build_transform`, the object `--transform` makes): applied
     to each batch `__getitems__` returns, after uint8 inputs became float in [0, 1] as in the
