@@ -368,7 +368,8 @@ class CacheWriter:
             self._rows.append((
                 int(r["offset"]), int(r["nbytes"]), int(r["schema_id"]), int(r["timestamp_ns"]),
                 int(r["index"]), int(r["shard"]), int(r["label"]), int(r["generation"]), key_id,
-                self._split_id(splits[int(r["split"])]), bytes(r["source"])))
+                self._split_id(splits[int(r["split"])]), bytes(r["source"]), int(r["store"]),
+                int(r["crc32"])))
         self._carried += len(prev.index)
         return len(prev.index)
 
