@@ -29,6 +29,7 @@ import numpy as np
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
+from ..ffmpeg_graph import scale_args
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
 from ._demux import decoded_frames
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 #: of 16 (e.g. 24, 36, 120: up to 50 levels off; test_planar_conversion_is_right_at_every_width).
 #: ACCURATE_RND takes the correct path; it is also what makes swscale round like the torch path.
 INTERPOLATION = av.video.reformatter.Interpolation.BILINEAR | av.video.reformatter.Interpolation.ACCURATE_RND
-_GRAPH_FLAGS = "bilinear+accurate_rnd"
 _warned_no_cuda = False
 
 
@@ -174,7 +174,7 @@ class _Converter:
         src = g.add_buffer(width=src_w, height=src_h, format=frame.format,
                            time_base=frame.time_base or "1/1000")
         crop = g.add("crop", f"{w}:{h}:{x}:{y}:exact=1")
-        scale = g.add("scale", f"{self.out_w}:{self.out_h}:flags={_GRAPH_FLAGS}")
+        scale = g.add("scale", scale_args(self.out_w, self.out_h))
         fmt = g.add("format", self.fmt)
         sink = g.add("buffersink")
         src.link_to(crop)
