@@ -42,6 +42,7 @@ from protocol.control import (
     keygen as write_keys,
 )
 from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
+from protocol.ffmpeg_chain import ChainError, parse_chain
 from protocol.filters import FilterSpec
 from protocol.stages import bottleneck
 
@@ -371,15 +372,26 @@ def top(ctl: Ctl, once: bool, interval: float) -> None:
 
 
 @main.command("filter")
-@click.argument("spec")
+@click.argument("spec", required=False)
+@click.option("--ffmpeg", "chain", metavar="CHAIN", default=None,
+              help="An FFmpeg filter chain run on decoded frames before SPEC, e.g. "
+                   "'yadif,scale=640:480' (or 'yadif_cuda,scale_cuda=640:480' on a GPU "
+                   "producer); only filters that transform frames are accepted. 'none' clears.")
 @pass_ctl
-def filter_(ctl: Ctl, spec: str) -> None:
-    """Set the video filter SPEC (gray, rgb, resize=WxH, crop=WxH[+X+Y], fps=R; comma-separated)."""
-    try:
-        FilterSpec.parse(spec)  # a fast, clear error without a round trip
-    except FilterSpecError as e:
+def filter_(ctl: Ctl, spec: str | None, chain: str | None) -> None:
+    """Set the video filter SPEC (gray, rgb, resize=WxH, crop=WxH[+X+Y], fps=R; comma-separated)
+    and/or an FFmpeg chain (--ffmpeg); either makes a new generation."""
+    if spec is None and chain is None:
+        ctl.fail(EXIT_USAGE, "filter: give SPEC (e.g. gray) and/or --ffmpeg CHAIN", "bad_argument")
+    try:  # a fast, clear error without a round trip
+        if spec is not None:
+            FilterSpec.parse(spec)
+        if chain is not None and chain.strip().lower() != "none":
+            parse_chain(chain)
+    except (FilterSpecError, ChainError) as e:
         ctl.fail(EXIT_USAGE, str(e), e.code)
-    _changed(ctl, "producer", ctl.call("producer", "filter", spec=spec))
+    args = {k: v for k, v in (("spec", spec), ("ffmpeg", chain)) if v is not None}
+    _changed(ctl, "producer", ctl.call("producer", "filter", **args))
 
 
 @main.command()

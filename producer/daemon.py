@@ -87,6 +87,10 @@ from .ring_keeper import RingKeeper
 from .pipeline import Pipeline, PipelineConfig
 from .demux import ClipSettings
 from .modalities import audio
+from .modalities.ffmpeg_chain_run import prove_chain
+from . import ffmpeg_graph, video_route
+from .video_route import VideoRoute
+from protocol.ffmpeg_chain import parse_chain
 from .sources import (Clip, DatasetReplay, MediaSource, SourceError, WatchFolder,
                       open_source)
 
@@ -456,6 +460,7 @@ class ProducerDaemon:
                 reader.switch(gen)  # from the next clip boundary on (NOTE in demux.py)
         if reader is None:
             start = gen.config.segment[0] if gen.config.segment else 0.0
+            self._video_route()  # the source takes the route at this open
             self._clip_reader = reader = _ClipReader(src, gen, start,
                                                      gen.config.audio.sample_rate,
                                                      self.stages.stage("demux_decode", "source"))
@@ -750,7 +755,7 @@ class ProducerDaemon:
             "dropped": stats.dropped,
             "heartbeat_age_s": round(stats.heartbeat_age_s, 3),
             "ring_memory": self._ring_memory(),
-            "video_decode": "nvdec" if self.video_device == "cuda" else "cpu",
+            **self._video_route().status(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
         }
@@ -785,6 +790,32 @@ class ProducerDaemon:
 
     def _pipeline(self, config: PipelineConfig) -> Pipeline:
         return Pipeline(config, video_device=self.video_device, timer=self.stages)
+
+    def _video_route(self) -> VideoRoute:
+        """What decodes and filters this source's video now (video_route.py); a media source
+        is told, and takes it at its next open."""
+        cfg, src = self.gens.current.config, self._source
+        media = isinstance(src, MediaSource)
+        want = self.video_device == "cuda"
+        info = src.info if media else None
+        route = video_route.choose(
+            want_cuda=want, media=media, spec=cfg.filter, chain=cfg.ffmpeg_chain,
+            chain_cuda=bool(cfg.ffmpeg_chain and parse_chain(cfg.ffmpeg_chain).needs_cuda),
+            child_refusal=ffmpeg_graph.cached_cuda_refusal() if want and media else None,
+            needs_audio=bool(media and info and info.has_audio and "audio" in self.gens.enabled()),
+            frame_size_known=info is not None)
+        if media and route != src.video_route:
+            if src.video_route is None or route.why != src.video_route.why:
+                log.info(f"video route: {route.decoder} decode, {route.filters} filters: "
+                         f"{route.why}")
+            src.video_route = route
+        return route
+
+    def _cuda_child_ok(self) -> bool:
+        """Whether an operator chain with CUDA filters can run: on the ffmpeg CUDA child,
+        which serves a media source on a GPU ring when this ffmpeg has the CUDA filters."""
+        return (self.video_device == "cuda" and isinstance(self._source, MediaSource)
+                and ffmpeg_graph.cached_cuda_refusal() is None)
 
     def _ring_memory(self) -> str:
         """"gpu" when samples go into CUDA IPC slots (the ring carries descriptors), else "host"."""
@@ -842,8 +873,19 @@ class ProducerDaemon:
                                         tuple(self.gens.facts.classes))
         return self._recorder.status()
 
-    def on_filter(self, spec: str) -> dict:
-        return self._change(self.gens.propose_filter(spec))
+    def on_filter(self, spec: str | None = None, ffmpeg: str | None = None) -> dict:
+        if spec is None and ffmpeg is None:
+            raise BadArgument("filter: give a filter spec (`mmctl filter gray`) and/or an FFmpeg "
+                              "chain (`mmctl filter --ffmpeg 'yadif,scale=640:480'`)")
+        gen = self.gens.propose_filter(spec or "", ffmpeg, cuda_child=self._cuda_child_ok())
+        chain = gen.config.ffmpeg_chain
+        if chain and chain != self.gens.current.config.ffmpeg_chain \
+                and not isinstance(self._source, DatasetReplay):
+            # a stream has no proof sample: FFmpeg builds and runs the chain on a frame of the
+            # stream's size now, so a chain it rejects never reaches the reader thread
+            info = getattr(self._source, "info", None)
+            prove_chain(chain, *((info.width, info.height) if info else (640, 480)))
+        return self._change(gen)
 
     def on_sensor(self, input: str, stem: str) -> dict:  # noqa: A002 - the wire name
         self._refresh_facts()
@@ -1272,7 +1314,8 @@ class _ClipReader:
     def switch(self, gen: Generation) -> None:
         # One attribute store: the decoding thread reads it whole at its next clip boundary.
         c = gen.config
-        self._settings = ClipSettings(c.filter, c.clip_frames, c.segment, gen)
+        self._settings = ClipSettings(c.filter, c.clip_frames, c.segment, gen,
+                                      chain=c.ffmpeg_chain)
         self.generation = gen.number
 
     def _run(self, source: MediaSource, start: float, audio_rate: int) -> None:

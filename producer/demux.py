@@ -37,6 +37,7 @@ from protocol.filters import FilterSpec
 
 from .modalities import video
 from .modalities._demux import demuxed
+from .modalities.ffmpeg_chain_run import ChainRunner
 
 #: How far (s) the video may run past a finished clip's end before the clip is handed out
 #: without waiting any longer for its audio.
@@ -58,6 +59,7 @@ class ClipSettings:
     frames: int
     window: tuple[float, float] | None = None   # pts window (s): frames before it are skipped
     tag: Any = None
+    chain: str | None = None   # an operator's FFmpeg chain, run on every decoded frame first
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,7 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
 
         cur = settings()
         conv = video.FrameConverter(cur.spec)
+        runner = ChainRunner(cur.chain) if cur.chain else None
         buf: np.ndarray | None = None
         k, t0, last_t, next_t = 0, 0.0, None, None
         n_frames = 0
@@ -225,7 +228,12 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                                 window.append(rf.to_ndarray().reshape(-1))
                         yield from ready(False)
                         continue
-                    for frame in packet.decode():
+                    if k == 0 and runner is not None and runner.chain.text != settings().chain:
+                        runner = None   # a chain change, at a clip boundary (below)
+                    if k == 0 and runner is None and settings().chain:
+                        runner = ChainRunner(settings().chain)
+                    decoded = packet.decode()
+                    for frame in (runner.push(decoded) if runner is not None else decoded):
                         t = frame.time
                         lo = max(start_s, cur.window[0] if cur.window else 0.0)
                         if t is None or t < lo - slack:

@@ -243,3 +243,52 @@ def is_running(pid: int) -> bool:
 
 
 __all__ = ["BACKOFF_MAX_S", "BACKOFF_START_S", "FfmpegChild", "is_running", "proc_state"]
+
+
+# --- clips from a child ------------------------------------------------------------------------
+
+
+def child_clips(source: str, settings, src_size: tuple[int, int], rate: float | None, *,
+                backend: str = "cuda", codec: str = "h264", live: bool = False,
+                loop: bool = False, ffmpeg: str = "ffmpeg", realtime: bool = False):
+    """(video (T, C, H, W), start_s, end_s, ClipSettings) clips of `source` from a supervised
+    ffmpeg child: the media-source path of the `ffmpeg-cuda` route (video_route.py).
+
+    `settings()` (demux.ClipSettings) is re-read at each clip boundary; a new spec is a new
+    child with the new plan (`restart`). The child's frames are already selected by the plan's
+    `fps=` stage, so frame i of a child is at start + i / rate, rate = spec.fps or the
+    source's `rate` (25 when it does not say). Frames do not carry the source's timestamps
+    through the pipe: a gap in a live stream shifts later clips' times (the wall clock
+    anchoring in sources.py absorbs it).
+    """
+    from .ffmpeg_graph import plan as make_plan
+
+    cur = settings()
+
+    def plan_for(s):
+        return make_plan(s.spec, *src_size, backend, codec=codec,
+                         chain=getattr(s, "chain", None))
+
+    child = FfmpegChild(source, plan_for(cur), ffmpeg=ffmpeg, live=live, loop=loop,
+                        realtime=realtime)
+    t = 0.0
+    try:
+        frames = child.frames()
+        while True:
+            new = settings()
+            if (new.spec, new.chain) != (cur.spec, cur.chain):
+                child.restart(plan_for(new))   # a filter change: a new child
+            cur = new
+            period = 1.0 / (cur.spec.fps or rate or 25.0)
+            p = child.plan
+            buf = np.empty((cur.frames, p.channels, p.height, p.width), np.uint8)
+            t0 = t
+            for k in range(cur.frames):
+                frame = next(frames, None)
+                if frame is None:
+                    return   # the recording ended: a partial clip is not a sample
+                buf[k] = frame
+                t += period
+            yield buf, t0, t, cur
+    finally:
+        child.close()

@@ -183,6 +183,17 @@ def cli_filters(ffmpeg: str = "ffmpeg") -> frozenset[str]:
     return frozenset(names)
 
 
+_REFUSAL: list = []
+
+
+def cached_cuda_refusal() -> str | None:
+    """cuda_refusal() of the default ffmpeg, asked once per process (it runs `ffmpeg
+    -filters`, and the answer does not change while a daemon runs)."""
+    if not _REFUSAL:
+        _REFUSAL.append(cuda_refusal())
+    return _REFUSAL[0]
+
+
 def cuda_refusal(ffmpeg: str = "ffmpeg") -> str | None:
     """Why the CUDA plan cannot run here, or None: torch sees no CUDA GPU, or the ffmpeg
     command line lacks a CUDA filter the plan uses."""

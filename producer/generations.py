@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.errors import BadArgument, FilterSpecError
+from protocol.ffmpeg_chain import parse_chain
 from protocol.filters import FilterSpec
 
 from .generation_store import MAX_GENERATION
 from .modalities import radar
+from .modalities.ffmpeg_chain_run import check_runs_on_cpu
 from .pipeline import PipelineConfig
 
 #: Model inputs a `sensor` command may re-point, and the file kind each must be fed from.
@@ -65,6 +67,7 @@ class Generation:
         return {
             "generation": self.number,
             "filter": str(c.filter),
+            "ffmpeg": c.ffmpeg_chain,
             "clip_frames": c.clip_frames,
             "segment": list(c.segment) if c.segment is not None else None,
             "sensors": dict(c.sensors),
@@ -92,12 +95,30 @@ class Generations:
 
     # --- proposals (pure; raise BadArgument, change nothing) ------------------------------
 
-    def propose_filter(self, spec: str) -> Generation:
-        try:
-            parsed = FilterSpec.parse(spec)
-        except FilterSpecError as e:
-            raise BadArgument(f"filter: {e}") from None
-        return self._next(f"filter {parsed}", filter=parsed)
+    def propose_filter(self, spec: str, ffmpeg: str | None = None, *,
+                       cuda_child: bool = False) -> Generation:
+        """A new filter spec and/or operator FFmpeg chain (`ffmpeg`; "none" clears it).
+        `cuda_child`: the producer runs video on the ffmpeg CUDA child, so a chain may use
+        CUDA filters; otherwise one that does is refused naming the filter."""
+        changes: dict = {}
+        reasons = []
+        if spec or ffmpeg is None:
+            try:
+                changes["filter"] = FilterSpec.parse(spec)
+            except FilterSpecError as e:
+                raise BadArgument(f"filter: {e}") from None
+            reasons.append(f"filter {changes['filter']}")
+        if ffmpeg is not None:
+            if ffmpeg.strip().lower() in ("none", ""):
+                changes["ffmpeg_chain"] = None
+                reasons.append("ffmpeg none")
+            else:
+                chain = parse_chain(ffmpeg)       # ChainError: a BadArgument naming the filter
+                if not cuda_child:
+                    check_runs_on_cpu(chain)
+                changes["ffmpeg_chain"] = chain.text
+                reasons.append(f"ffmpeg {chain.text}")
+        return self._next(" ".join(reasons), **changes)
 
     def propose_sensor(self, input_name: str, stem: str) -> Generation:
         kind = input_name if input_name in SENSOR_INPUTS else None

@@ -55,6 +55,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from protocol.errors import InputError
+from protocol.ffmpeg_chain import parse_chain
 from protocol.filters import FilterSpec
 from protocol.schema import SampleMeta
 from protocol.stages import StageTimer, now_ns
@@ -105,6 +106,10 @@ class PipelineConfig:
     #: in to_dict()/config_hash() only when not raw (a rerun with another store redoes every
     #: record; raw caches made before stores existed keep their hash).
     video_store: StoreSettings = field(default_factory=StoreSettings)
+    #: An operator's FFmpeg filter chain (`mmctl filter --ffmpeg`; protocol/ffmpeg_chain.py),
+    #: run on decoded frames before the filter spec; None: none. In to_dict() only when set,
+    #: so caches made without one keep their hash.
+    ffmpeg_chain: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -158,6 +163,8 @@ class PipelineConfig:
         if not isinstance(self.video_store, StoreSettings):
             raise TypeError(f"PipelineConfig.video_store: expected StoreSettings or a store "
                             f"name, got {type(self.video_store).__name__}")
+        if self.ffmpeg_chain is not None:
+            put("ffmpeg_chain", parse_chain(self.ffmpeg_chain).text)  # ChainError: refused
         if self.enabled is not None:
             if isinstance(self.enabled, str):
                 raise TypeError("PipelineConfig.enabled: expected a set of input names, got a str")
@@ -189,6 +196,7 @@ class PipelineConfig:
             "enabled": sorted(self.enabled) if self.enabled is not None else None,
             **({"video_store": self.video_store.to_dict()}
                if self.video_store.store != "raw" else {}),
+            **({"ffmpeg": self.ffmpeg_chain} if self.ffmpeg_chain is not None else {}),
         }
 
     def config_hash(self) -> str:
@@ -259,7 +267,8 @@ class Pipeline:
         c = self.config
         if inp == "video":
             return video.decode_clip(path, c.filter, c.clip_frames, c.segment, notes,
-                                     device=self.video_device, times=times)
+                                     device=self.video_device, times=times,
+                                     chain=c.ffmpeg_chain)
         if inp == "audio":
             return audio.log_mel(path, c.audio, c.segment, notes)
         if inp == "lidar":

@@ -70,6 +70,7 @@ from protocol.video_store import STORES, VideoStoreError, encode_record
 from .cache_writer import CacheWriter, fingerprint_files
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
 from .modalities._limits import ReadLimits
+from .video_route import preprocess_route
 from .pipeline import METHODS, Pipeline, PipelineConfig, missing_inputs, sample_meta, union_inputs
 
 # --- worker side -----------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def _exit_with(run_pid: int) -> None:
 
 
 def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None,
-                 run_pid: int | None = None) -> None:
+                 run_pid: int | None = None, video_device: str = "cpu") -> None:
     """Each worker is one process per core already: keep torch (radar FFTs) and the video
     decoder single-threaded inside it, or the pool oversubscribes the cores (measured: the
     modality calls ran 3-7x slower in workers than alone before this)."""
@@ -135,7 +136,7 @@ def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None
         _exit_with(run_pid)
     torch.set_num_threads(1)
     video.set_decode_threads(1)
-    _PIPELINE = Pipeline(config)
+    _PIPELINE = Pipeline(config, video_device=video_device)
     _CRASH_ON = crash_on
 
 
@@ -155,6 +156,8 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     assert pipe is not None, "worker not initialised"
     try:
         arrays = pipe.process(sample, notes)
+        if pipe.video_device == "cuda":  # NVDEC made a CUDA tensor; the cache is host bytes
+            arrays = {k: v.cpu().numpy() if hasattr(v, "cpu") else v for k, v in arrays.items()}
         schema = SampleSchema.from_arrays(arrays)
     except InputError as e:
         return None, e.to_dict(), notes
@@ -210,9 +213,9 @@ def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
 
 
 def _isolated_main(conn, config: PipelineConfig, crash_on, sample: SampleFiles,
-                   scratch: str, run_pid: int | None = None) -> None:
+                   scratch: str, run_pid: int | None = None, video_device: str = "cpu") -> None:
     """Child process body for re-running one suspect sample alone (see `_Isolator`)."""
-    _init_worker(config, crash_on, run_pid)
+    _init_worker(config, crash_on, run_pid, video_device)
     conn.send(process_chunk([sample], scratch))
     conn.close()
 
@@ -281,10 +284,12 @@ class _WorkerRuns:
         self.seq = itertools.count()
         self.ctx = start_worker_server()
         self.pool_restarts = 0
+        self.video_device = "cpu"   # "cuda": workers decode video with NVDEC (video_route.py)
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, initializer=_init_worker,
-                                   initargs=(self.config, self.crash_on, os.getpid()),
+                                   initargs=(self.config, self.crash_on, os.getpid(),
+                                             self.video_device),
                                    mp_context=self.ctx)
 
     def _scratch(self) -> str:
@@ -362,7 +367,7 @@ class _WorkerRuns:
         recv, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_isolated_main, daemon=True,
                                 args=(send, self.config, self.crash_on, item[1], scratch,
-                                      os.getpid()))
+                                      os.getpid(), self.video_device))
         proc.start()
         send.close()
         try:
@@ -491,15 +496,22 @@ def carry_recorded_parts(w: CacheWriter, classes: list[str], notes: list[str]) -
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
                    splits: list[str] | None = None, workers: int = 1,
                    progress: bool = True, index: DatasetIndex | None = None,
-                   group: str | None = None, ray: str | None = None) -> dict:
+                   group: str | None = None, ray: str | None = None,
+                   device: str = "cpu") -> dict:
     """Index, process and commit; returns the summary dict (what --json prints). The cache's
     files are 0600 (0640 and group `group` with one; protocol/filemodes.py).
 
     `ray`: None runs the chunks on the local process pool (`workers`); a string runs them as
     Ray tasks (producer/ray_preprocess.py) on the cluster at that address ("" = the default:
     RAY_ADDRESS, a cluster running on this machine, else a new local one). Everything else,
-    and so the cache, is the same."""
+    and so the cache, is the same.
+
+    `device`: "cuda" decodes video with NVDEC in the workers (frames converted on the GPU, then
+    copied to the host for the cache); without a CUDA GPU it says why and decodes on the CPU.
+    The summary's `video_decode`/`video_filters` say what ran (video_route.py)."""
     t0 = time.perf_counter()
+    route = preprocess_route(device, config, ray=ray is not None)
+    video_device = "cuda" if route.decoder == "nvdec" else "cpu"
     if workers > 0 and ray is None:
         start_worker_server()  # its imports overlap the indexing and fingerprinting below
     root = Path(dataset)
@@ -578,12 +590,14 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                         runs.close()
                     shutil.rmtree(scratch_dir, ignore_errors=True)
         elif workers <= 0:  # in this process: no isolation (profiling, debugging)
+            here = Pipeline(config, video_device=video_device)
             for item in todo:
-                store(item, process_packed(item[1], pipeline))
+                store(item, process_packed(item[1], here))
         elif todo:
             scratch_dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
             try:
                 runs = _WorkerRuns(config, workers, scratch_dir, store, reject_crash)
+                runs.video_device = video_device
                 runs.run(todo)
                 pool_restarts = runs.pool_restarts
             finally:
@@ -612,6 +626,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "samples_per_s": round((processed + reused) / seconds, 2) if seconds > 0 else None,
         "processed_per_s": round(processed / seconds, 2) if seconds > 0 else None,
         "pool_restarts": pool_restarts,
+        **route.status(),
         **({"ray": ray_summary} if ray_summary is not None else {}),
     }
 
@@ -677,6 +692,9 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
               help=f"Group that may read the cache: files 0640 and directories 0750 of that "
                    f"group (default ${GROUP_ENV}; without it 0600 and 0700).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: decode video with NVDEC in the workers (CPU fallback, logged, "
+                   "without a CUDA GPU); the summary says what ran (video_decode).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
               metavar="[ADDRESS]",
               help="Run the pipeline as Ray tasks on the cluster at ADDRESS (HOST:PORT; alone: "
@@ -686,7 +704,8 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
                segment: tuple[float, float] | None, sensors, methods, read_limits,
-               video_store: str, group: str | None, quiet: bool, ray_address: str | None) -> None:
+               video_store: str, group: str | None, quiet: bool, ray_address: str | None,
+               device: str = "cpu") -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
@@ -728,7 +747,7 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
 
     try:
         summary = run_preprocess(dataset, cache, config, workers=workers, progress=not quiet,
-                                 index=index, group=group, ray=ray_address)
+                                 index=index, group=group, ray=ray_address, device=device)
     except (CacheError, GroupError) as e:  # CacheLocked: another preprocess writes it
         raise click.ClickException(str(e)) from None
     except RayRunError as e:  # the cluster cannot run it (unreachable, no shared FS): exit 1

@@ -229,6 +229,9 @@ class MediaSource:
         self._count = 0
         self._wall_offset_ns: int | None = None
         self.info: StreamInfo | None = None    # known once opened or probed
+        #: video_route.VideoRoute the daemon chose; `child` routes video through the
+        #: supervised ffmpeg child (needs `info` for the frame size) instead of demux_clips
+        self.video_route = None
         self._probed: tuple[int, int] | None = None   # (mtime_ns, size) of the probed file
         if self.path is not None and not self.path.is_file():
             raise SourceError(f"media file {self.path}: not found")
@@ -287,6 +290,10 @@ class MediaSource:
         live = self.live
         if live:
             self._wall_offset_ns = None  # a new connection: its clock starts anew
+        route = self.video_route
+        if route is not None and route.child and self.info is not None and start_s == 0:
+            yield from self._child_clips(settings, route)
+            return
         try:
             for c in demux_clips(self.url, settings, audio_rate=audio_rate, start_s=start_s,
                                  timeout=self.timeouts, on_open=opened):
@@ -314,6 +321,26 @@ class MediaSource:
         if self.live:
             raise SourceError(f"stream {self.url}: ended (the sender closed it or stopped "
                               f"sending)")
+
+    def _child_clips(self, settings, route) -> Iterator[Clip]:
+        """Video-only clips from the supervised ffmpeg child (video_route.py: chosen only when
+        the audio is not needed); its deaths are restarted inside, its end is the source's."""
+        from .ffmpeg_child import child_clips
+
+        info = self.info
+        backend = "cuda" if route.filters == "ffmpeg-cuda" else "cpu"
+        for video_, start, end, s in child_clips(self.url, settings, (info.width, info.height),
+                                                 info.rate, backend=backend, live=self.live,
+                                                 loop=self.loop):
+            now = time.time_ns()
+            if self._wall_offset_ns is None or (self.live and now - int(end * 1e9) <
+                                                self._wall_offset_ns):
+                self._wall_offset_ns = now - int((end if self.live else start) * 1e9)
+            yield Clip(video_, start, end, self._wall_offset_ns + int(start * 1e9), self._count,
+                       s.spec, None, s.tag)
+            self._count += 1
+        if self.live:
+            raise SourceError(f"stream {self.url}: ended (the ffmpeg child's stream closed)")
 
     def check_alive(self) -> None:
         if self.path is not None and not self.path.is_file():

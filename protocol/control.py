@@ -221,7 +221,9 @@ def _spec_from_signature(fn: Callable) -> dict[str, Arg]:
 
 WIRE_ARGS.update({
     "status": {},
-    "filter": {"spec": str},
+    # spec and/or ffmpeg (an operator's FFmpeg chain, protocol/ffmpeg_chain.py); one is needed
+    "filter": {"spec": Arg(str, required=False, default=None),
+               "ffmpeg": Arg(str, required=False, default=None)},
     "sensor": {"input": str, "stem": str},
     "method": {"input": str, "name": str},
     "segment": {"start": float, "end": float},

@@ -149,3 +149,36 @@ def test_a_crop_of_the_whole_frame_gives_the_uncropped_frames(clip_720p):
     whole = video.decode_clip(clip_720p, FilterSpec.parse("crop=1280x720"), 3)
     plain = video.decode_clip(clip_720p, FilterSpec(), 3)
     assert np.array_equal(whole, plain)
+
+
+# --- on a GPU (docs/gpu.md checklist step 8) -------------------------------------------------
+
+_CUDA_WHY = fg.cuda_refusal()
+
+
+@pytest.mark.skipif(_CUDA_WHY is not None, reason=f"FFmpeg CUDA filters cannot run: {_CUDA_WHY}")
+def test_cuda_plan_in_the_ffmpeg_child_makes_the_cpu_frames_within_tolerance(clip_720p):
+    """NVDEC + scale_cuda (a 2x downscale, where scale_cuda's bilinear without kernel widening
+    is closest to swscale's) against mmfeed's CPU path. Provisional tolerance until the first
+    GPU run records the real figures."""
+    from producer.ffmpeg_child import FfmpegChild
+
+    spec = FilterSpec.parse("resize=640x360")
+    with FfmpegChild(str(clip_720p), fg.cuda_plan(spec, 1280, 720)) as child:
+        gpu = np.stack(list(child.frames()))
+    cpu = video.decode_clip(clip_720p, spec, 12)
+    assert gpu.shape == cpu.shape
+    diff = np.abs(gpu.astype(np.int16) - cpu.astype(np.int16))
+    assert diff.mean() <= 2.0 and np.percentile(diff, 99) <= 16, (diff.mean(), diff.max())
+
+
+@pytest.mark.skipif(_CUDA_WHY is not None, reason=f"FFmpeg CUDA filters cannot run: {_CUDA_WHY}")
+def test_cuda_crop_in_the_decoder_makes_the_cpu_crop(clip_720p):
+    from producer.ffmpeg_child import FfmpegChild
+
+    spec = FilterSpec.parse("crop=640x360+100+50")
+    with FfmpegChild(str(clip_720p), fg.cuda_plan(spec, 1280, 720)) as child:
+        gpu = np.stack(list(child.frames()))
+    cpu = video.decode_clip(clip_720p, spec, 12)
+    assert gpu.shape == cpu.shape
+    assert np.abs(gpu.astype(np.int16) - cpu.astype(np.int16)).mean() <= 2.0

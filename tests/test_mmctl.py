@@ -169,7 +169,7 @@ def test_status_with_no_daemon_exits_3_naming_sockets_and_how_to_start(rundir):
 
 
 @pytest.mark.parametrize("args, wire", [
-    (["filter", "resize=64x64,gray"], ("filter", {"spec": "resize=64x64,gray"})),
+    (["filter", "resize=64x64,gray"], ("filter", {"spec": "resize=64x64,gray", "ffmpeg": None})),
     (["sensor", "lidar", "lidar_top"], ("sensor", {"input": "lidar", "stem": "lidar_top"})),
     (["method", "radar", "range_doppler"], ("method", {"input": "radar", "name": "range_doppler"})),
     (["segment", "1.5", "4"], ("segment", {"start": 1.5, "end": 4.0})),

@@ -32,6 +32,7 @@ from protocol.filters import FilterSpec
 from ..ffmpeg_graph import scale_args
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
 from ._demux import decoded_frames
+from .ffmpeg_chain_run import chained
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,8 @@ def _copy_slot(out: np.ndarray, dst: int, src: int) -> None:
 
 def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                 segment: tuple[float, float] | None = None, notes: list[str] | None = None,
-                *, device: str = "cpu", times: list[float] | None = None):
+                *, device: str = "cpu", times: list[float] | None = None,
+                chain: str | None = None):
     """A clip of `frames` frames of `path`, sampled at spec.fps (or the source rate) from
     `segment` = (start_s, end_s) (default: from the beginning), shaped by `spec`.
 
@@ -300,12 +302,16 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
     chosen, in clip order (a repeated frame repeats its time), so a caller aligning other
     sensors to the clip needs no second decode. Both paths fill it (frame selection is the
     same `select_frames`).
+
+    `chain`: an operator's checked FFmpeg chain (`mmctl filter --ffmpeg`), run on every decoded
+    frame before selection and the spec (ffmpeg_chain_run.py); it runs on the CPU, so a clip
+    with a chain is decoded on the CPU even when device="cuda".
     """
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda":
+    if device == "cuda" and not chain:
         if _cuda_available():
             from . import gpu_video
 
@@ -318,7 +324,7 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
     try:
         with _open(path) as container:
             for frame, k, first in select_frames(path, container, spec, frames, segment, notes,
-                                                 times=times):
+                                                 times=times, chain=chain):
                 if out is None:
                     conv.prepare(frame)
                     out = np.empty((frames, spec.channels, conv.out_h, conv.out_w), np.uint8)
@@ -345,12 +351,13 @@ def _call(fn, *args) -> None:
 
 
 def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes, *,
-                  times: list[float] | None = None):
+                  times: list[float] | None = None, chain: str | None = None):
     """Yield (frame, k, first_k) for each of the `frames` target times, shared by the CPU
     and CUDA paths: `frame` fills slot k, and first_k is the slot it filled first (k > first_k
     when fps is above the source rate). Short segments end with (None, k, k) for each slot
     left; no frame at all, a broken bitstream or a cut-short file raise InputError.
     `times`, when a list, gets slot k's frame time (seconds) appended as slot k is yielded.
+    `chain`: an operator's FFmpeg chain run on every decoded frame first (decode_clip).
     """
     stream = _video_stream(container, path)
     duration = _duration_s(container, stream)
@@ -365,7 +372,7 @@ def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes
     ran_out = False  # the demuxer ended before the segment did
     try:
         with decoded_frames(container, stream) as decoded:
-            for frame in decoded:
+            for frame in chained(decoded, chain):
                 t = frame.time
                 if t is None or t < start - slack:
                     continue
@@ -415,8 +422,8 @@ def _check_not_truncated(path, stream, duration, last_t, end, src_rate) -> None:
 
 
 def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[float, float] = (10.0, 5.0),
-                start: float = 0.0, device: str = "cpu", notes: list[str] | None = None
-                ) -> Iterator[tuple[float, np.ndarray]]:
+                start: float = 0.0, device: str = "cpu", notes: list[str] | None = None,
+                chain: str | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Frames of a live or recorded source as (pts_seconds, uint8 (C, H, W)), sampled at
     spec.fps by presentation time (every frame when spec.fps is None).
 
@@ -437,7 +444,7 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
         n = 0
         try:
             with decoded_frames(container, stream) as decoded:
-                for frame in decoded:
+                for frame in chained(decoded, chain):
                     t = frame.time
                     if t is None or t < start - slack:
                         continue
