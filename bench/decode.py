@@ -8,6 +8,8 @@ Makes H.264 clips with PyAV (480p and 1080p, cached in a temp dir), then measure
   ffmpeg      `ffmpeg -threads N -i f -f null -` (decode only, no colour conversion: the ceiling),
               and with `-vf format=gbrp` (the same work mmfeed does) for reference
   torchcodec  VideoDecoder(device="cpu").get_frames_in_range (RGB, (T, 3, H, W))
+  child_cpu_224 / ffmpeg_scale_224   the filter spec as an FFmpeg CPU graph in the supervised
+              ffmpeg child vs `ffmpeg -vf scale=224:224 -f null -` (bench/_ffmpeg_rows.py)
 The figure is mmfeed 1080p source-size frames/s, the limit the ffmpeg CLI's on the same file.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from bench import _ffmpeg_rows as ffmpeg_rows
 from bench._common import repeat, report, want_json
 from producer.modalities import video
 from protocol.filters import FilterSpec
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             if cmd is not None:
                 t = repeat(lambda: subprocess.run(cmd, check=True), args.repeats)
                 row[key] = fps(n, t)
+        if shutil.which("ffmpeg") is not None:
+            row.update(ffmpeg_rows.cpu_rows(path, size, n, args.repeats, repeat, fps))
         tc_why = torchcodec_status(path, n)
         if tc_why is None:
             t = repeat(lambda: torchcodec_decode(path, n), args.repeats)
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = row
     print(f"decode: H.264 {args.seconds:g} s clips at {RATE} fps, {threads} threads; frames/s "
           "median (min..max over repeats)")
-    cols = ["mmfeed_clip", "mmfeed_iter", "mmfeed_224", "ffmpeg", "ffmpeg_gbrp", "torchcodec"]
+    cols = ["mmfeed_clip", "mmfeed_iter", "mmfeed_224", "ffmpeg", "ffmpeg_gbrp", "torchcodec",
+            "child_cpu_224", "ffmpeg_scale_224"]
     print(f"{'':6}" + "".join(f"{c:>22}" for c in cols))
     for name, row in results.items():
         cells = [f"{row[c][0]:8.1f} ({row[c][1]:.0f}..{row[c][2]:.0f})" if c in row else "n/a"

@@ -9,6 +9,10 @@ same pictures (libx265; NVDEC decodes both). Frames/s of:
   ffmpeg      `ffmpeg -hwaccel cuda -hwaccel_output_format cuda -i f -f null -`: NVDEC with
               frames left on the GPU, no conversion - the ceiling
   torchcodec  VideoDecoder(device="cuda").get_frames_in_range (RGB on the GPU), for reference
+Filter rows (issue 15, bench/_ffmpeg_rows.py), at 1080p and 4K H.264, spec resize=224x224:
+  child_cuda_224 (the supervised ffmpeg child: NVDEC + scale_cuda, frames read from the pipe)
+  vs ffmpeg_scale_cuda_224 (`ffmpeg -hwaccel cuda ... -vf scale_cuda=224:224 -f null -`)
+  vs torch_224 (decode_clip device="cuda": NVDEC + the torch kernels).
 The figure is mmfeed 1080p H.264 frames/s, the limit the ffmpeg CLI's on the same file; the
 HEVC ratio is printed beside it and in the JSON (`hevc_ratio`). Target: both ratios >= 0.9.
 Without a GPU: one line saying why, exit 2 (bench/_cuda.py).
@@ -20,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+from bench import _ffmpeg_rows as ffmpeg_rows
 from bench._common import repeat, report
 from bench._cuda import cuda_missing, skip
 
@@ -46,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
         assert out.is_cuda and out.shape[0] == n, "decode_clip(device='cuda') left the GPU"
 
+    def torch_filtered(path, spec, n):
+        out = video.decode_clip(path, spec, n, device="cuda")
+        torch.cuda.synchronize()
+        assert out.is_cuda
+
     def torchcodec(path, n):
         from torchcodec.decoders import VideoDecoder
 
@@ -57,11 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     notes = []
     clips = [(name, size, "libx264") for name, size in SIZES.items()]
     clips.append(("1080p_hevc", SIZES["1080p"], "libx265"))
+    clips.append(("4k", (3840, 2160), "libx264"))
     for name, size, codec in clips:
         path = make_clip(name.split("_")[0], size, args.seconds, codec)
         n = count_frames(path)
         row: dict[str, object] = {"frames": n}
         row["mmfeed"] = fps(n, repeat(lambda: mmfeed(path, n), args.repeats))
+        if codec == "libx264" and name in ("1080p", "4k"):
+            rows, why = ffmpeg_rows.cuda_rows(path, size, n, args.repeats, repeat, fps,
+                                              torch_filtered)
+            row.update(rows)
+            notes.extend(f"{name}: {w}" for w in why)
         if ff is not None:
             cmd = [ff, "-hide_banner", "-nostdin", "-loglevel", "error", "-hwaccel", "cuda",
                    "-hwaccel_output_format", "cuda", "-i", str(path), "-f", "null", "-"]
