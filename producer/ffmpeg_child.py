@@ -95,8 +95,10 @@ class FfmpegChild:
     """
 
     def __init__(self, source: str, plan: GraphPlan, *, ffmpeg: str = "ffmpeg",
-                 realtime: bool = False, loop: bool = False, live: bool = False):
+                 realtime: bool = False, loop: bool = False, live: bool = False,
+                 start_s: float = 0.0):
         self.source = str(source)
+        self.start_s = float(start_s)   # a recording's start (-ss before -i: a seek)
         self.plan = plan
         self.ffmpeg = ffmpeg
         self.realtime = realtime
@@ -119,9 +121,11 @@ class FfmpegChild:
 
     def args(self) -> list[str]:
         args = self.plan.ffmpeg_args(self.source, ffmpeg=self.ffmpeg, realtime=self.realtime)
+        i = args.index("-i")
         if self.loop:
-            i = args.index("-i")
             args[i:i] = ["-stream_loop", "-1"]
+        if self.start_s > 0:
+            args[i:i] = ["-ss", f"{self.start_s:.6f}"]
         return args
 
     def start(self) -> int:
@@ -250,7 +254,8 @@ __all__ = ["BACKOFF_MAX_S", "BACKOFF_START_S", "FfmpegChild", "is_running", "pro
 
 def child_clips(source: str, settings, src_size: tuple[int, int], rate: float | None, *,
                 backend: str = "cuda", codec: str = "h264", live: bool = False,
-                loop: bool = False, ffmpeg: str = "ffmpeg", realtime: bool = False):
+                loop: bool = False, ffmpeg: str = "ffmpeg", realtime: bool = False,
+                start_s: float = 0.0):
     """(video (T, C, H, W), start_s, end_s, ClipSettings) clips of `source` from a supervised
     ffmpeg child: the media-source path of the `ffmpeg-cuda` route (video_route.py).
 
@@ -270,8 +275,8 @@ def child_clips(source: str, settings, src_size: tuple[int, int], rate: float | 
                          chain=getattr(s, "chain", None))
 
     child = FfmpegChild(source, plan_for(cur), ffmpeg=ffmpeg, live=live, loop=loop,
-                        realtime=realtime)
-    t = 0.0
+                        realtime=realtime, start_s=start_s)
+    t = start_s
     try:
         frames = child.frames()
         while True:

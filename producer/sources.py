@@ -291,8 +291,8 @@ class MediaSource:
         if live:
             self._wall_offset_ns = None  # a new connection: its clock starts anew
         route = self.video_route
-        if route is not None and route.child and self.info is not None and start_s == 0:
-            yield from self._child_clips(settings, route)
+        if route is not None and route.child and self.info is not None:
+            yield from self._child_clips(settings, route, start_s)
             return
         try:
             for c in demux_clips(self.url, settings, audio_rate=audio_rate, start_s=start_s,
@@ -322,7 +322,7 @@ class MediaSource:
             raise SourceError(f"stream {self.url}: ended (the sender closed it or stopped "
                               f"sending)")
 
-    def _child_clips(self, settings, route) -> Iterator[Clip]:
+    def _child_clips(self, settings, route, start_s: float) -> Iterator[Clip]:
         """Video-only clips from the supervised ffmpeg child (video_route.py: chosen only when
         the audio is not needed); its deaths are restarted inside, its end is the source's."""
         from .ffmpeg_child import child_clips
@@ -331,7 +331,7 @@ class MediaSource:
         backend = "cuda" if route.filters == "ffmpeg-cuda" else "cpu"
         for video_, start, end, s in child_clips(self.url, settings, (info.width, info.height),
                                                  info.rate, backend=backend, live=self.live,
-                                                 loop=self.loop):
+                                                 loop=self.loop, start_s=start_s):
             now = time.time_ns()
             if self._wall_offset_ns is None or (self.live and now - int(end * 1e9) <
                                                 self._wall_offset_ns):

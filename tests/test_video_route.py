@@ -186,3 +186,12 @@ def test_preprocess_device_cpu_says_cpu_in_its_summary(tmp_path):
                                                                        filter="crop=16x16"),
                              workers=0, progress=False)
     assert (summary["video_decode"], summary["video_filters"]) == ("cpu", "ffmpeg-cpu")
+
+
+@needs_ffmpeg
+def test_the_child_route_starts_a_recording_at_its_segment(media):
+    """A segment's start is a seek of the child (-ss), like demux_clips' seek."""
+    by_child = next(_source(media, CHILD_CPU).clips(SPEC, 2, start_s=1.0))
+    by_demux = next(_source(media, None).clips(SPEC, 2, start_s=1.0))
+    assert by_child.start_s == pytest.approx(1.0)
+    assert np.abs(by_child.video.astype(int) - by_demux.video).max() <= 1
