@@ -16,7 +16,7 @@ loop cannot bound (a read blocks up to the read timeout), so they are decoded on
 thread that hands finished clips over a small queue.
 
 NOTE [media generations]: a media file or stream is opened once and demuxed for video and
-audio together (`demux.py`); a control change is handed to the reader thread and takes
+audio together (`media_clips.py`); a control change is handed to the reader thread and takes
 effect at its next clip boundary, without reopening (a listen-once stream would not survive
 a reopen). Each clip carries the generation it was made under and is published under it, so
 the clips already decoded when the change came are still published, under the old number,
@@ -81,9 +81,9 @@ from protocol.schema import ModalitySpec, SampleMeta, SampleSchema, UNLABELLED
 from .dataset import SampleFiles
 from .generation_store import GenerationStore, default_state_dir, ring_header_generation
 from .generations import Generation, Generations, SourceFacts
-from .ring_keeper import RingKeeper
+from .ring_sink import RingSink
 from .pipeline import Pipeline, PipelineConfig
-from .demux import ClipSettings
+from .media_clips import ClipSettings
 from .modalities import audio
 from .sources import (Clip, DatasetReplay, MediaSource, SourceError, WatchFolder,
                       open_source)
@@ -117,7 +117,7 @@ class RunOptions:
     control: str | None = None
     curve_dir: Path | None = None     # `mmctl keygen` folder: CURVE keys for tcp:// sockets
     slots: int = 8
-    slot_bytes: int = 8 << 20        # a floor: the ring grows past it (ring_keeper.py)
+    slot_bytes: int = 8 << 20        # a floor: the ring grows past it (ring_sink.py)
     max_ring_bytes: int = DEFAULT_MAX_RING_BYTES  # the cap on one ring layout's memory
     loop: bool = False
     rate: str = "max"                 # "recorded" | "max"
@@ -177,7 +177,7 @@ class ProducerDaemon:
         self._clip_reader: _ClipReader | None = None
         self._pace_origin: float | None = None
         self._paused_at: float | None = None
-        self.ring: RingKeeper | None = None
+        self.ring: RingSink | None = None
         self.server: ControlServer | None = None
         self.notifier = notify.Notifier()
         self.gens: Generations | None = None
@@ -432,7 +432,7 @@ class ProducerDaemon:
                 self._drop_reader()  # a file seeks to the new segment: the one change that reopens
                 reader = None
             else:
-                reader.switch(gen)  # from the next clip boundary on (NOTE in demux.py)
+                reader.switch(gen)  # from the next clip boundary on (NOTE in media_clips.py)
         if reader is None:
             start = gen.config.segment[0] if gen.config.segment else 0.0
             self._clip_reader = reader = _ClipReader(src, gen, start,
@@ -708,7 +708,7 @@ class ProducerDaemon:
             "mode": stats.mode,
             "epoch": stats.epoch,
             "ring_fill": round(fill, 3),
-            # ring_keeper.py NOTE [ring layouts]: the layout now in use and how it got there
+            # ring_sink.py NOTE [ring layouts]: the layout now in use and how it got there
             "slot_bytes": self.ring.slot_bytes,
             "ring_bytes": self.ring.total_bytes,
             "ring_relayouts": self.ring.relayouts,
@@ -1073,18 +1073,18 @@ class ProducerDaemon:
         return summary
 
 
-def _open_ring(config: RingConfig, device: str) -> RingKeeper:
-    """The ring for `--device`, kept by a RingKeeper (grown and replaced as needed,
-    ring_keeper.py): "cpu" is the host ring exactly as before (torch's CUDA state is never
-    touched); "auto"/"cuda" go through producer.gpu_slots.open_writer, which puts frames in
+def _open_ring(config: RingConfig, device: str) -> RingSink:
+    """The ring for `--device`, kept by a RingSink (grown and replaced as needed,
+    ring_sink.py): "cpu" is the host ring exactly as before (torch's CUDA state is never
+    touched); "auto"/"cuda" go through producer.gpu_slot_writer.open_writer, which puts frames in
     GPU slots when CUDA is there and otherwise logs once that they go through host memory."""
     if device == "cpu":
-        return RingKeeper(config, RingWriter.create)
+        return RingSink(config, RingWriter.create)
     if device not in ("auto", "cuda"):
         raise BadArgument(f"device {device!r}: expected 'cpu', 'auto' or 'cuda'")
-    from .gpu_slots import open_writer
+    from .gpu_slot_writer import open_writer
 
-    return RingKeeper(config, lambda cfg: open_writer(cfg, gpu=device))
+    return RingSink(config, lambda cfg: open_writer(cfg, gpu=device))
 
 
 def _on(config: PipelineConfig, name: str) -> bool:

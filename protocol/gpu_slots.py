@@ -1,7 +1,8 @@
 """GPU ring slots, the wire side: the slot descriptor that travels through the CPU ring and the
 GPU slot table (a sidecar shared-memory segment `<ring>.gpu`) that tells readers how to map the
 producer's GPU memory. No torch here (protocol/ never imports it): the producer's pool is in
-producer/gpu_slots.py, the trainer's mapping in trainer/gpu_ring.py. docs/gpu.md has the picture.
+producer/gpu_slot_writer.py, the trainer's mapping in trainer/gpu_slot_reader.py and its loader
+thread in trainer/gpu_slot_loader.py. docs/gpu.md has the picture.
 
 Why a sidecar and not the ring header: the ring's byte layout belongs to protocol/ring.py and is
 versioned on its own; the GPU table changes for other reasons (CUDA handle formats). The sidecar

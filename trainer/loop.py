@@ -242,8 +242,9 @@ class Trainer:
             self.disk = DiskLoader(self.train_reader, cfg.batch_size, **common).start()
         self.live = None
         if cfg.ring and self.device.type == "cuda":
-            # GPU slot rings by device copies, host rings as RingLoader (trainer/gpu_loader.py).
-            from .gpu_loader import GpuRingLoader
+            # GPU slot rings by device copies, host rings as RingLoader
+            # (trainer/gpu_slot_loader.py).
+            from .gpu_slot_loader import GpuRingLoader
 
             self.live = GpuRingLoader(cfg.ring, cfg.batch_size, device=self.device,
                                       start=cfg.ring_start, rank=d.rank,

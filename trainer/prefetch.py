@@ -35,7 +35,7 @@ from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingError, Rin
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 
-from .gpu_ring import gpu_slot_refusal
+from .gpu_slot_reader import gpu_slot_refusal
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
 from .recent import RecentGenerations
@@ -314,7 +314,7 @@ class RingLoader(_LoaderThread):
     def _on_gpu_slots(self, reader, refusal: str | None) -> None:
         """The ring's producer writes frames into GPU slots (`refusal` says so; None: it does
         not). This host loader cannot read them: refuse, naming both sides. The CUDA trainer's
-        loader (trainer/gpu_loader.py) overrides this to switch to the GPU slot path."""
+        loader (trainer/gpu_slot_loader.py) overrides this to switch to the GPU slot path."""
         if refusal is not None:
             reader.close()
             raise RingError(refusal)
@@ -477,7 +477,7 @@ class DevicePrefetcher:
 
     def _upload(self, hb: HostBatch) -> tuple[DeviceBatch, object]:
         if self.cuda and hb.buf.device == self.device:
-            # Already on the device (GPU ring slots, trainer/gpu_loader.py): nothing to upload.
+            # Already on the device (GPU ring slots, trainer/gpu_slot_loader.py): nothing to upload.
             # The buffer goes back to its pool from the loop's release() after the step's
             # kernels that read it were queued; the pool orders its refill after them.
             labels = hb.labels[: hb.n].to(self.device)

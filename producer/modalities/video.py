@@ -30,7 +30,7 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
-from ._demux import decoded_frames
+from ._decode_loops import decoded_frames
 
 log = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
                              found=f"{type(e).__name__} after {n} frames: {e}") from None
 
 
-# The same opening and conversion for producer/demux.py, which decodes video and audio from
+# The same opening and conversion for producer/media_clips.py, which decodes video and audio from
 # one open of a stream that cannot be opened twice (a listen-once tcp/udp/rtsp source).
 open_container = _open
 first_video_stream = _video_stream

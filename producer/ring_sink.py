@@ -1,5 +1,5 @@
 """The producer's ring over a whole run: moved to bigger slots when a sample outgrows them,
-replaced by a fresh segment when it is damaged. The daemon publishes through `RingKeeper`
+replaced by a fresh segment when it is damaged. The daemon publishes through `RingSink`
 exactly as it would through a RingWriter (publish, heartbeat, set_generation, stats, close).
 
 NOTE [ring layouts]: a ring is created with `--slot-bytes` (default 8 MiB) per slot, a floor,
@@ -54,7 +54,7 @@ def slot_bytes_for(need: int, current: int) -> int:
     return max(current, grown)
 
 
-class RingKeeper:
+class RingSink:
     """Owns the producer's current ring writer (host RingWriter or GpuSlotWriter).
 
     `open_writer(config)` makes a writer for a config (the daemon's choice of host or GPU

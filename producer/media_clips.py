@@ -36,7 +36,7 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
 from .modalities import video
-from .modalities._demux import demuxed
+from .modalities._decode_loops import demuxed
 
 #: How far (s) the video may run past a finished clip's end before the clip is handed out
 #: without waiting any longer for its audio.

@@ -190,7 +190,7 @@ class GpuRingReader:
         self._table = GpuSlotTable.attach(self.ring.name, self.ring.epoch)
         self._pool = _MappedPool(self._table, self.device)
         self._mappings += 1
-        # How many copies may be in flight before one must finish (see producer/gpu_slots.py).
+        # How many copies may be in flight before one must finish (see producer/gpu_slot_writer.py).
         self._window = max(1, self._table.slots - self._ring_slots)
 
     # --- receiving -------------------------------------------------------------------------
@@ -208,7 +208,8 @@ class GpuRingReader:
             raise SchemaError(
                 f"ring {self.ring.name}: sample {meta.index} ({schema!r}) carries its payload in "
                 f"host memory, not a GPU slot descriptor: its producer does not use GPU slots; "
-                f"attach with trainer.gpu_ring.open_reader(), which picks the host path then")
+                f"attach with trainer.gpu_slot_reader.open_reader(), which picks the host path "
+                f"then")
         self._ensure_mapped()
         return GpuDescriptor.unpack_from(self._desc, self._schemas), meta
 
@@ -225,7 +226,7 @@ class GpuRingReader:
     def receive_into(self, out: torch.Tensor, timeout: float | None = None
                      ) -> tuple[SampleSchema, SampleMeta] | None:
         """Copy the next sample's payload (device to device) into `out`, a uint8 tensor of at
-        least the payload's size; `trainer.gpu_ring._views(schema, out)` gives the arrays."""
+        least the payload's size; `trainer.gpu_slot_reader._views(schema, out)` gives the arrays."""
         got = self.receive_batch_into(out.reshape(1, -1), timeout)
         return None if got is None else (got[0], got[1][0])
 

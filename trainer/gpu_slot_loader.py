@@ -4,9 +4,9 @@ device-to-device copy per sample, no host copy (frames never touch the CPU).
     slot pool (producer's GPU memory, CUDA IPC) ──D2D copy──► (B, row) CUDA batch ─► model
 
 `GpuRingLoader` is a `RingLoader` that switches paths per producer start: when the ring's
-producer publishes GPU slot descriptors it reads them with `GpuRingReader` (trainer/gpu_ring.py);
-when the producer writes frames into the ring itself (`--device cpu`, or no GPU on its side)
-it runs the host path of RingLoader unchanged. The trainer picks this class only when it
+producer publishes GPU slot descriptors it reads them with `GpuRingReader`
+(trainer/gpu_slot_reader.py); when the producer writes frames into the ring itself (`--device
+cpu`, or no GPU on its side) it runs the host path of RingLoader unchanged. The trainer picks this class only when it
 trains on CUDA (trainer/loop.py); a CPU trainer keeps RingLoader, which refuses a GPU-slot
 ring with a message naming both sides.
 
@@ -29,7 +29,7 @@ from protocol.errors import ProducerGone, RingError
 from protocol.schema import SampleSchema
 
 from .batching import HostBatch, PoolCache, row_bytes
-from .gpu_ring import GpuRingReader
+from .gpu_slot_reader import GpuRingReader
 from .prefetch import _POLL_S, RingLoader
 
 log = logging.getLogger(__name__)
