@@ -67,7 +67,8 @@ from protocol.schema import SampleSchema
 from .cache_writer import CacheWriter, fingerprint_files
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
 from .modalities._limits import ReadLimits
-from .pipeline import METHODS, Pipeline, PipelineConfig, missing_inputs, sample_meta, union_inputs
+from .pipeline import (METHODS, Pipeline, PipelineConfig, missing_inputs, sample_meta, schema_of,
+                       union_inputs)
 
 # --- worker side -----------------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     assert pipe is not None, "worker not initialised"
     try:
         arrays = pipe.process(sample, notes)
-        schema = SampleSchema.from_arrays(arrays)
+        schema = schema_of(arrays)
     except InputError as e:
         return None, e.to_dict(), notes
     except SchemaError as e:  # e.g. an input name the schema refuses: this sample, not the run

@@ -74,6 +74,7 @@ from .errors import (
     UnknownCommand,
     VersionMismatch,
 )
+from .filters import FilterSpec
 from .logs import LogLimiter, clip
 from .paths import (
     bound_inode,
@@ -150,12 +151,16 @@ class Arg:
 
     `type` is str, int, float (ints accepted), bool, list, `list[str]`, dict, a tuple of those,
     or `typing.Any`. A bare type in `Command(args=...)` means `Arg(type)` (required).
+    `parse`, when given, turns the checked JSON value into the typed value the handler gets
+    (`FilterSpec.parse` for a filter spec: parsed once, here); its ValueError (or MmfeedError)
+    is the client's bad argument, worded `cmd: message`.
     """
 
     type: Any = Any
     required: bool = True
     default: Any = None
     help: str = ""
+    parse: Callable[[Any], Any] | None = None
 
     def describe(self) -> str:
         return _type_name(self.type)
@@ -198,6 +203,11 @@ class Command:
             if not _matches(value, a.type):
                 raise BadArgument(f"{cmd}: argument {name!r} must be {a.describe()}, "
                                   f"got {type(value).__name__} {json.dumps(value)[:80]}")
+            if a.parse is not None:
+                try:
+                    value = a.parse(value)
+                except (ValueError, MmfeedError) as e:
+                    raise BadArgument(f"{cmd}: {e}") from None
             out[name] = value
         return out
 
@@ -221,7 +231,7 @@ def _spec_from_signature(fn: Callable) -> dict[str, Arg]:
 
 WIRE_ARGS.update({
     "status": {},
-    "filter": {"spec": str},
+    "filter": {"spec": Arg(str, parse=FilterSpec.parse)},   # handlers get a FilterSpec
     "sensor": {"input": str, "stem": str},
     "method": {"input": str, "name": str},
     "segment": {"start": float, "end": float},
