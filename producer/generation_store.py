@@ -112,11 +112,9 @@ class GenerationStore:
 def ring_header_generation(ring: str) -> int | None:
     """The generation in the header of a ring already at `ring` (a dead producer's), or None
     when there is none or it cannot be read (not a ring, another version, not ours)."""
-    from protocol.errors import MmfeedError
-    from protocol.ring import RingReader
+    from protocol.ring import header_generation
 
     try:
-        with RingReader.attach(ring, start="newest", register=False) as r:
-            return int(r.generation)
-    except (MmfeedError, OSError, ValueError):
+        return header_generation(ring)
+    except ValueError:  # not a ring name at all
         return None

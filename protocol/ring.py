@@ -58,8 +58,9 @@ The ring is five modules, one job each, and this one is their public face
 from __future__ import annotations
 
 from .ring_reader import RingReader, SampleView
-from .ring_segment import DEFAULT_MAX_RING_BYTES, ReaderStats, RingConfig, RingStats
+from .ring_segment import (DEFAULT_MAX_RING_BYTES, ReaderStats, RingConfig, RingStats,
+                           header_generation)
 from .ring_writer import RingWriter, Slot
 
 __all__ = ["RingConfig", "RingWriter", "RingReader", "RingStats", "ReaderStats", "Slot",
-           "SampleView", "DEFAULT_MAX_RING_BYTES"]
+           "SampleView", "DEFAULT_MAX_RING_BYTES", "header_generation"]

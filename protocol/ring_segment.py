@@ -17,11 +17,11 @@ import numpy as np
 import posix_ipc
 
 from . import _seqlock as sl
-from .errors import NotARing, RingDamaged, RingInUse, RingTooLarge, VersionMismatch
+from .errors import MmfeedError, NotARing, RingDamaged, RingInUse, RingTooLarge, VersionMismatch
 from .ring_layout import (FIXED_OFFSETS, H, MAGIC, MAX_READERS, MODES, R, RING_VERSION,
                           RingHeader, semaphore_name)
 from .ring_liveness import _STARTUP_WAIT_S, _pid_alive, _producer_alive
-from .ring_owner import check_writer_owner, chmod_nofollow, segment_stat
+from .ring_owner import check_reader_owner, check_writer_owner, chmod_nofollow, segment_stat
 
 # A fault in a guarded mapping (a truncated segment) surfaces as RingDamaged from every
 # seqlock call on that mapping: NOTE [truncated segments] in _seqlock.c.
@@ -347,3 +347,31 @@ def _replace_other_version(name: str, head: bytes, version: int | None, inode: i
 def _release_entry_bits(mm, i: int) -> None:
     sl.fetch_and(mm, H["active_mask"], _U64 ^ (1 << i))
     sl.fetch_and(mm, H["waiting_mask"], _U64 ^ (1 << i))
+
+
+def header_generation(name: str) -> int | None:
+    """The generation in the header of the ring at `name`, whether its producer runs or died
+    (a SIGKILLed producer leaves its ring behind: exactly the header a restart must read, and
+    one `RingReader.attach` refuses, since a dead ring never yields a sample). None when there
+    is no ring of this version there, or one this user does not own (ring_owner.py). Read with
+    pread, never mapped: a segment someone shrinks meanwhile cannot raise SIGBUS here."""
+    posix = _posix_name(name)
+    path = _SHM_DIR + posix
+    if segment_stat(path) is None:
+        return None
+    try:
+        shm = posix_ipc.SharedMemory(posix)
+    except (posix_ipc.Error, OSError, ValueError):
+        return None
+    try:
+        check_reader_owner(os.fstat(shm.fd), path, posix, None)
+        head = os.pread(shm.fd, 256, 0)
+    except (MmfeedError, OSError):
+        return None
+    finally:
+        shm.close_fd()
+    if len(head) < 256 or head[:8] != MAGIC:
+        return None
+    if struct.unpack_from("<I", head, H["version"])[0] != RING_VERSION:
+        return None
+    return RingHeader.unpack(head).generation
