@@ -18,6 +18,7 @@ from trainer.adapt import AdaptError, ShapeAdapter, adapt_tensor  # noqa: E402
 from trainer.batching import (BufferPool, PoolCache, group_batches, modality_views,  # noqa: E402
                               row_bytes)
 from trainer.datasets import CacheDataset, GroupedBatchSampler, LiveDiskMixer  # noqa: E402
+from trainer.queue_thread import LoaderError  # noqa: E402
 from trainer.recent import RecentGenerations  # noqa: E402
 
 
@@ -131,6 +132,24 @@ def test_mixer_falls_back_to_disk_when_the_ring_is_empty_and_says_so():
     mx = LiveDiskMixer(_Src([]), _Src([("D", torch.zeros(4))] * 50), 0.5)
     got = [mx.get(0.1)[0] for _ in range(20)]
     assert got == ["D"] * 20 and mx.achieved == 0.0 and mx.live_misses == 20
+
+
+def test_mixer_over_plain_iterables_reads_both_to_their_end():
+    mx = LiveDiskMixer(iter([("L", torch.zeros(4))] * 5), iter([("D", torch.zeros(4))] * 7), 0.5)
+    got = [tag for tag, _ in mx]
+    assert sorted(got) == ["D"] * 7 + ["L"] * 5
+
+
+def test_mixer_source_that_raises_surfaces_the_error_naming_its_thread():
+    # A plain iterable runs in a thread (queue_thread.IterableThread): an exception there must
+    # reach the training loop, not end the stream as if the data had run out.
+    def broken():
+        yield ("D", torch.zeros(4))
+        raise OSError("disk gone")
+
+    mx = LiveDiskMixer(None, broken(), 0.0)
+    with pytest.raises(LoaderError, match="mixer source thread failed.*disk gone"):
+        list(mx)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -34,11 +33,12 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from protocol.cache import CacheReader
-from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingNotFound, RingNotOwned,
-                             RingSuperseded)
+from protocol.errors import ProducerGone, RingDamaged
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
+from .queue_thread import IterableThread
+from .ring_follow import RingFollower
 
 log = logging.getLogger(__name__)
 
@@ -144,56 +144,27 @@ class RingDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.group = group
 
-    def _attach(self, deadline: float | None, start: str, resume):
-        from protocol.ring import RingReader
-
-        said: type | None = None
-        while deadline is None or time.monotonic() < deadline:
-            try:
-                return RingReader.attach(self.ring, start=start, resume=resume,
-                                         group=self.group)
-            except (RingNotFound, ProducerGone, NotARing, RingNotOwned) as e:
-                # NotARing too: a producer inside create() has not sized the segment yet.
-                if type(e) is not said:
-                    log.warning("ring %s: %s; waiting for a producer", self.ring, e)
-                    said = type(e)
-                time.sleep(0.05)  # polling for a producer to appear; no event to wait on
-        return None
-
     def _samples(self) -> Iterator[tuple[SampleSchema, object, dict[str, torch.Tensor], int]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, nshards = self.rank * nw + wid, self.world_size * nw
-        reader, buf, got = None, None, 0
-        start, resume = self.start, None
+        follow = RingFollower(self.ring, start=self.start, group=self.group)
+        got = 0
         last = time.monotonic()
-
-        def lost(e: ProducerGone):
-            """Where the next reader starts: see RingLoader._lost (trainer/prefetch.py)."""
-            if isinstance(e, RingSuperseded):
-                log.info("ring %s: %s; following it", self.ring, e)
-                return "oldest", None
-            log.warning("ring %s: %s; re-attaching", self.ring, e)
-            if isinstance(e, RingDamaged):
-                time.sleep(0.2)  # the damage may still be there: no attach/detach spin
-            return self.start, reader.mark()
-
         try:
             while self.max_samples is None or got < self.max_samples:
                 if self.idle_timeout is not None and time.monotonic() - last > self.idle_timeout:
                     return
+                reader = follow.reader
                 if reader is None:
                     deadline = None if self.idle_timeout is None else last + self.idle_timeout
-                    reader = self._attach(deadline, start, resume)
+                    reader = follow.attach(deadline)
                     if reader is None:
                         return
-                    buf = None
                 try:
                     view = reader.receive_view(timeout=0.1)
                 except ProducerGone as e:  # RingDamaged and RingSuperseded included
-                    start, resume = lost(e)
-                    reader.close()
-                    reader = None
+                    follow.lost(e)
                     continue
                 if view is None:
                     continue
@@ -209,16 +180,13 @@ class RingDataset(IterableDataset):
                     if not view.still_valid():
                         continue  # lossy: overwritten while copied
                 except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
-                    start, resume = lost(e)
-                    reader.close()
-                    reader = None
+                    follow.lost(e)
                     continue
                 tensors = {k: v[0] for k, v in modality_views(schema, out.unsqueeze(0)).items()}
                 got += 1
                 yield schema, view.meta, tensors, view.meta.label
         finally:
-            if reader is not None:
-                reader.close()
+            follow.drop()
 
     def __iter__(self):
         if self.batch_size is None:
@@ -249,53 +217,6 @@ def _size(item) -> int:
     return 1
 
 
-class ThreadedSource(Generic[T]):
-    """Runs an iterable in a thread so a consumer can ask "is an item ready now?" (`get(0)`)."""
-
-    def __init__(self, iterable, depth: int = 4):
-        import queue
-
-        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self.finished = False
-        self._it = iterable
-        self._t = threading.Thread(target=self._run, daemon=True, name="mixer source")
-        self._t.start()
-
-    def _run(self) -> None:
-        import queue
-
-        try:
-            for item in self._it:
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        finally:
-            self.finished = True
-
-    def get(self, timeout: float | None) -> T | None:
-        import queue
-
-        try:
-            if timeout is not None and timeout <= 0:
-                return self._q.get_nowait()
-            return self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.finished and self._q.empty()
-
-    def close(self) -> None:
-        self._stop.set()
-
-
 class LiveDiskMixer(IterableDataset, Generic[T]):
     """Draws items (samples or batches) from a live and a disk source at a live fraction.
 
@@ -305,7 +226,7 @@ class LiveDiskMixer(IterableDataset, Generic[T]):
     at once, so training never waits for an empty ring; `achieved` then shows the real fraction.
 
     Sources are objects with `get(timeout) -> item | None` (the daemon's loader threads) or
-    plain iterables (wrapped in a `ThreadedSource`). The fraction lives in shared memory, so a
+    plain iterables (wrapped in an `IterableThread`, queue_thread.py). The fraction lives in shared memory, so a
     mixer copied into DataLoader workers still follows `set_fraction` from the parent.
     """
 
@@ -401,9 +322,9 @@ class LiveDiskMixer(IterableDataset, Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         if self._live_src is not None and not hasattr(self._live_src, "get"):
-            self._live_src = ThreadedSource(iter(self._live_src))
+            self._live_src = IterableThread(iter(self._live_src))
         if self._disk_src is not None and not hasattr(self._disk_src, "get"):
-            self._disk_src = ThreadedSource(iter(self._disk_src))
+            self._disk_src = IterableThread(iter(self._disk_src))
         while True:
             item = self.get(1.0)
             if item is None:

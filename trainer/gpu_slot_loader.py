@@ -130,7 +130,7 @@ class GpuRingLoader(RingLoader):
         reader = self._attach_gpu()
         if reader is None:
             return False
-        self.reader, self.attached, self.path = reader, True, "gpu-slots"
+        self.reader, self.path = reader, "gpu-slots"
         try:
             while not self._stop.is_set():
                 try:
