@@ -29,6 +29,8 @@ import os
 import time
 from pathlib import Path
 
+from protocol.filemodes import fsync_dir
+
 #: SampleMeta stores the generation as a u32: a number past this cannot be published.
 MAX_GENERATION = 2**32 - 1
 STATE_ENV = "MMFEED_STATE_DIR"
@@ -102,11 +104,7 @@ class GenerationStore:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.path.parent)
 
 
 def ring_header_generation(ring: str) -> int | None:

@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _seqlock
+from .memcopy import memcpy
 from .errors import CacheCorrupt, CacheError, CacheNotFound, SchemaError, VersionMismatch
 from .schema import Sample, SampleMeta, SampleSchema
 
@@ -112,7 +112,7 @@ INDEX_DTYPE = np.dtype(
 # per record mattered only on small records. A batch now: gathers its index columns with one
 # fancy index each, sorts its records by (shard, offset), asks mincore once per record into one
 # vector and reduces it with one numpy call, copies the resident records from the map with the
-# GIL-released C memcpy (_seqlock.copy, one call per record: the loop does nothing else), and
+# GIL-released C memcpy (memcopy.memcpy, one call per record: the loop does nothing else), and
 # reads the rest (cold) with preadv after ONE round of fadvise(WILLNEED) over all of them, so
 # their disk reads overlap; cold records that lie back to back in a shard go in one preadv whose
 # iovecs scatter them into their rows (the padding between them lands in a scratch page).
@@ -593,9 +593,9 @@ class CacheReader:
         for k in np.flatnonzero(resident).tolist():
             sh, j = int(s_sh[k]), rows[k]
             if dst is not None:
-                _seqlock.copy(dst, j * stride, self._maps[sh], int(s_off[k]), n)
+                memcpy(dst, j * stride, self._maps[sh], int(s_off[k]), n)
             else:
-                _seqlock.copy(memoryview(out2d[j]), 0, self._maps[sh], int(s_off[k]), n)
+                memcpy(memoryview(out2d[j]), 0, self._maps[sh], int(s_off[k]), n)
         cold = np.flatnonzero(~resident)
         if len(cold):
             self._read_cold(out2d, rows, s_sh, s_off, cold, n)
