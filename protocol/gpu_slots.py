@@ -37,6 +37,18 @@ from . import _seqlock as sl
 from .errors import NotARing, RingError, SchemaError, VersionMismatch
 from .schema import ModalitySpec, SampleSchema
 
+#: Said once per process side (the producer's writer, the trainer's reader) when CUDA is
+#: missing and GPU slots quietly fall back to the host ring: the one wording of that fact.
+NO_CUDA_MESSAGE = "no CUDA device: GPU slots off, frames go through host shared memory"
+_no_cuda_said: set[str] = set()   # names of the loggers that said it
+
+
+def say_no_cuda_once(log) -> None:
+    """Log NO_CUDA_MESSAGE at INFO on `log`, the first time for that logger only."""
+    if log.name not in _no_cuda_said:
+        _no_cuda_said.add(log.name)
+        log.info(NO_CUDA_MESSAGE)
+
 __all__ = ["GpuDescriptor", "DESCRIPTOR_SCHEMA", "DESCRIPTOR_BYTES", "is_descriptor",
            "PoolExport", "GpuSlotTable", "GpuTableError", "StaleGpuTable", "table_name",
            "GPU_TABLE_VERSION", "BACKENDS"]

@@ -49,9 +49,8 @@ def ring_name():
 
 @pytest.fixture(autouse=True)
 def _forget_logged_once(monkeypatch):
-    import producer.gpu_slot_writer as pg
-    monkeypatch.setattr(pg, "_said_no_cuda", False)
-    monkeypatch.setattr(gpu_ring, "_said_no_cuda", False)
+    import protocol.gpu_slots as wire
+    monkeypatch.setattr(wire, "_no_cuda_said", set())
 
 
 class Producer:

@@ -41,8 +41,8 @@ import posix_ipc
 import torch
 
 from protocol.errors import RingError, SchemaError
-from protocol.gpu_slots import (DESCRIPTOR_BYTES, GpuDescriptor, GpuSlotTable, GpuTableError,
-                                StaleGpuTable, is_descriptor)
+from protocol.gpu_slots import (DESCRIPTOR_BYTES, NO_CUDA_MESSAGE, GpuDescriptor, GpuSlotTable,
+                                GpuTableError, StaleGpuTable, is_descriptor, say_no_cuda_once)
 from protocol.ring import RingReader
 from protocol.schema import SampleMeta, SampleSchema
 
@@ -51,15 +51,6 @@ log = logging.getLogger(__name__)
 __all__ = ["GpuRingReader", "GpuSlotView", "GpuReaderStats", "open_reader", "select_path",
            "gpu_slot_refusal", "NO_CUDA_MESSAGE"]
 
-NO_CUDA_MESSAGE = "no CUDA device: GPU slots off, frames go through host shared memory"
-_said_no_cuda = False
-
-
-def _say_no_cuda_once() -> None:
-    global _said_no_cuda
-    if not _said_no_cuda:
-        _said_no_cuda = True
-        log.info(NO_CUDA_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -431,7 +422,7 @@ def select_path(name: str, device: str | torch.device | None = "auto") -> str:
             f"has {'no CUDA device' if not cuda else f'device={device!r}'}; run the producer "
             f"with GPU slots off (gpu='off') or this trainer on the producer's GPU")
     if not cuda:
-        _say_no_cuda_once()
+        say_no_cuda_once(log)
     return "gpu-slots" if has_table else "host"
 
 
