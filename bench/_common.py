@@ -93,3 +93,19 @@ def report(bench: str, figure: float, unit: str, limit_name: str, limit: float,
     if as_json:
         print(json.dumps(obj))
     return obj
+
+
+def cuda_variant(argv: list[str], prog: str, cuda_main: Callable[[list[str]], object]
+                 ) -> tuple[bool, object]:
+    """`--device cpu|cuda` of a CPU benchmark whose CUDA variant is its own module: (True,
+    `cuda_main(rest of argv)`) with cuda; (True, 2) after saying what is accepted for anything
+    else; (False, None) with cpu or no --device, the option taken out of `argv`."""
+    if "--device" not in argv:
+        return False, None
+    i = argv.index("--device")
+    device = argv[i + 1] if i + 1 < len(argv) else ""
+    if device not in ("cpu", "cuda"):
+        print(f"{prog}: --device {device!r}: expected cpu or cuda", file=sys.stderr)
+        return True, 2
+    del argv[i:i + 2]
+    return (True, cuda_main(argv)) if device == "cuda" else (False, None)

@@ -138,11 +138,9 @@ class GpuRingLoader(RingLoader):
                     if schema is None:
                         continue
                     pool = self._dev_pool(schema)
-                    pair = None
-                    while pair is None:
-                        if self._stop.is_set():
-                            return False
-                        pair = pool.get(timeout=_POLL_S)
+                    pair = self._take(pool)
+                    if pair is None:
+                        return False
                     buf, labels = pair
                     try:
                         got = reader.receive_batch_into(buf, timeout=self.max_wait_s)

@@ -81,6 +81,15 @@ class _LoaderThread(QueueThread[HostBatch]):
     def _pool(self, schema: SampleSchema) -> BufferPool:
         return self._pools.get(schema)
 
+    def _take(self, pool):
+        """A free (buffer, labels) pair of `pool`, waiting for one while not stopped (the
+        back-pressure that bounds pinned memory); None once stopped."""
+        while not self._stop.is_set():
+            pair = pool.get(timeout=_POLL_S)
+            if pair is not None:
+                return pair
+        return None
+
 
 class DiskLoader(_LoaderThread):
     """Reads shuffled, schema-grouped batches of a CacheReader into pinned pool buffers.
@@ -120,11 +129,9 @@ class DiskLoader(_LoaderThread):
                 idx = plan[k]
                 schema = self.reader.schema(int(idx[0]))
                 pool = self._pool(schema)
-                pair = None
-                while pair is None:
-                    if self._stop.is_set():
-                        return
-                    pair = pool.get(timeout=_POLL_S)
+                pair = self._take(pool)
+                if pair is None:
+                    return
                 buf, labels = pair
                 _, metas = self.reader.read_batch_into(idx, buf.numpy())
                 if metas.cold and k + 1 < len(plan):
@@ -261,11 +268,9 @@ class RingLoader(_LoaderThread):
                         if not emit(oldest):
                             return
                     pool = self._pool(view.schema)
-                    pair = None
-                    while pair is None:
-                        if self._stop.is_set():
-                            return
-                        pair = pool.get(timeout=_POLL_S)
+                    pair = self._take(pool)
+                    if pair is None:
+                        return
                     buf, labels = pair
                     o = buckets[key] = {"schema": view.schema, "pool": pool, "buf": buf,
                                         "rows": buf.numpy(), "labels": labels, "n": 0,
