@@ -27,9 +27,8 @@ are this run's; the checkpoint's totals plus this run's are `lifetime_*`.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +42,9 @@ from protocol.schema import UNLABELLED
 
 from . import checkpoint as ckpt
 from .adapt import ShapeAdapter
+from .config import Dist, Meter, TrainConfig  # noqa: F401  (TrainConfig, Dist: re-exported)
 from .datasets import LiveDiskMixer
+from .evaluate import val_accuracy
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
 from .recent import RecentGenerations
@@ -53,97 +54,6 @@ log = logging.getLogger(__name__)
 IGNORE_LABEL = -100          # cross_entropy's ignore_index: what unusable labels become
 BAD_LABELS_LOGGED = 8        # distinct out-of-range label values logged (each once)
 STARVED_BELOW = 0.8          # achieved live fraction under this share of the target ...
-
-
-@dataclass
-class TrainConfig:
-    """What `mm-trainer run` takes; every field has a command-line flag of the same name."""
-
-    cache: Path
-    ring: str | None = None
-    mix: float | None = None            # live fraction; default 0.5 with a ring, else 0
-    model: str | None = None            # module:factory
-    checkpoint_dir: Path | None = None
-    steps: int | None = None
-    epochs: int | None = None           # epochs of this rank's disk shard, counted in steps
-    batch_size: int = 32
-    workers: int = 0                    # 0: in-process reader thread; N: DataLoader workers
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    accum: int = 1                      # micro-batches per optimiser step
-    amp: str = "auto"                   # auto | bf16 | off
-    log_interval: float = 10.0          # seconds
-    eval_interval: int = 0              # steps; 0 = only at the end
-    checkpoint_interval: int = 0        # steps; 0 = only at exit
-    keep: int = 3
-    seed: int = 0
-    device: str = "auto"
-    ring_start: str = "newest"
-    ring_group: str | None = None       # also trust a ring of this group, mode 0660 (another user's)
-    resume: bool = True
-    group: str | None = None            # checkpoint files 0640 of this group; else 0600
-    # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
-    # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
-    mix_source: str = field(default="default", init=False)
-
-    def __post_init__(self) -> None:
-        self.cache = Path(self.cache)
-        if self.checkpoint_dir is not None:
-            self.checkpoint_dir = Path(self.checkpoint_dir)
-        if self.mix is None:
-            self.mix = 0.5 if self.ring else 0.0
-            self.mix_source = "default"
-        else:
-            self.mix_source = "given"
-        if not 0.0 <= self.mix <= 1.0:
-            raise ValueError(f"--mix {self.mix}: expected a live fraction in [0, 1]")
-        if self.mix > 0 and not self.ring:
-            raise ValueError(f"--mix {self.mix}: a live fraction above 0 needs --ring NAME")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give --steps or --epochs, not both")
-        if self.ring_group is not None:
-            from protocol.ring_owner import group_gid
-
-            group_gid(self.ring_group)  # ValueError naming it when there is no such group
-        for name in ("batch_size", "accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError(f"--amp {self.amp!r}: expected auto, bf16 or off")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-
-@dataclass
-class Meter:
-    """Counters over one log interval."""
-
-    t0: float = field(default_factory=time.monotonic)
-    steps: int = 0               # optimiser steps
-    steps_unlabelled: int = 0    # steps with no labelled sample: no optimiser step
-    samples: int = 0
-    samples_live: int = 0
-    samples_unlabelled: int = 0
-    samples_bad_label: int = 0
-    wait_s: float = 0.0
-    step_s: float = 0.0
-    loss_sum: float = 0.0
-    live_received: int = 0       # the ring loader's received count when the interval began
-    live_misses: int = 0         # the mixer's "wanted live, none ready" count then
 
 
 class Trainer:
@@ -463,7 +373,7 @@ class Trainer:
                 # decides whether the backward reduces; one no_sync() object cannot be entered
                 # twice).
                 last = k == self.cfg.accum - 1
-                with net.no_sync() if (self.ddp is not None and not last) else _null():
+                with net.no_sync() if (self.ddp is not None and not last) else nullcontext():
                     with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                         enabled=self.amp_dtype is not None):
                         logits = net(inputs)
@@ -602,42 +512,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, keepalive: Callable[[], None] | None = None) -> float | None:
-        """Accuracy on the val split (each rank its shard, summed over ranks).
-
-        `keepalive` is called after every val batch: a big val split takes longer than the
-        unit's WatchdogSec, and the daemon's main loop sends no WATCHDOG=1 meanwhile. It is
-        called only when a batch was evaluated (progress), never while waiting for one, so a
-        stuck loader still starves the watchdog. The callee rate-limits (it is per batch).
-        """
+        """Accuracy on the val split (evaluate.py: each rank its shard, summed over ranks;
+        `keepalive` after every val batch), kept as `accuracy`."""
         if self.val_reader is None or len(self.val_reader) == 0:
             return None
-        self.model.eval()
-        loader = DiskLoader(self.val_reader, self.cfg.batch_size, shuffle=False, epochs=1,
-                            rank=self.dist.rank, world_size=self.dist.world_size).start()
-        pf = DevicePrefetcher(loader.get, self.device)
-        correct = total = 0
-        try:
-            while True:
-                b = pf.get(0.2)
-                if b is None:
-                    if loader.exhausted:
-                        break
-                    continue
-                inputs, labels = self._prepare(b)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                                    enabled=self.amp_dtype is not None):
-                    pred = self.model(inputs).argmax(dim=1)
-                correct += int((pred == labels).sum())
-                total += b.n
-                if keepalive is not None:
-                    keepalive()
-        finally:
-            pf.close()
-            loader.close()
-        t = torch.tensor([correct, total], dtype=torch.float64)
-        if self.dist.enabled:
-            dist.all_reduce(t)
-        self.accuracy = float(t[0] / t[1]) if t[1] else None
+        self.accuracy = val_accuracy(self.model, self.val_reader, self._prepare, self.device,
+                                     self.amp_dtype, self.cfg.batch_size, self.dist,
+                                     keepalive)
         return self.accuracy
 
     # --- reporting ---------------------------------------------------------------------------
@@ -741,15 +622,3 @@ class Trainer:
         self.train_reader.close()
         if self.val_reader is not None:
             self.val_reader.close()
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
