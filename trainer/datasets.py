@@ -25,15 +25,16 @@ import math
 import multiprocessing
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from protocol.cache import CacheReader
-from protocol.errors import ProducerGone, RingDamaged
+from protocol.errors import ProducerGone, RingDamaged, SchemaError
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
@@ -43,13 +44,50 @@ from .ring_follow import RingFollower
 log = logging.getLogger(__name__)
 
 
+class SampleBatch(Sequence):
+    """What `CacheDataset.__getitems__` returns: B samples read with one memcpy each into ONE
+    (B, row) buffer. As a sequence it is B (inputs, label) pairs (views into that buffer, made
+    only when asked), so PyTorch's default collate stacks it like any list of samples: a plain
+    `DataLoader(ds, batch_size=B, shuffle=True)` works. `collated` is the batch as it already
+    is, (inputs: name -> (B, ...), labels (B,)), which `CacheDataset.collate` hands over
+    without a second copy."""
+
+    __slots__ = ("inputs", "labels")
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        self.inputs, self.labels = inputs, labels
+
+    @property
+    def collated(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.inputs, self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        return {k: v[j] for k, v in self.inputs.items()}, int(self.labels[j])
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.inputs.items())
+        return f"SampleBatch({len(self)} samples: {shapes})"
+
+
 class CacheDataset(Dataset):
     """Map-style dataset over one split of the disk cache.
 
-    `ds[i]` -> (inputs: dict name -> tensor, label). `ds.__getitems__(indices)` (which DataLoader
-    calls with a batch sampler) reads a whole batch with one memcpy per sample from the mmap into
-    one buffer and returns it already collated as (inputs, labels); all indices must share a
-    schema (use `GroupedBatchSampler`). The reader reopens itself in each worker process.
+    `ds[i]` -> (inputs: dict name -> tensor, label). DataLoader reads a batch through
+    `__getitems__(indices)`: one memcpy per sample from the mmap into one buffer, a
+    `SampleBatch`. Two ways to load (docs/python-api.md):
+
+        DataLoader(ds, batch_size=32, shuffle=True)          # a cache of one schema
+        ds.loader(32)  # = DataLoader(ds, batch_sampler=GroupedBatchSampler(ds, 32),
+                       #              collate_fn=CacheDataset.collate): any cache, one copy
+
+    A batch cannot mix sample schemas (samples that lack a modality, or were made under
+    another filter, have other shapes): the first way raises an error saying to use the
+    second, which batches each schema apart. The reader reopens itself in each worker process.
     """
 
     def __init__(self, cache_dir: str | Path | CacheReader, split: str | None = "train"):
@@ -78,20 +116,44 @@ class CacheDataset(Dataset):
         views = modality_views(schema, buf.unsqueeze(0))
         return {k: v[0] for k, v in views.items()}, int(self.labels[i])
 
-    def __getitems__(self, indices) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def __getitems__(self, indices) -> SampleBatch:
         idx = np.asarray(indices, dtype=np.int64)
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
-        self.reader.read_batch_into(idx, buf.numpy())
+        try:
+            self.reader.read_batch_into(idx, buf.numpy())
+        except SchemaError:
+            groups = self.schema_groups()
+            raise SchemaError(
+                f"CacheDataset: one batch asks for samples of different schemas (this split "
+                f"holds {len(groups)}: samples that lack a modality or were made under another "
+                f"filter have other shapes), and a batch of tensors cannot mix shapes. Batch "
+                f"each schema apart: DataLoader(dataset, batch_sampler=GroupedBatchSampler("
+                f"dataset, batch_size, shuffle=True), collate_fn=CacheDataset.collate), or "
+                f"dataset.loader(batch_size)") from None
         labels = torch.as_tensor(self.labels[idx], dtype=torch.int64)
-        return modality_views(schema, buf), labels
+        return SampleBatch(modality_views(schema, buf), labels)
 
     @staticmethod
     def collate(batch):
-        """collate_fn: a batch from `__getitems__` is already collated; samples are stacked."""
+        """collate_fn: a `SampleBatch` is handed over as it is, already collated (no second
+        copy); a list of samples is stacked, refusing mixed shapes naming them."""
+        if isinstance(batch, SampleBatch):
+            return batch.collated
         if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
             return batch
         return collate_samples(batch)
+
+    def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+               drop_last: bool = False, rank: int = 0, world_size: int = 1,
+               **dataloader_kwargs) -> DataLoader:
+        """A DataLoader of (inputs, labels) batches of one schema each, shuffled per epoch
+        (call `loader.batch_sampler.set_epoch(e)`), whatever schemas the cache holds;
+        `dataloader_kwargs` go to DataLoader (num_workers, pin_memory, ...)."""
+        sampler = GroupedBatchSampler(self, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                      world_size=world_size, drop_last=drop_last)
+        return DataLoader(self, batch_sampler=sampler, collate_fn=CacheDataset.collate,
+                          **dataloader_kwargs)
 
 
 class GroupedBatchSampler(Sampler):
