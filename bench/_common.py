@@ -74,8 +74,9 @@ def want_json(argv: list[str] | None = None) -> bool:
 
 def report(bench: str, figure: float, unit: str, limit_name: str, limit: float,
            as_json: bool, **extra) -> dict:
-    """Print `bench  figure unit | limit_name limit unit | ratio r`, and with --json the DESIGN.md
-    object as the last line. Returns the object."""
+    """Print `bench  figure unit | limit_name limit unit | ratio r`, and with --json the object
+    docs/architecture.md fixes (bench, figure, unit, limit_name, limit, ratio, machine) as the
+    last line. Returns the object."""
     if not limit or limit <= 0:
         raise ValueError(f"{bench}: a figure needs its measured limit, got {limit!r}")
     ratio = figure / limit
