@@ -84,8 +84,8 @@ def test_mm_trainer_run_loads_the_readme_model_factory(tmp_path):
     env["PYTHONPATH"] = f"{tmp_path}:{ROOT}"
     r = subprocess.run([sys.executable, "-m", "trainer.cli", "run", "--cache", str(cache),
                         "--model", "mymodels:build", "--steps", "3", "--batch-size", "4",
-                        "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+                        "--checkpoint-dir", str(tmp_path / "ckpt"), "--json"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3, summary
