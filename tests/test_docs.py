@@ -89,3 +89,15 @@ def test_mm_trainer_run_loads_the_readme_model_factory(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3, summary
+
+
+def test_no_file_cites_a_document_outside_the_repository():
+    # The design lives in docs/ (architecture.md, CONTRACTS.md); a clone has nothing beside it.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    here = Path(__file__).name
+    bad = [f"{name}:{n}" for name in tracked if name.endswith((".py", ".md", ".toml", ".service"))
+           and Path(name).name != here
+           for n, line in enumerate((ROOT / name).read_text(errors="replace").splitlines(), 1)
+           if "../shared/" in line or "DESIGN.md" in line]
+    assert not bad, f"cites a file outside the repository: {bad}"
