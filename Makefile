@@ -1,6 +1,7 @@
 # The two commands a user needs: `make demo` and `make test`.
 # Both create or reuse .venv, install the pinned CPU torch FIRST (an unpinned torch
-# pulls gigabytes of CUDA wheels), then the package with its test extras.
+# pulls gigabytes of CUDA wheels), then the package with its test, bench and ray extras
+# (ray: `preprocess --ray` and its tests; Ray core pulls no torch).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml setup.py protocol/_seqlock.c producer/_lzf.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q -e ".[test,bench,tensorboard,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -33,7 +34,7 @@ demo: $(STAMP)
 	$(PY) -m cli.demo
 
 bench: $(STAMP)
-	for b in ring decode cache preprocess loader stall producer; do \
+	for b in ring decode cache preprocess ray_preprocess loader stall producer stages; do \
 	  test -f bench/$$b.py && $(PY) -m bench.$$b || true; done
 
 clean:

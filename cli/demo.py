@@ -12,8 +12,12 @@ scripts and `mmctl`), so that it doubles as an end-to-end check:
    (ring + cache) as real background daemons, each with its own log file;
 4. while the trainer trains: `mmctl filter gray`, `mmctl wait GEN` (until the trainer has
    trained a step on the grayscale generation), `mmctl mix 0.75`;
-5. stops both with SIGTERM (the trainer writes a checkpoint), checks that no process and no
-   shared-memory segment is left behind, and prints a summary.
+5. draws the newest live sample (`mmctl preview`), stops both with SIGTERM (the trainer
+   writes a checkpoint), checks that no process and no shared-memory segment is left behind,
+   and prints a summary that says where the preview and the TensorBoard logs are.
+
+It is never silent for long: while it waits for the daemons it prints a line at least every
+SAY_EVERY_S seconds (the trainer's step, rate, loss and ETA once it trains).
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from producer.synth import REAL_DIR
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = REAL_DIR  # $MMFEED_REAL_DATA (producer/synth.py)
 BIN = Path(sys.executable).parent
+SAY_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,21 @@ def _mmctl(env: dict, *args: str, timeout: float = 30.0) -> dict:
     return obj
 
 
-def _wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
+def _wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = None,
+              log: Path | None = None, say=None):
+    """Poll `cond` until it is true; every SAY_EVERY_S seconds print `say()` (or that it is
+    still waiting), so the demo is never silent for long."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    next_say = t0 + SAY_EVERY_S
     while time.monotonic() < deadline:
+        if time.monotonic() >= next_say:
+            next_say = time.monotonic() + SAY_EVERY_S
+            try:
+                line = say() if say is not None else None
+            except Exception:  # the daemon is busy: say that we wait instead
+                line = None
+            _say(line or f"waiting for {what} ({time.monotonic() - t0:.0f} s)")
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
             raise RuntimeError(f"{what}: the daemon exited with {proc.returncode}\n{tail}")
@@ -89,6 +108,56 @@ def _wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = N
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{what}: not reached within {timeout:.0f} s")
+
+
+@contextmanager
+def _busy(what: str):
+    """Say `what` is still going every SAY_EVERY_S seconds while the block runs."""
+    done = threading.Event()
+    t0 = time.monotonic()
+
+    def tick() -> None:
+        while not done.wait(SAY_EVERY_S):
+            _say(f"{what} ({time.monotonic() - t0:.0f} s)")
+
+    t = threading.Thread(target=tick, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        done.set()
+        t.join()
+
+
+class TrainerProgress:
+    """The trainer's progress, from `mmctl status`, as one line with a rate and an ETA to the
+    demo's target step."""
+
+    def __init__(self, env: dict, target: int):
+        self.env, self.target = env, target
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self) -> str | None:
+        st = _mmctl(self.env, "status").get("trainer") or {}
+        step = st.get("step")
+        if step is None:
+            return None
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (now, step)
+        t0, s0 = self.first
+        eta = ""
+        if step > s0 and now > t0:
+            left = max(0, self.target - step) / ((step - s0) / (now - t0))
+            eta = f", ETA {left:.0f} s"
+        parts = [f"trainer: step {step}/{self.target}"]
+        if st.get("samples_per_s") is not None:
+            parts.append(f"{st['samples_per_s']:.1f} samples/s")
+        if st.get("loss") is not None:
+            parts.append(f"loss {st['loss']:.4f}")
+        if st.get("accuracy") is not None:
+            parts.append(f"val acc {st['accuracy']:.3f}")
+        return ", ".join(parts) + eta
 
 
 def make_dataset(s: DemoSettings) -> Path:
@@ -110,7 +179,8 @@ def make_dataset(s: DemoSettings) -> Path:
         return root
     if root.exists():
         shutil.rmtree(root)
-    synth(root, per_class=per_class, seed=0)
+    with _busy("making the synthetic dataset"):
+        synth(root, per_class=per_class, seed=0)
     real = link_real_recordings(root, REAL_DATA, split="test", class_name="real")
     stamp.write_text(want)
     _say(f"synthetic dataset: {sum(1 for _ in root.glob('[tv][ra]*/*/*'))} samples in {root}")
@@ -141,6 +211,10 @@ def run(s: DemoSettings) -> dict:
     ckpt = s.workdir / "checkpoints"
     if ckpt.exists():
         shutil.rmtree(ckpt)
+    tensorboard = s.workdir / "tensorboard"
+    if tensorboard.exists():
+        shutil.rmtree(tensorboard)
+    preview = s.workdir / "preview.png"
     env = dict(os.environ, MMFEED_RUNTIME_DIR=str(runtime), PYTHONUNBUFFERED="1")
     ring = s.ring or f"mmfeed-demo-{os.getpid()}"
     t0 = time.monotonic()
@@ -169,24 +243,32 @@ def run(s: DemoSettings) -> dict:
         procs["trainer"] = subprocess.Popen(
             [_script("mm-trainer"), "run", "--cache", str(cache), "--ring", ring, "--mix", "0.5",
              "--checkpoint-dir", str(ckpt), "--steps", "1000000", "--batch-size", "8",
-             "--eval-interval", str(s.eval_interval), "--log-interval", "5", "--json"],
+             "--eval-interval", str(s.eval_interval), "--log-interval", "5",
+             "--progress-interval", "5", "--tensorboard", str(tensorboard), "--json"],
             env=env, stdout=open(logs / "trainer.out", "w"), stderr=open(logs / "trainer.log", "w"),
             start_new_session=True)
+        progress = TrainerProgress(env, s.steps)
         _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= 5,
-                  "trainer training", 180, procs["trainer"], logs / "trainer.log")
+                  "trainer training", 180, procs["trainer"], logs / "trainer.log", say=progress)
 
         _say("switching the video filter to grayscale while training: mmctl filter gray")
         gen = _mmctl(env, "filter", "gray")["generation"]
         _say(f"new generation {gen}; waiting until the trainer has trained on it: mmctl wait {gen}")
-        _mmctl(env, "wait", str(gen), "--timeout", "120", timeout=150)
+        _wait_for(lambda: _mmctl(env, "wait", str(gen), "--timeout", "1", timeout=30),
+                  f"the trainer to train on generation {gen}", 120, procs["trainer"],
+                  logs / "trainer.log", say=progress)
         _say("changing the live mix to 0.75: mmctl mix 0.75")
         _mmctl(env, "mix", "0.75")
         summary["filter_generation"] = gen
         summary["mix"] = 0.75
         _say(f"training on until step {s.steps} (evaluating on val every {s.eval_interval} steps)")
         _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= s.steps,
-                  f"trainer at step {s.steps}", 600, procs["trainer"], logs / "trainer.log")
+                  f"trainer at step {s.steps}", 600, procs["trainer"], logs / "trainer.log",
+                  say=progress)
         summary["status"] = _mmctl(env, "status")
+        _say(f"drawing the newest live sample as the model gets it: mmctl preview --out {preview}")
+        shown = _mmctl(env, "preview", "--out", str(preview))
+        summary["preview"] = {"path": shown.get("path"), "caption": shown.get("caption")}
     finally:
         _say("stopping both daemons with SIGTERM (the trainer writes a checkpoint)")
         for name in ("trainer", "producer"):
@@ -194,9 +276,15 @@ def run(s: DemoSettings) -> dict:
             if p and p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for name, p in procs.items():
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
+            deadline = time.monotonic() + 120
+            while p.poll() is None and time.monotonic() < deadline:
+                try:
+                    p.wait(timeout=SAY_EVERY_S)
+                except subprocess.TimeoutExpired:
+                    _say(f"waiting for the {name} to stop" + (
+                        " (it evaluates on val and writes its checkpoint)"
+                        if name == "trainer" else ""))
+            if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             summary.setdefault("exit_codes", {})[name] = p.returncode
@@ -214,6 +302,7 @@ def run(s: DemoSettings) -> dict:
         real_recordings=sorted(p.name for p in (dataset / "test" / "real").glob("*")),
         checkpoints=str(ckpt),
         logs=str(logs),
+        tensorboard=str(tensorboard),
     )
     return summary
 
@@ -244,6 +333,9 @@ def print_summary(summary: dict) -> None:
         ("copies per live sample", tr.get("copies_per_sample")),
         ("checkpoint", tr.get("checkpoint") or summary.get("checkpoints")),
         ("logs", summary.get("logs")),
+        ("preview of a live sample", (summary.get("preview") or {}).get("path") or "none"),
+        ("TensorBoard logs", f"{summary.get('tensorboard')} "
+                             f"(tensorboard --logdir {summary.get('tensorboard')})"),
         ("exit codes", summary.get("exit_codes")),
         ("real recordings cached", ", ".join(f"test/real/{n}" for n in summary.get("real_recordings", []))
          or f"none (no {REAL_DATA}; set $MMFEED_REAL_DATA)"),
@@ -254,7 +346,7 @@ def print_summary(summary: dict) -> None:
     ]
     print("\nmmfeed demo summary")
     for k, v in rows:
-        print(f"  {k:<26} {v}")
+        print(f"  {k:<26} {'-' if v is None else v}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,11 @@ Which daemon gets what: filter, sensor, method, segment, label, modalities -> pr
 mix, checkpoint, wait -> trainer; pause, resume, logs -> the daemon named (default producer);
 status -> both, side by side.
 
+Several nodes (docs/deploy.md): `--producer` takes a list (comma-separated or repeated), one
+control address per node's producer; every producer command then goes to each of them in turn
+and the reply lists each node's (cli/fanout.py). The trainer has one control socket, on the node
+of rank 0; `mmctl wait` reads there what every rank of every node has trained on.
+
 Exit codes:
     0  ok
     1  the daemon answered with an error (bad argument, unknown sensor, ...)
@@ -38,6 +43,7 @@ from protocol.control import (
 )
 from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
 from protocol.filters import FilterSpec
+from protocol.stages import bottleneck
 
 EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 DAEMONS = ("producer", "trainer")
@@ -65,6 +71,7 @@ class Ctl:
     timeouts: Timeouts
     keys: Path | None
     tried: dict[str, list[str]] = field(default_factory=dict)  # daemon -> endpoints considered
+    producers: list[str] = field(default_factory=list)  # every node's producer (several nodes)
     _clients: dict[str, ControlClient] = field(default_factory=dict)
 
     def curve(self, endpoint: str) -> CurveClientKeys | None:
@@ -75,18 +82,24 @@ class Ctl:
         """'; sockets tried: A, B': where mmctl looked, for a message saying nothing answered."""
         return f"; sockets tried: {', '.join(self.tried.get(daemon) or [self.endpoints[daemon]])}"
 
-    def client(self, daemon: str) -> ControlClient:
-        if daemon not in self._clients:
-            endpoint = self.endpoints[daemon]
+    def client(self, daemon: str, endpoint: str | None = None) -> ControlClient:
+        endpoint = endpoint or self.endpoints[daemon]
+        key = f"{daemon} {endpoint}"
+        if key not in self._clients:
             try:
-                self._clients[daemon] = ControlClient(endpoint, self.timeouts, self.curve(endpoint),
-                                                      daemon=daemon)
+                self._clients[key] = ControlClient(endpoint, self.timeouts, self.curve(endpoint),
+                                                   daemon=daemon)
             except ControlError as e:
                 self.fail(EXIT_USAGE, str(e), e.code, daemon)
-        return self._clients[daemon]
+        return self._clients[key]
 
     def call(self, daemon: str, cmd: str, **args: Any) -> dict:
-        """One request; every failure becomes its documented exit code."""
+        """One request; every failure becomes its documented exit code. A producer command
+        with several producers goes to every one of them (cli/fanout.py)."""
+        if daemon == "producer" and len(self.producers) > 1:
+            from .fanout import call_every_producer
+
+            return call_every_producer(self, cmd, **args)
         try:
             return self.client(daemon).request(cmd, **args)
         except ControlTimeout as e:
@@ -113,9 +126,10 @@ pass_ctl = click.make_pass_decorator(Ctl)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the last line).")
-@click.option("--producer", metavar="ADDR", envvar="MMFEED_PRODUCER",
+@click.option("--producer", metavar="ADDR[,ADDR...]", envvar="MMFEED_PRODUCER", multiple=True,
               help="Producer control endpoint [default: producer.sock in the runtime dir, "
-                   "else in /run/mmfeed].")
+                   "else in /run/mmfeed]. Several nodes: one per node's producer, "
+                   "comma-separated or repeated; producer commands go to each.")
 @click.option("--trainer", metavar="ADDR", envvar="MMFEED_TRAINER",
               help="Trainer control endpoint [default: trainer.sock in the runtime dir, "
                    "else in /run/mmfeed].")
@@ -124,11 +138,13 @@ pass_ctl = click.make_pass_decorator(Ctl)
 @click.option("--keys", type=click.Path(file_okay=False, path_type=Path), envvar="MMFEED_KEYS",
               help="CURVE key folder from `mmctl keygen` (needed for tcp:// endpoints).")
 @click.pass_context
-def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str | None,
+def main(ctx: click.Context, as_json: bool, producer: tuple[str, ...], trainer: str | None,
          timeout: float, keys: Path | None) -> None:
     """mmctl: control the mmfeed daemons (mm-producer, mm-trainer)."""
     endpoints, tried = {}, {}
-    for daemon, given in (("producer", producer), ("trainer", trainer)):
+    producers = [a.strip() for given in producer for a in given.split(",") if a.strip()]
+    for daemon, given in (("producer", producers[0] if producers else None),
+                          ("trainer", trainer)):
         if given:
             endpoints[daemon], tried[daemon] = given, [given]
         else:  # own runtime dir, then /run/mmfeed (systemd); creates neither
@@ -139,6 +155,7 @@ def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str |
         timeouts=Timeouts.within(timeout, retries=1),
         keys=keys,
         tried=tried,
+        producers=producers or [endpoints["producer"]],
     )
     ctx.call_on_close(lambda: [c.close() for c in ctx.obj._clients.values()])
 
@@ -146,12 +163,21 @@ def main(ctx: click.Context, as_json: bool, producer: str | None, trainer: str |
 # --- output helpers ---------------------------------------------------------------------------
 
 
+def human(v: Any) -> str:
+    """A value as people read it: null is "-" (never Python's "None"), true/false as words."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
 def _scalars(reply: dict, skip: tuple[str, ...] = ("ok",)) -> str:
     items = []
     for k, v in reply.items():
         if k in skip or isinstance(v, (dict, list)):
             continue
-        items.append(f"{k}={v}")
+        items.append(f"{k}={human(v)}")
     return " ".join(items)
 
 
@@ -159,8 +185,16 @@ def _changed(ctl: Ctl, daemon: str, reply: dict) -> None:
     """Print the result of a command that changes the output: its new generation first."""
     gen = reply.get("generation")
     head = f"{daemon}: generation {gen}" if gen is not None else f"{daemon}: ok"
-    rest = _scalars(reply, skip=("ok", "generation"))
+    if "producers" in reply:  # several nodes: each one's generation (cli/fanout.py)
+        each = ", ".join(f"{ep} {r.get('generation', 'ok')}" for ep, r in reply["producers"].items())
+        head = f"{len(reply['producers'])} producers: generation {gen} ({each})"
+    rest = _scalars(reply, skip=("ok", "generation", "generations_differ"))
     ctl.emit({"daemon": daemon, **reply}, f"{head} {rest}".rstrip())
+    from .fanout import differ_note
+
+    note = differ_note(reply)
+    if note and not ctl.as_json:
+        click.echo(f"mmctl: {note}", err=True)
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -206,17 +240,40 @@ def status_table(results: dict[str, dict]) -> str:
         rows.append((label, *(down[d] if d in down and key == "state" else _cell(ok[d], key, fmt)
                               for d in results)))
     fixed = {key for _, key, _ in _ROWS} | {"ok", "daemon"}
+    shown_apart = ("stages", "bottleneck")  # drawn below the table
     # A daemon may also nest its whole status under its own name; don't show it twice.
-    flats = {d: _flat({k: v for k, v in r.items() if k != d}) if r else {} for d, r in ok.items()}
+    flats = {d: _flat({k: v for k, v in r.items() if k != d and k not in shown_apart})
+             if r else {} for d, r in ok.items()}
     extra = sorted({k for f in flats.values() for k in f} - fixed)
     for key in extra:
-        rows.append((key, *(str(flats[d].get(key, "-")) for d in results)))
+        rows.append((key, *(human(flats[d].get(key)) for d in results)))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines += stage_lines(ok)
+    said = bottleneck(ok.get("producer"), ok.get("trainer"))
+    if said:
+        lines.append(f"bottleneck: {said}")
     for d, r in results.items():
         if not r.get("ok"):
             lines.append(f"{d}: {r['error']['message']}")
     return "\n".join(lines)
+
+
+def stage_lines(replies: dict[str, dict | None]) -> list[str]:
+    """Each daemon's stage times, grouped: 'producer  pipeline  video (...)  12.1  15.0  30.2'."""
+    rows = []
+    for d, r in replies.items():
+        for group, stages in ((r or {}).get("stages") or {}).items():
+            for name, s in stages.items():
+                rows.append((d, group, s.get("label", name), f"{s['p50_ms']:.1f}",
+                             f"{s['p90_ms']:.1f}", f"{s['p99_ms']:.1f}", str(s["count"])))
+    if not rows:
+        return []
+    rows.insert(0, ("stage times", "group", "stage", "p50 ms", "p90 ms", "p99 ms", "count"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [""] + ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                   for row in rows]
 
 
 @main.command()
@@ -228,25 +285,86 @@ def status(ctl: Ctl, daemon: str | None) -> None:
 
     With --json: {"ok": ..., "producer": {...} | null, "trainer": {...} | null, "errors": {...}}."""
     results: dict[str, dict] = {}
-    for d in (daemon,) if daemon else DAEMONS:
-        client = ctl.client(d)
+    # Several producers (one per node): a column for each, named "producer ADDR".
+    several = len(ctl.producers) > 1
+    asked: list[tuple[str, str | None]] = []  # (column, endpoint; None: the daemon's default)
+    if daemon != "trainer":
+        asked += [(f"producer {ep}", ep) for ep in ctl.producers] if several else [("producer", None)]
+    if daemon != "producer":
+        asked.append(("trainer", None))
+    for d, endpoint in asked:
+        client = ctl.client(d.split(" ")[0], endpoint)
         try:
             if client.listening() is False:  # no socket file or nobody behind it: don't wait
                 raise ControlTimeout(client._silence_message("status", 0.0))
             results[d] = client.request("status")
         except ControlTimeout as e:
             results[d] = {"ok": False, "error": {"code": e.code,
-                                                 "message": f"{e}{ctl.tried_note(d)}"}}
+                                                 "message": f"{e}{ctl.tried_note(d) if endpoint is None else ''}"}}
         except RemoteError as e:
             results[d] = {"ok": False, "error": {"code": e.code, "message": str(e)}}
     any_ok = any(r.get("ok") for r in results.values())
     # JSON shape fixed in CONTRACTS.md: a daemon that did not answer is null, its error under "errors".
-    ctl.emit({"ok": any_ok, **{d: r if r.get("ok") else None for d, r in results.items()},
+    shown = {d: r if r.get("ok") else None for d, r in results.items()}
+    if several and daemon != "trainer":  # "producer": the first node's; "producers": each's
+        prods = {d.split(" ", 1)[1]: shown.pop(d) for d in list(shown) if d.startswith("producer ")}
+        shown = {"producer": prods[ctl.producers[0]], "producers": prods, **shown}
+    ctl.emit({"ok": any_ok, **shown,
               "errors": {d: r["error"] for d, r in results.items() if not r.get("ok")}},
              status_table(results))
     if not any_ok:
         timeouts = all(r["error"]["code"] == "timeout" for r in results.values())
         raise click.exceptions.Exit(EXIT_NO_DAEMON if timeouts else EXIT_REMOTE)
+
+
+def _poll_both(ctl: Ctl) -> tuple[dict[str, dict | None], dict[str, str]]:
+    """Both daemons' status replies (None for one that did not answer) and why not."""
+    results: dict[str, dict | None] = {}
+    errors: dict[str, str] = {}
+    for d in DAEMONS:
+        client = ctl.client(d)
+        try:
+            if client.listening() is False:
+                raise ControlTimeout(client._silence_message("status", 0.0))
+            results[d] = client.request("status")
+        except (ControlTimeout, RemoteError) as e:
+            results[d], errors[d] = None, f"{e}{ctl.tried_note(d)}"
+    return results, errors
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+              metavar="S", help="Seconds between refreshes.")
+@pass_ctl
+def top(ctl: Ctl, once: bool, interval: float) -> None:
+    """Both daemons live, refreshed in place: state, generation, rates, stall, mix target and
+    achieved, ring fill and drops, errors, every stage as a bar with p50/p99, and the
+    bottleneck. Ctrl-C leaves. `--once` prints one frame; with --json one object:
+    {"ok", "producer", "trainer", "errors", "bottleneck"}."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from .top import view
+
+    if once or ctl.as_json:
+        results, errors = _poll_both(ctl)
+        if ctl.as_json:
+            click.echo(json.dumps({"ok": any(results.values()), **results, "errors": errors,
+                                   "bottleneck": bottleneck(results.get("producer"),
+                                                            results.get("trainer"))}, default=str))
+        else:
+            Console(width=shutil.get_terminal_size((120, 40)).columns).print(view(results, errors))
+        if not any(results.values()):
+            raise click.exceptions.Exit(EXIT_NO_DAEMON)
+        return
+    try:
+        with Live(view(*_poll_both(ctl)), refresh_per_second=4, screen=False) as live:
+            while True:
+                time.sleep(interval)  # the refresh period the user asked for
+                live.update(view(*_poll_both(ctl)))
+    except KeyboardInterrupt:
+        return
 
 
 # --- producer commands -----------------------------------------------------------------------
@@ -333,6 +451,58 @@ def modalities(ctl: Ctl, enable: tuple[str, ...], disable: tuple[str, ...]) -> N
     _changed(ctl, "producer", reply)
 
 
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("mmfeed-preview.png"), show_default=True,
+              help="Where the PNG goes.")
+@pass_ctl
+def preview(ctl: Ctl, out: Path) -> None:
+    """Draw the newest live sample as the model gets it (video frames, log-mel, LiDAR
+    bird's-eye view, radar map, unknown sensors as plots) into a PNG captioned with its
+    generation, filter, sensors and method. `mmctl filter gray`, then `mmctl preview`, shows it.
+
+    With --json: {"ok": true, "path", "width", "height", "caption": [...], "panels": [...]}."""
+    from protocol.preview import decode_sample, render_png
+
+    reply = ctl.call("producer", "preview")
+    try:
+        res = render_png(decode_sample(reply), reply, out)
+    except ValueError as e:
+        ctl.fail(EXIT_REMOTE, f"producer: a preview that does not add up: {e}", "malformed",
+                 "producer")
+    except OSError as e:
+        ctl.fail(EXIT_USAGE, f"preview: cannot write {out}: {e.strerror or e}; pass --out "
+                             f"with a writable path", "bad_argument")
+    ctl.emit({"ok": True, "daemon": "producer", **res},
+             f"wrote {res['path']} ({res['width']}x{res['height']}, "
+             f"{', '.join(p['name'] for p in res['panels'])}): {' / '.join(res['caption'])}")
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["start", "stop", "status"]))
+@click.option("--split", default="train", show_default=True,
+              help="With start: the split the recorded samples go to.")
+@click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+              help="With start: the cache to append to [default: the producer's --record-cache].")
+@pass_ctl
+def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
+    """Record live samples into the disk cache: `record start [--split S]` begins, `record
+    stop` commits them as a new cache version (atomic: the trainer's next run reads them),
+    each with its generation, filter/sensor/method settings and label."""
+    if action != "start" and (cache is not None or split != "train"):
+        ctl.fail(EXIT_USAGE, f"record {action}: --split and --cache go with `record start`",
+                 "bad_argument")
+    reply = ctl.call("producer", "record", action=action, split=split, cache=cache or "")
+    if action == "start":
+        text = f"producer: recording live samples into {reply.get('cache')} (split {split})"
+    elif action == "stop":
+        text = (f"producer: {reply.get('recorded')} samples recorded into {reply.get('cache')}, "
+                f"cache version {reply.get('version')} ({reply.get('records')} records in all)")
+    else:
+        text = f"producer: record {_scalars(reply)}"
+    ctl.emit({"daemon": "producer", **reply}, text)
+
+
 # --- trainer commands ------------------------------------------------------------------------
 
 
@@ -343,6 +513,24 @@ def mix(ctl: Ctl, fraction: float) -> None:
     """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
     reply = ctl.call("trainer", "mix", fraction=fraction)
     ctl.emit({"daemon": "trainer", **reply}, f"trainer: live fraction {fraction:g} {_scalars(reply)}".rstrip())
+
+
+@main.command()
+@click.argument("size", type=click.IntRange(1, 65536))
+@click.option("--lr-rule", type=click.Choice(["none", "linear", "sqrt"]), default="none",
+              show_default=True,
+              help="Scale the learning rate with the batch: linear (lr x N/old, the usual rule "
+                   "for SGD-like training), sqrt (x sqrt(N/old), common for Adam), or none.")
+@pass_ctl
+def batch(ctl: Ctl, size: int, lr_rule: str) -> None:
+    """Train on batches of SIZE samples from the next step on (batches already read ahead
+    keep their size). `mm-trainer run --auto-batch` picks the largest that fits in memory."""
+    reply = ctl.call("trainer", "batch", size=size, lr_rule=lr_rule)
+    lr = (f", lr {reply['previous_lr']:.3g} -> {reply['lr']:.3g} ({lr_rule})"
+          if lr_rule != "none" else "")
+    ctl.emit({"daemon": "trainer", **reply},
+             f"trainer: batch size {reply.get('previous')} -> {reply.get('batch_size')} from step "
+             f"{reply.get('step')}{lr}")
 
 
 @main.command()
@@ -361,14 +549,17 @@ def checkpoint(ctl: Ctl) -> None:
               metavar="S", help="Seconds between status polls.")
 @pass_ctl
 def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
-    """Return once the trainer has trained a step on GENERATION (or a later one)."""
+    """Return once the trainer has trained a step on GENERATION (or a later one); under
+    torchrun, once EVERY rank on every node has (the trainer's status says the lowest)."""
     client = ctl.client("trainer")
     t0 = time.monotonic()
     last: Any = None
+    ranks = None
     silent = ""
     while True:
         try:
-            last = client.request("status").get("generation")
+            st = client.request("status")
+            last, ranks = st.get("generation"), st.get("rank_generations")
             silent = ""
         except ControlTimeout as e:  # restarting or busy: keep trying until the deadline
             silent = str(e)
@@ -380,7 +571,8 @@ def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
                      f"trainer: trained on generation {last}")
             return
         if time.monotonic() - t0 >= deadline:
-            why = silent or f"the trainer's last trained generation is {last}"
+            why = silent or f"the trainer's last trained generation is {last}" + (
+                f" (each rank's: {ranks})" if ranks else "")
             ctl.fail(EXIT_NO_DAEMON, f"wait {generation}: gave up after {deadline:g} s; {why}",
                      "timeout", "trainer")
         time.sleep(interval)  # a poll interval, not a guess at how long something takes
@@ -424,6 +616,10 @@ def resume(ctl: Ctl, daemon: str) -> None:
 def logs_(ctl: Ctl, daemon: str, follow: bool, lines: int, count: int | None, source: str | None) -> None:
     """Show DAEMON's recent log records (default: producer); -f follows them (from the
     daemon's PUB socket, or from the journal when it runs under systemd)."""
+    if daemon == "producer" and len(ctl.producers) > 1 and not source:
+        ctl.fail(EXIT_USAGE, f"logs: {len(ctl.producers)} producers given; name the node's "
+                 f"with --producer ADDR (one of {', '.join(ctl.producers)})", "bad_argument",
+                 daemon)
     if not follow:
         reply = ctl.call(daemon, "logs", n=lines)
         records = reply.get("records", [])

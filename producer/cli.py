@@ -17,6 +17,10 @@ from .run import run  # noqa: E402
 
 main.add_command(run)
 
+from .preview import preview  # noqa: E402
+
+main.add_command(preview)
+
 
 if __name__ == "__main__":
     main()

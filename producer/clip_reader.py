@@ -18,6 +18,8 @@ import queue
 import threading
 from pathlib import Path
 
+from protocol.stages import now_ns
+
 from .generations import Generation
 from .media_clips import ClipSettings
 from .sources import Clip, MediaSource, SourceError
@@ -29,8 +31,10 @@ class ClipReader:
     open of the source; `switch(gen)` changes the clips it makes from the next clip boundary
     on, without reopening (a listen-once stream cannot be opened again)."""
 
-    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int):
+    def __init__(self, source: MediaSource, gen: Generation, start_s: float, audio_rate: int,
+                 stage=None):
         self.segment = gen.config.segment
+        self._stage = stage  # protocol.stages.Stage: time to demux and decode one clip
         self.switch(gen)
         self.done = False
         self.clips = 0           # clips the source gave
@@ -51,13 +55,17 @@ class ClipReader:
 
     def _run(self, source: MediaSource, start: float, audio_rate: int) -> None:
         try:
+            t0 = now_ns()
             for clip in source.clips(self._settings.spec, self._settings.frames, start,
                                      audio_rate=audio_rate, settings=lambda: self._settings):
+                if self._stage is not None:
+                    self._stage.since(t0)
                 self.clips += 1
                 if self.discard:
                     self.dropped += 1
                     if self._stop.is_set():
                         return
+                    t0 = now_ns()
                     continue
                 while not self._stop.is_set():
                     try:
@@ -67,6 +75,7 @@ class ClipReader:
                         continue
                 if self._stop.is_set():
                     return
+                t0 = now_ns()  # the wait for a free queue place is not decoding
         except SourceError as e:
             self._error = e
         except Exception as e:  # never let a decoder bug kill the thread silently

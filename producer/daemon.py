@@ -29,6 +29,7 @@ from protocol import logs, notify
 from protocol.control import Command, ControlServer, daemon_sockets, wire_command
 from protocol.filters import FilterSpec
 from protocol.heap import HeapTrimmer
+from protocol.metrics import MetricsExporter
 
 from .engine import STATUS_INTERVAL_S, Producer, RunOptions, WrongState
 
@@ -49,6 +50,7 @@ class ProducerDaemon:
         self._stop = False
         self.producer: Producer | None = None
         self.server: ControlServer | None = None
+        self.metrics: MetricsExporter | None = None
         self.notifier = notify.Notifier()
         self._heap = HeapTrimmer()
         self.t_start = time.monotonic()
@@ -65,6 +67,9 @@ class ProducerDaemon:
         self.producer = p = Producer(opts)
         self.server = ControlServer(socks.control, self._commands(), group=opts.group,
                                     curve=socks.control_curve)
+        if opts.metrics is not None:
+            self.metrics = MetricsExporter("producer", opts.metrics, p.stages).start()
+            self.metrics.refresh(p.metric_values, time.monotonic(), force=True)
         self.notifier.ready(p.status_line())
         self._watchdog_every = notify.watchdog_interval()
         self._next_watchdog = time.monotonic()
@@ -72,14 +77,18 @@ class ProducerDaemon:
         stats = p.sink.stats()
         log.info("producer ready", extra={"ring": stats.name, "control": self.server.endpoint,
                                           "logs": logs.pub_endpoint(),
-                                          "epoch": f"{stats.epoch:#x}", "source": opts.source})
+                                          "metrics": self._metrics_url(),
+                                          "ring_epoch": f"{stats.epoch:#x}",
+                                          "source": opts.source})
         self._emit({"event": "ready", "ring": stats.name, "control": self.server.endpoint,
-                    "logs": logs.pub_endpoint(), "epoch": stats.epoch,
-                    "generation": p.gens.current.number, "pid": os.getpid(),
-                    "ring_memory": p.sink.memory})
+                    "logs": logs.pub_endpoint(), "metrics": self._metrics_url(),
+                    "ring_epoch": stats.epoch, "generation": p.gens.current.number,
+                    "pid": os.getpid(), "ring_memory": p.sink.memory})
 
     def abort(self) -> None:
         """Undo a start() that failed half-way: nothing of ours is left behind."""
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None:
             self.server.close()
         if self.producer is not None:
@@ -99,12 +108,29 @@ class ProducerDaemon:
             "pause": wire_command("pause", self.on_pause),
             "resume": wire_command("resume", self.on_resume),
             "logs": logs.logs_command(),
+            "generation": wire_command("generation", self.on_generation),
+            "preview": wire_command("preview", self.on_preview),
+            "record": wire_command("record", self.on_record),
         }
 
     # --- control commands (main thread, between steps) ----------------------------------------
 
     def on_status(self) -> dict:
-        return self.producer.status()
+        return {**self.producer.status(), "metrics": self._metrics_url()}
+
+    def _metrics_url(self) -> str | None:
+        return self.metrics.url if self.metrics is not None else None
+
+    def on_generation(self, number: int) -> dict:
+        return self.producer.watch.generation(self.producer.gens, number)
+
+    def on_preview(self) -> dict:
+        p = self.producer
+        return p.watch.preview(p.gens.facts.classes, p.idle_reason())
+
+    def on_record(self, action: str, split: str, cache: str) -> dict:
+        p = self.producer
+        return p.watch.record(action, split, cache, tuple(p.gens.facts.classes))
 
     def _changed(self, reply: dict) -> dict:
         self.notifier.status(self.producer.status_line())
@@ -186,6 +212,8 @@ class ProducerDaemon:
             self.notifier.watchdog()
             self._next_watchdog = now + self._watchdog_every
         self._heap.maybe(now)
+        if self.metrics is not None:
+            self.metrics.refresh(p.metric_values, now)
         if now >= self._next_status:
             self._next_status = now + self.opts.status_interval
             self.notifier.status(p.status_line())
@@ -209,6 +237,8 @@ class ProducerDaemon:
         self.notifier.stopping()
         summary = self.producer.summary()
         log.info("producer stopping", extra={k: v for k, v in summary.items() if k != "event"})
+        if self.metrics is not None:
+            self.metrics.close()
         if self.server is not None:
             self.server.close()
         self.producer.close()

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import BadArgument, ControlError, RingTooLarge
+from protocol.errors import BadArgument, RingTooLarge
 from protocol.filters import FilterSpec
 from protocol.ring import DEFAULT_MAX_RING_BYTES, RingConfig
 from protocol.schema import SampleSchema
+from protocol.stages import StageTimer, now_ns, producer_bottleneck
 
 from .feeds import FINISHED, Feed, FeedHooks, Ready, Wait, source_facts
 from .generation_store import GenerationStore, default_state_dir, ring_header_generation
@@ -46,19 +47,13 @@ from .pipeline import Pipeline, PipelineConfig, describe
 from .ring_sink import Put, RingSink
 from .sources import SourceError, WatchFolder
 from .supervisor import Supervisor, open_feed
+from .watching import RunWatch, WrongState  # noqa: F401  (WrongState: re-exported)
 
 log = logging.getLogger("producer.engine")
 
 RATE_WINDOW_S = 5.0           # samples/s is measured over this window
 IDLE_AFTER_S = 5.0            # running with nothing published this long: status says why
 STATUS_INTERVAL_S = 10.0      # a log line and a STATUS= line this often, never per sample
-
-
-class WrongState(ControlError):
-    """A command that cannot apply in the producer's present state (e.g. `resume` of a source
-    that has finished); the message says what the state is and what would work."""
-
-    code = "wrong_state"
 
 
 @dataclass(frozen=True)
@@ -87,6 +82,8 @@ class RunOptions:
     device: str = "cpu"               # "cpu" | "auto" | "cuda": where the ring's frames live
     state_dir: Path | None = None     # generation_store.py; None: default_state_dir()
     status_interval: float = STATUS_INTERVAL_S
+    metrics: str | None = None        # HOST:PORT of the Prometheus endpoint; None: off
+    record_cache: Path | None = None  # where `mmctl record start` appends (unless it says)
 
 
 @dataclass
@@ -106,6 +103,8 @@ class Producer:
     def __init__(self, opts: RunOptions):
         self.opts = opts
         self.counters = Counters()
+        self.stages = StageTimer("producer")  # NOTE [cheap timing] in protocol/stages.py
+        self.watch = RunWatch(opts.ring, opts.record_cache)  # preview, record (watching.py)
         self.state = "starting"
         self.paused = False
         self.wait_s = 0.0
@@ -134,7 +133,7 @@ class Producer:
             self._source_failed(e)
             facts = SourceFacts({}, tuple(opts.classes))
         self._store = GenerationStore(opts.state_dir or default_state_dir(), opts.ring)
-        first = self._first_generation()
+        first = self.first_generation = self._first_generation()
         self.gens = Generations(base, facts, opts.label, first=first)
         self._check_start_fits()
         self.sink = RingSink.open(RingConfig(opts.ring, slots=opts.slots,
@@ -155,7 +154,7 @@ class Producer:
         return self.supervisor.feed
 
     def _pipeline(self, config: PipelineConfig) -> Pipeline:
-        return Pipeline(config, video_device=self.video_device)
+        return Pipeline(config, video_device=self.video_device, timer=self.stages)
 
     def _facts(self) -> SourceFacts:
         feed = self.feed
@@ -259,13 +258,16 @@ class Producer:
         schema, meta = describe(got.arrays, generation=gen.number, index=got.index,
                                 label=self.gens.label_index(gen, got.own_label),
                                 timestamp=got.timestamp_ns, source=got.source)
-        return self._offer(schema, meta, got.arrays, timeout=timeout)
+        return self._offer(schema, meta, got.arrays, gen, timeout=timeout)
 
-    def _offer(self, schema, meta, arrays, *, timeout: float) -> bool:
+    def _offer(self, schema, meta, arrays, gen: Generation, *, timeout: float) -> bool:
+        t0 = now_ns()
         put, why = self.sink.put(schema, meta, arrays, timeout)
         if put is Put.FULL:  # lossless and the slowest reader is behind: answer control first
-            self._unpublished = (schema, meta, arrays)
+            self._unpublished = (schema, meta, arrays, gen)
+            self.stages.stage("ring_wait", "ring").since(t0)
             return False
+        self.stages.stage("ring_write", "ring").since(t0)
         self._unpublished = None
         c = self.counters
         if put is Put.REFUSED:
@@ -276,6 +278,7 @@ class Producer:
             return False
         c.published += 1
         self.supervisor.published()
+        self.watch.published(schema, meta, arrays, gen)
         return True
 
     def skip(self, key: str, err: Exception) -> None:
@@ -474,7 +477,7 @@ class Producer:
         stats = sink.stats()
         fill = min(stats.published, stats.slots) / stats.slots  # slots holding a sample
         fs = self.feed.status() if self.feed is not None else {}
-        return {
+        reply = {
             "state": self.state_name(),
             "idle_reason": self.idle_reason(),
             "generation": self.gens.current.number,
@@ -493,7 +496,7 @@ class Producer:
             "unaligned": fs.get("unaligned", {}),
             "ring": stats.name,
             "mode": stats.mode,
-            "epoch": stats.epoch,
+            "ring_epoch": stats.epoch,
             "ring_fill": round(fill, 3),
             # ring_sink.py NOTE [ring layouts]: the layout now in use and how it got there
             "slot_bytes": sink.slot_bytes,
@@ -508,6 +511,30 @@ class Producer:
             "video_decode": "nvdec" if self.video_device == "cuda" else "cpu",
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
+            "record": self.watch.record_status(),
+            "stages": self.stages.summary(),
+        }
+        reply["bottleneck"] = producer_bottleneck(reply)
+        return reply
+
+    def metric_values(self) -> dict:
+        """What `--metrics` exports (protocol/metrics.py METRICS), read on the loop's thread."""
+        c, stats = self.counters, self.sink.stats()
+        return {
+            "mmfeed_producer_samples_published_total": c.published,
+            "mmfeed_producer_samples_skipped_total": c.skipped,
+            "mmfeed_producer_samples_dropped_while_paused_total": self.dropped_while_paused(),
+            "mmfeed_producer_source_errors_total": c.source_errors,
+            "mmfeed_producer_generation": self.gens.current.number,
+            "mmfeed_producer_generations_total":
+                self.gens.current.number - self.first_generation + 1,
+            "mmfeed_producer_samples_per_second": self.rate(),
+            "mmfeed_producer_paused": self.paused,
+            "mmfeed_producer_recording": self.watch.recorder is not None,
+            "mmfeed_producer_samples_recorded_total": self.watch.recorded(),
+            "mmfeed_ring_fill_ratio": min(stats.published, stats.slots) / stats.slots,
+            "mmfeed_ring_readers": stats.readers,
+            "mmfeed_ring_dropped": stats.dropped,
         }
 
     def summary(self) -> dict:
@@ -518,11 +545,13 @@ class Producer:
                 "source_errors": self.counters.source_errors,
                 "generation": self.gens.current.number if getattr(self, "gens", None) else 0,
                 "ring": stats.name if stats else self.opts.ring,
-                "epoch": stats.epoch if stats else None,
+                "ring_epoch": stats.epoch if stats else None,
                 "uptime_s": round(time.monotonic() - self.t_start, 3)}
 
     def close(self) -> None:
-        """Stop the feed's reader and remove the ring (its readers get ProducerGone)."""
+        """Keep a recording in progress, stop the feed's reader and remove the ring (its
+        readers get ProducerGone)."""
+        self.watch.close()
         if self.feed is not None:
             self.feed.close()
         if self.sink is not None:

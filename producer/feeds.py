@@ -362,7 +362,10 @@ class MediaFeed:
                 reader.switch(gen)  # from the next clip boundary on (NOTE in media_clips.py)
         if reader is None:
             start = gen.config.segment[0] if gen.config.segment else 0.0
-            self._reader = reader = ClipReader(src, gen, start, gen.config.audio.sample_rate)
+            timer = pipeline.timer
+            self._reader = reader = ClipReader(
+                src, gen, start, gen.config.audio.sample_rate,
+                timer.stage("demux_decode", "source") if timer is not None else None)
         try:
             clip = reader.get(timeout)
         except SourceError:

@@ -61,6 +61,8 @@ import numpy as np
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
 from protocol.schema import UNLABELLED, ModalitySpec, SampleMeta, SampleSchema
+from protocol.stages import StageTimer, now_ns
+from protocol.video_store import StoreSettings
 
 from .align import align, default_tolerance, frame_timestamps, timestamp_field
 from .dataset import METADATA, SampleFiles
@@ -102,6 +104,11 @@ class PipelineConfig:
     #: $MMFEED_READ_LIMITS applied. Not in to_dict()/config_hash(): it decides which files
     #: are read, not what a file becomes.
     read_limits: ReadLimits = field(default_factory=ReadLimits.from_env)
+    #: How `preprocess` stores the video in the cache (protocol/video_store.py; a store name
+    #: takes its measured defaults). Not what a sample's arrays are, so the ring ignores it;
+    #: in to_dict()/config_hash() only when not raw (a rerun with another store redoes every
+    #: record; raw caches made before stores existed keep their hash).
+    video_store: StoreSettings = field(default_factory=StoreSettings)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -150,6 +157,11 @@ class PipelineConfig:
                              f"{self.unknown_len!r}")
         if not isinstance(self.read_limits, ReadLimits):
             put("read_limits", ReadLimits().with_settings(self.read_limits))
+        if isinstance(self.video_store, str):
+            put("video_store", StoreSettings.for_store(self.video_store))
+        if not isinstance(self.video_store, StoreSettings):
+            raise TypeError(f"PipelineConfig.video_store: expected StoreSettings or a store "
+                            f"name, got {type(self.video_store).__name__}")
         if self.enabled is not None:
             if isinstance(self.enabled, str):
                 raise TypeError("PipelineConfig.enabled: expected a set of input names, got a str")
@@ -179,6 +191,8 @@ class PipelineConfig:
             "radar": dataclasses.asdict(self.radar),
             "unknown_len": self.unknown_len,
             "enabled": sorted(self.enabled) if self.enabled is not None else None,
+            **({"video_store": self.video_store.to_dict()}
+               if self.video_store.store != "raw" else {}),
         }
 
     def config_hash(self) -> str:
@@ -266,11 +280,13 @@ class Pipeline:
     without a GPU it decodes on the CPU and says so once.
     """
 
-    def __init__(self, config: PipelineConfig | None = None, *, video_device: str = "cpu"):
+    def __init__(self, config: PipelineConfig | None = None, *, video_device: str = "cpu",
+                 timer: StageTimer | None = None):
         if video_device not in ("cpu", "cuda"):
             raise ValueError(f"video_device must be 'cpu' or 'cuda', got {video_device!r}")
         self.config = config if config is not None else PipelineConfig()
         self.video_device = video_device
+        self.timer = timer  # the daemon's per-stage timing (protocol/stages.py); None: untimed
 
     def _on(self, name: str) -> bool:
         return self.config.enabled is None or name in self.config.enabled
@@ -288,16 +304,20 @@ class Pipeline:
         if clip.audio is not None and self._on("audio"):
             # The clip's span, padded or cut to the configured length: the same shape and
             # meaning as `log_mel(file, segment=(start, end))` of a recorded sample.
+            t0 = now_ns()
             samples = np.zeros(cfg.audio.n_samples, np.float32)
             n = min(clip.audio.size, samples.size)
             samples[:n] = clip.audio[:n]
             out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
+            if self.timer is not None:
+                self.timer.stage("audio", "pipeline").since(t0)
         wanted = {n for n in (watched or {}) if self._on(n)}
         if not wanted:
             return out
         sample = SampleFiles("live", "", UNLABELLED, folder, dict(watched), {})
         config = cfg.with_changes(enabled=frozenset(wanted), segment=(clip.start_s, clip.end_s))
-        out.update(Pipeline(config, video_device=self.video_device).process(sample, None))
+        out.update(Pipeline(config, video_device=self.video_device, timer=self.timer
+                            ).process(sample, None))
         return out
 
     def sensor_for(self, sample: SampleFiles, inp: str, notes: list[str] | None = None
@@ -404,8 +424,11 @@ class Pipeline:
             else:
                 path = sample.files[sensor]
             times: list[float] | None = [] if name == "video" else None
+            t0 = now_ns()
             try:
                 out[name] = self._one(name, path, meta_for, notes, times)
+                if self.timer is not None:
+                    self.timer.stage(name if name in INPUTS else "unknown", "pipeline").since(t0)
             except InputError as e:
                 prefix = f"metadata.{lent}."
                 if lent is not None and e.field.startswith(prefix):

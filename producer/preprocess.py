@@ -3,7 +3,9 @@
     mm-producer preprocess DATASET --cache DIR [--split S]... [--workers N] [--json]
                            [--filter SPEC] [--clip-frames N] [--segment START END]
                            [--sensor INPUT STEM]... [--method INPUT NAME]...
-                           [--read-limit KIND=SIZE]... [--group NAME] [--quiet]
+                           [--read-limit KIND=SIZE]... [--video-store raw|h264|hevc|nv12]
+                           [--group NAME] [--quiet]
+                           [--ray [ADDRESS]]   (the chunks as Ray tasks: ray_preprocess.py)
 
 How a run goes, and why:
 1. Index the folder (producer/dataset.py). Index problems (empty folder, unreadable file, bad
@@ -34,6 +36,7 @@ line is the summary object; the human report then goes to stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -53,6 +56,7 @@ from protocol.filemodes import GROUP_ENV, GroupError, group_id
 from protocol.filters import FilterSpec
 from protocol.names import escape_name, printable
 from protocol.schema import SampleSchema
+from protocol.video_store import STORES
 
 from .cache_writer import CacheWriter, fingerprint_files
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
@@ -148,14 +152,41 @@ def sweep_scratch() -> list[str]:
             f"(pid {r.pid}) that was killed" for r in removed]
 
 
+RECORD_PREFIX = "record/"  # keys of live parts `mmctl record` appended (producer/recorder.py)
+
+
+def carry_recorded_parts(w: CacheWriter, classes: list[str], notes: list[str]) -> None:
+    """Keep what `mmctl record` appended: no dataset sample makes those keys, so without this a
+    re-run would drop recorded live data. Labels follow their class names when the class list
+    changed (a class that is gone: unlabelled, said in the notes)."""
+    before = w.previous_classes
+    if before is None:
+        return
+    relabel = None
+    if before != list(classes):
+        relabel = {i: classes.index(c) for i, c in enumerate(before) if c in classes}
+        gone = [c for c in before if c not in classes]
+        if gone:
+            notes.append(f"recorded live parts: class(es) {', '.join(gone)} are no longer in the "
+                         f"dataset; their recorded samples are kept unlabelled")
+    for key in w.previous_keys():
+        if key.startswith(RECORD_PREFIX):
+            w.carry_over(key, labels=relabel)
+
+
 def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfig, *,
                    splits: list[str] | None = None, workers: int = 1,
                    progress: bool = True, index: DatasetIndex | None = None,
-                   group: str | None = None) -> dict:
+                   group: str | None = None, ray: str | None = None) -> dict:
     """Index, process and commit; returns the summary dict (what --json prints). The cache's
-    files are 0600 (0640 and group `group` with one; protocol/filemodes.py)."""
+    files are 0600 (0640 and group `group` with one; protocol/filemodes.py).
+
+    `ray`: None runs the chunks on the local process pool (`workers`); a string runs them as
+    Ray tasks (producer/ray_preprocess.py) on the cluster at that address ("" = the default:
+    RAY_ADDRESS, a cluster running on this machine, else a new local one). Everything else,
+    and so the cache, is the same."""
     t0 = time.perf_counter()
-    if workers > 0:
+    if workers > 0 and ray is None:
         start_worker_server()  # its imports overlap the indexing and fingerprinting below
     root = Path(dataset)
     if index is None:
@@ -169,8 +200,9 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
     reused = 0
     pool_restarts = 0
     notes.extend(sweep_scratch())
+    ray_summary = None
     with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash(),
-                     group=group) as w:
+                     group=group, store_settings=config.video_store.to_dict()) as w:
         todo: list[tuple[int, SampleFiles, str]] = []
         for i, s in enumerate(index.samples):
             gone = missing_inputs(pipeline, s, expected)
@@ -215,7 +247,23 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                 s.key))
             bar.advance(rejected=1)
 
-        if workers <= 0:  # in this process: no isolation (profiling, debugging)
+        if ray is not None and todo:  # the same chunks as Ray tasks; scratch on the cache's FS
+            from .ray_preprocess import RayRuns, scratch_dir_in
+
+            scratch_dir = scratch_dir_in(cache)
+            # Ray's driver prints the cluster's messages ("a worker died ...") on stdout, where
+            # --json promises our summary: they go to stderr, with the other diagnostics.
+            with contextlib.redirect_stdout(sys.stderr):
+                runs = None
+                try:
+                    runs = RayRuns(config, ray or None, scratch_dir, store, reject_crash)
+                    runs.run(todo)
+                    pool_restarts, ray_summary = runs.pool_restarts, runs.summary()
+                finally:
+                    if runs is not None:
+                        runs.close()
+                    shutil.rmtree(scratch_dir, ignore_errors=True)
+        elif workers <= 0:  # in this process: no isolation (profiling, debugging)
             for item in todo:
                 store(item, process_packed(item[1], pipeline))
         elif todo:
@@ -226,6 +274,8 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                 pool_restarts = runs.pool_restarts
             finally:
                 shutil.rmtree(scratch_dir, ignore_errors=True)
+        carry_recorded_parts(w, index.classes, notes)
+        w.note_generation(0, {**config.to_dict(), "reason": "mm-producer preprocess"})
         summary = w.commit()
     bar.finish()
     seconds = time.perf_counter() - t0
@@ -241,10 +291,14 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "cache": str(summary.directory),
         "version": summary.version,
         "config_hash": config.config_hash(),
+        "video_store": config.video_store.store,
+        "stores": summary.stores,  # records per video store (a record too noisy to compress: raw)
+        "cache_bytes": summary.bytes_written,
         "seconds": round(seconds, 3),
         "samples_per_s": round((processed + reused) / seconds, 2) if seconds > 0 else None,
         "processed_per_s": round(processed / seconds, 2) if seconds > 0 else None,
         "pool_restarts": pool_restarts,
+        **({"ray": ray_summary} if ray_summary is not None else {}),
     }
 
 
@@ -254,6 +308,10 @@ def format_report(summary: dict) -> str:
              f"{summary['processed']} processed) in {summary['seconds']:.1f} s "
              f"-> {summary['cache']} (version {summary['version']}); classes: "
              f"{', '.join(summary['classes'])}"]
+    if summary.get("video_store", "raw") != "raw":
+        lines.append(f"video store {summary['video_store']}: "
+                     + ", ".join(f"{n} {k}" for k, n in summary.get("stores", {}).items())
+                     + f" records, {summary.get('cache_bytes', 0)} bytes")
     if summary["rejected"]:
         lines.append(f"rejected {len(summary['rejected'])} sample(s):")
         for r in summary["rejected"]:
@@ -297,14 +355,24 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
               help="Largest lidar, radar or unknown-sensor file read (e.g. lidar=1G; "
                    "defaults lidar=256M radar=64M unknown=64M, or $MMFEED_READ_LIMITS); a "
                    "larger file is a rejected sample. See docs/dataset.md.")
+@click.option("--video-store", type=click.Choice(STORES), default="raw", show_default=True,
+              help="How the cache holds video: raw uint8 RGB, H.264 or HEVC (a closed GOP per "
+                   "clip, decoded by the trainer's loader threads), or NV12 planes (1.5 B/pixel, "
+                   "converted to RGB on the trainer's device). See docs/dataset.md.")
 @click.option("--group", default=None, envvar=GROUP_ENV, metavar="NAME",
               help=f"Group that may read the cache: files 0640 and directories 0750 of that "
                    f"group (default ${GROUP_ENV}; without it 0600 and 0700).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Run the pipeline as Ray tasks on the cluster at ADDRESS (HOST:PORT; alone: "
+                   "RAY_ADDRESS, else a cluster on this machine, else a new local one). Dataset "
+                   "and cache on a file system every node mounts at the same path. Needs "
+                   "`pip install 'mmfeed[ray]'`.")
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
                segment: tuple[float, float] | None, sensors, methods, read_limits,
-               group: str | None, quiet: bool) -> None:
+               video_store: str, group: str | None, quiet: bool, ray_address: str | None) -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
@@ -315,7 +383,15 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
         group_id(group)
     except GroupError as e:
         raise click.BadParameter(str(e), param_hint="--group") from None
-    start_worker_server()  # imports in the background while the dataset is indexed
+    if ray_address is not None:
+        from .ray_preprocess import RayUnavailable, import_ray
+
+        try:  # before any work: without Ray, say how to install it (exit 2)
+            import_ray()
+        except RayUnavailable as e:
+            raise click.UsageError(str(e)) from None
+    else:
+        start_worker_server()  # imports in the background while the dataset is indexed
     index = index_dataset(dataset, list(splits) or None)
     if not index.splits and index.problems and index.problems[0].field == "splits":
         raise click.UsageError(f"{dataset}: no split folders ({', '.join(SPLITS)}); expected "
@@ -331,13 +407,17 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
     try:
         config = PipelineConfig(filter=filter_spec or FilterSpec(), clip_frames=clip_frames,
                                 segment=segment, sensors=dict(sensors), methods=dict(methods),
-                                read_limits=limits)
+                                read_limits=limits, video_store=video_store)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    from .ray_preprocess import RayRunError
+
     try:
         summary = run_preprocess(dataset, cache, config, workers=workers, progress=not quiet,
-                                 index=index, group=group)
+                                 index=index, group=group, ray=ray_address)
     except (CacheError, GroupError) as e:  # CacheLocked: another preprocess writes it
+        raise click.ClickException(str(e)) from None
+    except RayRunError as e:  # the cluster cannot run it (unreachable, no shared FS): exit 1
         raise click.ClickException(str(e)) from None
     report = format_report(summary)
     if as_json:

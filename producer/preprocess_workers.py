@@ -27,6 +27,7 @@ from typing import Callable
 
 
 from protocol.errors import InputError, SchemaError
+from protocol.video_store import VideoStoreError, encode_record
 
 from .dataset import SampleFiles
 from .pipeline import Pipeline, PipelineConfig, schema_of
@@ -120,7 +121,12 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     except SchemaError as e:  # e.g. an input name the schema refuses: this sample, not the run
         return None, InputError(sample.dir, "inputs", "arrays the sample schema accepts",
                                 str(e)).to_dict(), notes
-    return schema.encode(), schema.pack(arrays), notes
+    try:  # --video-store: the record as the cache holds it (protocol/video_store.py)
+        schema, payload = encode_record(schema, arrays, pipe.config.video_store, notes)
+    except VideoStoreError as e:
+        notes.append(f"video store {pipe.config.video_store.store}: {e}; stored raw")
+        payload = schema.pack(arrays)
+    return schema.encode(), payload, notes
 
 
 #: A chunk's result per sample: (schema encoding, where its payload is, notes) with the payload
@@ -266,10 +272,25 @@ class WorkerRuns:
         try:
             while pending or window:
                 # at most 2 chunks per worker in flight: bounded memory and scratch space
+                broken = False
                 while pending and len(window) < 2 * self.workers:
                     items, scratch = pending.popleft(), self._scratch()
-                    window.append((items, scratch, pool.submit(
-                        process_chunk, [s for _, s, _ in items], scratch)))
+                    try:
+                        fut = pool.submit(process_chunk, [s for _, s, _ in items], scratch)
+                    except BrokenProcessPool:
+                        # A worker died between two submits: the pool refuses new work before
+                        # any future of it was read. The chunk goes back; recover as below.
+                        pending.appendleft(items)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(scratch)
+                        broken = True
+                        break
+                    window.append((items, scratch, fut))
+                if broken and not window:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = self._pool()
+                    self.pool_restarts += 1
+                    continue
                 items, scratch, fut = window.popleft()
                 try:
                     results = fut.result()

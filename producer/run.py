@@ -42,6 +42,18 @@ def _classes(value: str | None) -> tuple[str, ...]:
     return tuple(c.strip() for c in value.split(",") if c.strip())
 
 
+def _metrics_address(_ctx, _param, value: str | None) -> str | None:
+    """`--metrics HOST:PORT` checked before anything starts (a usage error, exit 2)."""
+    if value is not None:
+        from protocol.metrics import parse_address
+
+        try:
+            parse_address(value)
+        except MmfeedError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
 @click.command("run")
 @click.option("--source", "src", required=True, metavar="SRC",
               help="Dataset folder (replayed in time order), media file, or URL PyAV opens.")
@@ -95,12 +107,18 @@ def _classes(value: str | None) -> tuple[str, ...]:
 @click.option("--status-interval", type=click.FloatRange(min=0.1), default=STATUS_INTERVAL_S,
               show_default=True, metavar="S",
               help="Seconds between the periodic status log lines (and systemd STATUS=).")
+@click.option("--metrics", metavar="HOST:PORT", default=None, callback=_metrics_address,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; "
+                   "port 0 picks a free one, the ready line and status say which).")
+@click.option("--record-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Disk cache `mmctl record start` appends live samples to "
+                                  "(it may name another with --cache).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON line when ready and a summary JSON line at exit.")
 def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, max_ring_bytes,
         loop, rate, watch,
         label, classes, filter_spec, clip_frames, splits, group, open_timeout, read_timeout, device,
-        state_dir, status_interval, as_json) -> None:
+        state_dir, status_interval, metrics, record_cache, as_json) -> None:
     """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM or
     SIGINT (either finishes the current sample, removes the ring and exits 0)."""
     try:
@@ -119,7 +137,8 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, ma
                       label=label, classes=_classes(classes), filter=spec,
                       clip_frames=clip_frames, group=group, log_endpoint=log_endpoint,
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
-                      device=device, state_dir=state_dir, status_interval=status_interval)
+                      device=device, state_dir=state_dir, status_interval=status_interval,
+                      metrics=metrics, record_cache=record_cache)
     daemon = ProducerDaemon(opts, json_lines=as_json)
     daemon.install_signals()
     try:

@@ -12,7 +12,9 @@ Layout (`DIR` is the cache directory)::
       shard-NNNNN.bin             payloads; each record starts at a        appended, ftruncated
                                   multiple of RECORD_ALIGN (4096) so reads  to a 4096 multiple,
                                   are page aligned (O_DIRECT-friendly);     fsync'd; rolls over at
-                                  zero padding between records              shard_bytes (1 GiB)
+                                  zero padding between records; compressed  shard_bytes (1 GiB)
+                                  (h264/hevc) records start at multiples
+                                  of PACKED_ALIGN (64) instead
       index.npy                   np.save of INDEX_DTYPE rows, one per      once, at commit
                                   record, in record order (see below)
       schemas.json                {"<schema_id>": "<SampleSchema.encode()>"}  once per schema
@@ -21,9 +23,15 @@ Layout (`DIR` is the cache directory)::
                                   skip samples whose files did not change
       manifest.json               magic, format_version, version, created,  at commit, last file
                                   classes, splits, counts, records, shards  of the version
-                                  (file + nbytes), config_hash
+                                  (file + nbytes), config_hash, stores
+                                  (records per video store), video_store
+      generations.json            {"<generation>": {filter, sensors,       at commit, when known;
+                                  methods, reason, ...}}: what made the     optional (readers
+                                  records of each generation (0: the       without it: None)
+                                  preprocess config; recorded live parts:
+                                  the producer's generations)
 
-    INDEX_DTYPE (packed, little-endian, 124 bytes a record)
+    INDEX_DTYPE (packed, little-endian, 129 bytes a record; format 1 had the first 124)
     field         type  meaning
     offset        <u8   byte offset of the payload in its shard (multiple of 4096)
     nbytes        <u8   payload bytes (== schema.payload_nbytes)
@@ -36,6 +44,14 @@ Layout (`DIR` is the cache directory)::
     key_id        <u4   row of keys.json: which dataset sample made this record
     split         <u2   index into manifest "splits"
     source        S64   SampleMeta.source (utf-8, NUL padded)
+    store         u1    how the record holds its video (protocol/video_store.py): 0 raw, 1 h264,
+                        2 hevc, 3 nv12; raw and nv12 records are schema payloads, h264/hevc ones
+                        the other modalities then a compressed clip (nbytes < payload_nbytes)
+    crc32         <u4   CRC-32 of the record's bytes for h264/hevc records (checked before
+                        decoding), 0 for the others
+
+Format versions: 2 (this one) added `store` and `crc32` (issue 17: compressed video); a reader
+opens format 1 caches as all-raw records, and a writer carries their records into format 2.
 
 Why this shape:
 - Atomic: a version is complete before CURRENT names it, and CURRENT is swapped by rename, so
@@ -54,12 +70,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CacheCorrupt, CacheError, CacheNotFound, SchemaError, VersionMismatch
+from . import video_store
+from .errors import CacheCorrupt, CacheNotFound, SchemaError, VersionMismatch
 from .schema import SampleSchema
 
 MAGIC = "mmfeed-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats a reader opens (a writer always writes FORMAT_VERSION).
+READABLE_FORMATS = (1, 2)
 RECORD_ALIGN = 4096
+#: Where compressed (h264/hevc) records start: they are decoded, never read with O_DIRECT, and
+#: small enough (a few KiB for a small clip) that page alignment would waste most of a shard.
+PACKED_ALIGN = 64
 
 CURRENT = "CURRENT"
 LOCK = ".lock"
@@ -67,23 +89,26 @@ INDEX_FILE = "index.npy"
 SCHEMAS_FILE = "schemas.json"
 KEYS_FILE = "keys.json"
 MANIFEST_FILE = "manifest.json"
+GENERATIONS_FILE = "generations.json"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
-INDEX_DTYPE = np.dtype(
-    [
-        ("offset", "<u8"),
-        ("nbytes", "<u8"),
-        ("schema_id", "<u8"),
-        ("timestamp_ns", "<i8"),
-        ("index", "<u8"),
-        ("shard", "<u4"),
-        ("label", "<i4"),
-        ("generation", "<u4"),
-        ("key_id", "<u4"),
-        ("split", "<u2"),
-        ("source", "S64"),
-    ]
-)
+_INDEX_FIELDS_V1 = [
+    ("offset", "<u8"),
+    ("nbytes", "<u8"),
+    ("schema_id", "<u8"),
+    ("timestamp_ns", "<i8"),
+    ("index", "<u8"),
+    ("shard", "<u4"),
+    ("label", "<i4"),
+    ("generation", "<u4"),
+    ("key_id", "<u4"),
+    ("split", "<u2"),
+    ("source", "S64"),
+]
+#: Format 1's index rows (read, converted to INDEX_DTYPE with store 0 = raw).
+INDEX_DTYPE_V1 = np.dtype(_INDEX_FIELDS_V1)
+INDEX_DTYPE = np.dtype(_INDEX_FIELDS_V1 + [("store", "u1"), ("crc32", "<u4")])
+_INDEX_DTYPES = {1: INDEX_DTYPE_V1, 2: INDEX_DTYPE}
 
 
 def align_up(n: int, a: int = RECORD_ALIGN) -> int:
@@ -173,7 +198,7 @@ def open_version(directory: str | Path, number: int | None = None) -> CacheVersi
     if not isinstance(manifest, dict) or manifest.get("magic") != MAGIC:
         raise CacheCorrupt(mpath, f"expected an mmfeed cache manifest (magic {MAGIC!r})")
     found = manifest.get("format_version")
-    if found != FORMAT_VERSION:
+    if found not in READABLE_FORMATS:
         raise VersionMismatch(f"disk cache {directory}", found, FORMAT_VERSION)
     for field, kind in (("classes", list), ("splits", list), ("shards", list), ("records", int)):
         if not isinstance(manifest.get(field), kind):
@@ -186,8 +211,15 @@ def open_version(directory: str | Path, number: int | None = None) -> CacheVersi
         raise CacheCorrupt(ipath, "missing") from None
     except (OSError, ValueError, EOFError) as e:
         raise CacheCorrupt(ipath, f"not a numpy index: {e}") from None
-    if index.dtype != INDEX_DTYPE or index.ndim != 1:
-        raise CacheCorrupt(ipath, f"expected a 1-d array of INDEX_DTYPE, found {index.dtype}")
+    want = _INDEX_DTYPES[found]
+    if index.dtype != want or index.ndim != 1:
+        raise CacheCorrupt(ipath, f"expected a 1-d array of format {found}'s index rows, "
+                                  f"found {index.dtype}")
+    if found == 1:  # every format 1 record is a raw schema payload
+        upgraded = np.zeros(len(index), INDEX_DTYPE)
+        for name in INDEX_DTYPE_V1.names:
+            upgraded[name] = index[name]
+        index = upgraded
     if len(index) != manifest["records"]:
         raise CacheCorrupt(
             ipath, f"expected {manifest['records']} records (manifest), found {len(index)}"
@@ -231,11 +263,18 @@ def _check_index(path: Path, index: np.ndarray, schemas: dict[int, SampleSchema]
     """Every record inside its shard, aligned, of its schema's size: checked once, vectorised."""
     if len(index) == 0:
         return
+    if index["store"].max() >= len(video_store.STORES):
+        raise CacheCorrupt(path, f"a record names video store {index['store'].max()}; known: "
+                                 f"{', '.join(video_store.STORES)}")
     if index["shard"].max() >= len(shard_sizes):
         raise CacheCorrupt(path, f"a record names shard {index['shard'].max()}, "
                                  f"the manifest lists {len(shard_sizes)}")
-    if np.any(index["offset"] % RECORD_ALIGN):
-        raise CacheCorrupt(path, f"a record offset is not a multiple of {RECORD_ALIGN}")
+    compressed = np.isin(index["store"], video_store.COMPRESSED)
+    if np.any(index["offset"][~compressed] % RECORD_ALIGN):
+        raise CacheCorrupt(path, f"a raw/nv12 record offset is not a multiple of {RECORD_ALIGN}")
+    if np.any(index["offset"][compressed] % PACKED_ALIGN):
+        raise CacheCorrupt(path, f"a compressed record offset is not a multiple of "
+                                 f"{PACKED_ALIGN}")
     ends = index["offset"] + index["nbytes"]
     bad = np.flatnonzero(ends > shard_sizes[index["shard"]])
     if len(bad):
@@ -244,11 +283,26 @@ def _check_index(path: Path, index: np.ndarray, schemas: dict[int, SampleSchema]
         raise CacheCorrupt(path, f"a record names split {index['split'].max()} of {n_splits}")
     if index["label"].max() >= n_classes or index["label"].min() < -1:
         raise CacheCorrupt(path, f"a record's label is outside -1..{n_classes - 1}")
+    if index["store"].max() >= len(video_store.STORES):
+        raise CacheCorrupt(path, f"a record names video store {index['store'].max()}; known: "
+                                 f"{', '.join(video_store.STORES)}")
     for sid in np.unique(index["schema_id"]):
         schema = schemas.get(int(sid))
         if schema is None:
             raise CacheCorrupt(path, f"schema {int(sid)} is not in {SCHEMAS_FILE}")
-        sizes = index["nbytes"][index["schema_id"] == sid]
-        if np.any(sizes != schema.payload_nbytes):
-            raise CacheCorrupt(path, f"a record of schema {int(sid)} is not "
+        mine = index["schema_id"] == sid
+        whole = mine & ~compressed
+        if np.any(index["nbytes"][whole] != schema.payload_nbytes):
+            raise CacheCorrupt(path, f"a raw/nv12 record of schema {int(sid)} is not "
                                      f"{schema.payload_nbytes} bytes")
+        nv12 = index["store"][whole] == video_store.NV12_STORE
+        if np.any(nv12 != schema.packed):
+            raise CacheCorrupt(path, f"schema {int(sid)} {'has' if schema.packed else 'lacks'} "
+                                     f"an nv12 layout, but a record of it is stored "
+                                     f"{'raw' if schema.packed else 'nv12'}")
+        packed = mine & compressed
+        if np.any(packed) and (video_store.VIDEO not in schema or schema.packed or np.any(
+                index["nbytes"][packed] >= schema.payload_nbytes)):
+            raise CacheCorrupt(path, f"a compressed record of schema {int(sid)} is not smaller "
+                                     f"than its {schema.payload_nbytes}-byte payload or the "
+                                     f"schema has no plain video")

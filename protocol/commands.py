@@ -155,6 +155,12 @@ WIRE_ARGS.update({
     "mix": {"fraction": float},
     "checkpoint": {},
     "logs": {"n": Arg(int, required=False, default=100)},
+    # issue 18: watching and steering a run
+    "generation": {"number": int},
+    "preview": {},
+    "batch": {"size": int, "lr_rule": Arg(str, required=False, default="none")},
+    "record": {"action": str, "split": Arg(str, required=False, default="train"),
+               "cache": Arg(str, required=False, default="")},
 })
 
 

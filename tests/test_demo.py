@@ -21,7 +21,7 @@ def _demo(workdir: Path) -> tuple[dict, str]:
     r = subprocess.run([sys.executable, "-m", "cli.demo", "--quick", "--workdir", str(workdir), "--json"],
                        cwd=REPO, capture_output=True, text=True, timeout=580)
     assert r.returncode == 0, r.stderr[-4000:]
-    return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout
+    return json.loads(r.stdout.strip().splitlines()[-1]), r.stdout + "\n" + r.stderr
 
 
 @pytest.mark.slow
@@ -43,6 +43,15 @@ def test_demo_trains_through_a_filter_switch_leaves_nothing_behind_and_runs_agai
     assert Path(tr["checkpoint"]).exists()  # written on SIGTERM
     assert summary["status"]["producer"]["generation"] == summary["filter_generation"]
     assert summary["preprocess"]["cached"] > 0 and summary["preprocess"]["rejected"] == []
+    # it ends by drawing a live sample and saying where the TensorBoard logs are
+    from PIL import Image
+
+    assert Image.open(summary["preview"]["path"]).format == "PNG"
+    assert summary["preview"]["caption"][0].startswith(f"generation {summary['filter_generation']}")
+    assert list(Path(summary["tensorboard"]).glob("events.out.tfevents.*"))
+    assert f"TensorBoard logs           {summary['tensorboard']}" in text
+    # while it waits it says how training goes (step, rate, ETA), not nothing
+    assert "[demo] trainer: step " in text
     if REAL_DATA.is_dir():
         # the real recordings went through the same pipeline into the cache (test split)
         assert summary["real_recordings"], "real recordings present but not in the demo dataset"

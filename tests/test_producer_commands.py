@@ -146,7 +146,10 @@ def test_a_paused_stream_drops_what_arrives_and_resumes_at_the_present(stream):
     try:
         # The sender goes on at 25 frames/s: 15 clips of 0.16 s are 2.4 s of stream that
         # arrive while paused. They are read and dropped, and counted.
-        st = wait_for(lambda: (s := d.status())["dropped_while_paused"] >= 15 and s,
+        # (and at least 2 s of pause: on a loaded machine a backlog queued before the pause
+        # can be dropped at once, and a pause of a few ms could not tell stale from present)
+        st = wait_for(lambda: (s := d.status())["dropped_while_paused"] >= 15
+                      and time.monotonic() - paused_at >= 2.0 and s,
                       what="clips dropped while paused")
         assert st["state"] == "paused" and "dropped" in st["idle_reason"]
         assert st["published"] == d.status()["published"]  # nothing published meanwhile

@@ -181,7 +181,7 @@ def test_status_reports_state_generation_source_and_ring(daemon):
     st = daemon.status()
     assert st["state"] == "running"
     assert st["generation"] >= 1
-    assert st["ring"] == daemon.ring and st["epoch"] == daemon.ready["epoch"]
+    assert st["ring"] == daemon.ring and st["ring_epoch"] == daemon.ready["ring_epoch"]
     assert "dataset" in st["source"] and st["config"]["clip_frames"] == 4
     assert st["heartbeat_age_s"] < 5.0
     assert wait_for(lambda: daemon.status()["samples_per_s"] > 0, what="a rate")
@@ -469,7 +469,7 @@ def test_sigkill_then_restart_replaces_stale_ring_and_readers_reattach(dataset):
         assert Path(f"/dev/shm/{ring}").exists()
         b = Daemon(dataset, "--loop", "--rate", "max", "--clip-frames", "2", ring=ring,
                    runtime=runtime)
-        assert b.ready["epoch"] != a.ready["epoch"]
+        assert b.ready["ring_epoch"] != a.ready["ring_epoch"]
 
         def gone():
             try:
@@ -481,7 +481,7 @@ def test_sigkill_then_restart_replaces_stale_ring_and_readers_reattach(dataset):
         wait_for(gone, what="ProducerGone for the old epoch")
         reader.close()
         with RingReader.attach(ring) as again:
-            assert again.epoch == b.ready["epoch"]
+            assert again.epoch == b.ready["ring_epoch"]
             assert again.receive(timeout=30) is not None
         assert b.status()["state"] == "running"
     finally:

@@ -39,7 +39,15 @@ def main() -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Epochs over this rank's disk shard (counted in steps).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples per batch; `mmctl batch N` changes it while training.")
+@click.option("--auto-batch", is_flag=True,
+              help="Start with the largest batch that fits --memory-budget, measured with real "
+                   "forward/backward passes of the model (device memory on a GPU, resident "
+                   "memory on the CPU); replaces --batch-size.")
+@click.option("--memory-budget", metavar="SIZE", default=None,
+              help="Memory --auto-batch may use, e.g. 6GiB [default: 90% of the GPU's memory; "
+                   "on the CPU half the machine's or the cgroup's].")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes for the disk; 0 = one in-process reader thread.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -69,10 +77,35 @@ def main() -> None:
               help="CURVE keys for tcp:// control/log sockets, as `mmctl keygen DIR` writes them.")
 @click.option("--log-interval", type=float, default=10.0, show_default=True,
               help="Seconds between metric log lines.")
+@click.option("--progress-interval", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True, metavar="S",
+              help="Seconds between progress lines (step/total, epoch, samples/s, ETA, loss, "
+                   "val acc) when stderr is not a terminal; on a terminal a bar is redrawn "
+                   "in place instead.")
+@click.option("--metrics", metavar="HOST:PORT", default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (off by default; port 0 "
+                   "picks a free one, `mmctl status` says which).")
+@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Write TensorBoard event files to DIR: loss, accuracy, stall, "
+              "live fraction, samples/s, stage times, and a marker at every new live generation "
+              "(`tensorboard --logdir DIR`).")
+@click.option("--producer", "producer", metavar="ADDR", default=None, envvar="MMFEED_PRODUCER",
+              help="The producer's control endpoint, asked what made each generation for the "
+                   "TensorBoard markers [default: where mmctl finds it].")
+@click.option("--transform", "transforms", multiple=True, metavar="NAME|module:factory",
+              help="Augment/normalise on the device after the copy, in order (repeatable): "
+                   "flip[=P], vflip[=P], random_crop=HxW, random_resized_crop=HxW[/SMIN-SMAX], "
+                   "normalize=imagenet|MEAN/STD, each [@MODALITY[+...]] (default video); or "
+                   "your own module:factory. Seeded; resumed from checkpoints.")
+@click.option("--tiles", default=None, metavar="INPUT=HxW[/STRIDE]",
+              help="Train on patches of a large input (e.g. lidar=64x64): each record becomes "
+                   "its tiles, each read alone from the cache (only its bytes).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
-def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, workers, lr, accum,
+def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, auto_batch,
+        memory_budget, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, ring_group,
-        no_resume, group, control, log_endpoint, curve_dir, log_interval, as_json) -> None:
+        no_resume, group, control, log_endpoint, curve_dir, log_interval, progress_interval,
+        metrics, tensorboard, producer, transforms, tiles, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
@@ -90,12 +123,49 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
         with CacheReader(cache, "train") as r:
             if len(r) == 0:
                 usage(f"--cache {cache}: the cache has no 'train' records")
+            example = r.schema(0).unpacked()
+            if tiles:
+                from .windows import TiledReader, TileSpec
+
+                example = TiledReader(r, TileSpec.parse(tiles)).schema(0).unpacked()
+    except ValueError as e:
+        usage(str(e))
     except MmfeedError as e:
         usage(f"--cache {cache}: {e}")
+    if transforms:
+        from .transforms import TransformError, build_transform
+
+        try:  # the specs and their fit to the data, before the daemon starts
+            build_transform(transforms, example)
+        except TransformError as e:
+            usage(f"--transform: {e}")
     try:
         group_id(group)
     except MmfeedError as e:
         usage(f"--group: {e}")
+    if metrics is not None:
+        from protocol.metrics import parse_address
+
+        try:
+            parse_address(metrics)
+        except MmfeedError as e:
+            usage(str(e))
+    budget = None
+    if memory_budget is not None:
+        from .autobatch import parse_size
+
+        if not auto_batch:
+            usage("--memory-budget is the budget of --auto-batch: give --auto-batch too")
+        try:
+            budget = parse_size(memory_budget)
+        except ValueError as e:
+            usage(str(e))
+    if tensorboard is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError as e:
+            usage(f"--tensorboard needs the tensorboard package ({e}); install it with "
+                  f"`pip install 'mmfeed[tensorboard]'`")
     if model:
         try:
             load_factory(model)
@@ -105,14 +175,19 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, work
         cfg = TrainConfig(cache=cache, ring=ring, mix=mix, model=model,
                           checkpoint_dir=checkpoint_dir or _default_checkpoint_dir(),
                           steps=steps, epochs=epochs, batch_size=batch_size, workers=workers,
+                          auto_batch=auto_batch, memory_budget=budget,
                           lr=lr, accum=accum, amp=amp, log_interval=log_interval,
+                          progress_interval=progress_interval,
                           eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
                           keep=keep, seed=seed, device=device, ring_start=ring_start,
-                          ring_group=ring_group, resume=not no_resume, group=group)
+                          ring_group=ring_group, resume=not no_resume, group=group,
+                          transform=tuple(transforms), tiles=tiles)
     except ValueError as e:
         usage(str(e))
     sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,
-                                          curve_dir=curve_dir, json=as_json)))
+                                          curve_dir=curve_dir, json=as_json,
+                                          metrics=metrics, tensorboard=tensorboard,
+                                          producer=producer)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """What `mm-trainer run` is configured with (`TrainConfig`, one field per flag), where this
-process stands under torchrun (`Dist`), and the counters of one log interval (`Meter`)."""
+process stands under torchrun (`Dist`, trainer/topology.py, re-exported), and the counters of one log interval (`Meter`)."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .topology import Dist  # noqa: F401  (re-exported: loop.py and tests import it here)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TrainConfig:
     accum: int = 1                      # micro-batches per optimiser step
     amp: str = "auto"                   # auto | bf16 | off
     log_interval: float = 10.0          # seconds
+    progress_interval: float = 10.0     # seconds between plain progress lines (trainer/progress.py)
     eval_interval: int = 0              # steps; 0 = only at the end
     checkpoint_interval: int = 0        # steps; 0 = only at exit
     keep: int = 3
@@ -35,6 +37,10 @@ class TrainConfig:
     ring_group: str | None = None       # also trust a ring of this group, mode 0660 (another user's)
     resume: bool = True
     group: str | None = None            # checkpoint files 0640 of this group; else 0600
+    auto_batch: bool = False            # find the largest batch_size within memory_budget
+    memory_budget: int | None = None    # bytes; None: trainer/autobatch.py default_budget
+    transform: tuple[str, ...] = ()     # --transform specs (trainer/transforms.py)
+    tiles: str | None = None            # --tiles INPUT=HxW[/S]: patch samples (trainer/windows.py)
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
     # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
     mix_source: str = field(default="default", init=False)
@@ -63,22 +69,6 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"--amp {self.amp!r}: expected auto, bf16 or off")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
 
 
 @dataclass

@@ -38,6 +38,8 @@ from protocol.errors import ProducerGone, RingDamaged, SchemaError
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
+from .corrupt import CorruptRecords
+from .layouts import unpack_inputs
 from .queue_thread import IterableThread
 from .ring_follow import RingFollower
 
@@ -88,12 +90,29 @@ class CacheDataset(Dataset):
     A batch cannot mix sample schemas (samples that lack a modality, or were made under
     another filter, have other shapes): the first way raises an error saying to use the
     second, which batches each schema apart. The reader reopens itself in each worker process.
+
+    Video stores (`preprocess --video-store`): h264/hevc records are decoded into the batch by
+    the reader's threads; NV12 video is converted to RGB here (on the CPU; to do it on your GPU
+    instead, pass `unpack=False` and call `trainer.layouts.unpack_inputs(schema, inputs)` after
+    `.to(device)`). A damaged record is left out of its batch, counted in `corrupt.count` and
+    logged once (trainer/corrupt.py): a batch may then be shorter than asked; `ds[i]` of a
+    damaged record raises CorruptRecord (naming record, sample and shard file).
+
+    `transform` (trainer/transforms.py `build_transform`, the object `--transform` makes): applied
+    to each batch `__getitems__` returns, after uint8 inputs became float in [0, 1] as in the
+    trainer; in a DataLoader worker its generator is reseeded from the worker's seed once, so
+    workers draw different numbers. (The trainer applies it on its device instead.)
     """
 
-    def __init__(self, cache_dir: str | Path | CacheReader, split: str | None = "train"):
+    def __init__(self, cache_dir: str | Path | CacheReader, split: str | None = "train", *,
+                 transform=None, unpack: bool = True):
         self.reader = cache_dir if isinstance(cache_dir, CacheReader) else CacheReader(cache_dir, split)
         self.classes = self.reader.classes
         self.labels = self.reader.labels
+        self.transform = transform
+        self.unpack = unpack
+        self.corrupt = CorruptRecords()
+        self._seeded_worker: int | None = None
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -104,7 +123,8 @@ class CacheDataset(Dataset):
 
     @property
     def example_schema(self) -> SampleSchema:
-        return self.reader.schema(0)
+        """The first record's schema as the model sees it (NV12 video as RGB)."""
+        return self.reader.schema(0).unpacked()
 
     def schema_groups(self) -> dict[int, np.ndarray]:
         return self.reader.schema_groups()
@@ -114,6 +134,8 @@ class CacheDataset(Dataset):
         buf = torch.empty(schema.payload_nbytes, dtype=torch.uint8)
         self.reader.read_into(i, buf.numpy())  # the one copy: mmap -> tensor memory
         views = modality_views(schema, buf.unsqueeze(0))
+        if self.unpack:
+            views = unpack_inputs(schema, views)
         return {k: v[0] for k, v in views.items()}, int(self.labels[i])
 
     def __getitems__(self, indices) -> SampleBatch:
@@ -121,7 +143,7 @@ class CacheDataset(Dataset):
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
         try:
-            self.reader.read_batch_into(idx, buf.numpy())
+            _, metas = self.reader.read_batch_into(idx, buf.numpy())
         except SchemaError:
             groups = self.schema_groups()
             raise SchemaError(
@@ -132,7 +154,23 @@ class CacheDataset(Dataset):
                 f"dataset, batch_size, shuffle=True), collate_fn=CacheDataset.collate), or "
                 f"dataset.loader(batch_size)") from None
         labels = torch.as_tensor(self.labels[idx], dtype=torch.int64)
-        return SampleBatch(modality_views(schema, buf), labels)
+        n = self.corrupt.drop_failed(buf, labels, len(idx), metas.failed)
+        buf, labels = buf[:n], labels[:n]
+        inputs = modality_views(schema, buf)
+        if self.unpack:
+            inputs = unpack_inputs(schema, inputs)
+        if self.transform is not None:
+            self._seed_for_worker()
+            inputs = self.transform({k: v.float().div_(255.0) if v.dtype == torch.uint8 else v
+                                     for k, v in inputs.items()})
+        return SampleBatch(inputs, labels)
+
+    def _seed_for_worker(self) -> None:
+        info = get_worker_info()
+        gen = getattr(self.transform, "generator", None)
+        if info is not None and gen is not None and self._seeded_worker != info.id:
+            gen.manual_seed(int(info.seed))
+            self._seeded_worker = info.id
 
     @staticmethod
     def collate(batch):

@@ -18,12 +18,15 @@ from .prefetch import DevicePrefetcher, DiskLoader
 
 def val_accuracy(model, reader, prepare: Callable, device: torch.device,
                  amp_dtype: torch.dtype | None, batch_size: int, dist_info,
-                 keepalive: Callable[[], None] | None = None) -> float | None:
+                 keepalive: Callable[[], None] | None = None, *,
+                 defer_video: bool = False) -> float | None:
     """Share of `reader`'s samples whose argmax is their label (None with no sample);
-    `prepare(batch) -> (inputs, labels)` is the training step's own conversion."""
+    `prepare(batch) -> (inputs, labels)` is the training step's own conversion (without its
+    augmentations); `defer_video`: the training loader's (NV12 converted on the device)."""
     model.eval()
     loader = DiskLoader(reader, batch_size, shuffle=False, epochs=1,
-                        rank=dist_info.rank, world_size=dist_info.world_size).start()
+                        rank=dist_info.rank, world_size=dist_info.world_size,
+                        defer_video=defer_video).start()
     pf = DevicePrefetcher(loader.get, device)
     correct = total = 0
     try:

@@ -122,6 +122,11 @@ class GpuRingLoader(RingLoader):
                 self._stop.wait(0.1)
         return None
 
+    def set_batch_size(self, n: int) -> None:
+        """`mmctl batch N` on the GPU slot path too: device buffers of the new size."""
+        super().set_batch_size(n)
+        self._dev_pools = self._dev_pools.fresh()
+
     def _dev_pool(self, schema: SampleSchema) -> DeviceBufferPool:
         return self._dev_pools.get(schema)
 
@@ -167,6 +172,7 @@ class GpuRingLoader(RingLoader):
         if self.world_size > 1:
             keep = [i for i, m in enumerate(metas) if m.index % self.world_size == self.rank]
             if len(keep) < len(metas):
+                self.stats.skipped += len(metas) - len(keep)
                 if keep:
                     buf[:len(keep)] = buf[torch.tensor(keep, device=self.device)]
                 metas = [metas[i] for i in keep]

@@ -39,21 +39,30 @@ import torch.nn.functional as F
 from protocol.cache import CacheReader
 from protocol.errors import CacheError
 from protocol.schema import UNLABELLED
+from protocol.stages import StageTimer, now_ns, trainer_bottleneck
 
 from . import checkpoint as ckpt
 from .adapt import ShapeAdapter
-from .config import Dist, Meter, TrainConfig  # noqa: F401  (TrainConfig, Dist: re-exported)
+from .batching import group_batches
+from .config import Meter, TrainConfig  # noqa: F401  (TrainConfig: re-exported)
 from .datasets import LiveDiskMixer
 from .evaluate import val_accuracy
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
+from .transforms import build_transform
+from .nvdec import nvdec_refusal
+from .windows import TiledReader, TileSpec
 from .recent import RecentGenerations
+from .resume import newest_checkpoint
+from .topology import Dist, rescale_disk_position
 
 log = logging.getLogger(__name__)
 
 IGNORE_LABEL = -100          # cross_entropy's ignore_index: what unusable labels become
 BAD_LABELS_LOGGED = 8        # distinct out-of-range label values logged (each once)
 STARVED_BELOW = 0.8          # achieved live fraction under this share of the target ...
+MAX_BATCH_SIZE = 65536
+LR_RULES = ("none", "linear", "sqrt")  # how `mmctl batch N --lr-rule` scales the learning rate
 
 
 class Trainer:
@@ -74,10 +83,23 @@ class Trainer:
             raise CacheError(f"{cfg.cache}: the cache has no 'train' records")
         self.val_reader = (CacheReader(cfg.cache, "val")
                            if "val" in self.train_reader.splits else None)
+        if cfg.tiles:  # patch samples read window by window (trainer/windows.py)
+            spec = TileSpec.parse(cfg.tiles)
+            self.train_reader = TiledReader(self.train_reader, spec)
+            if self.val_reader is not None:
+                self.val_reader = TiledReader(self.val_reader, spec)
         self.classes = self.train_reader.classes
-        schema = self.train_reader.schema(0)
+        schema = self.train_reader.schema(0).unpacked()  # NV12 video: the model sees RGB
         self.model = build_model(cfg.model, schema, len(self.classes)).to(self.device)
-        self.adapter = ShapeAdapter(expected_shapes(self.model, schema))
+        # --transform: on the device after the copy (trainer/transforms.py); the adapter then
+        # keeps inputs at the data's shapes and the transforms make the model's
+        self.transform = (build_transform(cfg.transform, schema, device=self.device,
+                                          seed=(cfg.seed + 1) * 1_000_003 + self.dist.rank)
+                          if cfg.transform else None)
+        self.adapter = ShapeAdapter(expected_shapes(self.model, schema) if self.transform is None
+                                    else {m.name: m.shape for m in schema.modalities})
+        self.auto_batch = self._auto_batch(schema) if cfg.auto_batch else None
+        self.batch_size_trained: int | None = None  # rows of the last micro-batch trained
         self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -114,6 +136,11 @@ class Trainer:
         self.started = time.monotonic()
         self.last_metrics: dict = {}
         self.state = "starting"
+        self.stages = StageTimer("trainer")  # NOTE [cheap timing] in protocol/stages.py
+        st = self.stages.stage
+        self._st_wait, self._st_device = st("wait", "data"), st("to_device", "device")
+        self._st_fwd, self._st_bwd = st("forward", "compute"), st("backward", "compute")
+        self._st_opt = st("optimizer", "compute")
         self._meter = Meter()
         self._resume_if_any()
         self._log_mix_choice()
@@ -132,6 +159,55 @@ class Trainer:
             return torch.device("cpu")
         return torch.device(want)
 
+    def _auto_batch(self, schema):
+        """`--auto-batch`: the largest batch within the memory budget (trainer/autobatch.py);
+        under torchrun every rank takes the smallest any rank found."""
+        from .autobatch import MAX_BATCH, default_budget, find_batch_size
+
+        budget = self.cfg.memory_budget or default_budget(self.device)
+        # no batch larger than this rank's share of the train split: the disk side could
+        # never fill it
+        most = max(1, min(MAX_BATCH, -(-len(self.train_reader) // self.dist.world_size)))
+        found = find_batch_size(self.model, schema, len(self.classes), self.device, budget,
+                                max_batch=most)
+        size = found.batch_size
+        if self.dist.enabled:
+            t = torch.tensor([size], dtype=torch.int64,
+                             device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            size = found.batch_size = int(t.item())
+        self.cfg.batch_size = size
+        log.info(found.sentence(), extra={"batch_size": size, "memory_budget": budget,
+                                          "memory": found.memory})
+        return found
+
+    def set_batch_size(self, n: int, lr_rule: str = "none") -> dict:
+        """`mmctl batch N`, at a step boundary (the daemon calls it between steps): the loaders
+        start batches of n samples now (batches already read ahead keep their size); with
+        lr_rule "linear" the learning rate scales by n/old, "sqrt" by its square root."""
+        if not 1 <= n <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch size must be in 1..{MAX_BATCH_SIZE}, got {n}")
+        if lr_rule not in LR_RULES:
+            raise ValueError(f"lr rule {lr_rule!r}: expected one of {', '.join(LR_RULES)}")
+        old = self.cfg.batch_size
+        lr_old = self.optimizer.param_groups[0]["lr"]
+        scale = {"none": 1.0, "linear": n / old, "sqrt": (n / old) ** 0.5}[lr_rule]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * scale
+        self.cfg.batch_size = n
+        for loader in (self.disk, self.live):
+            if loader is not None:
+                loader.set_batch_size(n)
+        if self.cfg.epochs is not None and self.total_steps is not None:
+            # the same samples are left to train on, in batches of the new size
+            self.total_steps = self.step + -(-max(0, self.total_steps - self.step) * old // n)
+        lr = self.optimizer.param_groups[0]["lr"]
+        log.info("batch size changed", extra={"batch_size": n, "previous": old,
+                                              "lr_rule": lr_rule, "lr": lr, "previous_lr": lr_old,
+                                              "step": self.step})
+        return {"batch_size": n, "previous": old, "lr_rule": lr_rule, "lr": lr,
+                "previous_lr": lr_old, "step": self.step, "total_steps": self.total_steps}
+
     def _pick_amp(self) -> torch.dtype | None:
         if self.cfg.amp == "off" or self.device.type != "cuda":
             return None
@@ -141,6 +217,15 @@ class Trainer:
             raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(self.device)} has no bf16")
         return None
 
+    def _nvdec(self, reader) -> bool:
+        """Decode the cache's h264/hevc clips with NVDEC after the copy (trainer/nvdec.py)?"""
+        if not getattr(reader, "has_compressed", False) or self.device.type != "cuda":
+            return False
+        why = nvdec_refusal(self.device)
+        if why is not None:
+            log.info("compressed video decoded by the loader threads on the CPU: %s", why)
+        return why is None
+
     def _open_sources(self) -> None:
         cfg, d = self.cfg, self.dist
         common = dict(shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
@@ -149,23 +234,30 @@ class Trainer:
             self.disk = WorkerDiskLoader(self.train_reader, cfg.batch_size, workers=cfg.workers,
                                          **common).start()
         else:
-            self.disk = DiskLoader(self.train_reader, cfg.batch_size, **common).start()
+            self.disk = DiskLoader(self.train_reader, cfg.batch_size,
+                                   defer_video=self._nvdec(self.train_reader), **common).start()
         self.live = None
         if cfg.ring and self.device.type == "cuda":
             # GPU slot rings by device copies, host rings as RingLoader
             # (trainer/gpu_slot_loader.py).
             from .gpu_slot_loader import GpuRingLoader
 
+            # NOTE [live split] in topology.py: the ring is this node's, split among its ranks.
+            reader, readers = d.live_shard
             self.live = GpuRingLoader(cfg.ring, cfg.batch_size, device=self.device,
-                                      start=cfg.ring_start, rank=d.rank,
-                                      world_size=d.world_size).start()
+                                      start=cfg.ring_start, rank=reader,
+                                      world_size=readers).start()
         elif cfg.ring:
+            reader, readers = d.live_shard
             self.live = RingLoader(cfg.ring, cfg.batch_size, start=cfg.ring_start,
                                    group=cfg.ring_group,
-                                   rank=d.rank, world_size=d.world_size).start()
+                                   rank=reader, world_size=readers).start()
         self.mixer = LiveDiskMixer(self.live, self.disk, cfg.mix or 0.0,
                                    window=max(64, 32 * cfg.batch_size))
         self.prefetcher = DevicePrefetcher(self.mixer.get, self.device)
+        self.disk.stage = self.stages.stage("disk_read", "data")
+        if self.live is not None:
+            self.live.stage = self.stages.stage("ring_copy", "data")
         self.total_steps = cfg.steps
         if cfg.epochs is not None:
             self.total_steps = cfg.epochs * max(1, self.disk.batches_per_epoch() // cfg.accum)
@@ -176,10 +268,11 @@ class Trainer:
             ckpt.sweep_temporaries(d)
         if d is None or not self.cfg.resume:
             return
-        path = ckpt.latest_checkpoint(d)
+        # The newest any rank's node holds, on every rank (trainer/resume.py).
+        path, state = newest_checkpoint(d, self.dist)
         if path is None:
             return
-        self.load_state(ckpt.load(path))
+        self.load_state(state)
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step,
                  extra={"checkpoint": str(path), "step": self.step,
@@ -215,6 +308,12 @@ class Trainer:
             "mix": self.mixer.fraction if hasattr(self, "mixer") else self.cfg.mix,
             "classes": list(self.classes),
             "counts": self.lifetime_counts(),
+            "batch_size": self.cfg.batch_size,  # the unit of disk_position's batch index
+            # what `disk_position` counts in: a resume on another world size rescales it
+            "world_size": self.dist.world_size,
+            "disk_batches_per_epoch": self.disk_batches_per_epoch(),
+            **({"transform_rng": self.transform.state_dict()["generator"]}
+               if self.transform is not None else {}),
         }
 
     def lifetime_counts(self) -> dict[str, int]:
@@ -232,16 +331,70 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.disk_position = tuple(int(x) for x in state["disk_position"])
+        self.disk_position = self._disk_position_from(state)
         self.resumed_step = self.step
         self._restore_mix(state.get("mix"))
         counts = state.get("counts", {})
         self.lifetime_base = {k: int(counts.get(k, 0))
                               for k in ("live", "disk", "unlabelled", "bad_label")}
+        self._restore_transform_rng(state)
         how = ckpt.restore_rng(state, self.dist.rank)
         if how == "derived":
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
                      self.dist.rank)
+
+    def disk_batches_per_epoch(self, world_size: int | None = None,
+                               batch_size: int | None = None) -> int:
+        """Batches per epoch of one rank's disk shard, for `world_size` ranks and batches of
+        `batch_size` (defaults: this job's)."""
+        return len(group_batches(self.train_reader.schema_groups(),
+                                 batch_size or self.cfg.batch_size,
+                                 shuffle=False, seed=0, epoch=0, rank=0,
+                                 world_size=world_size or self.dist.world_size))
+
+    def _disk_position_from(self, state: dict) -> tuple[int, int]:
+        """The checkpoint's disk position, rescaled when it was written by another number of
+        ranks (a job resumed on another node count: topology.rescale_disk_position)."""
+        pos = tuple(int(x) for x in state["disk_position"])
+        saved_world = int(state.get("world_size", self.dist.world_size))
+        # ... or of another batch size (`mmctl batch`, --auto-batch): the position counts
+        # batches of the saved size
+        saved_bs = int(state.get("batch_size") or self.cfg.batch_size)
+        if saved_world == self.dist.world_size and saved_bs == self.cfg.batch_size:
+            return pos
+        saved = int(state.get("disk_batches_per_epoch")
+                    or self.disk_batches_per_epoch(saved_world, saved_bs))
+        new = rescale_disk_position(pos, saved, self.disk_batches_per_epoch())
+        log.info("resuming on %d ranks with batches of %d from a checkpoint of %d ranks with "
+                 "batches of %d: disk position (epoch %d, batch %d of %d) becomes (epoch %d, "
+                 "batch %d of %d)", self.dist.world_size, self.cfg.batch_size, saved_world,
+                 saved_bs, pos[0], pos[1], saved, new[0], new[1],
+                 self.disk_batches_per_epoch(),
+                 extra={"saved_world_size": saved_world, "world_size": self.dist.world_size,
+                        "saved_batch_size": saved_bs, "batch_size": self.cfg.batch_size})
+        return new
+    def _rank_rng_state(self) -> dict:
+        """This rank's RNG states for `rng_ranks`: the global ones plus the transforms'."""
+        state = ckpt.rng_state()
+        if self.transform is not None:
+            state["transform"] = self.transform.state_dict()["generator"]
+        return state
+
+    def _restore_transform_rng(self, state: dict) -> None:
+        """The transforms' generator where this rank left it (its `rng_ranks` entry, rank 0's
+        `transform_rng`); a rank without a saved one derives its own from rank 0's, so ranks
+        never draw the same augmentations."""
+        if self.transform is None or "transform_rng" not in state:
+            return
+        per_rank = state.get("rng_ranks") or []
+        mine = per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else None
+        if mine is not None and "transform" in mine:
+            self.transform.load_state_dict({"generator": mine["transform"]})
+        elif self.dist.rank == 0:
+            self.transform.load_state_dict({"generator": state["transform_rng"]})
+        else:
+            seed = int.from_bytes(state["transform_rng"].numpy().tobytes()[-8:], "little")
+            self.transform.generator.manual_seed((seed + 7919 * self.dist.rank) % 2**63)
 
     def _restore_mix(self, saved) -> None:
         """The checkpoint's live fraction, unless --mix was given (the command line wins) or
@@ -273,7 +426,7 @@ class Trainer:
         rngs = None
         if self.dist.enabled:  # every rank's RNG state, so each resumes its own streams
             rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, ckpt.rng_state())
+            dist.all_gather_object(rngs, self._rank_rng_state())
         if self.dist.rank == 0:
             state = self.state_dict()
             if rngs is not None:
@@ -288,7 +441,7 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _prepare(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _prepare(self, batch, train: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Model inputs and labels that no longer depend on the batch's host buffer.
 
         On the CPU the batch is a view of a pooled host buffer that the loader thread refills
@@ -303,7 +456,10 @@ class Trainer:
                 inputs[k] = v.to(torch.float32, copy=True)
         labels = batch.labels if batch.labels.device.type != "cpu" else batch.labels.clone()
         batch.release()
-        return self.adapter(inputs, batch.generation), labels
+        inputs = self.adapter(inputs, batch.generation)
+        if self.transform is not None:
+            inputs = self.transform(inputs) if train else self.transform.evaluate(inputs)
+        return inputs, labels
 
     def _usable(self, labels: torch.Tensor, batch) -> tuple[torch.Tensor, int]:
         """Targets for the loss (unusable labels -> IGNORE_LABEL) and how many are usable.
@@ -355,13 +511,16 @@ class Trainer:
         samples = live = labelled = 0
         for k in range(self.cfg.accum):
             tw = time.monotonic()
+            t_ns = now_ns()
             batch = self.prefetcher.get(timeout)
             wait += time.monotonic() - tw
             if batch is None:
                 if k == 0:
                     return False
                 break
+            t_ns = self._st_wait.since(t_ns)
             inputs, labels = self._prepare(batch)
+            t_ns = self._st_device.since(t_ns)
             targets, n_valid = self._usable(labels, batch)
             labelled += n_valid
             # Under DDP every rank runs forward and backward (the backward is a collective),
@@ -380,9 +539,12 @@ class Trainer:
                         # The mean over the labelled samples (never 0/0: NaN).
                         loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_LABEL,
                                                reduction="sum") / max(n_valid, 1) / self.cfg.accum
+                    t_ns = self._st_fwd.since(t_ns)
                     loss.backward()
+                    self._st_bwd.since(t_ns)
                 loss_total += float(loss.detach())
             samples += batch.n
+            self.batch_size_trained = batch.n
             if batch.live:
                 live += batch.n
                 self.samples_live += batch.n
@@ -401,7 +563,9 @@ class Trainer:
             labelled = int(t.item())
         m = self._meter
         if labelled:
+            t_ns = now_ns()
             self.optimizer.step()
+            self._st_opt.since(t_ns)
             self.step += 1
             self.loss = loss_total
             m.steps += 1
@@ -470,13 +634,14 @@ class Trainer:
         Starved = the achieved live fraction fell below STARVED_BELOW of the target AND the
         mixer found no live batch ready when it wanted one: the ring delivers fewer samples
         than the mix asks at this training speed (not a short-lived swing of the window).
-        Rates count every rank (each rank reads its share of the ring)."""
+        Rates are per node: they count the node's ranks (each reads its share of the node's
+        ring, NOTE [live split] in topology.py), so they compare with that node's producer."""
         target = self.mixer.fraction
         if self.live is None or target <= 0:
             self.live_starved = False
             return {"live_in_per_s": None, "live_wanted_per_s": None, "live_starved": False,
                     "live_note": None}
-        w = self.dist.world_size
+        w = self.dist.local_world_size
         # Rounded once, so the sentence and the fields never disagree (4.95 vs "4.9").
         live_in = round((self.live.stats.samples - m.live_received) / elapsed * w, 2)
         wanted = round(target * samples_per_s * w, 2)
@@ -516,9 +681,10 @@ class Trainer:
         `keepalive` after every val batch), kept as `accuracy`."""
         if self.val_reader is None or len(self.val_reader) == 0:
             return None
-        self.accuracy = val_accuracy(self.model, self.val_reader, self._prepare, self.device,
+        self.accuracy = val_accuracy(self.model, self.val_reader,
+                                     lambda b: self._prepare(b, train=False), self.device,
                                      self.amp_dtype, self.cfg.batch_size, self.dist,
-                                     keepalive)
+                                     keepalive, defer_video=self.disk.defer_video)
         return self.accuracy
 
     # --- reporting ---------------------------------------------------------------------------
@@ -529,7 +695,7 @@ class Trainer:
         disk_epoch = self.disk_position[0]
         lm = self.last_metrics
         lifetime = self.lifetime_counts()
-        return {
+        st = {
             "state": self.state, "step": self.step, "total_steps": self.total_steps,
             "epoch": disk_epoch, "loss": self.loss, "accuracy": self.accuracy,
             "samples_per_s": self.last_metrics.get(
@@ -561,30 +727,78 @@ class Trainer:
             "ring_reattached": live.reattached if live else 0,
             "live_dropped": live.dropped if live else 0,
             "adapted_batches": self.adapter.adapted,
+            "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "rank": self.dist.rank, "world_size": self.dist.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "")
             if self.amp_dtype else "off",
+            "batch_size": self.cfg.batch_size, "batch_size_trained": self.batch_size_trained,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "auto_batch": self.auto_batch.sentence() if self.auto_batch else None,
+            "stages": self.stages.summary(),
         }
+        st["bottleneck"] = trainer_bottleneck(st)
+        return st
+
+    def metric_values(self) -> dict:
+        """What `--metrics` exports (protocol/metrics.py METRICS); None values are left out."""
+        lm = self.last_metrics
+        return {
+            "mmfeed_trainer_steps_total": self.step,
+            "mmfeed_trainer_samples_total": {"live": self.samples_live, "disk": self.samples_disk},
+            "mmfeed_trainer_samples_unlabelled_total": self.samples_unlabelled,
+            "mmfeed_trainer_samples_bad_label_total": self.samples_bad_label,
+            "mmfeed_trainer_stall_seconds_total": self.total_wait_s,
+            "mmfeed_trainer_step_seconds_total": self.total_step_s,
+            "mmfeed_trainer_stall_ratio": lm.get("stall_fraction", self.stall_fraction()),
+            "mmfeed_trainer_samples_per_second": lm.get("samples_per_s"),
+            "mmfeed_trainer_live_fraction": self.mixer.achieved,
+            "mmfeed_trainer_live_fraction_target": self.mixer.fraction,
+            "mmfeed_trainer_live_starved": self.live_starved,
+            "mmfeed_trainer_live_dropped_total": self.live.stats.dropped if self.live else 0,
+            "mmfeed_trainer_generation": self.last_generation,
+            "mmfeed_trainer_loss": self.loss,
+            "mmfeed_trainer_accuracy": self.accuracy,
+            "mmfeed_trainer_batch_size": self.cfg.batch_size,
+        }
+
+    def progress(self) -> dict:
+        """The few figures a progress line needs (cheaper than `status()`)."""
+        return {"step": self.step, "total_steps": self.total_steps,
+                "epoch": self.disk_position[0], "samples": self.samples_live + self.samples_disk,
+                "samples_per_s": self.last_metrics.get("samples_per_s"), "loss": self.loss,
+                "accuracy": self.accuracy}
 
     def stall_fraction(self) -> float:
         return round(self.total_wait_s / self.total_step_s, 4) if self.total_step_s else 0.0
 
     def rank_counts(self) -> list[dict]:
-        """Samples each rank trained on, live and disk (a collective: call on all ranks).
+        """What each rank trained on, one row per rank (a collective: call on all ranks).
 
-        The other counts in `summary` are this rank's; this is how rank 0's summary shows
-        that every rank read the ring as its own reader and trained on what it got.
+        The other counts in `summary` are this rank's; these rows show that every rank read
+        its own node's ring as its own reader (`node`, `ring_epoch`: the epoch of the producer
+        it read, `live_skipped`: samples of that ring left to the node's other ranks, NOTE
+        [live split] in topology.py) and that DDP kept the ranks in step (`weights_sum`, the
+        sum of every parameter, is the same on every rank; `loss` is the rank's own last one).
         """
-        t = torch.zeros(self.dist.world_size, 2, dtype=torch.float64)
-        t[self.dist.rank, 0], t[self.dist.rank, 1] = self.samples_live, self.samples_disk
-        if self.dist.enabled:
-            if self.device.type == "cuda":
-                t = t.to(self.device)
-            dist.all_reduce(t)  # each row is filled by one rank, zeros elsewhere
-            t = t.cpu()
-        return [{"rank": r, "samples_live": int(live), "samples_disk": int(disk)}
-                for r, (live, disk) in enumerate(t.tolist())]
+        live = self.live
+        reader = getattr(live, "reader", None) if live is not None else None
+        mine = {"rank": self.dist.rank, "node": self.dist.node,
+                "local_rank": self.dist.local_rank, "samples_live": self.samples_live,
+                "samples_disk": self.samples_disk,
+                "live_skipped": live.stats.skipped if live is not None else 0,
+                "ring_epoch": getattr(reader, "epoch", None), "generation": self.last_generation,
+                "loss": self.loss, "weights_sum": self.weights_sum()}
+        if not self.dist.enabled:
+            return [mine]
+        rows: list = [None] * self.dist.world_size
+        dist.all_gather_object(rows, mine)
+        return rows
+
+    @torch.no_grad()
+    def weights_sum(self) -> float:
+        """Sum of every parameter, in float64: equal on all ranks while DDP keeps them in sync."""
+        return float(sum(p.detach().double().sum().item() for p in self.model.parameters()))
 
     def summary(self) -> dict:
         """What the run ends with; a collective under torchrun (`rank_counts`): all ranks call it."""
@@ -609,8 +823,10 @@ class Trainer:
             "stall_fraction": self.stall_fraction(),
             "live_fraction": round(self.mixer.achieved_total, 4),
             "copies_per_sample": self.copies_per_sample(),
+            "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "world_size": self.dist.world_size, "ranks": self.rank_counts(),
+            "batch_size": self.cfg.batch_size,
         }
 
     def close(self) -> None:

@@ -32,10 +32,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from protocol.cache import compact_rows
 from protocol.errors import ProducerGone, RingDamaged, RingError
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
+from protocol.stages import now_ns
 
+from .corrupt import CorruptRecords
+from .layouts import unpack_inputs
+from .nvdec import decode_deferred
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
 from .gpu_slot_reader import gpu_slot_refusal
@@ -61,12 +66,16 @@ class LoaderStats:  # the three re-attach counts are ring_follow.FollowCounts' f
     reattached: int = 0      # every re-attach, whatever the cause (the two below included)
     relayouts: int = 0       # the producer moved the ring to a new layout (bigger slots)
     damaged: int = 0         # the ring was found damaged and left (RingDamaged)
+    skipped: int = 0         # live samples left to this ring's other readers (rank split)
     generations: set = field(default_factory=RecentGenerations)  # newest 256 seen
+    corrupt: int = 0         # cache records skipped because their bytes were damaged
 
 
 class _LoaderThread(QueueThread[HostBatch]):
     """A QueueThread of HostBatches with loader counters; a batch never taken goes back to
     its pool."""
+
+    stage = None  # protocol.stages.Stage the trainer sets: this thread's read/copy times
 
     def __init__(self, depth: int = 2):
         super().__init__(depth)
@@ -77,6 +86,16 @@ class _LoaderThread(QueueThread[HostBatch]):
 
     def _new_pool(self, schema: SampleSchema) -> BufferPool:
         return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
+
+    def set_batch_size(self, n: int) -> None:
+        """`mmctl batch N`: batches started from now on hold n samples. Batches already in
+        the queue keep their size; buffers of the old size are freed as they come back."""
+        if n < 1:
+            raise ValueError(f"batch size must be >= 1, got {n}")
+        self.batch_size = n
+        pools = getattr(self, "_pools", None)
+        if pools is not None:
+            self._pools = pools.fresh()
 
     def _pool(self, schema: SampleSchema) -> BufferPool:
         return self._pools.get(schema)
@@ -102,9 +121,12 @@ class DiskLoader(_LoaderThread):
 
     def __init__(self, reader, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None):
+                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None,
+                 defer_video: bool = False):
         super().__init__(depth)
         self.reader = reader
+        # compressed clips left for the device to decode after the copy (trainer/nvdec.py)
+        self.defer_video = defer_video
         self.batch_size = batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epochs = epochs
@@ -114,18 +136,30 @@ class DiskLoader(_LoaderThread):
         self._labels = torch.as_tensor(reader.labels, dtype=torch.int64)
         self._depth = depth
         self._pools: PoolCache[BufferPool] = PoolCache(self._new_pool)
+        self._corrupt = CorruptRecords()  # damaged records skipped (trainer/corrupt.py)
 
     def batches_per_epoch(self) -> int:
         return len(group_batches(self._groups, self.batch_size, shuffle=False, seed=0, epoch=0,
                                  rank=self.rank, world_size=self.world_size))
 
+    def _plan(self, epoch: int, skip: int) -> tuple[list, int, int]:
+        """(this epoch's batches, the batch size they have, where to go on). A batch size
+        changed mid-epoch (`mmctl batch`) re-plans the epoch in the new size and goes on at
+        the same fraction of it: later epochs are exact, the one of the change covers its
+        samples approximately (some may come twice, some not)."""
+        bs = self.batch_size
+        plan = group_batches(self._groups, bs, shuffle=self.shuffle, seed=self.seed,
+                             epoch=epoch, rank=self.rank, world_size=self.world_size)
+        return plan, bs, skip
+
     def _run(self) -> None:
         epoch, skip = self.start_at
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
-            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
-                                 seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size)
-            for k in range(skip, len(plan)):
+            plan, bs, k = self._plan(epoch, skip)
+            while k < len(plan):
+                if self.batch_size != bs:
+                    plan, bs, k = self._plan(epoch, round(k * bs / self.batch_size))
+                    continue
                 idx = plan[k]
                 schema = self.reader.schema(int(idx[0]))
                 pool = self._pool(schema)
@@ -133,22 +167,47 @@ class DiskLoader(_LoaderThread):
                 if pair is None:
                     return
                 buf, labels = pair
-                _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                t_ns = now_ns()
+                if self.defer_video:
+                    _, metas = self.reader.read_batch_into(idx, buf.numpy(), defer_video=True)
+                else:
+                    _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                if self.stage is not None:
+                    self.stage.since(t_ns)
                 if metas.cold and k + 1 < len(plan):
                     # reading from disk: start the next batch's reads now, behind this one's
                     # training (warm batches skip this: fadvise walks the page cache per page)
                     self.reader.prefetch(plan[k + 1])
                 labels[: len(idx)] = self._labels[torch.from_numpy(idx)]
+                n = self._corrupt.drop_failed(buf, labels, len(idx), metas.failed)
+                self.stats.corrupt = self._corrupt.count
+                if n == 0:  # every record of the batch was damaged: nothing to train on
+                    pool.put(pair)
+                    continue
                 gen = int(metas.generation[0])
-                b = HostBatch(schema, gen, buf, labels, len(idx), live=0, copies=len(idx),
+                b = HostBatch(schema, gen, buf, labels, n, live=0, copies=n,
                               on_release=lambda pair=pair, pool=pool: pool.put(pair))
                 b.position = (epoch, k + 1)  # type: ignore[attr-defined]
+                deferred = getattr(metas, "deferred", ())
+                if deferred and metas.failed:  # rows moved by drop_failed: follow them
+                    deferred = _follow_moves(deferred, metas.failed, len(idx))
+                b.deferred = deferred  # type: ignore[attr-defined]
+                if schema.packed and not buf.is_pinned():
+                    b.unpack_now()  # CPU trainer: NV12 -> RGB here, beside the step
                 self.stats.batches += 1
-                self.stats.samples += len(idx)
-                self.stats.copies += len(idx)
+                self.stats.samples += n
+                self.stats.copies += n
                 if not self._put(b):
                     return
+                k += 1
             epoch, skip = epoch + 1, 0
+
+
+def _follow_moves(deferred, failed, n: int) -> tuple:
+    """Deferred clips' rows after `compact_rows` moved good rows into the failed ones' places."""
+    keep = compact_rows(np.zeros((n, 0), np.uint8), n, failed)
+    where = {int(src): dst for dst, src in enumerate(keep.tolist())}
+    return tuple((where[row], rec, blob) for row, rec, blob in deferred if row in where)
 
 
 class RingLoader(_LoaderThread):
@@ -158,7 +217,9 @@ class RingLoader(_LoaderThread):
     batch is handed out when it is full, when a newer generation arrives (an older one will not
     come back), or when it has waited `max_wait_s` (a slow stream still gets trained on). A
     producer that goes away is a warning and a re-attach loop, never an exception. With `world_size > 1` every rank keeps
-    the samples whose `meta.index % world_size == rank`, so ranks do not train on duplicates.
+    the samples whose `meta.index % world_size == rank`, so ranks do not train on duplicates;
+    `rank`/`world_size` are this reader's place among the ring's readers (the trainer passes
+    LOCAL_RANK/LOCAL_WORLD_SIZE: the ring is its node's, NOTE [live split] in topology.py).
     """
 
     name = "ring loader"
@@ -254,6 +315,7 @@ class RingLoader(_LoaderThread):
                         f"ring {self.ring}: samples are GPU slot descriptors"))
                     continue
                 if self.world_size > 1 and meta.index % self.world_size != self.rank:
+                    self.stats.skipped += 1
                     continue
                 key = BatchKey(view.schema.schema_id, meta.generation)
                 o = buckets.get(key)
@@ -276,9 +338,12 @@ class RingLoader(_LoaderThread):
                                         "rows": buf.numpy(), "labels": labels, "n": 0,
                                         "since": time.monotonic()}
                 j = o["n"]
+                t_ns = now_ns()
                 row = view.schema.views(o["rows"][j])
                 for name, src in view.arrays.items():
                     np.copyto(row[name], src)  # the one host copy of this sample
+                if self.stage is not None:
+                    self.stage.since(t_ns)
                 try:
                     valid = view.still_valid()
                 except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
@@ -294,7 +359,9 @@ class RingLoader(_LoaderThread):
                 self.stats.copies += 1
                 self.stats.generations.add(meta.generation)
                 self.generation_seen = meta.generation
-                if o["n"] == self.batch_size and not emit(key):
+                # >= and the buffer's own size: after `mmctl batch` an open batch may have
+                # been started under the old size
+                if o["n"] >= min(self.batch_size, len(o["labels"])) and not emit(key):
                     return
                 if not emit_stale():
                     return
@@ -357,17 +424,24 @@ class DevicePrefetcher:
             labels = hb.labels[: hb.n].to(self.device)
             return DeviceBatch(hb.schema, hb.generation, hb.inputs(), labels, hb.n, hb.live,
                                hb.copies, host=hb), None
+        deferred = getattr(hb, "deferred", None)  # compressed clips to decode after the copy
         if not self.cuda:
+            if deferred:
+                decode_deferred(hb.schema, hb.data, deferred)
             db = DeviceBatch(hb.schema, hb.generation, hb.inputs(), hb.labels[: hb.n], hb.n,
                              hb.live, hb.copies, host=hb)
             return db, None
         with torch.cuda.stream(self._stream):
             data = hb.data.to(self.device, non_blocking=True)
             labels = hb.labels[: hb.n].to(self.device, non_blocking=True)
+            if deferred:  # NVDEC into the rows on the device (trainer/nvdec.py)
+                decode_deferred(hb.schema, data, deferred)
+            # packed modalities (NV12) cross the bus packed and are unpacked on the device,
+            # on this stream: after their copy, before the event the step waits on
+            inputs = unpack_inputs(hb.schema, modality_views(hb.schema, data))
             ev = torch.cuda.Event()
             ev.record(self._stream)
-        db = DeviceBatch(hb.schema, hb.generation, modality_views(hb.schema, data), labels,
-                         hb.n, hb.live, hb.copies)
+        db = DeviceBatch(hb.schema, hb.generation, inputs, labels, hb.n, hb.live, hb.copies)
         self._in_flight.append((hb, ev))
         return db, ev
 
@@ -428,8 +502,13 @@ class _RawBatches(torch.utils.data.Dataset):
         idx = np.asarray(idx, dtype=np.int64)
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
-        self.reader.read_batch_into(idx, buf.numpy())
-        return buf, torch.as_tensor(self.reader.labels[idx], dtype=torch.int64), int(idx[0])
+        _, metas = self.reader.read_batch_into(idx, buf.numpy())
+        labels = torch.as_tensor(self.reader.labels[idx], dtype=torch.int64)
+        if metas.failed:  # dropped here; the parent reports them (WorkerDiskLoader._run)
+            keep = compact_rows(buf, len(idx), metas.failed, extra=(labels,))
+            buf, labels = buf[: len(keep)], labels[: len(keep)]
+        failed = [(f.record, str(f.error)) for f in metas.failed]
+        return buf, labels, int(idx[0]), failed
 
 
 def _identity(x):
@@ -452,11 +531,13 @@ class WorkerDiskLoader(DiskLoader):
     def _plans(self):
         epoch, skip = self.start_at
         while self.epochs is None or epoch < self.epochs:
-            plan = group_batches(self._groups, self.batch_size, shuffle=self.shuffle,
-                                 seed=self.seed, epoch=epoch, rank=self.rank,
-                                 world_size=self.world_size)
-            for k in range(skip, len(plan)):
+            plan, bs, k = self._plan(epoch, skip)
+            while k < len(plan):
+                if self.batch_size != bs:
+                    plan, bs, k = self._plan(epoch, round(k * bs / self.batch_size))
+                    continue
                 yield (epoch, k + 1), plan[k].tolist()
+                k += 1
             epoch, skip = epoch + 1, 0
 
     def _run(self) -> None:
@@ -477,10 +558,16 @@ class WorkerDiskLoader(DiskLoader):
         copies = 3 if pin else 2  # mmap -> worker tensor -> shared memory (-> pinned)
         it = iter(dl)
         try:
-            for buf, labels, first in it:
+            for buf, labels, first, failed in it:
                 if self._stop.is_set():
                     return
+                for record, message in failed:
+                    self._corrupt.report(record, message)
+                self.stats.corrupt = self._corrupt.count
                 n = buf.shape[0]
+                if n == 0:
+                    positions.popleft()
+                    continue
                 b = HostBatch(self.reader.schema(first), self.reader.meta(first).generation,
                               buf, labels, n, live=0, copies=copies * n)
                 b.position = positions.popleft()  # type: ignore[attr-defined]
