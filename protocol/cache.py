@@ -11,15 +11,12 @@ re-exported here.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -28,6 +25,17 @@ from .memcopy import memcpy
 from .errors import CacheCorrupt, CacheError, CorruptRecord, SchemaError
 from .schema import Sample, SampleMeta, SampleSchema
 
+from .cache_batch import (  # noqa: F401  (BatchMeta, RecordFailure, compact_rows: re-exported)
+    _IOV_MAX,
+    _PAD,
+    BatchMeta,
+    RecordFailure,
+    _as_bytes_out,
+    _mincore,
+    _skip,
+    compact_rows,
+)
+from .cache_windows import WindowReads
 from .cache_format import (  # noqa: F401  (the format's names, re-exported)
     CURRENT,
     FORMAT_VERSION,
@@ -76,113 +84,7 @@ from .cache_format import (  # noqa: F401  (the format's names, re-exported)
 # Measured warm, steady state (maps populated): map copy 29.6k records/s with mincore vs 23.0k
 # for pread() of the same records and 18.8k for preadv(RWF_NOWAIT): the kernel's copy_to_user is
 # slower than a user-space memcpy here, so the map stays the warm path.
-_IOV_MAX = 1024
-_PAD = bytearray(RECORD_ALIGN)  # sink for the alignment padding between coalesced records
-_libc = ctypes.CDLL(None, use_errno=True)
-_mincore = getattr(_libc, "mincore", None)
-if _mincore is not None:
-    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    _mincore.restype = ctypes.c_int
-
-
-def _as_bytes_out(out) -> np.ndarray:
-    """A writable flat uint8 view of `out`, never a copy (a copy would silently lose the data)."""
-    if isinstance(out, np.ndarray):
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be a writable C-contiguous array")
-        return out.reshape(-1).view(np.uint8)
-    arr = np.frombuffer(out, np.uint8)
-    if not arr.flags.writeable:
-        raise ValueError(f"out must be writable, got a read-only {type(out).__name__}")
-    return arr
-
-
-def _skip(iov: list, nbytes: int) -> list:
-    """The iovecs left after the first `nbytes` were filled (a short read resumes here)."""
-    k = 0
-    while k < len(iov) and nbytes >= len(iov[k]):
-        nbytes -= len(iov[k])
-        k += 1
-    rest = iov[k:]
-    if rest and nbytes:
-        rest[0] = rest[0][nbytes:]
-    return rest
-
-
-class RecordFailure(NamedTuple):
-    """A record of a batch that could not be read: its row in the batch, its record number in
-    the reader, and the CorruptRecord error (which names the sample and the shard file)."""
-
-    row: int
-    record: int
-    error: CorruptRecord
-
-
-class BatchMeta(Sequence):
-    """The metadata of a batch read by `read_batch_into`, as numpy columns (row j = record j).
-
-    Gathered with one fancy index per column; a `SampleMeta` is built only for `metas[j]`,
-    so a loader that needs one field (`generation[0]`) pays nothing per record. `cold` counts
-    the records that were not (all) in the page cache, i.e. that this batch read from disk.
-    `failed` lists the rows whose record was corrupt (their bytes are undefined): the caller
-    drops them (`keep_rows`) and counts them; empty on a clean batch.
-    """
-
-    __slots__ = ("label", "timestamp_ns", "generation", "index", "source", "records", "cold",
-                 "failed", "deferred")
-
-    def __init__(self, reader: "CacheReader", idx: np.ndarray, cold: int = 0,
-                 failed: tuple = ()):
-        self.records = idx
-        self.label = reader.labels[idx]
-        self.timestamp_ns = reader._timestamp[idx]
-        self.generation = reader._generation[idx]
-        self.index = reader._meta_index[idx]
-        self.source = reader._source[idx]
-        self.cold = int(cold)
-        self.failed: tuple[RecordFailure, ...] = tuple(failed)
-        self.deferred: tuple = ()  # (row, record, video blob) with read_batch_into(defer_video)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, j):
-        if isinstance(j, slice):
-            return [self[k] for k in range(*j.indices(len(self)))]
-        return SampleMeta(
-            label=int(self.label[j]),
-            timestamp_ns=int(self.timestamp_ns[j]),
-            generation=int(self.generation[j]),
-            source=self.source[j].decode("utf-8", "replace"),
-            index=int(self.index[j]),
-        )
-
-    def __repr__(self) -> str:
-        bad = f", {len(self.failed)} corrupt" if self.failed else ""
-        return f"BatchMeta({len(self)} records, {self.cold} read from disk{bad})"
-
-
-def compact_rows(out2d, n: int, failed: Sequence[RecordFailure], extra=()) -> np.ndarray:
-    """Drop the failed rows of a batch of `n` rows in place: each is overwritten by the last
-    good row (row order does not matter in a shuffled batch). Works on numpy arrays and torch
-    tensors alike; `extra` are per-row arrays (labels ...) moved the same way. Returns the
-    kept rows' original positions (the new row j held row keep[j]); len(keep) is the new n."""
-    keep = np.arange(n)
-    bad = sorted({f.row for f in failed})
-    if not bad:
-        return keep
-    good = np.setdiff1d(keep, bad)
-    holes = [r for r in bad if r < len(good)]  # rows below the new end that need a good row
-    movers = good[good >= len(good)][: len(holes)]  # good rows past the new end
-    for dst, src in zip(holes, movers.tolist()):
-        out2d[dst] = out2d[src]
-        for a in extra:
-            a[dst] = a[src]
-        keep[dst] = src
-    return keep[: len(good)]
-
-
-class CacheReader:
+class CacheReader(WindowReads):
     """Random access to one split (or all) of a committed cache version; no torch.
 
     Opens the version CURRENT names and all its shard files at construction, then memory-maps
@@ -669,119 +571,6 @@ class CacheReader:
                 raise CacheCorrupt(self._vdir, f"a shard ended early, {left} bytes short at "
                                                f"offset {off}")
             iov, off, left = _skip(iov, got), off + got, left - got
-
-    # NOTE [windows]: `read_window_into` copies a window of one modality (a crop of a BEV grid
-    # or a frame, a time window of a recording) from a second map of the shard that is advised
-    # MADV_RANDOM, so a page fault reads only its own page instead of the kernel's read-around
-    # (which would pull up to 32 neighbouring pages of data nobody asked for); the main map
-    # keeps normal readahead for whole records. When the window's pages are not all cached, the
-    # missing ones are hinted with WILLNEED in coalesced ranges first, so their reads go out
-    # together rather than one synchronous fault at a time. Only the window's pages are read:
-    # tests/test_windows.py checks it page by page with mincore on a cold file.
-
-    def _window_array(self, shard: int) -> np.ndarray:
-        self._shard_array(shard)  # pid check, closed check
-        arr = self._window_maps[shard]
-        if arr is None:
-            size = os.fstat(self._fds[shard]).st_size
-            if size == 0:
-                arr = np.zeros(0, np.uint8)
-            else:
-                mm = mmap.mmap(self._fds[shard], size, prot=mmap.PROT_READ)
-                if hasattr(mmap, "MADV_RANDOM"):
-                    mm.madvise(mmap.MADV_RANDOM)
-                self._window_mmaps.append(mm)
-                arr = np.frombuffer(mm, np.uint8)
-            self._window_maps[shard] = arr
-        return arr
-
-    def read_window_into(self, i: int, name: str, window, out: np.ndarray | None = None
-                         ) -> np.ndarray:
-        """Copy `window` of modality `name` of record i into `out` (allocated when None) and
-        return it, reading only the window's bytes (NOTE [windows]).
-
-        `window`: one `slice` (step 1) or (start, stop) pair per leading dimension of the
-        modality's stored shape; dimensions not given are taken whole. A packed (NV12) modality
-        is windowed in its leading dimensions (time) only. The video of a compressed record is
-        decoded whole and then windowed: a codec has no partial read."""
-        i = self._check(i)
-        schema = self.schema(i)
-        spec = schema.spec(name)
-        shape = spec.stored_shape
-        if not isinstance(window, (tuple, list)):
-            window = (window,)
-        if len(window) > len(shape):
-            raise ValueError(f"window has {len(window)} dimensions, {name} is {list(shape)}")
-        bounds = []
-        for d, w in enumerate(list(window) + [slice(None)] * (len(shape) - len(window))):
-            if isinstance(w, slice):
-                if w.step not in (None, 1):
-                    raise ValueError(f"window dimension {d}: step {w.step}; only 1 is read")
-                start, stop, _ = w.indices(shape[d])
-            else:
-                start, stop = int(w[0]), int(w[1])
-            if not 0 <= start < stop <= shape[d]:
-                raise ValueError(f"window dimension {d}: {start}:{stop} is not inside "
-                                 f"0:{shape[d]} of {name} {list(shape)}")
-            bounds.append((start, stop))
-        if spec.layout and bounds[-1] != (0, shape[-1]):
-            raise ValueError(f"{name} is packed ({spec.layout}): window its leading "
-                             f"dimensions only")
-        slices = tuple(slice(a, b) for a, b in bounds)
-        if out is None:
-            out = np.empty([b - a for a, b in bounds], spec.dtype)
-        store = int(self._store[i])
-        if store in video_store.COMPRESSED:
-            rest, off = video_store.rest_layout(schema)
-            if name == video_store.VIDEO:  # no partial decode: the clip, then the window
-                full = np.empty(schema.payload_nbytes, np.uint8)
-                self.read_into(i, full)
-                np.copyto(out, schema.views(full)[name][slices])
-                return out
-            base = int(self._offset[i]) + rest.offset(name)
-        else:
-            base = int(self._offset[i]) + schema.offset(name)
-        arr = self._window_array(int(self._shard[i]))
-        src = arr[base: base + spec.nbytes].view(spec.dtype).reshape(shape)[slices]
-        self._hint_window(int(self._shard[i]), arr, base, shape, spec.itemsize, bounds)
-        np.copyto(out, src)
-        return out
-
-    def _hint_window(self, shard: int, arr: np.ndarray, base: int, shape, itemsize: int,
-                     bounds) -> None:
-        """WILLNEED for the window's pages that are not cached (coalesced ranges)."""
-        if _mincore is None:
-            return
-        # innermost dimension not taken whole: below it runs are contiguous
-        d = max((k for k, (a, b) in enumerate(bounds) if (a, b) != (0, shape[k])), default=0)
-        strides = np.cumprod([1, *shape[::-1]])[::-1][1:] * itemsize  # bytes per step, per dim
-        run = (bounds[d][1] - bounds[d][0]) * int(strides[d])
-        starts = np.array([base + bounds[d][0] * int(strides[d])], np.int64)
-        for k in range(d - 1, -1, -1):
-            steps = np.arange(bounds[k][0], bounds[k][1], dtype=np.int64) * int(strides[k])
-            starts = (steps[:, None] + starts[None, :]).ravel()
-        page = mmap.PAGESIZE
-        addr = arr.ctypes.data
-        first, last = (addr + int(starts.min())) // page, (addr + int(starts.max()) + run - 1) // page
-        span = last - first + 1
-        if len(self._resident) < span:
-            self._resident = np.empty(span, np.uint8)
-        if _mincore(first * page, span * page, self._resident.ctypes.data) != 0:
-            return
-        p0 = (addr + starts) // page - first
-        p1 = (addr + starts + run - 1) // page - first
-        marks = np.zeros(span + 1, np.int64)  # +1 where a run's pages begin, -1 after they end
-        np.add.at(marks, p0, 1)
-        np.add.at(marks, p1 + 1, -1)
-        need = np.cumsum(marks[:span]) > 0
-        cold = need & ~(self._resident[:span] & 1).astype(bool)
-        if not cold.any():
-            return
-        edges = np.flatnonzero(np.diff(np.r_[0, cold.astype(np.int8), 0]))
-        fd = self._fds[shard]
-        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-            off = (first + a) * page - addr
-            os.posix_fadvise(fd, max(off, 0), (b - a) * page, os.POSIX_FADV_WILLNEED)
 
     def view(self, i: int) -> Sample:
         """Zero-copy, read-only arrays over the memory map (they keep the map alive); a
