@@ -22,6 +22,8 @@ UNIT_FILES = frozenset({
     "test_logs.py", "test_metadata.py", "test_mmctl.py", "test_notify.py", "test_pipeline.py",
     "test_radar.py", "test_ring_layout.py", "test_schema.py", "test_sources.py",
     "test_systemd_units.py", "test_trainer_batching.py", "test_unknown.py", "test_video.py",
+    "test_stages.py", "test_status_view.py", "test_layouts.py", "test_video_store.py",
+    "test_metrics.py", "test_progress.py",
 })
 
 
