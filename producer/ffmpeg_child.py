@@ -259,7 +259,7 @@ def child_clips(source: str, settings, src_size: tuple[int, int], rate: float | 
     """(video (T, C, H, W), start_s, end_s, ClipSettings) clips of `source` from a supervised
     ffmpeg child: the media-source path of the `ffmpeg-cuda` route (video_route.py).
 
-    `settings()` (demux.ClipSettings) is re-read at each clip boundary; a new spec is a new
+    `settings()` (media_clips.ClipSettings) is re-read at each clip boundary; a new spec is a new
     child with the new plan (`restart`). The child's frames are already selected by the plan's
     `fps=` stage, so frame i of a child is at start + i / rate, rate = spec.fps or the
     source's `rate` (25 when it does not say). Frames do not carry the source's timestamps

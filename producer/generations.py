@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from protocol.errors import BadArgument, FilterSpecError
+from protocol.errors import BadArgument
 from protocol.ffmpeg_chain import parse_chain
 from protocol.filters import FilterSpec
 
@@ -95,19 +95,25 @@ class Generations:
 
     # --- proposals (pure; raise BadArgument, change nothing) ------------------------------
 
-    def propose_filter(self, spec: str, ffmpeg: str | None = None, *,
+    def propose_filter(self, spec: FilterSpec | None, ffmpeg: str | None = None, *,
                        cuda_child: bool = False) -> Generation:
-        """A new filter spec and/or operator FFmpeg chain (`ffmpeg`; "none" clears it).
-        `cuda_child`: the producer runs video on the ffmpeg CUDA child, so a chain may use
-        CUDA filters; otherwise one that does is refused naming the filter."""
+        """A new filter spec and/or operator FFmpeg chain. `spec` as parsed once where it came
+        in (the control server's `filter` argument, protocol/commands.py WIRE_ARGS; `--filter`
+        in run.py), None: unchanged; `ffmpeg`: a chain (protocol/ffmpeg_chain.py), "none"
+        clears it, None: unchanged. `cuda_child`: the producer runs video on the ffmpeg CUDA
+        child, so a chain may use CUDA filters; otherwise one that does is refused naming the
+        filter."""
+        if spec is None and ffmpeg is None:
+            raise BadArgument("filter: give a filter spec (`mmctl filter gray`) and/or an "
+                              "FFmpeg chain (`mmctl filter --ffmpeg 'yadif,scale=640:480'`)")
         changes: dict = {}
         reasons = []
-        if spec or ffmpeg is None:
-            try:
-                changes["filter"] = FilterSpec.parse(spec)
-            except FilterSpecError as e:
-                raise BadArgument(f"filter: {e}") from None
-            reasons.append(f"filter {changes['filter']}")
+        if spec is not None:
+            if not isinstance(spec, FilterSpec):
+                raise TypeError(f"propose_filter: expected a FilterSpec, got "
+                                f"{type(spec).__name__}")
+            changes["filter"] = spec
+            reasons.append(f"filter {spec}")
         if ffmpeg is not None:
             if ffmpeg.strip().lower() in ("none", ""):
                 changes["ffmpeg_chain"] = None

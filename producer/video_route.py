@@ -80,6 +80,24 @@ def choose(*, want_cuda: bool, media: bool, spec: FilterSpec, chain: str | None 
                       "ffmpeg child", child=True)
 
 
+def route_of(source, video_device: str, config, enabled: list[str]) -> VideoRoute:
+    """The route of a running producer's source (a sources.MediaSource or a dataset replay)
+    under `config`; `enabled`: the inputs samples carry."""
+    from .ffmpeg_graph import cached_cuda_refusal
+    from .sources import MediaSource
+    from protocol.ffmpeg_chain import parse_chain
+
+    media = isinstance(source, MediaSource)
+    want = video_device == "cuda"
+    info = source.info if media else None
+    chain = config.ffmpeg_chain
+    return choose(want_cuda=want, media=media, spec=config.filter, chain=chain,
+                  chain_cuda=bool(chain and parse_chain(chain).needs_cuda),
+                  child_refusal=cached_cuda_refusal() if want and media else None,
+                  needs_audio=bool(info and info.has_audio and "audio" in enabled),
+                  frame_size_known=info is not None)
+
+
 def gpu_refusal() -> str | None:
     """Why NVDEC cannot run in this process (no CUDA torch, no CUDA GPU), or None."""
     try:

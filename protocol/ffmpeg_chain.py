@@ -135,6 +135,13 @@ def _clip(text: str, n: int = 80) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
+def chain_arg(text: str) -> str:
+    """The control argument `filter --ffmpeg`: a checked chain's text, or "none" (clear)."""
+    if isinstance(text, str) and text.strip().lower() in ("none", ""):
+        return "none"
+    return parse_chain(text).text
+
+
 def parse_chain(text: str) -> FfmpegChain:
     """Check an operator's chain against the grammar and the allow-list; ChainError names the
     first filter or option refused and what is accepted instead."""

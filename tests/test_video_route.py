@@ -10,7 +10,7 @@ import pytest
 import shutil
 
 from producer import ffmpeg_child
-from producer.demux import ClipSettings
+from producer.media_clips import ClipSettings
 from producer.sources import MediaSource
 from producer.synth import _frames, write_video
 from producer.video_route import VideoRoute, choose

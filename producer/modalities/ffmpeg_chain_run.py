@@ -24,12 +24,14 @@ class ChainNeedsCuda(BadArgument):
     """A chain with CUDA filters where frames are decoded on the CPU."""
 
 
-def check_runs_on_cpu(chain: FfmpegChain) -> None:
+def check_runs_on_cpu(chain: FfmpegChain, why: str | None = None) -> None:
+    """ChainNeedsCuda when the chain has a CUDA filter; `why`: why video is on the CPU."""
     cuda = [f.name for f in chain.filters if f.cuda]
     if cuda:
         raise ChainNeedsCuda(
             f"ffmpeg chain: filter {cuda[0]!r} runs only on CUDA frames (the ffmpeg child on a "
-            f"GPU with NVDEC); this producer decodes video on the CPU - use the CPU form "
+            f"GPU with NVDEC); this producer decodes video on the CPU"
+            f"{f' ({why})' if why else ''} - use the CPU form "
             f"({cuda[0].replace('_cuda', '').replace('_npp', '')!r}) or run on a GPU")
 
 
