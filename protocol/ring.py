@@ -806,6 +806,8 @@ class RingWriter:
                 # Blocked, not dead: keep the heartbeat moving (see `_producer_alive`, rule 4).
                 sl.store_release(mm, H["heartbeat_ns"], time.monotonic_ns())
                 self._evict_dead_readers()
+            except posix_ipc.SignalError:
+                pass  # NOTE [signals in waits]: the loop looks again and sleeps again
 
     def _evict_dead_readers(self) -> list[int]:
         """Unregister readers whose process is gone, so they stop holding the writer back."""
@@ -1446,6 +1448,13 @@ class RingReader:
         except posix_ipc.BusyError:
             sl.fetch_and(mm, H["waiting_mask"], _U64 ^ self._bit)
             self._check_producer()
+        except posix_ipc.SignalError:
+            # NOTE [signals in waits]: posix_ipc raises where the C library returned EINTR,
+            # i.e. for any signal with a Python handler (the daemons' SIGTERM, a user's
+            # SIGINT). Python's own rule (PEP 475) is to run the handler - at the next
+            # bytecode, where an exception it raises propagates - and to wait again; so does
+            # this wait: the caller loops, finds nothing new and sleeps again.
+            sl.fetch_and(mm, H["waiting_mask"], _U64 ^ self._bit)
         return True
 
     def _check_producer(self) -> None:
