@@ -51,3 +51,13 @@ def test_record_start_into_a_folder_that_cannot_be_made_is_a_bad_argument_naming
     assert producer.request("record", action="status")["recording"] is False
     assert not any("failed inside the daemon" in line for line in producer.stderr_lines())
     _still_publishing(producer)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_logs_with_fewer_than_one_record_is_a_bad_argument_not_an_empty_log(producer, n):
+    # `{"cmd": "logs", "args": {"n": -1}}` was answered ok with no records, as if the log were
+    # empty (mmctl refuses -n 0 itself; the daemon must too).
+    with pytest.raises(RemoteError) as e:
+        producer.request("logs", n=n)
+    assert e.value.code == "bad_argument" and "n must be 1 or more" in str(e.value)
+    assert producer.request("logs", n=1)["records"]
