@@ -43,6 +43,7 @@ from protocol.cache import (
     LOCK,
     MAGIC,
     MANIFEST_FILE,
+    PACKED_ALIGN,
     RECORD_ALIGN,
     SCHEMAS_FILE,
     CacheVersion,
@@ -53,6 +54,7 @@ from protocol.cache import (
     shard_name,
     version_name,
 )
+from protocol import video_store
 from protocol.errors import CacheError, CacheLocked, CacheNotFound, MmfeedError, SchemaError
 from protocol.filemodes import (
     create_file,
@@ -101,6 +103,7 @@ class CacheSummary:
     bytes_written: int  # payload bytes in the new version (written + carried)
     shards: int
     counts: dict[str, int]  # records per split
+    stores: dict[str, int] = dataclasses.field(default_factory=dict)  # records per video store
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -163,7 +166,8 @@ class CacheWriter:
     _prev_fds: dict[int, int] = {}
 
     def __init__(self, cache_dir: str | Path, *, classes: list[str], config_hash: str = "",
-                 shard_bytes: int = 1 << 30, keep: int = 1, group: str | None = None):
+                 shard_bytes: int = 1 << 30, keep: int = 1, group: str | None = None,
+                 store_settings: dict | None = None):
         if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes):
             raise TypeError(f"classes must be a list of str, got {classes!r}")
         if len(set(classes)) != len(classes):
@@ -177,6 +181,8 @@ class CacheWriter:
         self.config_hash = str(config_hash)
         self.shard_bytes = int(shard_bytes)
         self.keep = int(keep)
+        # the manifest's record of how this run stored video (video_store.StoreSettings.to_dict)
+        self.store_settings = dict(store_settings or {"store": "raw"})
         self._gid = group_id(group)
         make_dir(self.directory, self._gid, exist_ok=True)
         self._lock()
@@ -301,12 +307,13 @@ class CacheWriter:
             if sid not in self._schemas:
                 self._schemas[sid] = self._prev.schemas[sid].encode().decode()
             n = int(r["nbytes"])
-            shard, off = self._place(n)
+            shard, off = self._place(n, PACKED_ALIGN if int(r["store"]) in video_store.COMPRESSED
+                                     else RECORD_ALIGN)
             _copy_range(self._prev_fd(int(r["shard"])), int(r["offset"]), self._fd, off, n)
             self._rows.append((
                 off, n, sid, int(r["timestamp_ns"]), int(r["index"]), shard, int(r["label"]),
                 int(r["generation"]), key_id, self._split_id(prev_splits[int(r["split"])]),
-                bytes(r["source"]),
+                bytes(r["source"]), int(r["store"]), int(r["crc32"]),
             ))
             if labels is not None and self._rows[-1][6] >= 0:
                 row = list(self._rows[-1])
@@ -361,7 +368,8 @@ class CacheWriter:
             self._rows.append((
                 int(r["offset"]), int(r["nbytes"]), int(r["schema_id"]), int(r["timestamp_ns"]),
                 int(r["index"]), int(r["shard"]), int(r["label"]), int(r["generation"]), key_id,
-                self._split_id(splits[int(r["split"])]), bytes(r["source"])))
+                self._split_id(splits[int(r["split"])]), bytes(r["source"]), int(r["store"]),
+                int(r["crc32"])))
         self._carried += len(prev.index)
         return len(prev.index)
 
@@ -403,10 +411,11 @@ class CacheWriter:
             self._splits.append(split)
             return len(self._splits) - 1
 
-    def _place(self, n: int) -> tuple[int, int]:
+    def _place(self, n: int, align: int = RECORD_ALIGN) -> tuple[int, int]:
         """Where the next record of n bytes goes: the next aligned offset, or a new shard when
-        it would pass shard_bytes (a record larger than a shard gets a shard of its own)."""
-        off = align_up(self._pos)
+        it would pass shard_bytes (a record larger than a shard gets a shard of its own).
+        Payload records align to pages (RECORD_ALIGN), compressed ones to PACKED_ALIGN."""
+        off = align_up(self._pos, align)
         if self._fd is None or (off + n > self.shard_bytes and self._pos > 0):
             self._roll()
             off = 0
@@ -433,8 +442,12 @@ class CacheWriter:
     def add(self, key: str, fingerprint: str, split: str, schema: SampleSchema, meta: SampleMeta,
             arrays: Mapping[str, np.ndarray] | None = None, *, payload=None) -> None:
         """Append one record of `key`. Give `arrays` (checked and packed here) or `payload`, the
-        bytes of `schema.pack(arrays)` made elsewhere (a worker process). A key may have several
-        records: call add again with the same key and fingerprint."""
+        bytes of `schema.pack(arrays)` made elsewhere (a worker process), or a record that
+        `video_store.encode_record` made (an nv12 schema's payload, or a compressed record:
+        smaller than the schema's payload, its video blob checked here). Which store the
+        record is goes into the index (`video_store.store_of_record`), with a CRC-32 for
+        compressed records. A key may have several records: call add again with the same key
+        and fingerprint."""
         self._check_open()
         if not isinstance(key, str) or not key:
             raise ValueError(f"key must be a non-empty str, got {key!r}")
@@ -450,16 +463,24 @@ class CacheWriter:
         if (arrays is None) == (payload is None):
             raise TypeError("give exactly one of arrays= or payload=")
         n = schema.payload_nbytes
+        store, crc = video_store.RAW, 0
         if payload is not None:
             data = memoryview(payload).cast("B")
-            if data.nbytes != n:
+            try:
+                store = video_store.store_of_record(schema, data)
+            except video_store.VideoStoreError as e:
                 raise SchemaError(f"{key}: payload of {data.nbytes} bytes, schema {schema!r} "
-                                  f"packs to {n}")
+                                  f"packs to {n}: {e}") from None
+            n = data.nbytes
+            if store in video_store.COMPRESSED:
+                crc = video_store.record_crc(data)
         else:
             if len(self._scratch) < n:
                 self._scratch = bytearray(n)
             data = memoryview(self._scratch)[:n]
             schema.pack_into(arrays, data)  # checks names, dtypes, shapes
+            if schema.packed:
+                store = video_store.NV12_STORE
         if key in self._keys:
             if self._key_list[self._keys[key]][1] != fingerprint:
                 raise ValueError(f"{key}: added again with another fingerprint")
@@ -469,11 +490,12 @@ class CacheWriter:
         sid = schema.schema_id
         if sid not in self._schemas:
             self._schemas[sid] = schema.encode().decode()
-        shard, off = self._place(n)
+        shard, off = self._place(n, PACKED_ALIGN if store in video_store.COMPRESSED
+                                 else RECORD_ALIGN)
         _pwrite_all(self._fd, data, off)
         src = meta.source.encode("utf-8")[:SOURCE_BYTES]
         self._rows.append((off, n, sid, meta.timestamp_ns, meta.index, shard, meta.label,
-                           meta.generation, key_id, self._split_id(split), src))
+                           meta.generation, key_id, self._split_id(split), src, store, crc))
         self._written += 1
 
     # --- ending -----------------------------------------------------------------------------
@@ -497,6 +519,8 @@ class CacheWriter:
                        self._gid)
             counts = {s: int(np.count_nonzero(index["split"] == i))
                       for i, s in enumerate(self._splits)}
+            per_store = np.bincount(index["store"], minlength=len(video_store.STORES))
+            stores = {name: int(c) for name, c in zip(video_store.STORES, per_store) if c}
             manifest = {
                 "magic": MAGIC,
                 "format_version": FORMAT_VERSION,
@@ -509,6 +533,8 @@ class CacheWriter:
                 "record_align": RECORD_ALIGN,
                 "shards": self._shards,
                 "config_hash": self.config_hash,
+                "stores": stores,            # records per video store (the index says which)
+                "video_store": self.store_settings,  # the settings this run encoded with
             }
             generations = self._previous_generations()
             generations.update(self._generations)
@@ -534,6 +560,7 @@ class CacheWriter:
             directory=self.directory, version=self.version, records=len(index),
             written=self._written, carried=self._carried, removed_keys=removed,
             bytes_written=int(index["nbytes"].sum()), shards=len(self._shards), counts=counts,
+            stores=stores,
         )
 
     def _previous_generations(self) -> dict:

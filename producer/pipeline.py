@@ -58,6 +58,7 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 from protocol.schema import SampleMeta
 from protocol.stages import StageTimer, now_ns
+from protocol.video_store import StoreSettings
 
 from .align import align, default_tolerance, frame_timestamps, timestamp_field
 from .dataset import METADATA, SampleFiles
@@ -99,6 +100,11 @@ class PipelineConfig:
     #: $MMFEED_READ_LIMITS applied. Not in to_dict()/config_hash(): it decides which files
     #: are read, not what a file becomes.
     read_limits: ReadLimits = field(default_factory=ReadLimits.from_env)
+    #: How `preprocess` stores the video in the cache (protocol/video_store.py; a store name
+    #: takes its measured defaults). Not what a sample's arrays are, so the ring ignores it;
+    #: in to_dict()/config_hash() only when not raw (a rerun with another store redoes every
+    #: record; raw caches made before stores existed keep their hash).
+    video_store: StoreSettings = field(default_factory=StoreSettings)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -147,6 +153,11 @@ class PipelineConfig:
                              f"{self.unknown_len!r}")
         if not isinstance(self.read_limits, ReadLimits):
             put("read_limits", ReadLimits().with_settings(self.read_limits))
+        if isinstance(self.video_store, str):
+            put("video_store", StoreSettings.for_store(self.video_store))
+        if not isinstance(self.video_store, StoreSettings):
+            raise TypeError(f"PipelineConfig.video_store: expected StoreSettings or a store "
+                            f"name, got {type(self.video_store).__name__}")
         if self.enabled is not None:
             if isinstance(self.enabled, str):
                 raise TypeError("PipelineConfig.enabled: expected a set of input names, got a str")
@@ -176,6 +187,8 @@ class PipelineConfig:
             "radar": dataclasses.asdict(self.radar),
             "unknown_len": self.unknown_len,
             "enabled": sorted(self.enabled) if self.enabled is not None else None,
+            **({"video_store": self.video_store.to_dict()}
+               if self.video_store.store != "raw" else {}),
         }
 
     def config_hash(self) -> str:

@@ -3,7 +3,8 @@
     mm-producer preprocess DATASET --cache DIR [--split S]... [--workers N] [--json]
                            [--filter SPEC] [--clip-frames N] [--segment START END]
                            [--sensor INPUT STEM]... [--method INPUT NAME]...
-                           [--read-limit KIND=SIZE]... [--group NAME] [--quiet]
+                           [--read-limit KIND=SIZE]... [--video-store raw|h264|hevc|nv12]
+                           [--group NAME] [--quiet]
                            [--ray [ADDRESS]]   (the chunks as Ray tasks: ray_preprocess.py)
 
 How a run goes, and why:
@@ -64,6 +65,7 @@ from protocol.filemodes import GROUP_ENV, GroupError, group_id
 from protocol.filters import FilterSpec
 from protocol.names import escape_name, printable
 from protocol.schema import SampleSchema
+from protocol.video_store import STORES, VideoStoreError, encode_record
 
 from .cache_writer import CacheWriter, fingerprint_files
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
@@ -159,7 +161,12 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     except SchemaError as e:  # e.g. an input name the schema refuses: this sample, not the run
         return None, InputError(sample.dir, "inputs", "arrays the sample schema accepts",
                                 str(e)).to_dict(), notes
-    return schema.encode(), schema.pack(arrays), notes
+    try:  # --video-store: the record as the cache holds it (protocol/video_store.py)
+        schema, payload = encode_record(schema, arrays, pipe.config.video_store, notes)
+    except VideoStoreError as e:
+        notes.append(f"video store {pipe.config.video_store.store}: {e}; stored raw")
+        payload = schema.pack(arrays)
+    return schema.encode(), payload, notes
 
 
 #: A chunk's result per sample: (schema encoding, where its payload is, notes) with the payload
@@ -509,7 +516,7 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
     notes.extend(sweep_scratch())
     ray_summary = None
     with CacheWriter(cache, classes=index.classes, config_hash=config.config_hash(),
-                     group=group) as w:
+                     group=group, store_settings=config.video_store.to_dict()) as w:
         todo: list[tuple[int, SampleFiles, str]] = []
         for i, s in enumerate(index.samples):
             gone = missing_inputs(pipeline, s, expected)
@@ -598,6 +605,9 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
         "cache": str(summary.directory),
         "version": summary.version,
         "config_hash": config.config_hash(),
+        "video_store": config.video_store.store,
+        "stores": summary.stores,  # records per video store (a record too noisy to compress: raw)
+        "cache_bytes": summary.bytes_written,
         "seconds": round(seconds, 3),
         "samples_per_s": round((processed + reused) / seconds, 2) if seconds > 0 else None,
         "processed_per_s": round(processed / seconds, 2) if seconds > 0 else None,
@@ -612,6 +622,10 @@ def format_report(summary: dict) -> str:
              f"{summary['processed']} processed) in {summary['seconds']:.1f} s "
              f"-> {summary['cache']} (version {summary['version']}); classes: "
              f"{', '.join(summary['classes'])}"]
+    if summary.get("video_store", "raw") != "raw":
+        lines.append(f"video store {summary['video_store']}: "
+                     + ", ".join(f"{n} {k}" for k, n in summary.get("stores", {}).items())
+                     + f" records, {summary.get('cache_bytes', 0)} bytes")
     if summary["rejected"]:
         lines.append(f"rejected {len(summary['rejected'])} sample(s):")
         for r in summary["rejected"]:
@@ -655,6 +669,10 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
               help="Largest lidar, radar or unknown-sensor file read (e.g. lidar=1G; "
                    "defaults lidar=256M radar=64M unknown=64M, or $MMFEED_READ_LIMITS); a "
                    "larger file is a rejected sample. See docs/dataset.md.")
+@click.option("--video-store", type=click.Choice(STORES), default="raw", show_default=True,
+              help="How the cache holds video: raw uint8 RGB, H.264 or HEVC (a closed GOP per "
+                   "clip, decoded by the trainer's loader threads), or NV12 planes (1.5 B/pixel, "
+                   "converted to RGB on the trainer's device). See docs/dataset.md.")
 @click.option("--group", default=None, envvar=GROUP_ENV, metavar="NAME",
               help=f"Group that may read the cache: files 0640 and directories 0750 of that "
                    f"group (default ${GROUP_ENV}; without it 0600 and 0700).")
@@ -668,7 +686,7 @@ def _parse_filter(ctx, param, value: str | None) -> FilterSpec | None:
 def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int,
                as_json: bool, filter_spec: FilterSpec | None, clip_frames: int,
                segment: tuple[float, float] | None, sensors, methods, read_limits,
-               group: str | None, quiet: bool, ray_address: str | None) -> None:
+               video_store: str, group: str | None, quiet: bool, ray_address: str | None) -> None:
     """Preprocess DATASET (dataset/{train,val,test}/<class>/<sample>/) into the disk cache.
 
     Re-running only redoes samples whose files (or the settings) changed. Exit status: 0 all
@@ -703,7 +721,7 @@ def preprocess(dataset: Path, cache: Path, splits: tuple[str, ...], workers: int
     try:
         config = PipelineConfig(filter=filter_spec or FilterSpec(), clip_frames=clip_frames,
                                 segment=segment, sensors=dict(sensors), methods=dict(methods),
-                                read_limits=limits)
+                                read_limits=limits, video_store=video_store)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from .ray_preprocess import RayRunError

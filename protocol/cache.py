@@ -17,7 +17,9 @@ Layout (`DIR` is the cache directory)::
       shard-NNNNN.bin             payloads; each record starts at a        appended, ftruncated
                                   multiple of RECORD_ALIGN (4096) so reads  to a 4096 multiple,
                                   are page aligned (O_DIRECT-friendly);     fsync'd; rolls over at
-                                  zero padding between records              shard_bytes (1 GiB)
+                                  zero padding between records; compressed  shard_bytes (1 GiB)
+                                  (h264/hevc) records start at multiples
+                                  of PACKED_ALIGN (64) instead
       index.npy                   np.save of INDEX_DTYPE rows, one per      once, at commit
                                   record, in record order (see below)
       schemas.json                {"<schema_id>": "<SampleSchema.encode()>"}  once per schema
@@ -26,14 +28,15 @@ Layout (`DIR` is the cache directory)::
                                   skip samples whose files did not change
       manifest.json               magic, format_version, version, created,  at commit, last file
                                   classes, splits, counts, records, shards  of the version
-                                  (file + nbytes), config_hash
+                                  (file + nbytes), config_hash, stores
+                                  (records per video store), video_store
       generations.json            {"<generation>": {filter, sensors,       at commit, when known;
                                   methods, reason, ...}}: what made the     optional (readers
                                   records of each generation (0: the       without it: None)
                                   preprocess config; recorded live parts:
                                   the producer's generations)
 
-    INDEX_DTYPE (packed, little-endian, 124 bytes a record)
+    INDEX_DTYPE (packed, little-endian, 129 bytes a record; format 1 had the first 124)
     field         type  meaning
     offset        <u8   byte offset of the payload in its shard (multiple of 4096)
     nbytes        <u8   payload bytes (== schema.payload_nbytes)
@@ -46,6 +49,14 @@ Layout (`DIR` is the cache directory)::
     key_id        <u4   row of keys.json: which dataset sample made this record
     split         <u2   index into manifest "splits"
     source        S64   SampleMeta.source (utf-8, NUL padded)
+    store         u1    how the record holds its video (protocol/video_store.py): 0 raw, 1 h264,
+                        2 hevc, 3 nv12; raw and nv12 records are schema payloads, h264/hevc ones
+                        the other modalities then a compressed clip (nbytes < payload_nbytes)
+    crc32         <u4   CRC-32 of the record's bytes for h264/hevc records (checked before
+                        decoding), 0 for the others
+
+Format versions: 2 (this one) added `store` and `crc32` (issue 17: compressed video); a reader
+opens format 1 caches as all-raw records, and a writer carries their records into format 2.
 
 Why this shape:
 - Atomic: a version is complete before CURRENT names it, and CURRENT is swapped by rename, so
@@ -62,19 +73,29 @@ import json
 import mmap
 import os
 import re
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _seqlock
-from .errors import CacheCorrupt, CacheError, CacheNotFound, SchemaError, VersionMismatch
+from . import video_store
+from .errors import (CacheCorrupt, CacheError, CacheNotFound, CorruptRecord, SchemaError,
+                     VersionMismatch)
 from .schema import Sample, SampleMeta, SampleSchema
 
 MAGIC = "mmfeed-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Formats a reader opens (a writer always writes FORMAT_VERSION).
+READABLE_FORMATS = (1, 2)
 RECORD_ALIGN = 4096
+#: Where compressed (h264/hevc) records start: they are decoded, never read with O_DIRECT, and
+#: small enough (a few KiB for a small clip) that page alignment would waste most of a shard.
+PACKED_ALIGN = 64
 
 CURRENT = "CURRENT"
 LOCK = ".lock"
@@ -85,21 +106,23 @@ MANIFEST_FILE = "manifest.json"
 GENERATIONS_FILE = "generations.json"
 _VERSION_RE = re.compile(r"^v(\d{6})$")
 
-INDEX_DTYPE = np.dtype(
-    [
-        ("offset", "<u8"),
-        ("nbytes", "<u8"),
-        ("schema_id", "<u8"),
-        ("timestamp_ns", "<i8"),
-        ("index", "<u8"),
-        ("shard", "<u4"),
-        ("label", "<i4"),
-        ("generation", "<u4"),
-        ("key_id", "<u4"),
-        ("split", "<u2"),
-        ("source", "S64"),
-    ]
-)
+_INDEX_FIELDS_V1 = [
+    ("offset", "<u8"),
+    ("nbytes", "<u8"),
+    ("schema_id", "<u8"),
+    ("timestamp_ns", "<i8"),
+    ("index", "<u8"),
+    ("shard", "<u4"),
+    ("label", "<i4"),
+    ("generation", "<u4"),
+    ("key_id", "<u4"),
+    ("split", "<u2"),
+    ("source", "S64"),
+]
+#: Format 1's index rows (read, converted to INDEX_DTYPE with store 0 = raw).
+INDEX_DTYPE_V1 = np.dtype(_INDEX_FIELDS_V1)
+INDEX_DTYPE = np.dtype(_INDEX_FIELDS_V1 + [("store", "u1"), ("crc32", "<u4")])
+_INDEX_DTYPES = {1: INDEX_DTYPE_V1, 2: INDEX_DTYPE}
 
 # NOTE [one copy, two ways]: a record is copied into the caller's buffer either from the
 # memory map (np.copyto) when all its pages are in the page cache, or by preadv() straight from
@@ -221,7 +244,7 @@ def open_version(directory: str | Path, number: int | None = None) -> CacheVersi
     if not isinstance(manifest, dict) or manifest.get("magic") != MAGIC:
         raise CacheCorrupt(mpath, f"expected an mmfeed cache manifest (magic {MAGIC!r})")
     found = manifest.get("format_version")
-    if found != FORMAT_VERSION:
+    if found not in READABLE_FORMATS:
         raise VersionMismatch(f"disk cache {directory}", found, FORMAT_VERSION)
     for field, kind in (("classes", list), ("splits", list), ("shards", list), ("records", int)):
         if not isinstance(manifest.get(field), kind):
@@ -234,8 +257,15 @@ def open_version(directory: str | Path, number: int | None = None) -> CacheVersi
         raise CacheCorrupt(ipath, "missing") from None
     except (OSError, ValueError, EOFError) as e:
         raise CacheCorrupt(ipath, f"not a numpy index: {e}") from None
-    if index.dtype != INDEX_DTYPE or index.ndim != 1:
-        raise CacheCorrupt(ipath, f"expected a 1-d array of INDEX_DTYPE, found {index.dtype}")
+    want = _INDEX_DTYPES[found]
+    if index.dtype != want or index.ndim != 1:
+        raise CacheCorrupt(ipath, f"expected a 1-d array of format {found}'s index rows, "
+                                  f"found {index.dtype}")
+    if found == 1:  # every format 1 record is a raw schema payload
+        upgraded = np.zeros(len(index), INDEX_DTYPE)
+        for name in INDEX_DTYPE_V1.names:
+            upgraded[name] = index[name]
+        index = upgraded
     if len(index) != manifest["records"]:
         raise CacheCorrupt(
             ipath, f"expected {manifest['records']} records (manifest), found {len(index)}"
@@ -279,11 +309,18 @@ def _check_index(path: Path, index: np.ndarray, schemas: dict[int, SampleSchema]
     """Every record inside its shard, aligned, of its schema's size: checked once, vectorised."""
     if len(index) == 0:
         return
+    if index["store"].max() >= len(video_store.STORES):
+        raise CacheCorrupt(path, f"a record names video store {index['store'].max()}; known: "
+                                 f"{', '.join(video_store.STORES)}")
     if index["shard"].max() >= len(shard_sizes):
         raise CacheCorrupt(path, f"a record names shard {index['shard'].max()}, "
                                  f"the manifest lists {len(shard_sizes)}")
-    if np.any(index["offset"] % RECORD_ALIGN):
-        raise CacheCorrupt(path, f"a record offset is not a multiple of {RECORD_ALIGN}")
+    compressed = np.isin(index["store"], video_store.COMPRESSED)
+    if np.any(index["offset"][~compressed] % RECORD_ALIGN):
+        raise CacheCorrupt(path, f"a raw/nv12 record offset is not a multiple of {RECORD_ALIGN}")
+    if np.any(index["offset"][compressed] % PACKED_ALIGN):
+        raise CacheCorrupt(path, f"a compressed record offset is not a multiple of "
+                                 f"{PACKED_ALIGN}")
     ends = index["offset"] + index["nbytes"]
     bad = np.flatnonzero(ends > shard_sizes[index["shard"]])
     if len(bad):
@@ -292,14 +329,29 @@ def _check_index(path: Path, index: np.ndarray, schemas: dict[int, SampleSchema]
         raise CacheCorrupt(path, f"a record names split {index['split'].max()} of {n_splits}")
     if index["label"].max() >= n_classes or index["label"].min() < -1:
         raise CacheCorrupt(path, f"a record's label is outside -1..{n_classes - 1}")
+    if index["store"].max() >= len(video_store.STORES):
+        raise CacheCorrupt(path, f"a record names video store {index['store'].max()}; known: "
+                                 f"{', '.join(video_store.STORES)}")
     for sid in np.unique(index["schema_id"]):
         schema = schemas.get(int(sid))
         if schema is None:
             raise CacheCorrupt(path, f"schema {int(sid)} is not in {SCHEMAS_FILE}")
-        sizes = index["nbytes"][index["schema_id"] == sid]
-        if np.any(sizes != schema.payload_nbytes):
-            raise CacheCorrupt(path, f"a record of schema {int(sid)} is not "
+        mine = index["schema_id"] == sid
+        whole = mine & ~compressed
+        if np.any(index["nbytes"][whole] != schema.payload_nbytes):
+            raise CacheCorrupt(path, f"a raw/nv12 record of schema {int(sid)} is not "
                                      f"{schema.payload_nbytes} bytes")
+        nv12 = index["store"][whole] == video_store.NV12_STORE
+        if np.any(nv12 != schema.packed):
+            raise CacheCorrupt(path, f"schema {int(sid)} {'has' if schema.packed else 'lacks'} "
+                                     f"an nv12 layout, but a record of it is stored "
+                                     f"{'raw' if schema.packed else 'nv12'}")
+        packed = mine & compressed
+        if np.any(packed) and (video_store.VIDEO not in schema or schema.packed or np.any(
+                index["nbytes"][packed] >= schema.payload_nbytes)):
+            raise CacheCorrupt(path, f"a compressed record of schema {int(sid)} is not smaller "
+                                     f"than its {schema.payload_nbytes}-byte payload or the "
+                                     f"schema has no plain video")
 
 
 def _as_bytes_out(out) -> np.ndarray:
@@ -326,17 +378,30 @@ def _skip(iov: list, nbytes: int) -> list:
     return rest
 
 
+class RecordFailure(NamedTuple):
+    """A record of a batch that could not be read: its row in the batch, its record number in
+    the reader, and the CorruptRecord error (which names the sample and the shard file)."""
+
+    row: int
+    record: int
+    error: CorruptRecord
+
+
 class BatchMeta(Sequence):
     """The metadata of a batch read by `read_batch_into`, as numpy columns (row j = record j).
 
     Gathered with one fancy index per column; a `SampleMeta` is built only for `metas[j]`,
     so a loader that needs one field (`generation[0]`) pays nothing per record. `cold` counts
     the records that were not (all) in the page cache, i.e. that this batch read from disk.
+    `failed` lists the rows whose record was corrupt (their bytes are undefined): the caller
+    drops them (`keep_rows`) and counts them; empty on a clean batch.
     """
 
-    __slots__ = ("label", "timestamp_ns", "generation", "index", "source", "records", "cold")
+    __slots__ = ("label", "timestamp_ns", "generation", "index", "source", "records", "cold",
+                 "failed", "deferred")
 
-    def __init__(self, reader: "CacheReader", idx: np.ndarray, cold: int = 0):
+    def __init__(self, reader: "CacheReader", idx: np.ndarray, cold: int = 0,
+                 failed: tuple = ()):
         self.records = idx
         self.label = reader.labels[idx]
         self.timestamp_ns = reader._timestamp[idx]
@@ -344,6 +409,8 @@ class BatchMeta(Sequence):
         self.index = reader._meta_index[idx]
         self.source = reader._source[idx]
         self.cold = int(cold)
+        self.failed: tuple[RecordFailure, ...] = tuple(failed)
+        self.deferred: tuple = ()  # (row, record, video blob) with read_batch_into(defer_video)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -360,7 +427,28 @@ class BatchMeta(Sequence):
         )
 
     def __repr__(self) -> str:
-        return f"BatchMeta({len(self)} records, {self.cold} read from disk)"
+        bad = f", {len(self.failed)} corrupt" if self.failed else ""
+        return f"BatchMeta({len(self)} records, {self.cold} read from disk{bad})"
+
+
+def compact_rows(out2d, n: int, failed: Sequence[RecordFailure], extra=()) -> np.ndarray:
+    """Drop the failed rows of a batch of `n` rows in place: each is overwritten by the last
+    good row (row order does not matter in a shuffled batch). Works on numpy arrays and torch
+    tensors alike; `extra` are per-row arrays (labels ...) moved the same way. Returns the
+    kept rows' original positions (the new row j held row keep[j]); len(keep) is the new n."""
+    keep = np.arange(n)
+    bad = sorted({f.row for f in failed})
+    if not bad:
+        return keep
+    good = np.setdiff1d(keep, bad)
+    holes = [r for r in bad if r < len(good)]  # rows below the new end that need a good row
+    movers = good[good >= len(good)][: len(holes)]  # good rows past the new end
+    for dst, src in zip(holes, movers.tolist()):
+        out2d[dst] = out2d[src]
+        for a in extra:
+            a[dst] = a[src]
+        keep[dst] = src
+    return keep[: len(good)]
 
 
 class CacheReader:
@@ -376,10 +464,17 @@ class CacheReader:
     _fds: list[int] = []
     _maps: list = []
     _arrays: list = []
+    _window_maps: list = []
+    _window_mmaps: list = []
 
-    def __init__(self, cache_dir: str | Path, split: str | None = None):
+    def __init__(self, cache_dir: str | Path, split: str | None = None, *,
+                 decode_threads: int | None = None):
+        """`decode_threads`: threads that decode compressed (h264/hevc) records of a batch in
+        parallel (PyAV releases the GIL while it decodes); default one per core, at most 8."""
         self.directory = Path(cache_dir)
         self.split = split
+        self.decode_threads = (min(8, os.cpu_count() or 1) if decode_threads is None
+                               else max(1, int(decode_threads)))
         self._open(open_version(self.directory))
 
     def _open(self, v: CacheVersion) -> None:
@@ -405,6 +500,10 @@ class CacheReader:
         self._generation = index["generation"].copy()
         self._meta_index = index["index"].copy()
         self._source = index["source"].copy()
+        self._store = index["store"].copy()
+        self._crc = index["crc32"].copy()
+        #: True when some record is h264/hevc: batches then take the decoding path.
+        self.has_compressed = bool(np.isin(self._store, video_store.COMPRESSED).any())
         self._schemas = v.schemas
         used = [self._schemas[int(s)].payload_nbytes for s in np.unique(self._schema_id)]
         self.max_payload_nbytes: int = max(used, default=0)
@@ -417,17 +516,24 @@ class CacheReader:
             raise CacheCorrupt(p, f"cannot open shard: {e}") from None
         self._maps = [None] * len(self._fds)
         self._arrays = [None] * len(self._fds)
+        self._window_maps = [None] * len(self._fds)
+        self._window_mmaps: list = []  # the MADV_RANDOM maps behind _window_maps (closed too)
         self._pid = os.getpid()
         self._resident = np.zeros(0, np.uint8)  # mincore() vector, sized on first use
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._scratch = threading.local()  # per decoding thread: cold compressed record bytes
 
     # --- pickling (spawn workers): same version, reopened by path ----------------------------
 
     def __getstate__(self) -> dict:
-        return {"directory": str(self.directory), "split": self.split, "version": self.version}
+        return {"directory": str(self.directory), "split": self.split, "version": self.version,
+                "decode_threads": self.decode_threads}
 
     def __setstate__(self, state: dict) -> None:
         self.directory = Path(state["directory"])
         self.split = state["split"]
+        self.decode_threads = int(state.get("decode_threads", 1))
         self._open(open_version(self.directory, state["version"]))
 
     # --- metadata ---------------------------------------------------------------------------
@@ -445,7 +551,22 @@ class CacheReader:
         return self._schemas[int(self._schema_id[self._check(i)])]
 
     def payload_nbytes(self, i: int) -> int:
+        """Bytes record i's payload needs in a buffer (its schema's; a compressed record is
+        smaller on disk: `stored_nbytes`)."""
+        return self.schema(i).payload_nbytes
+
+    def stored_nbytes(self, i: int) -> int:
+        """Bytes record i takes in its shard."""
         return int(self._nbytes[self._check(i)])
+
+    def store(self, i: int) -> str:
+        """How record i holds its video: "raw", "h264", "hevc" or "nv12" (video_store.STORES)."""
+        return video_store.STORES[int(self._store[self._check(i)])]
+
+    def store_counts(self) -> dict[str, int]:
+        """Records of this reader per video store (those with at least one)."""
+        counts = np.bincount(self._store, minlength=len(video_store.STORES))
+        return {name: int(c) for name, c in zip(video_store.STORES, counts) if c}
 
     def meta(self, i: int) -> SampleMeta:
         i = self._check(i)
@@ -490,6 +611,8 @@ class CacheReader:
             # per worker. The descriptors are shared; mmap and pread never use their offsets.
             self._maps = [None] * len(self._fds)
             self._arrays = [None] * len(self._fds)
+            self._window_maps = [None] * len(self._fds)
+            self._window_mmaps = []
             self._pid = os.getpid()
         arr = self._arrays[shard]
         if arr is None:
@@ -551,32 +674,50 @@ class CacheReader:
 
         `out` is any writable contiguous buffer of at least `payload_nbytes(i)` bytes: a numpy
         uint8 array, a bytearray, a pinned tensor's `.numpy()`. No intermediate bytes object.
+        A compressed record is decoded into `out` (CorruptRecord when its bytes are damaged).
         """
         src = self._record(i)
         dst = _as_bytes_out(out)
+        schema = self.schema(i)
+        if dst.nbytes < schema.payload_nbytes:
+            raise ValueError(f"out holds {dst.nbytes} bytes, record {i} needs "
+                             f"{schema.payload_nbytes}")
+        if int(self._store[i]) in video_store.COMPRESSED:
+            error = self._decode_one(int(i), dst, schema, self._is_resident(src))
+            if error is not None:
+                raise error
+            return schema, self.meta(i)
         n = src.nbytes
-        if dst.nbytes < n:
-            raise ValueError(f"out holds {dst.nbytes} bytes, record {i} needs {n}")
         if self._is_resident(src):
             np.copyto(dst[:n], src)
         else:
-            fd, off, view = self._fds[int(self._shard[i])], int(self._offset[i]), memoryview(dst)
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[done:n]], off + done)
-                if got == 0:
-                    raise CacheCorrupt(self._vdir, f"record {i}: shard ended early")
-                done += got
-        return self.schema(i), self.meta(i)
+            self._pread_record(int(i), memoryview(dst)[:n])
+        return schema, self.meta(i)
 
-    def read_batch_into(self, indices, out2d: np.ndarray) -> tuple[SampleSchema, "BatchMeta"]:
+    def _pread_record(self, i: int, view: memoryview) -> None:
+        fd, off, n = self._fds[int(self._shard[i])], int(self._offset[i]), len(view)
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[done:n]], off + done)
+            if got == 0:
+                raise CacheCorrupt(self._vdir, f"record {i}: shard ended early")
+            done += got
+
+    def read_batch_into(self, indices, out2d: np.ndarray, *, defer_video: bool = False
+                        ) -> tuple[SampleSchema, "BatchMeta"]:
         """Read records `indices` into rows of `out2d` (uint8, (B, >= payload)); one schema only.
 
         Row j gets record indices[j]. Vectorised per batch (NOTE [batch reads]): index columns
         gathered once, records taken in (shard, offset) order, warm ones copied from the map by
         a GIL-released memcpy, cold ones hinted together and preadv'd (back-to-back ones in one
         call), no per-record Python objects: the metadata comes back as columns (`BatchMeta`;
-        `metas[j]` builds a SampleMeta only when asked).
+        `metas[j]` builds a SampleMeta only when asked). Compressed (h264/hevc) records are
+        decoded straight into their rows by `decode_threads` threads (NOTE [decoding records]);
+        one whose bytes are damaged is listed in `BatchMeta.failed` instead of raising.
+        `defer_video`: compressed records get their other modalities only, and their checked
+        video blobs come back in `BatchMeta.deferred` as (row, record, blob bytes), for a
+        decoder on the GPU after the copy (trainer/nvdec.py); the rows' video bytes are left
+        undefined until then.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if (not isinstance(out2d, np.ndarray) or out2d.ndim != 2 or out2d.dtype != np.uint8
@@ -603,10 +744,33 @@ class CacheReader:
         if not self._fds:
             raise CacheError(f"{self.directory}: reader is closed")
 
-        shards, offs = self._shard[idx], self._offset[idx]
+        positions = None
+        failed: list[RecordFailure] = []
+        cold_count = 0
+        if self.has_compressed:
+            packed = np.isin(self._store[idx], video_store.COMPRESSED)
+            if packed.any():
+                rows = np.flatnonzero(packed)
+                failed, cold_count, deferred = self._decode_batch(idx[rows], rows, out2d,
+                                                                  schema, defer_video)
+                positions = np.flatnonzero(~packed)
+        if positions is None:
+            positions = np.arange(len(idx))
+            deferred = []
+        if len(positions):
+            cold_count += self._copy_payloads(idx[positions], positions, out2d, n)
+        meta = BatchMeta(self, idx, cold=cold_count, failed=failed)
+        meta.deferred = tuple(deferred)
+        return schema, meta
+
+    def _copy_payloads(self, recs: np.ndarray, positions: np.ndarray, out2d: np.ndarray,
+                       n: int) -> int:
+        """Payload records (raw, nv12) -> their rows: map copy when cached, else preadv.
+        Returns how many were cold."""
+        shards, offs = self._shard[recs], self._offset[recs]
         order = np.lexsort((offs, shards))  # file order: the kernel's readahead sees runs
         s_sh, s_off = shards[order], offs[order]
-        rows = order.tolist()
+        rows = positions[order].tolist()
         resident = self._resident_records(s_sh, s_off, n)
         dst = out2d if out2d.flags.c_contiguous else None
         stride = out2d.strides[0]
@@ -619,9 +783,106 @@ class CacheReader:
         cold = np.flatnonzero(~resident)
         if len(cold):
             self._read_cold(out2d, rows, s_sh, s_off, cold, n)
-        return schema, BatchMeta(self, idx, cold=len(cold))
+        return len(cold)
 
-    def _resident_records(self, shards: np.ndarray, offs: np.ndarray, n: int) -> np.ndarray:
+    # NOTE [decoding records]: a batch's h264/hevc records are decoded by a small thread pool
+    # (one per reader and process, made on first use), each thread taking a contiguous share of
+    # the batch: PyAV releases the GIL inside libavcodec and swscale, so the threads run on all
+    # cores while the training step runs. Each record's bytes come from the map when cached
+    # (zero copy) or from one pread into the thread's scratch buffer after one WILLNEED round
+    # for the batch's cold records; its CRC is checked, then `video_store.decode_record_into`
+    # writes the other modalities and the decoded clip straight into the record's row. A record
+    # that fails is a RecordFailure (the batch goes on); nothing is retried.
+
+    def _decoder_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(self.decode_threads,
+                                            thread_name_prefix="mmfeed-cache-decode")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _decode_batch(self, recs: np.ndarray, rows: np.ndarray, out2d: np.ndarray,
+                      schema: SampleSchema, defer: bool = False
+                      ) -> tuple[list[RecordFailure], int, list]:
+        shards, offs, sizes = self._shard[recs], self._offset[recs], self._nbytes[recs]
+        resident = self._resident_records(shards, offs, sizes)
+        cold = np.flatnonzero(~resident)
+        for k in cold.tolist():  # one round of hints: the cold records' reads overlap
+            os.posix_fadvise(self._fds[int(shards[k])], int(offs[k]), int(sizes[k]),
+                             os.POSIX_FADV_WILLNEED)
+        jobs = list(zip(recs.tolist(), rows.tolist(), resident.tolist()))
+        if defer:  # no decoding here: the rest into the rows, the blobs back to the caller
+            failed, deferred = [], []
+            for rec, row, warm in jobs:
+                got = self._blob_of(rec, out2d[row], schema, warm)
+                if isinstance(got, CorruptRecord):
+                    failed.append(RecordFailure(row, rec, got))
+                else:
+                    deferred.append((row, rec, got))
+            return failed, len(cold), deferred
+
+        def run(share: list) -> list[RecordFailure]:
+            out = []
+            for rec, row, warm in share:
+                error = self._decode_one(rec, out2d[row], schema, warm)
+                if error is not None:
+                    out.append(RecordFailure(row, rec, error))
+            return out
+
+        threads = min(self.decode_threads, len(jobs))
+        if threads <= 1:
+            return run(jobs), len(cold), []
+        shares = [jobs[k::threads] for k in range(threads)]
+        failed = [f for part in self._decoder_pool().map(run, shares) for f in part]
+        return failed, len(cold), []
+
+    def _blob_of(self, i: int, dst: np.ndarray, schema: SampleSchema,
+                 warm: bool) -> "bytes | CorruptRecord":
+        """The checked video blob of compressed record i (a copy), its rest copied into dst."""
+        data = self._checked_bytes(i, warm)
+        if isinstance(data, CorruptRecord):
+            return data
+        try:
+            return bytes(video_store.copy_rest_into(schema, data, dst))
+        except (video_store.VideoStoreError, SchemaError) as e:
+            return self._corrupt(i, str(e))
+
+    def _checked_bytes(self, i: int, warm: bool) -> "np.ndarray | CorruptRecord":
+        """Record i's bytes (the map when cached, else this thread's scratch buffer), CRC
+        checked."""
+        n = int(self._nbytes[i])
+        if warm:
+            data = self._record(i)
+        else:
+            buf = getattr(self._scratch, "buf", None)
+            if buf is None or len(buf) < n:
+                buf = self._scratch.buf = bytearray(max(n, 1 << 16))
+            data = np.frombuffer(buf, np.uint8, n)
+            self._pread_record(i, memoryview(buf)[:n])
+        if video_store.record_crc(data) != int(self._crc[i]):
+            return self._corrupt(i, f"CRC-32 {video_store.record_crc(data):#010x} of its "
+                                    f"{n} bytes, the index recorded {int(self._crc[i]):#010x}")
+        return data
+
+    def _decode_one(self, i: int, dst: np.ndarray, schema: SampleSchema,
+                    warm: bool) -> CorruptRecord | None:
+        """Decode compressed record i into dst (a row); the error instead of raising it."""
+        data = self._checked_bytes(i, warm)
+        if isinstance(data, CorruptRecord):
+            return data
+        try:
+            video_store.decode_record_into(schema, data, dst)
+        except (video_store.VideoStoreError, SchemaError) as e:
+            return self._corrupt(i, str(e))
+        return None
+
+    def _corrupt(self, i: int, what: str) -> CorruptRecord:
+        store = video_store.STORES[int(self._store[i])]
+        return CorruptRecord(self._vdir / shard_name(int(self._shard[i])), i,
+                             self._source[i].decode("utf-8", "replace"), int(self._offset[i]),
+                             f"{store} record: {what}")
+
+    def _resident_records(self, shards: np.ndarray, offs: np.ndarray, n) -> np.ndarray:
         """bool per record: are its first and last pages in the page cache? (two mincore calls)
 
         Not every page: mincore costs per page (~6 us on a 147-page record, 12% of the batch
@@ -630,17 +891,18 @@ class CacheReader:
         missing pages in), never correctness. Also maps the batch's shards (once per process).
         """
         addrs = {sh: self._shard_array(sh).ctypes.data for sh in np.unique(shards).tolist()}
-        if _mincore is None or n == 0:
+        if _mincore is None or np.all(np.asarray(n) == 0):
             return np.ones(len(offs), bool)
         if len(self._resident) < 2 * len(offs):
             self._resident = np.empty(2 * len(offs), np.uint8)
         vec = self._resident
         base = vec.ctypes.data
         page = mmap.PAGESIZE
-        last = (n - 1) // page * page  # records start page aligned (RECORD_ALIGN)
-        for k, (sh, off) in enumerate(zip(shards.tolist(), offs.tolist())):
-            a = addrs[sh] + off
-            if _mincore(a, 1, base + 2 * k) or _mincore(a + last, 1, base + 2 * k + 1):
+        # n: one size, or one per record; the pages of a record's first and last bytes
+        ends = (offs + np.maximum(np.broadcast_to(n, offs.shape), 1) - 1).tolist()
+        for k, (sh, off, end) in enumerate(zip(shards.tolist(), offs.tolist(), ends)):
+            a, z = (addrs[sh] + off) & ~(page - 1), (addrs[sh] + end) & ~(page - 1)
+            if _mincore(a, 1, base + 2 * k) or _mincore(z, 1, base + 2 * k + 1):
                 vec[2 * k: 2 * k + 2] = 1  # cannot tell: the map copy is always right
         v = vec[: 2 * len(offs)] & 1
         return (v[0::2] & v[1::2]).astype(bool)
@@ -677,25 +939,144 @@ class CacheReader:
                                                f"offset {off}")
             iov, off, left = _skip(iov, got), off + got, left - got
 
-    def view(self, i: int) -> Sample:
-        """Zero-copy, read-only arrays over the memory map (they keep the map alive)."""
-        src = self._record(i)
+    # NOTE [windows]: `read_window_into` copies a window of one modality (a crop of a BEV grid
+    # or a frame, a time window of a recording) from a second map of the shard that is advised
+    # MADV_RANDOM, so a page fault reads only its own page instead of the kernel's read-around
+    # (which would pull up to 32 neighbouring pages of data nobody asked for); the main map
+    # keeps normal readahead for whole records. When the window's pages are not all cached, the
+    # missing ones are hinted with WILLNEED in coalesced ranges first, so their reads go out
+    # together rather than one synchronous fault at a time. Only the window's pages are read:
+    # tests/test_windows.py checks it page by page with mincore on a cold file.
+
+    def _window_array(self, shard: int) -> np.ndarray:
+        self._shard_array(shard)  # pid check, closed check
+        arr = self._window_maps[shard]
+        if arr is None:
+            size = os.fstat(self._fds[shard]).st_size
+            if size == 0:
+                arr = np.zeros(0, np.uint8)
+            else:
+                mm = mmap.mmap(self._fds[shard], size, prot=mmap.PROT_READ)
+                if hasattr(mmap, "MADV_RANDOM"):
+                    mm.madvise(mmap.MADV_RANDOM)
+                self._window_mmaps.append(mm)
+                arr = np.frombuffer(mm, np.uint8)
+            self._window_maps[shard] = arr
+        return arr
+
+    def read_window_into(self, i: int, name: str, window, out: np.ndarray | None = None
+                         ) -> np.ndarray:
+        """Copy `window` of modality `name` of record i into `out` (allocated when None) and
+        return it, reading only the window's bytes (NOTE [windows]).
+
+        `window`: one `slice` (step 1) or (start, stop) pair per leading dimension of the
+        modality's stored shape; dimensions not given are taken whole. A packed (NV12) modality
+        is windowed in its leading dimensions (time) only. The video of a compressed record is
+        decoded whole and then windowed: a codec has no partial read."""
+        i = self._check(i)
         schema = self.schema(i)
+        spec = schema.spec(name)
+        shape = spec.stored_shape
+        if not isinstance(window, (tuple, list)):
+            window = (window,)
+        if len(window) > len(shape):
+            raise ValueError(f"window has {len(window)} dimensions, {name} is {list(shape)}")
+        bounds = []
+        for d, w in enumerate(list(window) + [slice(None)] * (len(shape) - len(window))):
+            if isinstance(w, slice):
+                if w.step not in (None, 1):
+                    raise ValueError(f"window dimension {d}: step {w.step}; only 1 is read")
+                start, stop, _ = w.indices(shape[d])
+            else:
+                start, stop = int(w[0]), int(w[1])
+            if not 0 <= start < stop <= shape[d]:
+                raise ValueError(f"window dimension {d}: {start}:{stop} is not inside "
+                                 f"0:{shape[d]} of {name} {list(shape)}")
+            bounds.append((start, stop))
+        if spec.layout and bounds[-1] != (0, shape[-1]):
+            raise ValueError(f"{name} is packed ({spec.layout}): window its leading "
+                             f"dimensions only")
+        slices = tuple(slice(a, b) for a, b in bounds)
+        if out is None:
+            out = np.empty([b - a for a, b in bounds], spec.dtype)
+        store = int(self._store[i])
+        if store in video_store.COMPRESSED:
+            rest, off = video_store.rest_layout(schema)
+            if name == video_store.VIDEO:  # no partial decode: the clip, then the window
+                full = np.empty(schema.payload_nbytes, np.uint8)
+                self.read_into(i, full)
+                np.copyto(out, schema.views(full)[name][slices])
+                return out
+            base = int(self._offset[i]) + rest.offset(name)
+        else:
+            base = int(self._offset[i]) + schema.offset(name)
+        arr = self._window_array(int(self._shard[i]))
+        src = arr[base: base + spec.nbytes].view(spec.dtype).reshape(shape)[slices]
+        self._hint_window(int(self._shard[i]), arr, base, shape, spec.itemsize, bounds)
+        np.copyto(out, src)
+        return out
+
+    def _hint_window(self, shard: int, arr: np.ndarray, base: int, shape, itemsize: int,
+                     bounds) -> None:
+        """WILLNEED for the window's pages that are not cached (coalesced ranges)."""
+        if _mincore is None:
+            return
+        # innermost dimension not taken whole: below it runs are contiguous
+        d = max((k for k, (a, b) in enumerate(bounds) if (a, b) != (0, shape[k])), default=0)
+        strides = np.cumprod([1, *shape[::-1]])[::-1][1:] * itemsize  # bytes per step, per dim
+        run = (bounds[d][1] - bounds[d][0]) * int(strides[d])
+        starts = np.array([base + bounds[d][0] * int(strides[d])], np.int64)
+        for k in range(d - 1, -1, -1):
+            steps = np.arange(bounds[k][0], bounds[k][1], dtype=np.int64) * int(strides[k])
+            starts = (steps[:, None] + starts[None, :]).ravel()
+        page = mmap.PAGESIZE
+        addr = arr.ctypes.data
+        first, last = (addr + int(starts.min())) // page, (addr + int(starts.max()) + run - 1) // page
+        span = last - first + 1
+        if len(self._resident) < span:
+            self._resident = np.empty(span, np.uint8)
+        if _mincore(first * page, span * page, self._resident.ctypes.data) != 0:
+            return
+        p0 = (addr + starts) // page - first
+        p1 = (addr + starts + run - 1) // page - first
+        marks = np.zeros(span + 1, np.int64)  # +1 where a run's pages begin, -1 after they end
+        np.add.at(marks, p0, 1)
+        np.add.at(marks, p1 + 1, -1)
+        need = np.cumsum(marks[:span]) > 0
+        cold = need & ~(self._resident[:span] & 1).astype(bool)
+        if not cold.any():
+            return
+        edges = np.flatnonzero(np.diff(np.r_[0, cold.astype(np.int8), 0]))
+        fd = self._fds[shard]
+        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            off = (first + a) * page - addr
+            os.posix_fadvise(fd, max(off, 0), (b - a) * page, os.POSIX_FADV_WILLNEED)
+
+    def view(self, i: int) -> Sample:
+        """Zero-copy, read-only arrays over the memory map (they keep the map alive); a
+        compressed record is decoded into new arrays (CorruptRecord when damaged)."""
+        schema = self.schema(i)
+        if int(self._store[self._check(i)]) in video_store.COMPRESSED:
+            out = np.empty(schema.payload_nbytes, np.uint8)
+            self.read_into(i, out)
+            return Sample(schema, self.meta(i), schema.views(out))
+        src = self._record(i)
         return Sample(schema, self.meta(i), schema.views(src))
 
     # --- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
         """Unmap and close; idempotent. Arrays from `view` keep their map alive until dropped."""
-        self._arrays = [None] * len(self._arrays)
-        for mm in self._maps:
+        self._arrays = []
+        self._window_maps = []
+        for mm in [*self._maps, *self._window_mmaps]:
             if mm is not None:
                 try:
                     mm.close()
                 except BufferError:  # a view() array still points into it; GC unmaps it later
                     pass
         self._maps = []
-        self._arrays = []
+        self._window_mmaps = []
         fds, self._fds = self._fds, []
         for fd in fds:
             try:

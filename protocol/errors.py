@@ -137,6 +137,19 @@ class CacheCorrupt(CacheError):
         )
 
 
+class CorruptRecord(CacheError):
+    """One record's bytes are damaged (a compressed clip whose CRC or decode failed). Loaders
+    skip and count it; the message names the record, its sample key and its shard file."""
+
+    code = "corrupt_record"
+
+    def __init__(self, path: str | Path, record: int, source: str, offset: int, what: str):
+        self.path, self.record, self.source, self.offset = str(path), record, source, offset
+        super().__init__(f"{self.path}: record {record} ({source}) at offset {offset}: {what}; "
+                         f"it is skipped (rebuild the cache with `mm-producer preprocess` to "
+                         f"restore it)")
+
+
 class CacheLocked(CacheError):
     """Another writer holds the cache directory's lock."""
 

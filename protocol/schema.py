@@ -10,6 +10,14 @@ from the ring are read by the same code and can be mixed in one batch.
 Readers never guess shapes: every slot and every cache record names the schema it
 was written with (by `schema_id`, a hash of the canonical encoding, with the encoding
 itself stored beside it once).
+
+Packed layouts: a modality may say its bytes are not a dense array of its shape but a packed
+form of it (`ModalitySpec.layout`). The one layout today is NV12 (`nv12/<matrix>/<range>`,
+e.g. `nv12/bt601/limited`): a uint8 RGB clip of logical shape (..., 3, H, W) stored as its
+NV12 planes, 1.5 bytes a pixel (a luma plane of H x W, then one interleaved chroma plane of
+ceil(H/2) rows of 2 x ceil(W/2) bytes). `shape` stays the logical shape (what the model gets
+once the trainer has converted it, on its device); `stored_shape` is what the payload holds,
+(..., planes_bytes). A schema without layouts encodes exactly as before (same ids).
 """
 from __future__ import annotations
 
@@ -28,6 +36,24 @@ ALIGN = 64
 DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 _NAME_RE = MODALITY_NAME  # protocol/names.py maps any file stem onto it
 MAX_DIMS = 8
+#: Packed layouts a modality may have ("" = a dense array of its dtype and shape).
+NV12 = "nv12"
+MATRICES = ("bt601", "bt709")
+RANGES = ("limited", "full")
+
+
+def nv12_frame_bytes(height: int, width: int) -> int:
+    """Bytes of one NV12 frame: H x W luma, then ceil(H/2) rows of 2 x ceil(W/2) chroma."""
+    return height * width + 2 * ((height + 1) // 2) * ((width + 1) // 2)
+
+
+def parse_layout(layout: str) -> tuple[str, str, str]:
+    """`nv12/bt601/limited` -> ("nv12", "bt601", "limited"); SchemaError naming what is wrong."""
+    parts = layout.split("/")
+    if len(parts) != 3 or parts[0] != NV12 or parts[1] not in MATRICES or parts[2] not in RANGES:
+        raise SchemaError(f"layout {layout!r}: expected nv12/<{'|'.join(MATRICES)}>/"
+                          f"<{'|'.join(RANGES)}>")
+    return parts[0], parts[1], parts[2]
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -41,6 +67,7 @@ class ModalitySpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    layout: str = ""  # "" dense; "nv12/<matrix>/<range>": see the module docstring
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
@@ -61,6 +88,21 @@ class ModalitySpec:
                 f"modality {self.name!r}: shape {shape!r}: expected 1-{MAX_DIMS} positive integers"
             )
         object.__setattr__(self, "shape", tuple(int(d) for d in shape))
+        if not isinstance(self.layout, str):
+            raise SchemaError(f"modality {self.name!r}: layout must be a str, got "
+                              f"{type(self.layout).__name__}")
+        if self.layout:
+            parse_layout(self.layout)
+            if dt != "uint8" or len(shape) < 3 or shape[-3] != 3:
+                raise SchemaError(f"modality {self.name!r}: layout {self.layout!r} packs uint8 "
+                                  f"RGB (..., 3, H, W), not {dt}{list(shape)}")
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the bytes in a payload: `shape`, or (..., planes) for a packed layout."""
+        if not self.layout:
+            return self.shape
+        return self.shape[:-3] + (nv12_frame_bytes(self.shape[-2], self.shape[-1]),)
 
     @property
     def itemsize(self) -> int:
@@ -68,8 +110,9 @@ class ModalitySpec:
 
     @property
     def numel(self) -> int:
+        """Elements stored in a payload (of `stored_shape`)."""
         n = 1
-        for d in self.shape:
+        for d in self.stored_shape:
             n *= d
         return n
 
@@ -78,7 +121,10 @@ class ModalitySpec:
         return self.numel * self.itemsize
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.layout:
+            d["layout"] = self.layout
+        return d
 
     @classmethod
     def from_array(cls, name: str, array: np.ndarray) -> "ModalitySpec":
@@ -87,7 +133,8 @@ class ModalitySpec:
         return cls(name, dtype, tuple(array.shape))
 
     def __repr__(self) -> str:
-        return f"{self.name}:{self.dtype}{list(self.shape)}"
+        packed = f"@{self.layout}" if self.layout else ""
+        return f"{self.name}:{self.dtype}{list(self.shape)}{packed}"
 
 
 def _is_dtype(s: object) -> bool:
@@ -150,11 +197,14 @@ class SampleSchema:
             raise SchemaError('schema encoding: expected {"modalities": [...]}')
         mods = []
         for i, m in enumerate(obj["modalities"]):
-            if not isinstance(m, dict) or set(m) != {"name", "dtype", "shape"}:
-                raise SchemaError(f"schema modality #{i}: expected keys name, dtype, shape")
+            if not isinstance(m, dict) or not ({"name", "dtype", "shape"} <= set(m)
+                                               <= {"name", "dtype", "shape", "layout"}):
+                raise SchemaError(f"schema modality #{i}: expected keys name, dtype, shape "
+                                  f"(and optionally layout)")
             if not isinstance(m["shape"], list):
                 raise SchemaError(f"schema modality #{i}: shape must be a list")
-            mods.append(ModalitySpec(m["name"], m["dtype"], tuple(m["shape"])))
+            mods.append(ModalitySpec(m["name"], m["dtype"], tuple(m["shape"]),
+                                     m.get("layout", "")))
         return cls(tuple(mods))
 
     # --- layout ------------------------------------------------------------------------
@@ -171,6 +221,18 @@ class SampleSchema:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.modalities)
+
+    @property
+    def packed(self) -> bool:
+        """True when some modality has a packed layout (the trainer unpacks it on its device)."""
+        return any(m.layout for m in self.modalities)
+
+    def unpacked(self) -> "SampleSchema":
+        """The same modalities as dense arrays of their logical shapes (what a model sees)."""
+        if not self.packed:
+            return self
+        return SampleSchema(tuple(ModalitySpec(m.name, m.dtype, m.shape)
+                                  for m in self.modalities))
 
     @property
     def payload_nbytes(self) -> int:
@@ -200,7 +262,7 @@ class SampleSchema:
         buf = buf.reshape(-1).view(np.uint8)
         out = {}
         for m, off in zip(self.modalities, self._offsets):
-            out[m.name] = buf[off : off + m.nbytes].view(m.dtype).reshape(m.shape)
+            out[m.name] = buf[off : off + m.nbytes].view(m.dtype).reshape(m.stored_shape)
         return out
 
     def pack_into(self, arrays: Mapping[str, np.ndarray], out) -> None:
@@ -222,9 +284,9 @@ class SampleSchema:
             )
         for m in self.modalities:
             a = arrays[m.name]
-            if a.dtype.name != m.dtype or tuple(a.shape) != m.shape:
+            if a.dtype.name != m.dtype or tuple(a.shape) != m.stored_shape:
                 raise SchemaError(
-                    f"modality {m.name!r}: expected {m.dtype}{list(m.shape)}, "
+                    f"modality {m.name!r}: expected {m.dtype}{list(m.stored_shape)}, "
                     f"got {a.dtype.name}{list(a.shape)}"
                 )
 

@@ -111,3 +111,22 @@ def test_carry_all_must_come_first(cache):
         w.add("k", "", "train", SCHEMA, meta, arrays)
         with pytest.raises(Exception, match="carry_all"):
             w.carry_all()
+
+
+def test_a_recording_keeps_the_compressed_records_store_and_checksum(synth_dataset, tmp_path):
+    """carry_all takes over every index field of the previous version, the video store and the
+    record checksum (cache format 2) included: an h264 record read back after a recording
+    decodes, it is not mistaken for a raw one."""
+    path = tmp_path / "cache"
+    run_preprocess(synth_dataset, path, PipelineConfig(video_store="h264"), splits=["val"],
+                   workers=0, progress=False)
+    with CacheReader(path) as r:
+        before = r.store_counts()
+        crcs = np.load(r.directory / f"v{r.version:06d}" / "index.npy")["crc32"]
+    assert before.get("h264", 0) > 0
+    _record(path, ())
+    with CacheReader(path) as r:
+        assert r.store_counts()["h264"] == before["h264"]
+        now = np.load(r.directory / f"v{r.version:06d}" / "index.npy")["crc32"]
+        assert now[:len(crcs)].tolist() == crcs.tolist() and crcs.any()
+        assert r.view(0).arrays["video"].size > 0

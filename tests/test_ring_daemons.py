@@ -338,7 +338,7 @@ def test_truncating_the_ring_of_a_running_producer_daemon_kills_nothing_and_leak
         assert reader.exitcode == 0, f"reader died (rc {reader.exitcode}; -7 is SIGBUS)"
         assert got[0] == "read", got
         st2 = client.request("status")  # the producer answers: it lives
-        assert st2["ring_replaced"] == 1 and st2["epoch"] != st["epoch"]
+        assert st2["ring_replaced"] == 1 and st2["ring_epoch"] != st["ring_epoch"]
         assert "ring damaged by another process" in log.read_text(errors="replace")
     finally:
         client.close()

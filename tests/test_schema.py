@@ -102,3 +102,37 @@ def test_a_modality_spec_reads_dtype_and_shape_from_a_torch_tensor_as_from_numpy
     n = ModalitySpec.from_array("video", np.zeros((2, 3, 4), np.uint8))
     assert t == n and t.dtype == "uint8" and t.shape == (2, 3, 4)
     assert ModalitySpec.from_array("x", torch.zeros(5)).dtype == "float32"
+
+
+# --- packed layouts (issue 17: NV12 video in the cache) -------------------------------------
+
+
+def test_an_nv12_modality_stores_1_5_bytes_a_pixel_under_its_logical_shape():
+    from protocol.schema import nv12_frame_bytes
+
+    m = ModalitySpec("video", "uint8", (8, 3, 47, 63), "nv12/bt709/full")
+    assert m.shape == (8, 3, 47, 63) and m.stored_shape == (8, nv12_frame_bytes(47, 63))
+    assert nv12_frame_bytes(48, 64) * 2 == 48 * 64 * 3
+    schema = SampleSchema((m, ModalitySpec("vec", "float32", (4,))))
+    back = SampleSchema.decode(schema.encode())
+    assert back == schema and back.spec("video").layout == "nv12/bt709/full"
+    assert schema.packed and not schema.unpacked().packed
+    assert schema.unpacked().spec("video").shape == (8, 3, 47, 63)
+    assert schema.views(bytearray(schema.payload_nbytes))["video"].shape == m.stored_shape
+
+
+def test_a_schema_without_layouts_encodes_exactly_as_before():
+    schema = SampleSchema((ModalitySpec("video", "uint8", (2, 3, 4, 4)),))
+    assert schema.encode() == (b'{"modalities":[{"dtype":"uint8","name":"video",'
+                               b'"shape":[2,3,4,4]}]}')
+
+
+@pytest.mark.parametrize("spec, match", [
+    (("video", "float32", (2, 3, 4, 4), "nv12/bt601/limited"), "packs uint8 RGB"),
+    (("video", "uint8", (2, 1, 4, 4), "nv12/bt601/limited"), "packs uint8 RGB"),
+    (("video", "uint8", (2, 3, 4, 4), "nv12/bt2020/limited"), r"nv12/<bt601\|bt709>"),
+    (("video", "uint8", (2, 3, 4, 4), "yuv420"), "expected nv12"),
+])
+def test_a_layout_that_does_not_fit_is_refused_naming_the_modality(spec, match):
+    with pytest.raises(SchemaError, match=match):
+        ModalitySpec(*spec)

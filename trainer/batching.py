@@ -55,7 +55,7 @@ def modality_views(schema: SampleSchema, buf: torch.Tensor) -> dict[str, torch.T
         off = schema.offset(m.name)
         col = buf[:, off: off + m.nbytes]
         t = col.view(TORCH_DTYPES[m.dtype]) if m.dtype != "uint8" else col
-        out[m.name] = t.unflatten(1, m.shape)
+        out[m.name] = t.unflatten(1, m.stored_shape)
     return out
 
 
@@ -167,13 +167,30 @@ class HostBatch:
     live: int = 0
     copies: int = 0
     on_release: Callable[[], None] | None = field(default=None, repr=False)
+    _inputs: dict | None = field(default=None, init=False, repr=False)
 
     @property
     def data(self) -> torch.Tensor:
         return self.buf[: self.n]
 
-    def inputs(self) -> dict[str, torch.Tensor]:
+    def views(self) -> dict[str, torch.Tensor]:
+        """Per-modality views of the rows as stored (packed layouts still packed)."""
         return modality_views(self.schema, self.data)
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """What the model takes: the views, packed modalities (NV12) unpacked on the buffer's
+        device (trainer/layouts.py); `unpack_now` may have done it already."""
+        if self._inputs is not None:
+            return self._inputs
+        from .layouts import unpack_inputs
+
+        return unpack_inputs(self.schema, self.views())
+
+    def unpack_now(self) -> None:
+        """Unpack packed modalities here and keep the result for `inputs()`: a CPU trainer's
+        loader thread calls it, so NV12 -> RGB overlaps the step instead of stalling it."""
+        if self.schema.packed and self._inputs is None:
+            self._inputs = self.inputs()
 
     def release(self) -> None:
         cb, self.on_release = self.on_release, None

@@ -92,12 +92,20 @@ def main() -> None:
 @click.option("--producer", "producer", metavar="ADDR", default=None, envvar="MMFEED_PRODUCER",
               help="The producer's control endpoint, asked what made each generation for the "
                    "TensorBoard markers [default: where mmctl finds it].")
+@click.option("--transform", "transforms", multiple=True, metavar="NAME|module:factory",
+              help="Augment/normalise on the device after the copy, in order (repeatable): "
+                   "flip[=P], vflip[=P], random_crop=HxW, random_resized_crop=HxW[/SMIN-SMAX], "
+                   "normalize=imagenet|MEAN/STD, each [@MODALITY[+...]] (default video); or "
+                   "your own module:factory. Seeded; resumed from checkpoints.")
+@click.option("--tiles", default=None, metavar="INPUT=HxW[/STRIDE]",
+              help="Train on patches of a large input (e.g. lidar=64x64): each record becomes "
+                   "its tiles, each read alone from the cache (only its bytes).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary line at exit.")
 def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, auto_batch,
         memory_budget, workers, lr, accum,
         amp, eval_interval, checkpoint_interval, keep, seed, device, ring_start, ring_group,
         no_resume, group, control, log_endpoint, curve_dir, log_interval, progress_interval,
-        metrics, tensorboard, producer, as_json) -> None:
+        metrics, tensorboard, producer, transforms, tiles, as_json) -> None:
     """Train on the disk cache and (with --ring) the live ring; serve `mmctl` meanwhile."""
     from protocol.cache import CacheReader
     from protocol.errors import MmfeedError
@@ -115,8 +123,22 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, auto
         with CacheReader(cache, "train") as r:
             if len(r) == 0:
                 usage(f"--cache {cache}: the cache has no 'train' records")
+            example = r.schema(0).unpacked()
+            if tiles:
+                from .windows import TiledReader, TileSpec
+
+                example = TiledReader(r, TileSpec.parse(tiles)).schema(0).unpacked()
+    except ValueError as e:
+        usage(str(e))
     except MmfeedError as e:
         usage(f"--cache {cache}: {e}")
+    if transforms:
+        from .transforms import TransformError, build_transform
+
+        try:  # the specs and their fit to the data, before the daemon starts
+            build_transform(transforms, example)
+        except TransformError as e:
+            usage(f"--transform: {e}")
     try:
         group_id(group)
     except MmfeedError as e:
@@ -158,7 +180,8 @@ def run(cache, ring, mix, model, checkpoint_dir, steps, epochs, batch_size, auto
                           progress_interval=progress_interval,
                           eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
                           keep=keep, seed=seed, device=device, ring_start=ring_start,
-                          ring_group=ring_group, resume=not no_resume, group=group)
+                          ring_group=ring_group, resume=not no_resume, group=group,
+                          transform=tuple(transforms), tiles=tiles)
     except ValueError as e:
         usage(str(e))
     sys.exit(run_daemon(cfg, DaemonConfig(control=control, log_endpoint=log_endpoint,

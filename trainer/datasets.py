@@ -39,6 +39,8 @@ from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingNotFound, 
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
+from .corrupt import CorruptRecords
+from .layouts import unpack_inputs
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +52,29 @@ class CacheDataset(Dataset):
     calls with a batch sampler) reads a whole batch with one memcpy per sample from the mmap into
     one buffer and returns it already collated as (inputs, labels); all indices must share a
     schema (use `GroupedBatchSampler`). The reader reopens itself in each worker process.
+
+    Video stores (`preprocess --video-store`): h264/hevc records are decoded into the batch by
+    the reader's threads; NV12 video is converted to RGB here (on the CPU; to do it on your GPU
+    instead, pass `unpack=False` and call `trainer.layouts.unpack_inputs(schema, inputs)` after
+    `.to(device)`). A damaged record is left out of its batch, counted in `corrupt.count` and
+    logged once (trainer/corrupt.py): a batch may then be shorter than asked; `ds[i]` of a
+    damaged record raises CorruptRecord (naming record, sample and shard file).
+
+    `transform` (trainer/transforms.py `build_transform`, the object `--transform` makes): applied
+    to each batch `__getitems__` returns, after uint8 inputs became float in [0, 1] as in the
+    trainer; in a DataLoader worker its generator is reseeded from the worker's seed once, so
+    workers draw different numbers. (The trainer applies it on its device instead.)
     """
 
-    def __init__(self, cache_dir: str | Path | CacheReader, split: str | None = "train"):
+    def __init__(self, cache_dir: str | Path | CacheReader, split: str | None = "train", *,
+                 transform=None, unpack: bool = True):
         self.reader = cache_dir if isinstance(cache_dir, CacheReader) else CacheReader(cache_dir, split)
         self.classes = self.reader.classes
         self.labels = self.reader.labels
+        self.transform = transform
+        self.unpack = unpack
+        self.corrupt = CorruptRecords()
+        self._seeded_worker: int | None = None
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -66,7 +85,8 @@ class CacheDataset(Dataset):
 
     @property
     def example_schema(self) -> SampleSchema:
-        return self.reader.schema(0)
+        """The first record's schema as the model sees it (NV12 video as RGB)."""
+        return self.reader.schema(0).unpacked()
 
     def schema_groups(self) -> dict[int, np.ndarray]:
         return self.reader.schema_groups()
@@ -76,15 +96,33 @@ class CacheDataset(Dataset):
         buf = torch.empty(schema.payload_nbytes, dtype=torch.uint8)
         self.reader.read_into(i, buf.numpy())  # the one copy: mmap -> tensor memory
         views = modality_views(schema, buf.unsqueeze(0))
+        if self.unpack:
+            views = unpack_inputs(schema, views)
         return {k: v[0] for k, v in views.items()}, int(self.labels[i])
 
     def __getitems__(self, indices) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
-        self.reader.read_batch_into(idx, buf.numpy())
+        _, metas = self.reader.read_batch_into(idx, buf.numpy())
         labels = torch.as_tensor(self.labels[idx], dtype=torch.int64)
-        return modality_views(schema, buf), labels
+        n = self.corrupt.drop_failed(buf, labels, len(idx), metas.failed)
+        buf, labels = buf[:n], labels[:n]
+        inputs = modality_views(schema, buf)
+        if self.unpack:
+            inputs = unpack_inputs(schema, inputs)
+        if self.transform is not None:
+            self._seed_for_worker()
+            inputs = self.transform({k: v.float().div_(255.0) if v.dtype == torch.uint8 else v
+                                     for k, v in inputs.items()})
+        return inputs, labels
+
+    def _seed_for_worker(self) -> None:
+        info = get_worker_info()
+        gen = getattr(self.transform, "generator", None)
+        if info is not None and gen is not None and self._seeded_worker != info.id:
+            gen.manual_seed(int(info.seed))
+            self._seeded_worker = info.id
 
     @staticmethod
     def collate(batch):

@@ -47,6 +47,9 @@ from .batching import group_batches
 from .datasets import LiveDiskMixer
 from .model import build_model, expected_shapes
 from .prefetch import DevicePrefetcher, DiskLoader, RingLoader, WorkerDiskLoader
+from .transforms import build_transform
+from .nvdec import nvdec_refusal
+from .windows import TiledReader, TileSpec
 from .recent import RecentGenerations
 from .resume import newest_checkpoint
 from .topology import Dist, rescale_disk_position
@@ -90,6 +93,8 @@ class TrainConfig:
     group: str | None = None            # checkpoint files 0640 of this group; else 0600
     auto_batch: bool = False            # find the largest batch_size within memory_budget
     memory_budget: int | None = None    # bytes; None: trainer/autobatch.py default_budget
+    transform: tuple[str, ...] = ()     # --transform specs (trainer/transforms.py)
+    tiles: str | None = None            # --tiles INPUT=HxW[/S]: patch samples (trainer/windows.py)
     # Where `mix` came from: "given" (--mix), "default" (none given), then "checkpoint" when
     # a resume restored it (never over a given one), "mmctl" after `mmctl mix`.
     mix_source: str = field(default="default", init=False)
@@ -156,10 +161,21 @@ class Trainer:
             raise CacheError(f"{cfg.cache}: the cache has no 'train' records")
         self.val_reader = (CacheReader(cfg.cache, "val")
                            if "val" in self.train_reader.splits else None)
+        if cfg.tiles:  # patch samples read window by window (trainer/windows.py)
+            spec = TileSpec.parse(cfg.tiles)
+            self.train_reader = TiledReader(self.train_reader, spec)
+            if self.val_reader is not None:
+                self.val_reader = TiledReader(self.val_reader, spec)
         self.classes = self.train_reader.classes
-        schema = self.train_reader.schema(0)
+        schema = self.train_reader.schema(0).unpacked()  # NV12 video: the model sees RGB
         self.model = build_model(cfg.model, schema, len(self.classes)).to(self.device)
-        self.adapter = ShapeAdapter(expected_shapes(self.model, schema))
+        # --transform: on the device after the copy (trainer/transforms.py); the adapter then
+        # keeps inputs at the data's shapes and the transforms make the model's
+        self.transform = (build_transform(cfg.transform, schema, device=self.device,
+                                          seed=(cfg.seed + 1) * 1_000_003 + self.dist.rank)
+                          if cfg.transform else None)
+        self.adapter = ShapeAdapter(expected_shapes(self.model, schema) if self.transform is None
+                                    else {m.name: m.shape for m in schema.modalities})
         self.auto_batch = self._auto_batch(schema) if cfg.auto_batch else None
         self.batch_size_trained: int | None = None  # rows of the last micro-batch trained
         self.ddp = None
@@ -279,6 +295,15 @@ class Trainer:
             raise ValueError(f"--amp bf16: {torch.cuda.get_device_name(self.device)} has no bf16")
         return None
 
+    def _nvdec(self, reader) -> bool:
+        """Decode the cache's h264/hevc clips with NVDEC after the copy (trainer/nvdec.py)?"""
+        if not getattr(reader, "has_compressed", False) or self.device.type != "cuda":
+            return False
+        why = nvdec_refusal(self.device)
+        if why is not None:
+            log.info("compressed video decoded by the loader threads on the CPU: %s", why)
+        return why is None
+
     def _open_sources(self) -> None:
         cfg, d = self.cfg, self.dist
         common = dict(shuffle=True, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
@@ -287,7 +312,8 @@ class Trainer:
             self.disk = WorkerDiskLoader(self.train_reader, cfg.batch_size, workers=cfg.workers,
                                          **common).start()
         else:
-            self.disk = DiskLoader(self.train_reader, cfg.batch_size, **common).start()
+            self.disk = DiskLoader(self.train_reader, cfg.batch_size,
+                                   defer_video=self._nvdec(self.train_reader), **common).start()
         self.live = None
         if cfg.ring and self.device.type == "cuda":
             # GPU slot rings by device copies, host rings as RingLoader (trainer/gpu_loader.py).
@@ -363,6 +389,8 @@ class Trainer:
             # what `disk_position` counts in: a resume on another world size rescales it
             "world_size": self.dist.world_size,
             "disk_batches_per_epoch": self.disk_batches_per_epoch(),
+            **({"transform_rng": self.transform.state_dict()["generator"]}
+               if self.transform is not None else {}),
         }
 
     def lifetime_counts(self) -> dict[str, int]:
@@ -386,6 +414,7 @@ class Trainer:
         counts = state.get("counts", {})
         self.lifetime_base = {k: int(counts.get(k, 0))
                               for k in ("live", "disk", "unlabelled", "bad_label")}
+        self._restore_transform_rng(state)
         how = ckpt.restore_rng(state, self.dist.rank)
         if how == "derived":
             log.info("rank %d: no RNG state saved for this rank; derived one from rank 0's",
@@ -421,6 +450,28 @@ class Trainer:
                  extra={"saved_world_size": saved_world, "world_size": self.dist.world_size,
                         "saved_batch_size": saved_bs, "batch_size": self.cfg.batch_size})
         return new
+    def _rank_rng_state(self) -> dict:
+        """This rank's RNG states for `rng_ranks`: the global ones plus the transforms'."""
+        state = ckpt.rng_state()
+        if self.transform is not None:
+            state["transform"] = self.transform.state_dict()["generator"]
+        return state
+
+    def _restore_transform_rng(self, state: dict) -> None:
+        """The transforms' generator where this rank left it (its `rng_ranks` entry, rank 0's
+        `transform_rng`); a rank without a saved one derives its own from rank 0's, so ranks
+        never draw the same augmentations."""
+        if self.transform is None or "transform_rng" not in state:
+            return
+        per_rank = state.get("rng_ranks") or []
+        mine = per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else None
+        if mine is not None and "transform" in mine:
+            self.transform.load_state_dict({"generator": mine["transform"]})
+        elif self.dist.rank == 0:
+            self.transform.load_state_dict({"generator": state["transform_rng"]})
+        else:
+            seed = int.from_bytes(state["transform_rng"].numpy().tobytes()[-8:], "little")
+            self.transform.generator.manual_seed((seed + 7919 * self.dist.rank) % 2**63)
 
     def _restore_mix(self, saved) -> None:
         """The checkpoint's live fraction, unless --mix was given (the command line wins) or
@@ -452,7 +503,7 @@ class Trainer:
         rngs = None
         if self.dist.enabled:  # every rank's RNG state, so each resumes its own streams
             rngs = [None] * self.dist.world_size
-            dist.all_gather_object(rngs, ckpt.rng_state())
+            dist.all_gather_object(rngs, self._rank_rng_state())
         if self.dist.rank == 0:
             state = self.state_dict()
             if rngs is not None:
@@ -467,7 +518,7 @@ class Trainer:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _prepare(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _prepare(self, batch, train: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Model inputs and labels that no longer depend on the batch's host buffer.
 
         On the CPU the batch is a view of a pooled host buffer that the loader thread refills
@@ -482,7 +533,10 @@ class Trainer:
                 inputs[k] = v.to(torch.float32, copy=True)
         labels = batch.labels if batch.labels.device.type != "cpu" else batch.labels.clone()
         batch.release()
-        return self.adapter(inputs, batch.generation), labels
+        inputs = self.adapter(inputs, batch.generation)
+        if self.transform is not None:
+            inputs = self.transform(inputs) if train else self.transform.evaluate(inputs)
+        return inputs, labels
 
     def _usable(self, labels: torch.Tensor, batch) -> tuple[torch.Tensor, int]:
         """Targets for the loss (unusable labels -> IGNORE_LABEL) and how many are usable.
@@ -711,7 +765,8 @@ class Trainer:
             return None
         self.model.eval()
         loader = DiskLoader(self.val_reader, self.cfg.batch_size, shuffle=False, epochs=1,
-                            rank=self.dist.rank, world_size=self.dist.world_size).start()
+                            rank=self.dist.rank, world_size=self.dist.world_size,
+                            defer_video=self.disk.defer_video).start()
         pf = DevicePrefetcher(loader.get, self.device)
         correct = total = 0
         try:
@@ -721,7 +776,7 @@ class Trainer:
                     if loader.exhausted:
                         break
                     continue
-                inputs, labels = self._prepare(b)
+                inputs, labels = self._prepare(b, train=False)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                                     enabled=self.amp_dtype is not None):
                     pred = self.model(inputs).argmax(dim=1)
@@ -778,6 +833,7 @@ class Trainer:
             "ring_reattached": live.reattached if live else 0,
             "live_dropped": live.dropped if live else 0,
             "adapted_batches": self.adapter.adapted,
+            "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "rank": self.dist.rank, "world_size": self.dist.world_size,
             "device": str(self.device), "amp": str(self.amp_dtype).replace("torch.", "")
@@ -873,6 +929,7 @@ class Trainer:
             "stall_fraction": self.stall_fraction(),
             "live_fraction": round(self.mixer.achieved_total, 4),
             "copies_per_sample": self.copies_per_sample(),
+            "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "world_size": self.dist.world_size, "ranks": self.rank_counts(),
             "batch_size": self.cfg.batch_size,

@@ -30,13 +30,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from protocol.cache import compact_rows
 from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingError, RingNotFound,
                              RingNotOwned, RingSuperseded)
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 from protocol.stages import now_ns
 
+from .corrupt import CorruptRecords
 from .gpu_ring import gpu_slot_refusal
+from .layouts import unpack_inputs
+from .nvdec import decode_deferred
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
 from .recent import RecentGenerations
@@ -66,6 +70,7 @@ class LoaderStats:
     damaged: int = 0         # the ring was found damaged and left (RingDamaged)
     skipped: int = 0         # live samples left to this ring's other readers (rank split)
     generations: set = field(default_factory=RecentGenerations)  # newest 256 seen
+    corrupt: int = 0         # cache records skipped because their bytes were damaged
 
 
 class _LoaderThread:
@@ -180,9 +185,12 @@ class DiskLoader(_LoaderThread):
 
     def __init__(self, reader, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, epochs: int | None = None,
-                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None):
+                 start: tuple[int, int] = (0, 0), depth: int = 2, pin: bool | None = None,
+                 defer_video: bool = False):
         super().__init__(depth)
         self.reader = reader
+        # compressed clips left for the device to decode after the copy (trainer/nvdec.py)
+        self.defer_video = defer_video
         self.batch_size = batch_size
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.epochs = epochs
@@ -192,6 +200,7 @@ class DiskLoader(_LoaderThread):
         self._labels = torch.as_tensor(reader.labels, dtype=torch.int64)
         self._depth = depth
         self._pools: PoolCache[BufferPool] = PoolCache(self._new_pool)
+        self._corrupt = CorruptRecords()  # damaged records skipped (trainer/corrupt.py)
 
     def batches_per_epoch(self) -> int:
         return len(group_batches(self._groups, self.batch_size, shuffle=False, seed=0, epoch=0,
@@ -231,7 +240,10 @@ class DiskLoader(_LoaderThread):
                     pair = pool.get(timeout=_POLL_S)
                 buf, labels = pair
                 t_ns = now_ns()
-                _, metas = self.reader.read_batch_into(idx, buf.numpy())
+                if self.defer_video:
+                    _, metas = self.reader.read_batch_into(idx, buf.numpy(), defer_video=True)
+                else:
+                    _, metas = self.reader.read_batch_into(idx, buf.numpy())
                 if self.stage is not None:
                     self.stage.since(t_ns)
                 if metas.cold and k + 1 < len(plan):
@@ -239,17 +251,35 @@ class DiskLoader(_LoaderThread):
                     # training (warm batches skip this: fadvise walks the page cache per page)
                     self.reader.prefetch(plan[k + 1])
                 labels[: len(idx)] = self._labels[torch.from_numpy(idx)]
+                n = self._corrupt.drop_failed(buf, labels, len(idx), metas.failed)
+                self.stats.corrupt = self._corrupt.count
+                if n == 0:  # every record of the batch was damaged: nothing to train on
+                    pool.put(pair)
+                    continue
                 gen = int(metas.generation[0])
-                b = HostBatch(schema, gen, buf, labels, len(idx), live=0, copies=len(idx),
+                b = HostBatch(schema, gen, buf, labels, n, live=0, copies=n,
                               on_release=lambda pair=pair, pool=pool: pool.put(pair))
                 b.position = (epoch, k + 1)  # type: ignore[attr-defined]
+                deferred = getattr(metas, "deferred", ())
+                if deferred and metas.failed:  # rows moved by drop_failed: follow them
+                    deferred = _follow_moves(deferred, metas.failed, len(idx))
+                b.deferred = deferred  # type: ignore[attr-defined]
+                if schema.packed and not buf.is_pinned():
+                    b.unpack_now()  # CPU trainer: NV12 -> RGB here, beside the step
                 self.stats.batches += 1
-                self.stats.samples += len(idx)
-                self.stats.copies += len(idx)
+                self.stats.samples += n
+                self.stats.copies += n
                 if not self._put(b):
                     return
                 k += 1
             epoch, skip = epoch + 1, 0
+
+
+def _follow_moves(deferred, failed, n: int) -> tuple:
+    """Deferred clips' rows after `compact_rows` moved good rows into the failed ones' places."""
+    keep = compact_rows(np.zeros((n, 0), np.uint8), n, failed)
+    where = {int(src): dst for dst, src in enumerate(keep.tolist())}
+    return tuple((where[row], rec, blob) for row, rec, blob in deferred if row in where)
 
 
 class RingLoader(_LoaderThread):
@@ -519,17 +549,24 @@ class DevicePrefetcher:
             labels = hb.labels[: hb.n].to(self.device)
             return DeviceBatch(hb.schema, hb.generation, hb.inputs(), labels, hb.n, hb.live,
                                hb.copies, host=hb), None
+        deferred = getattr(hb, "deferred", None)  # compressed clips to decode after the copy
         if not self.cuda:
+            if deferred:
+                decode_deferred(hb.schema, hb.data, deferred)
             db = DeviceBatch(hb.schema, hb.generation, hb.inputs(), hb.labels[: hb.n], hb.n,
                              hb.live, hb.copies, host=hb)
             return db, None
         with torch.cuda.stream(self._stream):
             data = hb.data.to(self.device, non_blocking=True)
             labels = hb.labels[: hb.n].to(self.device, non_blocking=True)
+            if deferred:  # NVDEC into the rows on the device (trainer/nvdec.py)
+                decode_deferred(hb.schema, data, deferred)
+            # packed modalities (NV12) cross the bus packed and are unpacked on the device,
+            # on this stream: after their copy, before the event the step waits on
+            inputs = unpack_inputs(hb.schema, modality_views(hb.schema, data))
             ev = torch.cuda.Event()
             ev.record(self._stream)
-        db = DeviceBatch(hb.schema, hb.generation, modality_views(hb.schema, data), labels,
-                         hb.n, hb.live, hb.copies)
+        db = DeviceBatch(hb.schema, hb.generation, inputs, labels, hb.n, hb.live, hb.copies)
         self._in_flight.append((hb, ev))
         return db, ev
 
@@ -590,8 +627,13 @@ class _RawBatches(torch.utils.data.Dataset):
         idx = np.asarray(idx, dtype=np.int64)
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
-        self.reader.read_batch_into(idx, buf.numpy())
-        return buf, torch.as_tensor(self.reader.labels[idx], dtype=torch.int64), int(idx[0])
+        _, metas = self.reader.read_batch_into(idx, buf.numpy())
+        labels = torch.as_tensor(self.reader.labels[idx], dtype=torch.int64)
+        if metas.failed:  # dropped here; the parent reports them (WorkerDiskLoader._run)
+            keep = compact_rows(buf, len(idx), metas.failed, extra=(labels,))
+            buf, labels = buf[: len(keep)], labels[: len(keep)]
+        failed = [(f.record, str(f.error)) for f in metas.failed]
+        return buf, labels, int(idx[0]), failed
 
 
 def _identity(x):
@@ -641,10 +683,16 @@ class WorkerDiskLoader(DiskLoader):
         copies = 3 if pin else 2  # mmap -> worker tensor -> shared memory (-> pinned)
         it = iter(dl)
         try:
-            for buf, labels, first in it:
+            for buf, labels, first, failed in it:
                 if self._stop.is_set():
                     return
+                for record, message in failed:
+                    self._corrupt.report(record, message)
+                self.stats.corrupt = self._corrupt.count
                 n = buf.shape[0]
+                if n == 0:
+                    positions.popleft()
+                    continue
                 b = HostBatch(self.reader.schema(first), self.reader.meta(first).generation,
                               buf, labels, n, live=0, copies=copies * n)
                 b.position = positions.popleft()  # type: ignore[attr-defined]
