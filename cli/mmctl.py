@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 import click
 
+from cli.params import FiniteFloatRange
 from protocol import logs, paths
 from protocol.control import (
     ControlClient,
@@ -133,7 +134,7 @@ pass_ctl = click.make_pass_decorator(Ctl)
 @click.option("--trainer", metavar="ADDR", envvar="MMFEED_TRAINER",
               help="Trainer control endpoint [default: trainer.sock in the runtime dir, "
                    "else in /run/mmfeed].")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=5.0, show_default=True,
               metavar="S", help="Seconds to wait for a daemon's reply (over two attempts).")
 @click.option("--keys", type=click.Path(file_okay=False, path_type=Path), envvar="MMFEED_KEYS",
               help="CURVE key folder from `mmctl keygen` (needed for tcp:// endpoints).")
@@ -334,7 +335,7 @@ def _poll_both(ctl: Ctl) -> tuple[dict[str, dict | None], dict[str, str]]:
 
 @main.command()
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
-@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteFloatRange(min=0.2), default=1.0, show_default=True,
               metavar="S", help="Seconds between refreshes.")
 @pass_ctl
 def top(ctl: Ctl, once: bool, interval: float) -> None:
@@ -507,7 +508,7 @@ def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
 
 
 @main.command()
-@click.argument("fraction", type=click.FloatRange(0.0, 1.0))
+@click.argument("fraction", type=FiniteFloatRange(0.0, 1.0))
 @pass_ctl
 def mix(ctl: Ctl, fraction: float) -> None:
     """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
@@ -543,9 +544,9 @@ def checkpoint(ctl: Ctl) -> None:
 
 @main.command()
 @click.argument("generation", type=click.IntRange(min=0))
-@click.option("--timeout", "deadline", type=click.FloatRange(min=0), default=600.0, show_default=True,
+@click.option("--timeout", "deadline", type=FiniteFloatRange(min=0), default=600.0, show_default=True,
               metavar="S", help="Give up (exit 3) after S seconds.")
-@click.option("--interval", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+@click.option("--interval", type=FiniteFloatRange(min=0.01), default=0.5, show_default=True,
               metavar="S", help="Seconds between status polls.")
 @pass_ctl
 def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
