@@ -41,7 +41,7 @@ class CliCommand:
         return f"mmctl {' '.join(self.args)} -> {self.target}"
 
 
-def _producer_valid(preview_png: str) -> list[CliCommand]:
+def _producer_valid(preview_png: str, record_cache: str) -> list[CliCommand]:
     """Commands the source may accept (a dataset replay has every input; the stream has video
     and audio only, so some of these are refusals there, which is the point too)."""
     out: list[CliCommand] = []
@@ -62,6 +62,8 @@ def _producer_valid(preview_png: str) -> list[CliCommand]:
             CliCommand("producer", ("pause",), True, undo=("resume",)),
             CliCommand("producer", ("resume",), True),
             CliCommand("producer", ("record", "start"), True, undo=("record", "stop")),
+            CliCommand("producer", ("record", "start", "--cache", record_cache, "--split", "val"),
+                       True, undo=("record", "stop")),
             CliCommand("producer", ("record", "status"), True),
             CliCommand("producer", ("preview", "--out", preview_png), True),
             CliCommand("producer", ("logs", "producer", "-n", "20"), True),
@@ -139,7 +141,8 @@ class Menu:
         self.rng = rng
         blocker = work / "not-a-folder"
         blocker.write_text("a file where a folder is expected\n")
-        self.producer_valid = _producer_valid(str(work / "preview.png"))
+        self.producer_valid = _producer_valid(str(work / "preview.png"),
+                                              str(work / "recorded-by-mmctl"))
         self.producer_invalid = _producer_invalid(str(blocker / "x"))
         self.trainer_valid = _trainer_valid()
         self.trainer_invalid = _trainer_invalid()

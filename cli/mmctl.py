@@ -690,7 +690,12 @@ def _unit_known(journalctl: str, unit: str) -> bool:
 def keygen(ctl: Ctl, directory: Path) -> None:
     """Write CURVE keypairs for TCP control into DIRECTORY (server + client, and
     DIRECTORY/clients/ holding the client public keys the server admits)."""
-    secrets = write_keys(directory)
+    try:
+        secrets = write_keys(directory)
+    except OSError as e:  # a file in the way, no permission, a full disk: say which and why
+        ctl.fail(EXIT_USAGE, f"keygen: cannot write keys into {directory}: "
+                             f"{e.strerror or e}; pass a folder you may create and write",
+                 "bad_argument")
     info = {"ok": True, "server_secret": str(secrets["server"]), "server_public": str(directory / "server.key"),
             "client_secret": str(secrets["client"]), "clients_dir": str(directory / "clients")}
     ctl.emit(info, "\n".join([

@@ -566,3 +566,15 @@ def test_a_retry_after_a_timeout_repeats_the_request_id(rundir):
     assert last_json(r)["generation"] == 2 and "id" not in last_json(r)
     first, retry = fake.received
     assert first == retry and first["id"]
+
+
+def test_keygen_into_a_folder_that_cannot_be_made_is_a_usage_error_naming_it(tmp_path):
+    # A file where a folder is expected: mmctl printed a NotADirectoryError traceback.
+    # Found by bench.faults.
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "keys"
+    r = run("--json", "keygen", str(target))
+    assert r.exit_code == 2, r.output
+    err = json.loads(r.output.strip().splitlines()[-1])["error"]
+    assert err["code"] == "bad_argument" and str(target) in err["message"]
+    assert "Not a directory" in err["message"]
