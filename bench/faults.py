@@ -32,9 +32,12 @@ step stays put for `--stall-s` while it is running, not paused and not set to li
 producer 'running' that publishes nothing for `--stall-s`, unless it is lossless or, for the
 stream, ffmpeg was not sending; a daemon still running `--stop-s` after SIGTERM; an mmctl
 process that outlives its timeout),
-/dev/shm entries of the run's rings left after everything stopped, mmctl failures
-(tracebacks, exit codes outside 0-3, --json output without its JSON line), protocol
-failures (a reply that is not JSON, a malformed message accepted, a retried id run twice),
+leaks (/dev/shm entries of the run's rings, runtime-folder files and checkpoint temporaries
+left after the final stop, once every daemon a fault left down has been started again),
+mmctl failures (tracebacks, exit codes outside 0-3, --json output without its JSON line),
+protocol failures (a reply that is not JSON, a malformed message accepted, a retried id run
+twice, pause not paused, resume still paused, a generation number at or below one already
+announced on that ring - across producer restarts too - a scrape not answered 200),
 `internal` error replies (a handler failed in a way nobody foresaw), tracebacks a daemon
 printed while it went on (a thread that died),
 and each daemon's RssAnon growth per hour (least squares over each incarnation's samples
@@ -78,6 +81,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FAULTS = ("kill producer", "kill stream producer", "term trainer", "kill sender", "kill reader")
 DAEMONS = ("producer", "stream", "trainer")
+CHANGES = ("filter", "sensor", "method", "segment", "label", "modalities")  # new generations
 MMCTL_TIMEOUT_S = 6.0      # mmctl --timeout: two attempts of 3 s (a retry keeps its request id)
 MMCTL_WALL_S = 60.0        # an mmctl process alive past this is hung
 RAW_REPLY_S = 10.0
@@ -165,6 +169,8 @@ class Watchdog(threading.Thread):
             if mib is not None:
                 self.rss[name].append((inc, time.monotonic() - started, mib))
         reply = None
+        with self.b.flock:  # read before asking: a change announced meanwhile is newer
+            announced = self.b.generations.get(name, 0)
         try:
             if client.listening() is not False:
                 reply = client.request("status")
@@ -182,7 +188,7 @@ class Watchdog(threading.Thread):
             if name == "trainer":
                 self._trainer(st, reply, now, inc)
             else:
-                self._producer(name, st, reply, now, inc)
+                self._producer(name, st, reply, now, inc, announced)
             return
         silent = now - st["last_answer"]
         limit = self.b.plan.hang_s if st["answered"] else self.b.plan.startup_s
@@ -192,11 +198,17 @@ class Watchdog(threading.Thread):
             self.b.hang(name, inc, pid, what)
             st["flagged"] = True
 
-    def _producer(self, name: str, st: dict, reply: dict, now: float, inc: int) -> None:
+    def _producer(self, name: str, st: dict, reply: dict, now: float, inc: int,
+                  announced: int) -> None:
         """Counts what each incarnation published; a producer 'running' that publishes
         nothing for `stall_s` is stalled - unless it is lossless (a paused trainer holds it by
         design) or, for the stream, ffmpeg has not been sending all that time."""
         published = int(reply.get("published") or 0)
+        gen = reply.get("generation")
+        if isinstance(gen, int) and gen < announced and not st.get("gen_flagged"):
+            st["gen_flagged"] = True
+            self.b.fail(name, "protocol", f"status says generation {gen} after generation "
+                        f"{announced} was announced (incarnation {inc}): numbers went back")
         with self.lock:
             self.published[name][inc] = max(self.published[name].get(inc, 0), published)
         if published != st["published"]:
@@ -271,6 +283,7 @@ class FaultBench:
         self.restart_delay: dict[str, float] = {}
         self.undo: list[tuple[float, CliCommand]] = []
         self.trainer_rings: dict[int, str] = {}
+        self.generations: dict[str, int] = {}   # producer -> highest generation announced
         self.watchdog: Watchdog | None = None
         self.error_log_lines: dict[str, int] = {}
         self.zctx = zmq.Context.instance()
@@ -454,6 +467,8 @@ class FaultBench:
                           f"{done.stderr[-500:]}")
                 return
             self._internal(cmd.target, f"`{cmd.text()}`", obj)
+            if rc == 0:
+                self._check_reply(cmd, obj)
         if cmd.undo and rc == 0:
             self.undo.append((time.monotonic() + self.cmd_rng.uniform(1.0, 8.0),
                               CliCommand(cmd.target, cmd.undo, True)))
@@ -480,6 +495,30 @@ class FaultBench:
             self.fail(target, "protocol", f"raw {kind!r} was accepted: {reply[:300]!r}")
         else:
             self._internal(target, f"raw {kind!r}", obj)
+
+    def _check_reply(self, cmd: CliCommand, reply: dict) -> None:
+        """A reply that says something untrue: pause not paused, resume still paused, or a
+        change numbered at or below a generation that producer (any of its incarnations)
+        already announced - generations only grow on a ring, across restarts too."""
+        what, target = cmd.args[0], cmd.target
+        state = reply.get("state")
+        if what == "pause" and state is not None and state != "paused":
+            self.fail(target, "protocol", f"`{cmd.text()}` answered ok with state {state!r}")
+        if what == "resume" and state == "paused":
+            self.fail(target, "protocol", f"`{cmd.text()}` answered ok but still paused")
+        if what in CHANGES and target in ("producer", "stream") and reply.get("changed") is not False:
+            self._new_generation(target, reply.get("generation"), f"`{cmd.text()}`")
+
+    def _new_generation(self, target: str, gen: object, what: str) -> None:
+        if not isinstance(gen, int) or isinstance(gen, bool):
+            return
+        with self.flock:
+            last = self.generations.get(target, 0)
+            self.generations[target] = max(last, gen)
+        if gen <= last:
+            self.fail(target, "protocol", f"{what} made generation {gen}, but generation {last} "
+                      f"was already announced on this ring: numbers must only grow, across "
+                      f"producer restarts too")
 
     def _internal(self, target: str, what: str, reply: object) -> None:
         """An `internal` error reply: a handler failed in a way nobody foresaw (the control
@@ -567,6 +606,8 @@ class FaultBench:
             self.fail(target, "protocol", f"{cmd}: a reply that is not JSON: {first[:100]!r} / "
                       f"{second[:100]!r}")
             return
+        if target != "trainer" and a.get("ok"):
+            self._new_generation(target, a.get("generation"), f"{cmd} under id {rid[:8]}")
         if a.get("ok") and b.get("ok") and a.get(key) != b.get(key):
             self.fail(target, "protocol", f"{cmd} retried under the same id ran twice: "
                       f"{key} {a.get(key)} then {b.get(key)}")
@@ -855,7 +896,8 @@ figures (--json keys; human output: a line every 30 s, a table at the end):
                       fault left down is started once more first, as systemd would)
   cli/protocol/internal/tracebacks
                       mmctl tracebacks or exits outside 0-3; replies that are not JSON, a
-                      malformed message accepted, a retried id run twice, a bad scrape;
+                      malformed message accepted, a retried id run twice, pause/resume
+                      replies in the wrong state, generation numbers going back, a bad scrape;
                       `internal` error replies; tracebacks a daemon printed and went on
   rss                 RssAnon growth per hour of each daemon (least squares within each
                       incarnation after --warmup-s; noisy below ~30 min)
