@@ -81,6 +81,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FAULTS = ("kill producer", "kill stream producer", "term trainer", "kill sender", "kill reader")
 DAEMONS = ("producer", "stream", "trainer")
+# One round of commands (shuffled each round): mostly mmctl, whose menu draws valid or
+# invalid, producer or trainer; the raw kinds cost no process, so a loaded machine still
+# sends each of them within the first round.
+COMMAND_ROUND = ("mmctl", "mmctl", "mmctl", "mmctl", "raw", "raw", "metrics", "repeated_id")
 CHANGES = ("filter", "sensor", "method", "segment", "label", "modalities")  # new generations
 MMCTL_TIMEOUT_S = 6.0      # mmctl --timeout: two attempts of 3 s (a retry keeps its request id)
 MMCTL_WALL_S = 60.0        # an mmctl process alive past this is hung
@@ -723,6 +727,7 @@ class FaultBench:
         a pause or a recording when it is due."""
         r = self.cmd_rng
         next_cmd = time.monotonic() + r.expovariate(1 / self.plan.command_interval_s)
+        order: list[str] = []
         while (now := time.monotonic()) < end:
             due = [u for u in self.undo if u[0] <= now]
             if due:
@@ -733,12 +738,15 @@ class FaultBench:
             if now < next_cmd:
                 time.sleep(min(0.05, next_cmd - now))
                 continue
-            x = r.random()
-            if x < 0.6:
+            if not order:  # every kind in each round, shuffled: a short or loaded run has all
+                order = list(COMMAND_ROUND)
+                r.shuffle(order)
+            kind = order.pop()
+            if kind == "mmctl":
                 self.mmctl(self.menu.cli(self.watchdog.trainer_generation))
-            elif x < 0.8:
+            elif kind == "raw":
                 self.raw()
-            elif x < 0.95:
+            elif kind == "metrics":
                 self.metrics()
             else:
                 self.repeated_id()
