@@ -45,8 +45,8 @@ after `--warmup-s`, one intercept per incarnation since restarts start low again
 failure is printed with the stderr tail of the process and the bench's actions before it.
 
 The figure (every bench prints a figure beside a limit measured in the same run): samples
-trained per minute during the fault phase, against the same run's fault-free baseline as the limit - how much training a run
-keeps while it is steered, fed garbage and killed. The pass/fail figures are the failure
+trained per minute during the fault phase, against the same run's fault-free baseline as the
+limit - how much training a run keeps while it is steered, fed garbage and killed. The pass/fail figures are the failure
 counts, which must be 0; the exit status is 1 when any failure was found.
 """
 from __future__ import annotations
