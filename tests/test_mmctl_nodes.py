@@ -44,8 +44,9 @@ def test_a_change_goes_to_every_nodes_producer(nodes):
     assert out["generations"] == {n.endpoint: 2 for n in nodes}
     assert "generations_differ" not in out
     for n in nodes:
-        # the server parses the spec once (WIRE_ARGS); `ffmpeg` (a chain) was not given
-        assert n.fake.calls == [("filter", {"spec": FilterSpec(gray=True), "ffmpeg": None})]
+        # the daemon side parses the spec once (protocol/commands.py): handlers get a
+        # FilterSpec; `ffmpeg` (an FFmpeg chain) was not given
+        assert n.fake.calls == [("filter", {"spec": FilterSpec.parse("gray"), "ffmpeg": None})]
 
 
 def test_the_producer_option_repeated_is_the_same_as_a_comma_list(nodes):
