@@ -386,6 +386,11 @@ def encode_record(schema: SampleSchema, arrays: Mapping[str, np.ndarray],
         return schema, schema.pack(arrays)
     if spec is None:
         return schema, schema.pack(arrays)  # nothing to store differently: no video input
+    if spec.layout:  # pixel_format=yuv420: the video already is NV12 planes
+        if notes is not None:
+            notes.append(f"video store {settings.store}: the video is already {spec.layout} "
+                         f"planes (pixel_format=yuv420); stored as they are")
+        return schema, schema.pack(arrays)
     if spec.dtype != "uint8" or len(spec.shape) != 4 or spec.shape[1] not in (1, 3):
         if notes is not None:
             notes.append(f"video store {settings.store}: video is {spec.dtype}"
