@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mmfeed-installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv test demo bench clean install-units
+.PHONY: venv test test-fast demo bench clean install-units
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml setup.py protocol/_seqlock.c producer/_lzf.c
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# The unit tests only (no daemons; tests/conftest.py UNIT_FILES): the edit-run loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m unit
 
 demo: $(STAMP)
 	$(PY) -m cli.demo

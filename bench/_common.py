@@ -74,8 +74,9 @@ def want_json(argv: list[str] | None = None) -> bool:
 
 def report(bench: str, figure: float, unit: str, limit_name: str, limit: float,
            as_json: bool, **extra) -> dict:
-    """Print `bench  figure unit | limit_name limit unit | ratio r`, and with --json the DESIGN.md
-    object as the last line. Returns the object."""
+    """Print `bench  figure unit | limit_name limit unit | ratio r`, and with --json the object
+    docs/architecture.md fixes (bench, figure, unit, limit_name, limit, ratio, machine) as the
+    last line. Returns the object."""
     if not limit or limit <= 0:
         raise ValueError(f"{bench}: a figure needs its measured limit, got {limit!r}")
     ratio = figure / limit
@@ -93,3 +94,19 @@ def report(bench: str, figure: float, unit: str, limit_name: str, limit: float,
     if as_json:
         print(json.dumps(obj))
     return obj
+
+
+def cuda_variant(argv: list[str], prog: str, cuda_main: Callable[[list[str]], object]
+                 ) -> tuple[bool, object]:
+    """`--device cpu|cuda` of a CPU benchmark whose CUDA variant is its own module: (True,
+    `cuda_main(rest of argv)`) with cuda; (True, 2) after saying what is accepted for anything
+    else; (False, None) with cpu or no --device, the option taken out of `argv`."""
+    if "--device" not in argv:
+        return False, None
+    i = argv.index("--device")
+    device = argv[i + 1] if i + 1 < len(argv) else ""
+    if device not in ("cpu", "cuda"):
+        print(f"{prog}: --device {device!r}: expected cpu or cuda", file=sys.stderr)
+        return True, 2
+    del argv[i:i + 2]
+    return (True, cuda_main(argv)) if device == "cuda" else (False, None)

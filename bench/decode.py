@@ -24,7 +24,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from bench._common import repeat, report, want_json
+from bench._common import cuda_variant, repeat, report, want_json
 from producer.modalities import video
 from protocol.filters import FilterSpec
 
@@ -105,18 +105,15 @@ def fps(n: int, timing) -> tuple[float, float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--device" in argv:  # --device cuda: NVDEC vs ffmpeg -hwaccel cuda (bench/decode_cuda.py)
-        i = argv.index("--device")
-        device = argv[i + 1] if i + 1 < len(argv) else ""
-        if device not in ("cpu", "cuda"):
-            print(f"python -m bench.decode: --device {device!r}: expected cpu or cuda",
-                  file=sys.stderr)
-            return 2
-        del argv[i:i + 2]
-        if device == "cuda":
-            from bench.decode_cuda import main as decode_cuda
 
-            return decode_cuda(argv)
+    def decode_cuda(rest):  # --device cuda: NVDEC vs ffmpeg -hwaccel cuda (bench/decode_cuda.py)
+        from bench.decode_cuda import main
+
+        return main(rest)
+
+    handled, result = cuda_variant(argv, "python -m bench.decode", decode_cuda)
+    if handled:
+        return result
     ap = argparse.ArgumentParser(prog="python -m bench.decode")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seconds", type=float, default=4.0, help="clip length (default 4 s)")

@@ -108,7 +108,7 @@ def _in_worker_cpu(samples, cfg: PipelineConfig, workers: int, root: Path) -> di
     """CPU s per sample per modality inside `workers` busy pool workers (the preprocess ones)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from producer.preprocess import _init_worker, start_worker_server
+    from producer.preprocess_workers import _init_worker, start_worker_server
 
     keys = [s.key for s in samples]
     shares = [keys[k::workers] for k in range(workers)]

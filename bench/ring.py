@@ -43,7 +43,9 @@ import uuid
 
 import numpy as np
 
-import protocol.ring as ring_module
+import protocol.ring_liveness as ring_liveness
+import protocol.ring_reader as ring_reader
+import protocol.ring_writer as ring_writer
 from bench._common import machine, report
 from protocol import _seqlock as sl
 from protocol.ring import RingConfig, RingReader, RingWriter
@@ -392,7 +394,7 @@ def bench_iceoryx2(size: int, budget: float) -> tuple[float, float] | str:
 
 class _PhaseClock:
     """Per-phase nanoseconds and counts. Installed in a child process only: it stands in for
-    `protocol.ring.sl` (timing the named seqlock calls) and wraps the ring's semaphores, so
+    the `sl` of protocol.ring_writer / ring_reader (timing the named seqlock calls) and wraps the ring's semaphores, so
     the ring's own code is measured unchanged."""
 
     def __init__(self, timed: set[str]):
@@ -433,7 +435,7 @@ class _PhaseClock:
 
 def _profile_writer(name, size, count, ready, go, done, q):
     clock = _PhaseClock({"spin_until"})
-    ring_module.sl = clock
+    ring_writer.sl = clock
     schema, src = _schema(size), np.full(size, 7, np.uint8)
     with RingWriter.create(RingConfig(name, slots=8, slot_bytes=size, mode="lossless")) as w:
         w._wsem = clock.wrap_sem(w._wsem, "writer sem")
@@ -460,7 +462,7 @@ def _profile_writer(name, size, count, ready, go, done, q):
 
 def _profile_reader(name, size, count, ready, q):
     clock = _PhaseClock({"spin_until", "read2"})
-    ring_module.sl = clock
+    ring_reader.sl = clock
     out = np.empty(size, np.uint8)
     with RingReader.attach(name, start="next") as r:
         r._sem = clock.wrap_sem(r._sem, "reader sem")
@@ -495,7 +497,7 @@ def profile(size: int, budget: float) -> None:
     r.join(30)
     w.join(30)
     print(f"# profile: 1 writer, 1 reader, {size} B samples, {count} samples; us per sample "
-          f"(calls, us per sample) - spin budget {ring_module._SPIN_NS} ns")
+          f"(calls, us per sample) - spin budget {ring_liveness._SPIN_NS} ns")
     for side, per, phases, calls in res:
         print(f"{side:<7} {per:8.2f} us/sample  {phases}")
         for k, (c, us) in calls.items():
@@ -528,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     help="override the ring's spin budget (0 = sleep at once, as before)")
     args = ap.parse_args(argv)
     if args.spin_ns is not None:
-        ring_module._SPIN_NS = args.spin_ns  # read at create/attach, inherited by the forks
+        ring_liveness._SPIN_NS = args.spin_ns  # read at create/attach, inherited by the forks
     quick = args.quick
     budget = 0.12e9 if quick else 0.5e9
     if args.profile:

@@ -26,7 +26,7 @@ from bench._cuda import cuda_missing, skip
 def _producer(name: str, nbytes: int, count: int, ready, go, done) -> None:
     import torch
 
-    from producer.gpu_slots import GpuSlotWriter
+    from producer.gpu_slot_writer import GpuSlotWriter
     from protocol.ring import RingConfig
     from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return skip("ring_cuda", why, args.json)
     import torch
 
-    from trainer.gpu_ring import GpuRingReader
+    from trainer.gpu_slot_reader import GpuRingReader
 
     nbytes = int(args.mib * (1 << 20)) // 64 * 64
     out = torch.empty((args.batch, nbytes), dtype=torch.uint8, device="cuda")

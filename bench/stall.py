@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench._common import report, want_json
+from bench._common import cuda_variant, report, want_json
 
 SHAPE = (8, 3, 64, 64)
 
@@ -130,18 +130,15 @@ def _run(steps: int, batch: int, a, iters, cache: Path | None, ring: str | None,
 
 def main(argv: list[str] | None = None) -> dict | int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--device" in argv:  # --device cuda: fed from GPU ring slots (bench/stall_cuda.py)
-        i = argv.index("--device")
-        device = argv[i + 1] if i + 1 < len(argv) else ""
-        if device not in ("cpu", "cuda"):
-            print(f"python -m bench.stall: --device {device!r}: expected cpu or cuda",
-                  file=sys.stderr)
-            return 2
-        del argv[i:i + 2]
-        if device == "cuda":
-            from bench.stall_cuda import main as stall_cuda
 
-            return stall_cuda(argv)
+    def stall_cuda(rest):  # --device cuda: fed from GPU ring slots (bench/stall_cuda.py)
+        from bench.stall_cuda import main
+
+        return main(rest)
+
+    handled, result = cuda_variant(argv, "python -m bench.stall", stall_cuda)
+    if handled:
+        return result
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")

@@ -35,7 +35,7 @@ CLIP = (8, 3, 112, 112)
 def _producer(name: str, ready, stop) -> None:
     import torch
 
-    from producer.gpu_slots import GpuSlotWriter
+    from producer.gpu_slot_writer import GpuSlotWriter
     from protocol.errors import RingFull
     from protocol.ring import RingConfig
     from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from trainer.datasets import LiveDiskMixer
-    from trainer.gpu_loader import GpuRingLoader
+    from trainer.gpu_slot_loader import GpuRingLoader
     from trainer.prefetch import DevicePrefetcher
 
     dev = torch.device("cuda")

@@ -5,8 +5,8 @@ scripts and `mmctl`), so that it doubles as an end-to-end check:
 
 1. makes a small synthetic dataset (H.264 video whose class is visible, audio whose class is
    audible, LiDAR and radar whose class is in the geometry, one unknown sensor), plus the real
-   recordings in ../shared/data/real when they are there (as an extra, unlabelled-by-design
-   sample folder the producer replays);
+   recordings ($MMFEED_REAL_DATA, producer/synth.py) when they are there (as an extra,
+   unlabelled-by-design sample folder the producer replays);
 2. `mm-producer preprocess` it to a disk cache, with the progress bar;
 3. starts `mm-producer run` (ring, replaying the dataset in a loop) and `mm-trainer run`
    (ring + cache) as real background daemons, each with its own log file;
@@ -34,8 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from producer.synth import REAL_DIR
+
 REPO = Path(__file__).resolve().parent.parent
-REAL_DATA = REPO.parent / "shared" / "data" / "real"
+REAL_DATA = REAL_DIR  # $MMFEED_REAL_DATA (producer/synth.py)
 BIN = Path(sys.executable).parent
 SAY_EVERY_S = 5.0
 
@@ -336,7 +338,7 @@ def print_summary(summary: dict) -> None:
                              f"(tensorboard --logdir {summary.get('tensorboard')})"),
         ("exit codes", summary.get("exit_codes")),
         ("real recordings cached", ", ".join(f"test/real/{n}" for n in summary.get("real_recordings", []))
-         or "none (no ../shared/data/real)"),
+         or f"none (no {REAL_DATA}; set $MMFEED_REAL_DATA)"),
         ("live mix set to", summary.get("mix")),
         ("shared memory left behind", summary.get("leftover_shm") or "none"),
         ("processes left behind", summary.get("leftover_processes") or "none"),

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from protocol.errors import ControlError, ControlTimeout, RemoteError
 
 if TYPE_CHECKING:
-    from .mmctl import Ctl
+    from .ctl import Ctl
 
 EXIT_REMOTE, EXIT_USAGE, EXIT_NO_DAEMON = 1, 2, 3
 

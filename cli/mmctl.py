@@ -28,25 +28,21 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from protocol import logs, paths
-from protocol.control import (
-    ControlClient,
-    CurveClientKeys,
-    Timeouts,
-    keygen as write_keys,
-)
+from protocol.control import Timeouts
+from protocol.control import keygen as write_keys
 from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
 from protocol.filters import FilterSpec
 from protocol.stages import bottleneck
 
-EXIT_OK, EXIT_REMOTE, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
-DAEMONS = ("producer", "trainer")
+from .ctl import (DAEMONS, EXIT_NO_DAEMON, EXIT_OK, EXIT_REMOTE, EXIT_USAGE,  # noqa: F401
+                  Ctl, pass_ctl)
+from .status_table import human, status_table  # noqa: F401  (status_table: re-exported)
 
 EPILOG = """\b
 Exit codes:
@@ -62,66 +58,6 @@ tcp:// needs CURVE keys (--keys).
 """
 
 
-@dataclass
-class Ctl:
-    """What every subcommand needs: where the daemons are, how long to wait, how to print."""
-
-    as_json: bool
-    endpoints: dict[str, str]
-    timeouts: Timeouts
-    keys: Path | None
-    tried: dict[str, list[str]] = field(default_factory=dict)  # daemon -> endpoints considered
-    producers: list[str] = field(default_factory=list)  # every node's producer (several nodes)
-    _clients: dict[str, ControlClient] = field(default_factory=dict)
-
-    def curve(self, endpoint: str) -> CurveClientKeys | None:
-        return CurveClientKeys.from_dir(self.keys) if self.keys and endpoint.startswith("tcp://") \
-            else None
-
-    def tried_note(self, daemon: str) -> str:
-        """'; sockets tried: A, B': where mmctl looked, for a message saying nothing answered."""
-        return f"; sockets tried: {', '.join(self.tried.get(daemon) or [self.endpoints[daemon]])}"
-
-    def client(self, daemon: str, endpoint: str | None = None) -> ControlClient:
-        endpoint = endpoint or self.endpoints[daemon]
-        key = f"{daemon} {endpoint}"
-        if key not in self._clients:
-            try:
-                self._clients[key] = ControlClient(endpoint, self.timeouts, self.curve(endpoint),
-                                                   daemon=daemon)
-            except ControlError as e:
-                self.fail(EXIT_USAGE, str(e), e.code, daemon)
-        return self._clients[key]
-
-    def call(self, daemon: str, cmd: str, **args: Any) -> dict:
-        """One request; every failure becomes its documented exit code. A producer command
-        with several producers goes to every one of them (cli/fanout.py)."""
-        if daemon == "producer" and len(self.producers) > 1:
-            from .fanout import call_every_producer
-
-            return call_every_producer(self, cmd, **args)
-        try:
-            return self.client(daemon).request(cmd, **args)
-        except ControlTimeout as e:
-            self.fail(EXIT_NO_DAEMON, f"{daemon}: {e}{self.tried_note(daemon)}", e.code, daemon)
-        except RemoteError as e:
-            self.fail(EXIT_REMOTE, f"{daemon} refused {cmd}: {e}", e.code, daemon)
-        except ControlError as e:  # a reply that is not ours, a request too large, ...
-            self.fail(EXIT_REMOTE if e.code == "malformed" else EXIT_USAGE, f"{daemon}: {e}", e.code, daemon)
-
-    def emit(self, obj: dict, text: str) -> None:
-        click.echo(json.dumps(obj, default=str) if self.as_json else text)
-
-    def fail(self, exit_code: int, message: str, code: str, daemon: str | None = None) -> NoReturn:
-        if self.as_json:
-            click.echo(json.dumps({"ok": False, "daemon": daemon,
-                                   "error": {"code": code, "message": message}}))
-        else:
-            click.echo(f"mmctl: {message}", err=True)
-        raise click.exceptions.Exit(exit_code)
-
-
-pass_ctl = click.make_pass_decorator(Ctl)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
@@ -163,15 +99,6 @@ def main(ctx: click.Context, as_json: bool, producer: tuple[str, ...], trainer: 
 # --- output helpers ---------------------------------------------------------------------------
 
 
-def human(v: Any) -> str:
-    """A value as people read it: null is "-" (never Python's "None"), true/false as words."""
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return str(v)
-
-
 def _scalars(reply: dict, skip: tuple[str, ...] = ("ok",)) -> str:
     items = []
     for k, v in reply.items():
@@ -198,83 +125,6 @@ def _changed(ctl: Ctl, daemon: str, reply: dict) -> None:
 
 
 # --- status -----------------------------------------------------------------------------------
-
-# (row label, status key, formatter) - the keys daemons put in their status reply (CONTRACTS.md).
-_ROWS = [
-    ("state", "state", str),
-    ("generation", "generation", str),
-    ("samples/s", "samples_per_s", lambda v: f"{v:.1f}"),
-    ("stall", "stall", lambda v: f"{100 * v:.1f}%"),
-    ("ring fill", "ring_fill", lambda v: f"{100 * v:.0f}%"),
-    ("readers", "readers", str),
-    ("dropped", "dropped", str),
-]
-
-
-def _cell(reply: dict | None, key: str, fmt) -> str:
-    if reply is None or reply.get(key) is None:
-        return "-"
-    try:
-        return fmt(reply[key])
-    except (TypeError, ValueError):
-        return str(reply[key])
-
-
-def _flat(reply: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in reply.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif not isinstance(v, list):
-            out[prefix + k] = v
-    return out
-
-
-def status_table(results: dict[str, dict]) -> str:
-    """Both daemons side by side: the fixed rows first, then whatever else they report."""
-    ok = {d: (r if r.get("ok") else None) for d, r in results.items()}
-    down = {d: "not running" if r.get("error", {}).get("code") == "timeout" else "error"
-            for d, r in results.items() if ok[d] is None}
-    rows = [("", *results)]
-    for label, key, fmt in _ROWS:
-        rows.append((label, *(down[d] if d in down and key == "state" else _cell(ok[d], key, fmt)
-                              for d in results)))
-    fixed = {key for _, key, _ in _ROWS} | {"ok", "daemon"}
-    shown_apart = ("stages", "bottleneck")  # drawn below the table
-    # A daemon may also nest its whole status under its own name; don't show it twice.
-    flats = {d: _flat({k: v for k, v in r.items() if k != d and k not in shown_apart})
-             if r else {} for d, r in ok.items()}
-    extra = sorted({k for f in flats.values() for k in f} - fixed)
-    for key in extra:
-        rows.append((key, *(human(flats[d].get(key)) for d in results)))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    lines += stage_lines(ok)
-    said = bottleneck(ok.get("producer"), ok.get("trainer"))
-    if said:
-        lines.append(f"bottleneck: {said}")
-    for d, r in results.items():
-        if not r.get("ok"):
-            lines.append(f"{d}: {r['error']['message']}")
-    return "\n".join(lines)
-
-
-def stage_lines(replies: dict[str, dict | None]) -> list[str]:
-    """Each daemon's stage times, grouped: 'producer  pipeline  video (...)  12.1  15.0  30.2'."""
-    rows = []
-    for d, r in replies.items():
-        for group, stages in ((r or {}).get("stages") or {}).items():
-            for name, s in stages.items():
-                rows.append((d, group, s.get("label", name), f"{s['p50_ms']:.1f}",
-                             f"{s['p90_ms']:.1f}", f"{s['p99_ms']:.1f}", str(s["count"])))
-    if not rows:
-        return []
-    rows.insert(0, ("stage times", "group", "stage", "p50 ms", "p90 ms", "p99 ms", "count"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [""] + ["  ".join(c.rjust(w) if i >= 3 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-                   for row in rows]
-
 
 @main.command()
 @click.argument("daemon", required=False, type=click.Choice(DAEMONS))

@@ -58,6 +58,7 @@ from protocol import video_store
 from protocol.errors import CacheError, CacheLocked, CacheNotFound, MmfeedError, SchemaError
 from protocol.filemodes import (
     create_file,
+    fsync_dir,
     file_mode,
     group_id,
     make_dir,
@@ -109,14 +110,6 @@ class CacheSummary:
         d = dataclasses.asdict(self)
         d["directory"] = str(self.directory)
         return d
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 
@@ -543,11 +536,11 @@ class CacheWriter:
                            json.dumps(generations, sort_keys=True).encode(), self._gid)
             write_file(self._vdir / MANIFEST_FILE, json.dumps(manifest, indent=1).encode(),
                        self._gid)
-            _fsync_dir(self._vdir)
+            fsync_dir(self._vdir)
             tmp = self.directory / (CURRENT + ".tmp")
             write_file(tmp, (version_name(self.version) + "\n").encode(), self._gid)
             os.replace(tmp, self.directory / CURRENT)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             self.abort()
             raise

@@ -1,6 +1,6 @@
 """The input index: `dataset/{train,val,test}/<class>/<sample>/` -> labelled samples + problems.
 
-Layout (DESIGN.md "Dataset on disk"):
+Layout (docs/dataset.md; docs/architecture.md "Contracts"):
 
     dataset/<split>/<class>/<sample>/
         video.mp4  audio.wav  lidar.bin  lidar_front.bin  radar.bin  imu.data  metadata.json

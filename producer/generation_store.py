@@ -29,6 +29,8 @@ import os
 import time
 from pathlib import Path
 
+from protocol.filemodes import fsync_dir
+
 #: SampleMeta stores the generation as a u32: a number past this cannot be published.
 MAX_GENERATION = 2**32 - 1
 STATE_ENV = "MMFEED_STATE_DIR"
@@ -102,16 +104,15 @@ class GenerationStore:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
-        dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(self.path.parent)
 
 
 def ring_header_generation(ring: str) -> int | None:
     """The generation in the header of a ring already at `ring` (a dead producer's), or None
     when there is none or it cannot be read (not a ring, another version, not ours)."""
-    from protocol.ring import peek_generation
+    from protocol.ring import header_generation
 
-    return peek_generation(ring)
+    try:
+        return header_generation(ring)
+    except ValueError:  # not a ring name at all
+        return None

@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from protocol.errors import BadArgument, FilterSpecError
+from protocol.errors import BadArgument
 from protocol.filters import FilterSpec
 
 from .generation_store import MAX_GENERATION
@@ -92,12 +92,12 @@ class Generations:
 
     # --- proposals (pure; raise BadArgument, change nothing) ------------------------------
 
-    def propose_filter(self, spec: str) -> Generation:
-        try:
-            parsed = FilterSpec.parse(spec)
-        except FilterSpecError as e:
-            raise BadArgument(f"filter: {e}") from None
-        return self._next(f"filter {parsed}", filter=parsed)
+    def propose_filter(self, spec: FilterSpec) -> Generation:
+        """`spec` as parsed once where it came in (the control server's `filter` argument,
+        protocol/control.py WIRE_ARGS; `--filter` in run.py)."""
+        if not isinstance(spec, FilterSpec):
+            raise TypeError(f"propose_filter: expected a FilterSpec, got {type(spec).__name__}")
+        return self._next(f"filter {spec}", filter=spec)
 
     def propose_sensor(self, input_name: str, stem: str) -> Generation:
         kind = input_name if input_name in SENSOR_INPUTS else None

@@ -3,6 +3,10 @@
 `mm-producer preprocess` (disk sink) and `mm-producer run` (ring sink) both call
 `Pipeline(config).process(sample)`, so a sample from the cache and one from the ring are made
 by the same code and share a schema for a given config; the trainer can mix them in a batch.
+A live clip (video and audio demuxed together from one open of a stream, plus the watched
+sensor files aligned with it) is made by `Pipeline.process_clip`, the same per-input code.
+What is stored beside the arrays - their schema and the `SampleMeta` record - is built by
+`describe()` (schema by `schema_of`, record by `sample_meta`) for the ring and the cache alike.
 
 Model inputs (name -> array):
 
@@ -37,7 +41,7 @@ Decisions (documented in docs/dataset.md too):
   into the notes; when the chosen frame itself is beyond tolerance, that input is left out
   with a note naming the file, the timestamp field and the offset, and the rest of the
   sample (video, other inputs) is kept - as for a missing modality. Why the clip centre:
-  it is the live daemon's rule for watched-folder files too (daemon._aligned_watch_files).
+  it is the live producer's rule for watched-folder files too (`aligned_watch_files`).
 - A bad file raises InputError from its modality function (no separate validate() pass: the
   reader that understands the format is the one that can say what is wrong). An unexpected
   exception inside a modality is turned into an InputError naming the file, so one odd file
@@ -50,13 +54,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
-from protocol.schema import SampleMeta
+from protocol.schema import UNLABELLED, ModalitySpec, SampleMeta, SampleSchema
 from protocol.stages import StageTimer, now_ns
 from protocol.video_store import StoreSettings
 
@@ -198,10 +202,74 @@ class PipelineConfig:
         return hashlib.blake2b(enc.encode(), digest_size=16).hexdigest()
 
 
-def sample_meta(sample: SampleFiles, *, generation: int = 0, index: int = 0) -> SampleMeta:
-    """The fixed-size record stored beside a sample's payload: label, time, source key."""
-    return SampleMeta(label=sample.label, timestamp_ns=timestamp_ns(sample.metadata),
-                      generation=generation, source=sample.key, index=index)
+#: Schemas remembered by layout (name, dtype, shape per input) at most.
+SCHEMAS_KEPT = 256
+_schemas: dict[tuple, SampleSchema] = {}
+
+
+def schema_of(arrays: Mapping[str, Any]) -> SampleSchema:
+    """The schema of made arrays (names, dtypes, shapes, in order): what the ring slot and the
+    cache record carry beside the payload. Remembered by layout, so the ring's hot path builds
+    no ModalitySpec per sample. `str(dtype)`: numpy arrays and (NVDEC video) torch CUDA
+    tensors alike."""
+    key = tuple((n, str(a.dtype), tuple(a.shape), getattr(a, "mm_layout", ""))
+                for n, a in arrays.items())  # the layout: yuv420 planes of a BT.709 and a
+    # BT.601 source have one shape but not one schema (protocol/schema.py PackedArray)
+    schema = _schemas.get(key)
+    if schema is None:
+        schema = SampleSchema(tuple(ModalitySpec.from_array(n, a) for n, a in arrays.items()))
+        if len(_schemas) > SCHEMAS_KEPT:
+            _schemas.clear()
+        _schemas[key] = schema
+    return schema
+
+
+def sample_meta(sample: SampleFiles | None = None, *, generation: int = 0, index: int = 0,
+                label: int | None = None, timestamp: int | None = None,
+                source: str | None = None) -> SampleMeta:
+    """The fixed-size record stored beside a sample's payload: label, time, source key,
+    generation, running index. A dataset sample gives its own label, metadata time and key;
+    a keyword given overrides it (a live clip has no SampleFiles: it gives all three)."""
+    if sample is not None:
+        label = sample.label if label is None else label
+        timestamp = timestamp_ns(sample.metadata) if timestamp is None else timestamp
+        source = sample.key if source is None else source
+    return SampleMeta(label=UNLABELLED if label is None else label,
+                      timestamp_ns=timestamp or 0, generation=generation,
+                      source=source or "", index=index)
+
+
+def describe(arrays: Mapping[str, Any], sample: SampleFiles | None = None, *,
+             generation: int = 0, index: int = 0, label: int | None = None,
+             timestamp: int | None = None, source: str | None = None
+             ) -> tuple[SampleSchema, SampleMeta]:
+    """(schema, meta) of one made sample: the one place both are built, for a ring slot and
+    a cache record alike (`schema_of`, `sample_meta`)."""
+    return schema_of(arrays), sample_meta(sample, generation=generation, index=index,
+                                          label=label, timestamp=timestamp, source=source)
+
+
+def aligned_watch_files(clip, times: Mapping[str, np.ndarray],
+                        paths: Mapping[str, list[Path]]
+                        ) -> tuple[dict[str, Path], list[tuple[str, float, float]]]:
+    """The watched sensor files that go with a live clip: per stem, the file nearest the
+    clip's centre in time (`align`, the rule `process` uses for frame sequences), within the
+    clip's span (at least 0.5 s). Returns (stem -> file, misses) with a miss per stem that has
+    files but none near: (stem, offset of the nearest in s, tolerance in s). `times`: stem ->
+    int64 ns, sorted (WatchFolder.times); `paths`: stem -> files in the same order."""
+    out: dict[str, Path] = {}
+    misses: list[tuple[str, float, float]] = []
+    centre = np.array([clip.timestamp_ns / 1e9 + (clip.end_s - clip.start_s) / 2])
+    for stem, t in times.items():
+        if t.size == 0:
+            continue
+        tol = max((clip.end_s - clip.start_s), 0.5)
+        a = align(centre, t / 1e9, tol, stem)
+        if a.index[0] >= 0:
+            out[stem] = paths[stem][a.index[0]]
+        else:
+            misses.append((stem, float(a.offset_s[0]), tol))
+    return out, misses
 
 
 class Pipeline:
@@ -224,6 +292,35 @@ class Pipeline:
 
     def _on(self, name: str) -> bool:
         return self.config.enabled is None or name in self.config.enabled
+
+    def process_clip(self, clip, watched: Mapping[str, Path] | None = None,
+                     folder: Path | None = None) -> dict[str, np.ndarray]:
+        """A live clip's sample: its video and audio (demuxed together, so a listen-once
+        stream has both; `clip` as media_clips/sources make it) plus what this pipeline makes
+        of the `watched` sensor files aligned with it (`aligned_watch_files`, from `folder`),
+        cut to the clip's span. InputError names a bad watched file."""
+        out: dict[str, np.ndarray] = {}
+        cfg = self.config
+        if self._on("video"):
+            out["video"] = clip.video
+        if clip.audio is not None and self._on("audio"):
+            # The clip's span, padded or cut to the configured length: the same shape and
+            # meaning as `log_mel(file, segment=(start, end))` of a recorded sample.
+            t0 = now_ns()
+            samples = np.zeros(cfg.audio.n_samples, np.float32)
+            n = min(clip.audio.size, samples.size)
+            samples[:n] = clip.audio[:n]
+            out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
+            if self.timer is not None:
+                self.timer.stage("audio", "pipeline").since(t0)
+        wanted = {n for n in (watched or {}) if self._on(n)}
+        if not wanted:
+            return out
+        sample = SampleFiles("live", "", UNLABELLED, folder, dict(watched), {})
+        config = cfg.with_changes(enabled=frozenset(wanted), segment=(clip.start_s, clip.end_s))
+        out.update(Pipeline(config, video_device=self.video_device, timer=self.timer
+                            ).process(sample, None))
+        return out
 
     def sensor_for(self, sample: SampleFiles, inp: str, notes: list[str] | None = None
                    ) -> str | None:
@@ -355,6 +452,31 @@ class Pipeline:
         return out
 
 
+def frame_problem(sample: SampleFiles, cfg: PipelineConfig) -> str | None:
+    """Why `cfg`'s crop does not fit the frames of the video feeding `sample` (probed), or
+    None: what the producer refuses before a change instead of a crop silently clamped."""
+    pipeline = Pipeline(cfg)
+    if cfg.filter.crop is None or not pipeline._on("video"):
+        return None
+    sensor = pipeline.sensor_for(sample, "video")
+    path = sample.files.get(sensor) if sensor is not None else None
+    size = _frame_size(path) if path is not None else None
+    if size is None:
+        return None
+    return cfg.filter.frame_problem(*size, f"{path.name} in sample {sample.key}")
+
+
+def _frame_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of a video file's first video stream, or None when it cannot be read
+    (the proof then says what is wrong with the file)."""
+    try:
+        with video.open_container(path) as c:
+            cc = video.first_video_stream(c, path).codec_context
+            return int(cc.width), int(cc.height)
+    except InputError:
+        return None
+
+
 def union_inputs(pipeline: Pipeline, samples: Iterable[SampleFiles]) -> list[str]:
     """Every input any sample produces, in output order: what a sample 'should' have."""
     seen: dict[str, None] = {}
@@ -371,4 +493,5 @@ def missing_inputs(pipeline: Pipeline, sample: SampleFiles, expected: Iterable[s
 
 
 __all__ = ["INPUTS", "METHODS", "PIPELINE_VERSION", "Pipeline", "PipelineConfig",
-           "missing_inputs", "sample_meta", "union_inputs"]
+           "aligned_watch_files", "describe", "frame_problem", "missing_inputs", "sample_meta", "schema_of",
+           "union_inputs"]

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .pipeline import PipelineConfig
-from .preprocess import (_WorkerRuns, _chunk_size, _crash_hook_from_env, _init_worker,
-                         process_chunk)
+from .preprocess_workers import (WorkerRuns, _chunk_size, _crash_hook_from_env, _init_worker,
+                                 process_chunk)
 
 #: What `--ray` without Ray installed says (exit 2).
 INSTALL_HINT = ("--ray needs Ray, which is not installed in this Python environment: "
@@ -106,8 +106,8 @@ def _run_chunk(config: PipelineConfig, crash_on, samples: list, scratch: str
 # --- the driver -------------------------------------------------------------------------------
 
 
-class RayRuns(_WorkerRuns):
-    """Runs chunks as Ray tasks, in dataset order: the local pool's runner (`_WorkerRuns`:
+class RayRuns(WorkerRuns):
+    """Runs chunks as Ray tasks, in dataset order: the local pool's runner (`WorkerRuns`:
     `run(todo)` calls `store(item, result, scratch_map)` per sample in dataset order, or
     `reject_crash(item, found)` for a sample whose task died alone) with tasks for processes;
     its chunk storing (`_store_chunk`) and scratch naming are the pool's."""

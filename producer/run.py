@@ -11,7 +11,8 @@ from protocol.errors import FilterSpecError, MmfeedError
 from protocol.filters import FilterSpec
 from protocol.ring import DEFAULT_MAX_RING_BYTES
 
-from .daemon import STATUS_INTERVAL_S, ProducerDaemon, RunOptions
+from .daemon import ProducerDaemon
+from .engine import STATUS_INTERVAL_S, RunOptions
 from .modalities._limits import ReadLimits
 
 EXIT_USAGE = 2
@@ -121,7 +122,7 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, ma
     """Run the producer daemon: fill ring NAME from SRC and obey `mmctl` until SIGTERM or
     SIGINT (either finishes the current sample, removes the ring and exits 0)."""
     try:
-        FilterSpec.parse(filter_spec)
+        spec = FilterSpec.parse(filter_spec)  # the one parse; the daemon carries the value
     except FilterSpecError as e:
         raise click.BadParameter(str(e), param_hint="--filter") from None
     if device == "cuda":
@@ -133,7 +134,7 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, ma
     opts = RunOptions(source=src, ring=ring, mode=mode, control=control, curve_dir=curve_dir,
                       slots=slots, slot_bytes=slot_bytes, max_ring_bytes=max_ring_bytes,
                       loop=loop, rate=rate, watch=watch,
-                      label=label, classes=_classes(classes), filter=filter_spec,
+                      label=label, classes=_classes(classes), filter=spec,
                       clip_frames=clip_frames, group=group, log_endpoint=log_endpoint,
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
                       device=device, state_dir=state_dir, status_interval=status_interval,

@@ -7,7 +7,7 @@ Three kinds of source, told apart by `open_source(SRC)`:
                    when a sample has none), optionally looping. Items are `SampleFiles`: the
                    pipeline turns them into arrays, exactly as `preprocess` does.
 * `MediaSource`    a media file or any URL PyAV opens (rtsp, udp, http, tcp, a v4l2 device).
-                   One open and one demux (`demux.py`) give clips of T filtered frames with
+                   One open and one demux (`media_clips.py`) give clips of T filtered frames with
                    the audio samples of the same span; the filter can change between clips
                    without reopening (a listen-once stream survives it). Sensor files from a
                    watched folder are handed to the pipeline beside the clip.
@@ -36,7 +36,7 @@ from protocol.errors import InputError, MmfeedError
 from protocol.filters import FilterSpec
 
 from .dataset import KINDS, SampleFiles, index_dataset, kind_of
-from .demux import ClipSettings, StreamInfo
+from .media_clips import ClipSettings, StreamInfo
 from .metadata import timestamp_ns
 
 #: Interval between samples that carry no timestamp, for `--rate recorded` (seconds).
@@ -205,7 +205,7 @@ class MediaSource:
     """A media file or URL decoded by PyAV, as clips of T frames with their audio.
 
     `clips(spec, frames, start_s)` opens the source once and demuxes video and audio
-    together (`demux.demux_clips`). With `settings` (a callable returning ClipSettings) the
+    together (`media_clips.demux_clips`). With `settings` (a callable returning ClipSettings) the
     filter, clip length and pts window are re-read at every clip boundary, so a control
     change needs no reopen. Opening and reading are bounded by `timeouts` (open, read) so a
     dead stream raises SourceError.
@@ -273,7 +273,7 @@ class MediaSource:
         """Clips from `start_s` on; SourceError when the source fails. `audio_rate`: give
         each clip its audio as mono samples at this rate. `settings`: re-read at each clip
         boundary (it overrides `spec` and `frames`)."""
-        from .demux import demux_clips
+        from .media_clips import demux_clips
 
         if self.path is not None and not self.path.is_file():
             raise SourceError(f"media file {self.path}: disappeared")

@@ -21,7 +21,7 @@ mark in every modality, so a model that learns proves the bytes arrived intact:
 `make_bad_samples()` adds one sample folder per bad-input case next to good ones,
 `make_long_recording()` writes a long-recording sample (a video of several seconds beside a
 sequence of lidar frame files with their timestamps), and `link_real_recordings()`
-assembles sample folders from ../shared/data/real.
+assembles sample folders from the real recordings (`REAL_DIR`, $MMFEED_REAL_DATA).
 """
 from __future__ import annotations
 
@@ -368,7 +368,13 @@ def make_bad_samples(root: str | Path, *, split: str = "train", class_name: str 
 
 # --- real recordings ------------------------------------------------------------------------
 
-REAL_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
+#: The folder of real recordings (KITTI/nuScenes LiDAR, radar ADC cubes, speech, street video;
+#: its README names their sources and licences) that the demo links into its dataset and some
+#: tests read: $MMFEED_REAL_DATA, else `shared/data/real` beside the checkout. Optional: where
+#: it is absent the demo runs on synthetic data only and those tests skip, naming the folder.
+REAL_ENV = "MMFEED_REAL_DATA"
+REAL_DIR = Path(os.environ.get(REAL_ENV)
+                or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 
 
 def link_real_recordings(root: str | Path, real_dir: str | Path = REAL_DIR, *,

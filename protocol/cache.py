@@ -1,4 +1,4 @@
-"""The disk cache: its on-disk format and `CacheReader`, which reads it at the speed of the disk.
+"""The disk cache's reader: `CacheReader` reads a cache at the speed of the disk.
 
 `mm-producer preprocess` runs the same pipeline as the live producer and stores each sample's
 payload (the exact bytes `SampleSchema.pack` makes, the same bytes a ring slot carries) in a
@@ -6,123 +6,59 @@ few large shard files, described by ONE memory-mappable index. Reading a sample 
 from a memory map of the shard into the caller's buffer (a pinned batch row, say): no per-sample
 JSON, pickle, open() or allocation on the data path.
 
-Layout (`DIR` is the cache directory)::
-
-    path                          what                                     written
-    ----------------------------  ---------------------------------------  -----------------------
-    DIR/.lock                     flock(2) held by the one live writer     CacheWriter.__init__
-    DIR/CURRENT                   "v000007\\n": the committed version      temp + fsync + rename
-                                                                           + fsync(DIR), last
-    DIR/vNNNNNN/                  one complete version (6 digits, rising)  by one writer run
-      shard-NNNNN.bin             payloads; each record starts at a        appended, ftruncated
-                                  multiple of RECORD_ALIGN (4096) so reads  to a 4096 multiple,
-                                  are page aligned (O_DIRECT-friendly);     fsync'd; rolls over at
-                                  zero padding between records; compressed  shard_bytes (1 GiB)
-                                  (h264/hevc) records start at multiples
-                                  of PACKED_ALIGN (64) instead
-      index.npy                   np.save of INDEX_DTYPE rows, one per      once, at commit
-                                  record, in record order (see below)
-      schemas.json                {"<schema_id>": "<SampleSchema.encode()>"}  once per schema
-      keys.json                   {"keys": [[key, fingerprint], ...]}:     at commit; read only
-                                  index.key_id points here; lets a re-run   by the next writer
-                                  skip samples whose files did not change
-      manifest.json               magic, format_version, version, created,  at commit, last file
-                                  classes, splits, counts, records, shards  of the version
-                                  (file + nbytes), config_hash, stores
-                                  (records per video store), video_store
-      generations.json            {"<generation>": {filter, sensors,       at commit, when known;
-                                  methods, reason, ...}}: what made the     optional (readers
-                                  records of each generation (0: the       without it: None)
-                                  preprocess config; recorded live parts:
-                                  the producer's generations)
-
-    INDEX_DTYPE (packed, little-endian, 129 bytes a record; format 1 had the first 124)
-    field         type  meaning
-    offset        <u8   byte offset of the payload in its shard (multiple of 4096)
-    nbytes        <u8   payload bytes (== schema.payload_nbytes)
-    schema_id     <u8   key into schemas.json (SampleSchema.schema_id, never 0)
-    timestamp_ns  <i8   SampleMeta.timestamp_ns
-    index         <u8   SampleMeta.index
-    shard         <u4   shard-<shard>.bin
-    label         <i4   SampleMeta.label: index into manifest "classes", -1 unlabelled
-    generation    <u4   SampleMeta.generation
-    key_id        <u4   row of keys.json: which dataset sample made this record
-    split         <u2   index into manifest "splits"
-    source        S64   SampleMeta.source (utf-8, NUL padded)
-    store         u1    how the record holds its video (protocol/video_store.py): 0 raw, 1 h264,
-                        2 hevc, 3 nv12; raw and nv12 records are schema payloads, h264/hevc ones
-                        the other modalities then a compressed clip (nbytes < payload_nbytes)
-    crc32         <u4   CRC-32 of the record's bytes for h264/hevc records (checked before
-                        decoding), 0 for the others
-
-Format versions: 2 (this one) added `store` and `crc32` (issue 17: compressed video); a reader
-opens format 1 caches as all-raw records, and a writer carries their records into format 2.
-
-Why this shape:
-- Atomic: a version is complete before CURRENT names it, and CURRENT is swapped by rename, so
-  a killed writer leaves the previous version readable; the next writer deletes the leftover.
-- A reader opens the version CURRENT names and keeps its file descriptors, so a writer that
-  commits (and prunes old versions) while training runs never pulls the files from under it.
-- keys.json is apart from manifest.json because it grows with the dataset and only a writer
-  needs it; a reader (in every DataLoader worker) parses a manifest of constant size.
+The format (layout, index fields, why it has this shape) is cache_format.py; its names are
+re-exported here.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import mmap
 import os
-import re
 import threading
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from . import _seqlock
 from . import video_store
-from .errors import (CacheCorrupt, CacheError, CacheNotFound, CorruptRecord, SchemaError,
-                     VersionMismatch)
+from .memcopy import memcpy
+from .errors import CacheCorrupt, CacheError, CorruptRecord, SchemaError
 from .schema import Sample, SampleMeta, SampleSchema
 
-MAGIC = "mmfeed-cache"
-FORMAT_VERSION = 2
-#: Formats a reader opens (a writer always writes FORMAT_VERSION).
-READABLE_FORMATS = (1, 2)
-RECORD_ALIGN = 4096
-#: Where compressed (h264/hevc) records start: they are decoded, never read with O_DIRECT, and
-#: small enough (a few KiB for a small clip) that page alignment would waste most of a shard.
-PACKED_ALIGN = 64
-
-CURRENT = "CURRENT"
-LOCK = ".lock"
-INDEX_FILE = "index.npy"
-SCHEMAS_FILE = "schemas.json"
-KEYS_FILE = "keys.json"
-MANIFEST_FILE = "manifest.json"
-GENERATIONS_FILE = "generations.json"
-_VERSION_RE = re.compile(r"^v(\d{6})$")
-
-_INDEX_FIELDS_V1 = [
-    ("offset", "<u8"),
-    ("nbytes", "<u8"),
-    ("schema_id", "<u8"),
-    ("timestamp_ns", "<i8"),
-    ("index", "<u8"),
-    ("shard", "<u4"),
-    ("label", "<i4"),
-    ("generation", "<u4"),
-    ("key_id", "<u4"),
-    ("split", "<u2"),
-    ("source", "S64"),
-]
-#: Format 1's index rows (read, converted to INDEX_DTYPE with store 0 = raw).
-INDEX_DTYPE_V1 = np.dtype(_INDEX_FIELDS_V1)
-INDEX_DTYPE = np.dtype(_INDEX_FIELDS_V1 + [("store", "u1"), ("crc32", "<u4")])
-_INDEX_DTYPES = {1: INDEX_DTYPE_V1, 2: INDEX_DTYPE}
+from .cache_batch import (  # noqa: F401  (BatchMeta, RecordFailure, compact_rows: re-exported)
+    _IOV_MAX,
+    _PAD,
+    BatchMeta,
+    RecordFailure,
+    _as_bytes_out,
+    _mincore,
+    _skip,
+    compact_rows,
+)
+from .cache_windows import WindowReads
+from .cache_format import (  # noqa: F401  (the format's names, re-exported)
+    CURRENT,
+    FORMAT_VERSION,
+    GENERATIONS_FILE,
+    INDEX_DTYPE,
+    INDEX_DTYPE_V1,
+    INDEX_FILE,
+    KEYS_FILE,
+    LOCK,
+    MAGIC,
+    MANIFEST_FILE,
+    PACKED_ALIGN,
+    READABLE_FORMATS,
+    RECORD_ALIGN,
+    SCHEMAS_FILE,
+    CacheVersion,
+    align_up,
+    open_version,
+    parse_version_name,
+    read_current,
+    shard_name,
+    version_name,
+)
 
 # NOTE [one copy, two ways]: a record is copied into the caller's buffer either from the
 # memory map (np.copyto) when all its pages are in the page cache, or by preadv() straight from
@@ -141,317 +77,14 @@ _INDEX_DTYPES = {1: INDEX_DTYPE_V1, 2: INDEX_DTYPE}
 # per record mattered only on small records. A batch now: gathers its index columns with one
 # fancy index each, sorts its records by (shard, offset), asks mincore once per record into one
 # vector and reduces it with one numpy call, copies the resident records from the map with the
-# GIL-released C memcpy (_seqlock.copy, one call per record: the loop does nothing else), and
+# GIL-released C memcpy (memcopy.memcpy, one call per record: the loop does nothing else), and
 # reads the rest (cold) with preadv after ONE round of fadvise(WILLNEED) over all of them, so
 # their disk reads overlap; cold records that lie back to back in a shard go in one preadv whose
 # iovecs scatter them into their rows (the padding between them lands in a scratch page).
 # Measured warm, steady state (maps populated): map copy 29.6k records/s with mincore vs 23.0k
 # for pread() of the same records and 18.8k for preadv(RWF_NOWAIT): the kernel's copy_to_user is
 # slower than a user-space memcpy here, so the map stays the warm path.
-_IOV_MAX = 1024
-_PAD = bytearray(RECORD_ALIGN)  # sink for the alignment padding between coalesced records
-_libc = ctypes.CDLL(None, use_errno=True)
-_mincore = getattr(_libc, "mincore", None)
-if _mincore is not None:
-    _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    _mincore.restype = ctypes.c_int
-
-
-def align_up(n: int, a: int = RECORD_ALIGN) -> int:
-    return (n + a - 1) // a * a
-
-
-def version_name(number: int) -> str:
-    return f"v{number:06d}"
-
-
-def shard_name(number: int) -> str:
-    return f"shard-{number:05d}.bin"
-
-
-def parse_version_name(name: str) -> int | None:
-    """`v000007` -> 7; anything else -> None (not one of ours)."""
-    m = _VERSION_RE.match(name)
-    return int(m.group(1)) if m else None
-
-
-def read_current(directory: Path) -> int:
-    """The committed version number; CacheNotFound when there is none."""
-    if not directory.is_dir():
-        raise CacheNotFound(directory, "the directory does not exist")
-    path = directory / CURRENT
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        raise CacheNotFound(directory, f"no {CURRENT} file, so no committed version") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CacheCorrupt(path, f"unreadable: {e}") from None
-    number = parse_version_name(text.strip())
-    if number is None:
-        raise CacheCorrupt(path, f"expected a version name like v000001, found {text[:40]!r}")
-    return number
-
-
-@dataclass
-class CacheVersion:
-    """One committed version, loaded and checked: what both the reader and the writer start from."""
-
-    path: Path
-    number: int
-    manifest: dict
-    index: np.ndarray  # INDEX_DTYPE, in memory
-    schemas: dict[int, SampleSchema]
-    shard_paths: list[Path]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    @property
-    def splits(self) -> list[str]:
-        return list(self.manifest["splits"])
-
-    @property
-    def config_hash(self) -> str:
-        return str(self.manifest.get("config_hash", ""))
-
-
-def _read_json(path: Path) -> object:
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except FileNotFoundError:
-        raise CacheCorrupt(path, "missing") from None
-    except (OSError, ValueError) as e:
-        raise CacheCorrupt(path, f"not readable JSON: {e}") from None
-
-
-def open_version(directory: str | Path, number: int | None = None) -> CacheVersion:
-    """Load and check version `number` (default: the one CURRENT names) of the cache at `directory`.
-
-    Checks magic and format version first (another version -> VersionMismatch naming both),
-    then that the index, schemas and shards agree, vectorised over all records.
-    """
-    directory = Path(directory)
-    if number is None:
-        number = read_current(directory)
-    vdir = directory / version_name(number)
-    if not vdir.is_dir():
-        raise CacheCorrupt(vdir, f"{CURRENT} names this version but its directory is missing")
-
-    mpath = vdir / MANIFEST_FILE
-    manifest = _read_json(mpath)
-    if not isinstance(manifest, dict) or manifest.get("magic") != MAGIC:
-        raise CacheCorrupt(mpath, f"expected an mmfeed cache manifest (magic {MAGIC!r})")
-    found = manifest.get("format_version")
-    if found not in READABLE_FORMATS:
-        raise VersionMismatch(f"disk cache {directory}", found, FORMAT_VERSION)
-    for field, kind in (("classes", list), ("splits", list), ("shards", list), ("records", int)):
-        if not isinstance(manifest.get(field), kind):
-            raise CacheCorrupt(mpath, f"field {field!r}: expected a {kind.__name__}")
-
-    ipath = vdir / INDEX_FILE
-    try:
-        index = np.load(ipath, allow_pickle=False)
-    except FileNotFoundError:
-        raise CacheCorrupt(ipath, "missing") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise CacheCorrupt(ipath, f"not a numpy index: {e}") from None
-    want = _INDEX_DTYPES[found]
-    if index.dtype != want or index.ndim != 1:
-        raise CacheCorrupt(ipath, f"expected a 1-d array of format {found}'s index rows, "
-                                  f"found {index.dtype}")
-    if found == 1:  # every format 1 record is a raw schema payload
-        upgraded = np.zeros(len(index), INDEX_DTYPE)
-        for name in INDEX_DTYPE_V1.names:
-            upgraded[name] = index[name]
-        index = upgraded
-    if len(index) != manifest["records"]:
-        raise CacheCorrupt(
-            ipath, f"expected {manifest['records']} records (manifest), found {len(index)}"
-        )
-
-    spath = vdir / SCHEMAS_FILE
-    raw = _read_json(spath)
-    if not isinstance(raw, dict):
-        raise CacheCorrupt(spath, "expected an object schema_id -> encoded schema")
-    schemas: dict[int, SampleSchema] = {}
-    for sid, enc in raw.items():
-        try:
-            schema = SampleSchema.decode(enc)
-        except SchemaError as e:
-            raise CacheCorrupt(spath, f"schema {sid}: {e}") from None
-        if str(schema.schema_id) != sid:
-            raise CacheCorrupt(spath, f"schema {sid}: its encoding hashes to {schema.schema_id}")
-        schemas[schema.schema_id] = schema
-
-    shard_paths, shard_sizes = [], []
-    for i, entry in enumerate(manifest["shards"]):
-        if not isinstance(entry, dict) or entry.get("file") != shard_name(i):
-            raise CacheCorrupt(mpath, f"shards[{i}]: expected {{'file': {shard_name(i)!r}, ...}}")
-        p = vdir / entry["file"]
-        try:
-            size = p.stat().st_size
-        except OSError as e:
-            raise CacheCorrupt(p, f"shard unreadable: {e}") from None
-        if size < int(entry.get("nbytes", 0)):
-            raise CacheCorrupt(p, f"truncated: expected {entry['nbytes']} bytes, found {size}")
-        shard_paths.append(p)
-        shard_sizes.append(size)
-
-    _check_index(ipath, index, schemas, np.array(shard_sizes, np.uint64), len(manifest["splits"]),
-                 len(manifest["classes"]))
-    return CacheVersion(vdir, number, manifest, index, schemas, shard_paths)
-
-
-def _check_index(path: Path, index: np.ndarray, schemas: dict[int, SampleSchema],
-                 shard_sizes: np.ndarray, n_splits: int, n_classes: int) -> None:
-    """Every record inside its shard, aligned, of its schema's size: checked once, vectorised."""
-    if len(index) == 0:
-        return
-    if index["store"].max() >= len(video_store.STORES):
-        raise CacheCorrupt(path, f"a record names video store {index['store'].max()}; known: "
-                                 f"{', '.join(video_store.STORES)}")
-    if index["shard"].max() >= len(shard_sizes):
-        raise CacheCorrupt(path, f"a record names shard {index['shard'].max()}, "
-                                 f"the manifest lists {len(shard_sizes)}")
-    compressed = np.isin(index["store"], video_store.COMPRESSED)
-    if np.any(index["offset"][~compressed] % RECORD_ALIGN):
-        raise CacheCorrupt(path, f"a raw/nv12 record offset is not a multiple of {RECORD_ALIGN}")
-    if np.any(index["offset"][compressed] % PACKED_ALIGN):
-        raise CacheCorrupt(path, f"a compressed record offset is not a multiple of "
-                                 f"{PACKED_ALIGN}")
-    ends = index["offset"] + index["nbytes"]
-    bad = np.flatnonzero(ends > shard_sizes[index["shard"]])
-    if len(bad):
-        raise CacheCorrupt(path, f"record {bad[0]} ends past the end of its shard")
-    if index["split"].max() >= n_splits:
-        raise CacheCorrupt(path, f"a record names split {index['split'].max()} of {n_splits}")
-    if index["label"].max() >= n_classes or index["label"].min() < -1:
-        raise CacheCorrupt(path, f"a record's label is outside -1..{n_classes - 1}")
-    if index["store"].max() >= len(video_store.STORES):
-        raise CacheCorrupt(path, f"a record names video store {index['store'].max()}; known: "
-                                 f"{', '.join(video_store.STORES)}")
-    for sid in np.unique(index["schema_id"]):
-        schema = schemas.get(int(sid))
-        if schema is None:
-            raise CacheCorrupt(path, f"schema {int(sid)} is not in {SCHEMAS_FILE}")
-        mine = index["schema_id"] == sid
-        whole = mine & ~compressed
-        if np.any(index["nbytes"][whole] != schema.payload_nbytes):
-            raise CacheCorrupt(path, f"a raw/nv12 record of schema {int(sid)} is not "
-                                     f"{schema.payload_nbytes} bytes")
-        nv12 = index["store"][whole] == video_store.NV12_STORE
-        if np.any(nv12 != schema.packed):
-            raise CacheCorrupt(path, f"schema {int(sid)} {'has' if schema.packed else 'lacks'} "
-                                     f"an nv12 layout, but a record of it is stored "
-                                     f"{'raw' if schema.packed else 'nv12'}")
-        packed = mine & compressed
-        if np.any(packed) and (video_store.VIDEO not in schema or schema.packed or np.any(
-                index["nbytes"][packed] >= schema.payload_nbytes)):
-            raise CacheCorrupt(path, f"a compressed record of schema {int(sid)} is not smaller "
-                                     f"than its {schema.payload_nbytes}-byte payload or the "
-                                     f"schema has no plain video")
-
-
-def _as_bytes_out(out) -> np.ndarray:
-    """A writable flat uint8 view of `out`, never a copy (a copy would silently lose the data)."""
-    if isinstance(out, np.ndarray):
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be a writable C-contiguous array")
-        return out.reshape(-1).view(np.uint8)
-    arr = np.frombuffer(out, np.uint8)
-    if not arr.flags.writeable:
-        raise ValueError(f"out must be writable, got a read-only {type(out).__name__}")
-    return arr
-
-
-def _skip(iov: list, nbytes: int) -> list:
-    """The iovecs left after the first `nbytes` were filled (a short read resumes here)."""
-    k = 0
-    while k < len(iov) and nbytes >= len(iov[k]):
-        nbytes -= len(iov[k])
-        k += 1
-    rest = iov[k:]
-    if rest and nbytes:
-        rest[0] = rest[0][nbytes:]
-    return rest
-
-
-class RecordFailure(NamedTuple):
-    """A record of a batch that could not be read: its row in the batch, its record number in
-    the reader, and the CorruptRecord error (which names the sample and the shard file)."""
-
-    row: int
-    record: int
-    error: CorruptRecord
-
-
-class BatchMeta(Sequence):
-    """The metadata of a batch read by `read_batch_into`, as numpy columns (row j = record j).
-
-    Gathered with one fancy index per column; a `SampleMeta` is built only for `metas[j]`,
-    so a loader that needs one field (`generation[0]`) pays nothing per record. `cold` counts
-    the records that were not (all) in the page cache, i.e. that this batch read from disk.
-    `failed` lists the rows whose record was corrupt (their bytes are undefined): the caller
-    drops them (`keep_rows`) and counts them; empty on a clean batch.
-    """
-
-    __slots__ = ("label", "timestamp_ns", "generation", "index", "source", "records", "cold",
-                 "failed", "deferred")
-
-    def __init__(self, reader: "CacheReader", idx: np.ndarray, cold: int = 0,
-                 failed: tuple = ()):
-        self.records = idx
-        self.label = reader.labels[idx]
-        self.timestamp_ns = reader._timestamp[idx]
-        self.generation = reader._generation[idx]
-        self.index = reader._meta_index[idx]
-        self.source = reader._source[idx]
-        self.cold = int(cold)
-        self.failed: tuple[RecordFailure, ...] = tuple(failed)
-        self.deferred: tuple = ()  # (row, record, video blob) with read_batch_into(defer_video)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, j):
-        if isinstance(j, slice):
-            return [self[k] for k in range(*j.indices(len(self)))]
-        return SampleMeta(
-            label=int(self.label[j]),
-            timestamp_ns=int(self.timestamp_ns[j]),
-            generation=int(self.generation[j]),
-            source=self.source[j].decode("utf-8", "replace"),
-            index=int(self.index[j]),
-        )
-
-    def __repr__(self) -> str:
-        bad = f", {len(self.failed)} corrupt" if self.failed else ""
-        return f"BatchMeta({len(self)} records, {self.cold} read from disk{bad})"
-
-
-def compact_rows(out2d, n: int, failed: Sequence[RecordFailure], extra=()) -> np.ndarray:
-    """Drop the failed rows of a batch of `n` rows in place: each is overwritten by the last
-    good row (row order does not matter in a shuffled batch). Works on numpy arrays and torch
-    tensors alike; `extra` are per-row arrays (labels ...) moved the same way. Returns the
-    kept rows' original positions (the new row j held row keep[j]); len(keep) is the new n."""
-    keep = np.arange(n)
-    bad = sorted({f.row for f in failed})
-    if not bad:
-        return keep
-    good = np.setdiff1d(keep, bad)
-    holes = [r for r in bad if r < len(good)]  # rows below the new end that need a good row
-    movers = good[good >= len(good)][: len(holes)]  # good rows past the new end
-    for dst, src in zip(holes, movers.tolist()):
-        out2d[dst] = out2d[src]
-        for a in extra:
-            a[dst] = a[src]
-        keep[dst] = src
-    return keep[: len(good)]
-
-
-class CacheReader:
+class CacheReader(WindowReads):
     """Random access to one split (or all) of a committed cache version; no torch.
 
     Opens the version CURRENT names and all its shard files at construction, then memory-maps
@@ -777,9 +410,9 @@ class CacheReader:
         for k in np.flatnonzero(resident).tolist():
             sh, j = int(s_sh[k]), rows[k]
             if dst is not None:
-                _seqlock.copy(dst, j * stride, self._maps[sh], int(s_off[k]), n)
+                memcpy(dst, j * stride, self._maps[sh], int(s_off[k]), n)
             else:
-                _seqlock.copy(memoryview(out2d[j]), 0, self._maps[sh], int(s_off[k]), n)
+                memcpy(memoryview(out2d[j]), 0, self._maps[sh], int(s_off[k]), n)
         cold = np.flatnonzero(~resident)
         if len(cold):
             self._read_cold(out2d, rows, s_sh, s_off, cold, n)
@@ -938,119 +571,6 @@ class CacheReader:
                 raise CacheCorrupt(self._vdir, f"a shard ended early, {left} bytes short at "
                                                f"offset {off}")
             iov, off, left = _skip(iov, got), off + got, left - got
-
-    # NOTE [windows]: `read_window_into` copies a window of one modality (a crop of a BEV grid
-    # or a frame, a time window of a recording) from a second map of the shard that is advised
-    # MADV_RANDOM, so a page fault reads only its own page instead of the kernel's read-around
-    # (which would pull up to 32 neighbouring pages of data nobody asked for); the main map
-    # keeps normal readahead for whole records. When the window's pages are not all cached, the
-    # missing ones are hinted with WILLNEED in coalesced ranges first, so their reads go out
-    # together rather than one synchronous fault at a time. Only the window's pages are read:
-    # tests/test_windows.py checks it page by page with mincore on a cold file.
-
-    def _window_array(self, shard: int) -> np.ndarray:
-        self._shard_array(shard)  # pid check, closed check
-        arr = self._window_maps[shard]
-        if arr is None:
-            size = os.fstat(self._fds[shard]).st_size
-            if size == 0:
-                arr = np.zeros(0, np.uint8)
-            else:
-                mm = mmap.mmap(self._fds[shard], size, prot=mmap.PROT_READ)
-                if hasattr(mmap, "MADV_RANDOM"):
-                    mm.madvise(mmap.MADV_RANDOM)
-                self._window_mmaps.append(mm)
-                arr = np.frombuffer(mm, np.uint8)
-            self._window_maps[shard] = arr
-        return arr
-
-    def read_window_into(self, i: int, name: str, window, out: np.ndarray | None = None
-                         ) -> np.ndarray:
-        """Copy `window` of modality `name` of record i into `out` (allocated when None) and
-        return it, reading only the window's bytes (NOTE [windows]).
-
-        `window`: one `slice` (step 1) or (start, stop) pair per leading dimension of the
-        modality's stored shape; dimensions not given are taken whole. A packed (NV12) modality
-        is windowed in its leading dimensions (time) only. The video of a compressed record is
-        decoded whole and then windowed: a codec has no partial read."""
-        i = self._check(i)
-        schema = self.schema(i)
-        spec = schema.spec(name)
-        shape = spec.stored_shape
-        if not isinstance(window, (tuple, list)):
-            window = (window,)
-        if len(window) > len(shape):
-            raise ValueError(f"window has {len(window)} dimensions, {name} is {list(shape)}")
-        bounds = []
-        for d, w in enumerate(list(window) + [slice(None)] * (len(shape) - len(window))):
-            if isinstance(w, slice):
-                if w.step not in (None, 1):
-                    raise ValueError(f"window dimension {d}: step {w.step}; only 1 is read")
-                start, stop, _ = w.indices(shape[d])
-            else:
-                start, stop = int(w[0]), int(w[1])
-            if not 0 <= start < stop <= shape[d]:
-                raise ValueError(f"window dimension {d}: {start}:{stop} is not inside "
-                                 f"0:{shape[d]} of {name} {list(shape)}")
-            bounds.append((start, stop))
-        if spec.layout and bounds[-1] != (0, shape[-1]):
-            raise ValueError(f"{name} is packed ({spec.layout}): window its leading "
-                             f"dimensions only")
-        slices = tuple(slice(a, b) for a, b in bounds)
-        if out is None:
-            out = np.empty([b - a for a, b in bounds], spec.dtype)
-        store = int(self._store[i])
-        if store in video_store.COMPRESSED:
-            rest, off = video_store.rest_layout(schema)
-            if name == video_store.VIDEO:  # no partial decode: the clip, then the window
-                full = np.empty(schema.payload_nbytes, np.uint8)
-                self.read_into(i, full)
-                np.copyto(out, schema.views(full)[name][slices])
-                return out
-            base = int(self._offset[i]) + rest.offset(name)
-        else:
-            base = int(self._offset[i]) + schema.offset(name)
-        arr = self._window_array(int(self._shard[i]))
-        src = arr[base: base + spec.nbytes].view(spec.dtype).reshape(shape)[slices]
-        self._hint_window(int(self._shard[i]), arr, base, shape, spec.itemsize, bounds)
-        np.copyto(out, src)
-        return out
-
-    def _hint_window(self, shard: int, arr: np.ndarray, base: int, shape, itemsize: int,
-                     bounds) -> None:
-        """WILLNEED for the window's pages that are not cached (coalesced ranges)."""
-        if _mincore is None:
-            return
-        # innermost dimension not taken whole: below it runs are contiguous
-        d = max((k for k, (a, b) in enumerate(bounds) if (a, b) != (0, shape[k])), default=0)
-        strides = np.cumprod([1, *shape[::-1]])[::-1][1:] * itemsize  # bytes per step, per dim
-        run = (bounds[d][1] - bounds[d][0]) * int(strides[d])
-        starts = np.array([base + bounds[d][0] * int(strides[d])], np.int64)
-        for k in range(d - 1, -1, -1):
-            steps = np.arange(bounds[k][0], bounds[k][1], dtype=np.int64) * int(strides[k])
-            starts = (steps[:, None] + starts[None, :]).ravel()
-        page = mmap.PAGESIZE
-        addr = arr.ctypes.data
-        first, last = (addr + int(starts.min())) // page, (addr + int(starts.max()) + run - 1) // page
-        span = last - first + 1
-        if len(self._resident) < span:
-            self._resident = np.empty(span, np.uint8)
-        if _mincore(first * page, span * page, self._resident.ctypes.data) != 0:
-            return
-        p0 = (addr + starts) // page - first
-        p1 = (addr + starts + run - 1) // page - first
-        marks = np.zeros(span + 1, np.int64)  # +1 where a run's pages begin, -1 after they end
-        np.add.at(marks, p0, 1)
-        np.add.at(marks, p1 + 1, -1)
-        need = np.cumsum(marks[:span]) > 0
-        cold = need & ~(self._resident[:span] & 1).astype(bool)
-        if not cold.any():
-            return
-        edges = np.flatnonzero(np.diff(np.r_[0, cold.astype(np.int8), 0]))
-        fd = self._fds[shard]
-        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-            off = (first + a) * page - addr
-            os.posix_fadvise(fd, max(off, 0), (b - a) * page, os.POSIX_FADV_WILLNEED)
 
     def view(self, i: int) -> Sample:
         """Zero-copy, read-only arrays over the memory map (they keep the map alive); a

@@ -38,34 +38,26 @@ Client side (`ControlClient`) is the ZeroMQ guide's Lazy Pirate: a REQ socket th
 reply is stuck forever, so the client polls with a timeout, and on silence closes the socket
 (linger 0) and opens a fresh one, a bounded number of times, then raises `ControlTimeout`.
 
-TCP is opt-in and then authenticated with ZeroMQ CURVE (`CurveServerKeys`, `CurveClientKeys`,
-`keygen`); binding or connecting `tcp://` without keys is refused with a clear error. A daemon
-resolves its sockets and keys with `daemon_sockets()` (`--control`, `--logs`, `--curve-dir`).
+Commands and their arguments: commands.py. TCP is opt-in and then authenticated with ZeroMQ
+CURVE; binding or connecting `tcp://` without keys is refused with a clear error; a daemon
+resolves its sockets and keys with `daemon_sockets()` (sockets.py).
 """
 from __future__ import annotations
 
 import collections
 import hashlib
-import inspect
 import json
 import math
 import logging
-import os
-import shutil
 import threading
 import time
-import types
 import uuid
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import zmq
 
 from .errors import (
-    BadArgument,
-    ControlError,
     ControlTimeout,
     MalformedMessage,
     MessageTooLarge,
@@ -75,14 +67,21 @@ from .errors import (
     VersionMismatch,
 )
 from .logs import LogLimiter, clip
-from .paths import (
-    bound_inode,
-    check_bind_endpoint,
-    check_connect_endpoint,
-    ipc_path,
-    prepare_ipc_bind,
-    remove_ipc_socket,
-    secure_ipc_socket,
+from .paths import check_connect_endpoint, ipc_path
+# Command specs (commands.py) and where sockets are bound with which keys (sockets.py):
+# re-exported here, the control API's one import for mmctl, the daemons and tests.
+from .commands import WIRE_ARGS, Arg, Command, wire_command  # noqa: F401
+from .sockets import (  # noqa: F401
+    Binding,
+    CurveClientKeys,
+    CurveServerKeys,
+    DaemonSockets,
+    _needs_curve,
+    bind_server,
+    curve_client_socket,
+    curve_server_socket,
+    daemon_sockets,
+    keygen,
 )
 
 CONTROL_VERSION = 1
@@ -104,279 +103,6 @@ _SHAPE = f'{{"v": {CONTROL_VERSION}, "id": "...", "cmd": ..., "args": {{...}}}}'
 
 log = logging.getLogger(__name__)
 
-# Argument names on the wire, one place for mmctl and both daemons (docs/CONTRACTS.md).
-WIRE_ARGS: dict[str, dict[str, Any]] = {}  # filled below, after Arg is defined
-
-
-# --- command specs --------------------------------------------------------------------------
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-               list: "a list", dict: "an object"}
-
-
-def _type_name(t: Any) -> str:
-    origin = typing.get_origin(t)
-    if origin is list:
-        (inner,) = typing.get_args(t) or (Any,)
-        return f"a list of {_type_name(inner).removeprefix('a ').removeprefix('an ')}s" \
-            if inner in _TYPE_NAMES else "a list"
-    if isinstance(t, tuple):
-        return " or ".join(_type_name(x) for x in t)
-    if t is Any or t is None:
-        return "any JSON value"
-    return _TYPE_NAMES.get(t, getattr(t, "__name__", str(t)))
-
-
-def _matches(value: Any, t: Any) -> bool:
-    """JSON-aware isinstance: an int is a valid float, a bool is never an int or float."""
-    if t is Any or t is None:
-        return True
-    if isinstance(t, tuple):
-        return any(_matches(value, x) for x in t)
-    if typing.get_origin(t) is list:
-        args = typing.get_args(t)
-        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
-    if t is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if t is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, t)
-
-
-@dataclass(frozen=True)
-class Arg:
-    """One argument of a command: its JSON type, whether it is required, its default.
-
-    `type` is str, int, float (ints accepted), bool, list, `list[str]`, dict, a tuple of those,
-    or `typing.Any`. A bare type in `Command(args=...)` means `Arg(type)` (required).
-    """
-
-    type: Any = Any
-    required: bool = True
-    default: Any = None
-    help: str = ""
-
-    def describe(self) -> str:
-        return _type_name(self.type)
-
-
-@dataclass(frozen=True)
-class Command:
-    """A control command: the handler and the arguments it accepts.
-
-    The handler is called with the validated arguments as keyword arguments (defaults filled
-    in) and returns a dict merged into the `{"ok": true}` reply, or None. With `args=None`
-    the spec is read from the handler's signature and type hints.
-    """
-
-    handler: Callable[..., Mapping[str, Any] | None]
-    args: Mapping[str, Any] | None = field(default_factory=dict)
-    help: str = ""
-
-    def __post_init__(self) -> None:
-        spec = _spec_from_signature(self.handler) if self.args is None else self.args
-        norm = {name: a if isinstance(a, Arg) else Arg(a) for name, a in spec.items()}
-        object.__setattr__(self, "args", norm)
-
-    def validate(self, cmd: str, args: Mapping[str, Any]) -> dict[str, Any]:
-        """Checked keyword arguments for the handler, or BadArgument naming what is wrong."""
-        spec: Mapping[str, Arg] = self.args  # type: ignore[assignment]
-        accepted = ", ".join(f"{n} ({a.describe()})" for n, a in spec.items()) or "no arguments"
-        unknown = sorted(set(args) - set(spec))
-        if unknown:
-            raise BadArgument(f"{cmd}: unknown argument {unknown[0]!r}; accepted: {accepted}")
-        out: dict[str, Any] = {}
-        for name, a in spec.items():
-            if name not in args:
-                if a.required:
-                    raise BadArgument(f"{cmd}: missing argument {name!r} ({a.describe()}); "
-                                      f"accepted: {accepted}")
-                out[name] = a.default
-                continue
-            value = args[name]
-            if not _matches(value, a.type):
-                raise BadArgument(f"{cmd}: argument {name!r} must be {a.describe()}, "
-                                  f"got {type(value).__name__} {json.dumps(value)[:80]}")
-            out[name] = value
-        return out
-
-
-def _spec_from_signature(fn: Callable) -> dict[str, Arg]:
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # unresolvable annotations: fall back to untyped arguments
-        hints = {}
-    spec = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        t = hints.get(name, Any)
-        if typing.get_origin(t) in (typing.Union, types.UnionType):
-            t = tuple(x for x in typing.get_args(t) if x is not type(None)) or Any
-        required = p.default is p.empty
-        spec[name] = Arg(t, required=required, default=None if required else p.default)
-    return spec
-
-
-WIRE_ARGS.update({
-    "status": {},
-    "filter": {"spec": str},
-    "sensor": {"input": str, "stem": str},
-    "method": {"input": str, "name": str},
-    "segment": {"start": float, "end": float},
-    "segment_clear": {},
-    "label": {"name": str},
-    "modalities": {"enable": Arg(list[str], required=False, default=[]),
-                   "disable": Arg(list[str], required=False, default=[])},
-    "pause": {},
-    "resume": {},
-    "mix": {"fraction": float},
-    "checkpoint": {},
-    "logs": {"n": Arg(int, required=False, default=100)},
-    # issue 18: watching and steering a run
-    "generation": {"number": int},
-    "preview": {},
-    "batch": {"size": int, "lr_rule": Arg(str, required=False, default="none")},
-    "record": {"action": str, "split": Arg(str, required=False, default="train"),
-               "cache": Arg(str, required=False, default="")},
-})
-
-
-def wire_command(cmd: str, handler: Callable[..., Mapping[str, Any] | None]) -> Command:
-    """`Command(handler, args=WIRE_ARGS[cmd])`: a standard command with mmctl's argument names."""
-    return Command(handler, args=WIRE_ARGS[cmd])
-
-
-# --- CURVE ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CurveServerKeys:
-    """A server's CURVE identity and the clients it lets in.
-
-    secret_key_file: the server's `*.key_secret` from `keygen`.
-    clients_dir:     folder of allowed clients' public `*.key` files; any other key is refused.
-    """
-
-    secret_key_file: Path
-    clients_dir: Path
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> "CurveServerKeys":
-        """The server side of what `keygen(directory)` lays out: `server.key_secret` and the
-        `clients/` folder of allowed public keys. Checked now, so that a daemon started with a
-        wrong folder says which file is missing before it binds anything."""
-        d = Path(directory)
-        if not d.is_dir():
-            raise ControlError(f"CURVE key folder {d} does not exist; create it with "
-                               f"`mmctl keygen {d}`")
-        secret, clients = d / "server.key_secret", d / "clients"
-        if not secret.is_file():
-            raise ControlError(f"CURVE key folder {d}: no server.key_secret (the server's secret "
-                               f"key, as `mmctl keygen` writes it)")
-        _, key = _load_keypair(secret, "server")
-        if key is None:
-            raise ControlError(f"{secret} holds no secret key (expected `mmctl keygen`'s "
-                               f"server.key_secret)")
-        if not clients.is_dir() or not any(clients.glob("*.key")):
-            raise ControlError(f"CURVE key folder {d}: clients/ holds no *.key file; it must hold "
-                               f"the public key of every client allowed in (keygen puts "
-                               f"client.key there)")
-        return cls(secret, clients)
-
-
-@dataclass(frozen=True)
-class CurveClientKeys:
-    """A client's CURVE identity: the server's public key and the client's own keypair."""
-
-    server_public_file: Path
-    secret_key_file: Path
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> "CurveClientKeys":
-        """Keys as `keygen(directory)` lays them out (server.key, client.key_secret)."""
-        d = Path(directory)
-        return cls(d / "server.key", d / "client.key_secret")
-
-
-def keygen(directory: str | Path, names: tuple[str, ...] = ("server", "client")) -> dict[str, Path]:
-    """Write a CURVE keypair per name into `directory` (secret files mode 0600), and copy each
-    non-server public key into `directory/clients/` so that folder can be the server's
-    `clients_dir` as is. Returns name -> secret key file."""
-    import zmq.auth
-
-    d = Path(directory)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (d / "clients").mkdir(mode=0o700, exist_ok=True)
-    out = {}
-    for name in names:
-        public, secret = zmq.auth.create_certificates(str(d), name)
-        os.chmod(secret, 0o600)
-        if name != "server":
-            shutil.copy(public, d / "clients" / Path(public).name)
-        out[name] = Path(secret)
-    return out
-
-
-def _load_keypair(path: Path, what: str) -> tuple[bytes, bytes | None]:
-    import zmq.auth
-
-    try:
-        return zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as e:
-        raise ControlError(f"{what}: cannot read CURVE key file {path}: {e}") from None
-
-
-@dataclass(frozen=True)
-class DaemonSockets:
-    """Where a daemon binds its control REP and log PUB sockets, with each one's CURVE keys
-    (None for ipc, where the socket file's mode is the access control)."""
-
-    control: str
-    logs: str
-    control_curve: CurveServerKeys | None = None
-    logs_curve: CurveServerKeys | None = None
-
-
-def daemon_sockets(daemon: str, control: str | None = None, logs: str | None = None,
-                   curve_dir: str | Path | None = None) -> DaemonSockets:
-    """The one place both daemons resolve their `--control`, `--logs` and `--curve-dir`:
-
-        socks = daemon_sockets("producer", opts.control, opts.log_endpoint, opts.curve_dir)
-        setup_daemon_logging("producer", socks.logs, curve=socks.logs_curve)
-        server = ControlServer(socks.control, commands, curve=socks.control_curve)
-
-    control: None = the default ipc socket (`paths.control_endpoint`).
-    logs:    None = next to the control socket (`paths.log_endpoint_for`: X.sock ->
-             X.log.sock, tcp port + 1), the same rule `mmctl logs -f` follows.
-    curve_dir: a `mmctl keygen` folder (server.key_secret, clients/*.key); its keys protect
-             whichever of the two sockets is tcp://. A tcp:// socket without it is refused
-             here, naming the option, before anything is bound.
-    """
-    from .paths import control_endpoint, log_endpoint_for
-
-    ctl = control or control_endpoint(daemon)
-    pub = logs or log_endpoint_for(ctl)
-    for e in (ctl, pub):  # abstract sockets, a squatted runtime dir: refused before anything
-        check_bind_endpoint(e)
-    tcp = [e for e in (ctl, pub) if e.startswith("tcp://")]
-    if tcp and curve_dir is None:
-        raise ControlError(
-            f"{daemon}: {tcp[0]} is TCP, which is only allowed with CURVE authentication; "
-            f"create keys with `mmctl keygen DIR` and start with --curve-dir DIR (or use the "
-            f"default ipc:// socket)")
-    keys = CurveServerKeys.from_dir(curve_dir) if curve_dir is not None else None
-    return DaemonSockets(ctl, pub, keys if ctl.startswith("tcp://") else None,
-                         keys if pub.startswith("tcp://") else None)
-
-
-def _needs_curve(endpoint: str, curve: object | None, side: str) -> None:
-    if endpoint.startswith("tcp://") and curve is None:
-        raise ControlError(
-            f"{side} {endpoint}: TCP control is only allowed with CURVE authentication; "
-            f"create keys with `mmctl keygen DIR` and pass them (or use the default ipc:// socket)"
-        )
 
 
 # --- server --------------------------------------------------------------------------------
@@ -489,11 +215,10 @@ class ControlServer:
             for name, c in commands.items()
         }
         self._ctx = zmq.Context()  # own context: one ZAP authenticator per context
-        self._auth = None
+        self._binding: Binding | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
-        self._path = self._inode = None
         self.handled = 0
         self.internal_errors = 0
         self.replies = ReplyCache()
@@ -503,13 +228,8 @@ class ControlServer:
             self._sock = self._ctx.socket(zmq.REP)
             self._sock.setsockopt(zmq.LINGER, 0)
             self._sock.setsockopt(zmq.MAXMSGSIZE, TRANSPORT_MAX_BYTES)
-            if curve is not None:
-                self._auth = curve_server_socket(self._ctx, self._sock, curve)
-            self._path = prepare_ipc_bind(endpoint, group)
-            self._sock.bind(endpoint)
-            self._inode = bound_inode(self._path)  # from here on, a failure removes our file
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            secure_ipc_socket(self._path, group)
+            self._binding = bind_server(self._ctx, self._sock, endpoint, curve=curve, group=group)
+            self.endpoint = self._binding.endpoint
         except BaseException:
             self._teardown()
             raise
@@ -711,11 +431,9 @@ class ControlServer:
         sock = getattr(self, "_sock", None)
         if sock is not None:
             sock.close(linger=0)
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        if self._binding is not None:
+            self._binding.release()
         self._ctx.term()
-        remove_ipc_socket(self._path, self._inode)
 
     def __enter__(self) -> "ControlServer":
         return self
@@ -725,43 +443,6 @@ class ControlServer:
 
     def __repr__(self) -> str:
         return f"ControlServer({getattr(self, 'endpoint', '?')!r}, commands={sorted(self.commands)})"
-
-
-def _start_authenticator(ctx: zmq.Context, curve: CurveServerKeys):
-    from zmq.auth.thread import ThreadAuthenticator
-
-    clients = Path(curve.clients_dir)
-    if not clients.is_dir():
-        raise ControlError(f"CURVE clients folder {clients} does not exist; it must hold the "
-                           f"allowed clients' public *.key files (see `mmctl keygen`)")
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve(domain="*", location=str(clients))
-    return auth
-
-
-def curve_server_socket(ctx: zmq.Context, sock: zmq.Socket, curve: CurveServerKeys):
-    """Make `sock` a CURVE server that admits only `curve.clients_dir`'s keys. Returns the
-    authenticator, which the caller stops when done (used by the log PUB socket)."""
-    _, secret = _load_keypair(Path(curve.secret_key_file), "server")
-    if secret is None:
-        raise ControlError(f"{curve.secret_key_file} holds no secret key (use the *.key_secret file)")
-    auth = _start_authenticator(ctx, curve)
-    sock.curve_secretkey = secret
-    sock.curve_publickey = zmq.curve_public(secret)
-    sock.curve_server = True
-    return auth
-
-
-def curve_client_socket(sock: zmq.Socket, curve: CurveClientKeys) -> None:
-    """Give `sock` the client's keypair and the server key it must talk to."""
-    server_public, _ = _load_keypair(Path(curve.server_public_file), "client: server key")
-    public, secret = _load_keypair(Path(curve.secret_key_file), "client: own key")
-    if secret is None:
-        raise ControlError(f"{curve.secret_key_file} holds no secret key")
-    sock.curve_serverkey = server_public
-    sock.curve_publickey = public
-    sock.curve_secretkey = secret
 
 
 # --- client --------------------------------------------------------------------------------

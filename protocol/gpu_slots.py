@@ -1,7 +1,8 @@
 """GPU ring slots, the wire side: the slot descriptor that travels through the CPU ring and the
 GPU slot table (a sidecar shared-memory segment `<ring>.gpu`) that tells readers how to map the
 producer's GPU memory. No torch here (protocol/ never imports it): the producer's pool is in
-producer/gpu_slots.py, the trainer's mapping in trainer/gpu_ring.py. docs/gpu.md has the picture.
+producer/gpu_slot_writer.py, the trainer's mapping in trainer/gpu_slot_reader.py and its loader
+thread in trainer/gpu_slot_loader.py. docs/gpu.md has the picture.
 
 Why a sidecar and not the ring header: the ring's byte layout belongs to protocol/ring.py and is
 versioned on its own; the GPU table changes for other reasons (CUDA handle formats). The sidecar
@@ -35,6 +36,18 @@ import posix_ipc
 from . import _seqlock as sl
 from .errors import NotARing, RingError, SchemaError, VersionMismatch
 from .schema import ModalitySpec, SampleSchema
+
+#: Said once per process side (the producer's writer, the trainer's reader) when CUDA is
+#: missing and GPU slots quietly fall back to the host ring: the one wording of that fact.
+NO_CUDA_MESSAGE = "no CUDA device: GPU slots off, frames go through host shared memory"
+_no_cuda_said: set[str] = set()   # names of the loggers that said it
+
+
+def say_no_cuda_once(log) -> None:
+    """Log NO_CUDA_MESSAGE at INFO on `log`, the first time for that logger only."""
+    if log.name not in _no_cuda_said:
+        _no_cuda_said.add(log.name)
+        log.info(NO_CUDA_MESSAGE)
 
 __all__ = ["GpuDescriptor", "DESCRIPTOR_SCHEMA", "DESCRIPTOR_BYTES", "is_descriptor",
            "PoolExport", "GpuSlotTable", "GpuTableError", "StaleGpuTable", "table_name",

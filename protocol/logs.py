@@ -36,14 +36,8 @@ from typing import IO, Any, Iterator
 
 import zmq
 
-from .paths import (
-    bound_inode,
-    check_connect_endpoint,
-    ipc_path,
-    prepare_ipc_bind,
-    remove_ipc_socket,
-    secure_ipc_socket,
-)
+from .paths import check_connect_endpoint, ipc_path
+from .sockets import bind_server, curve_client_socket
 
 # LogRecord attributes that are not user fields (plus the ones Formatter adds).
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -177,8 +171,7 @@ class PubHandler(logging.Handler):
         self.endpoint = endpoint
         self.dropped = 0
         self._recent: collections.deque[dict] = collections.deque(maxlen=keep)
-        self._ctx = self._sock = self._auth = None
-        self._path = self._inode = None
+        self._ctx = self._sock = self._binding = None
         if endpoint is None:
             return
         if endpoint.startswith("tcp://") and curve is None:
@@ -191,15 +184,8 @@ class PubHandler(logging.Handler):
             self._sock = self._ctx.socket(zmq.PUB)
             self._sock.setsockopt(zmq.SNDHWM, PUB_HWM)
             self._sock.setsockopt(zmq.LINGER, 0)
-            if curve is not None:
-                from .control import curve_server_socket
-
-                self._auth = curve_server_socket(self._ctx, self._sock, curve)
-            self._path = prepare_ipc_bind(endpoint, group)
-            self._sock.bind(endpoint)
-            self._inode = bound_inode(self._path)  # from here on, a failure removes our file
-            self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            secure_ipc_socket(self._path, group)
+            self._binding = bind_server(self._ctx, self._sock, endpoint, curve=curve, group=group)
+            self.endpoint = self._binding.endpoint
         except BaseException:
             self.close()
             raise
@@ -228,14 +214,12 @@ class PubHandler(logging.Handler):
             if self._sock is not None:
                 self._sock.close(linger=0)
                 self._sock = None
-            if self._auth is not None:
-                self._auth.stop()
-                self._auth = None
+            if self._binding is not None:
+                self._binding.release()
+                self._binding = None
             if self._ctx is not None:
                 self._ctx.term()
                 self._ctx = None
-            remove_ipc_socket(self._path, self._inode)
-            self._path = None
         super().close()
 
 
@@ -388,7 +372,7 @@ def logs_command():
     """A ready `logs` control command: `{"logs": logs_command()}` in a daemon's command table
     answers `mmctl logs [-n N] DAEMON` with `{"ok": true, "records": [...], "truncated":
     bool, "omitted": K, "max_bytes": B}` (`recent_bounded`: at most LOGS_REPLY_MAX_BYTES)."""
-    from .control import WIRE_ARGS, Command
+    from .commands import WIRE_ARGS, Command
 
     return Command(lambda n: recent_bounded(n), args=WIRE_ARGS["logs"])
 
@@ -407,8 +391,6 @@ def follow(endpoint: str, *, timeout: float | None = None, curve=None) -> Iterat
     sock.setsockopt(zmq.LINGER, 0)
     try:
         if curve is not None:
-            from .control import curve_client_socket
-
             curve_client_socket(sock, curve)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(endpoint)

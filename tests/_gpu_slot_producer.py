@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from producer.gpu_slots import GpuSlotWriter  # noqa: E402
+from producer.gpu_slot_writer import GpuSlotWriter  # noqa: E402
 from protocol.ring import RingConfig  # noqa: E402
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema  # noqa: E402
 

@@ -13,6 +13,25 @@ import pytest
 
 from producer.synth import make_bad_samples, make_dataset
 
+#: The fast tier (`make test-fast`, `pytest -m unit`): files of unit tests that start no daemon
+#: and no command, each a few seconds at most, for the edit-run loop. `make test` runs them
+#: with everything else. A new test file of that kind belongs here.
+UNIT_FILES = frozenset({
+    "test_align.py", "test_audio.py", "test_cache.py", "test_control.py", "test_dataset.py",
+    "test_filters.py", "test_generation_store.py", "test_heap.py", "test_lidar.py",
+    "test_logs.py", "test_metadata.py", "test_mmctl.py", "test_notify.py", "test_pipeline.py",
+    "test_radar.py", "test_ring_layout.py", "test_schema.py", "test_sources.py",
+    "test_systemd_units.py", "test_trainer_batching.py", "test_unknown.py", "test_video.py",
+    "test_stages.py", "test_status_view.py", "test_layouts.py", "test_video_store.py",
+    "test_metrics.py", "test_progress.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in UNIT_FILES:
+            item.add_marker(pytest.mark.unit)
+
 
 
 @pytest.fixture(scope="session", autouse=True)

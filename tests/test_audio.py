@@ -1,5 +1,6 @@
 """Audio modality: decoding any PyAV audio to fixed-length mono, our log-mel against librosa,
-and bad input. Real recordings from /work/shared/data/real are used when present."""
+and bad input. Real recordings ($MMFEED_REAL_DATA, producer/synth.py REAL_DIR) are used when
+present."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 
 from producer.modalities import audio
+from producer.synth import REAL_DIR
 from protocol.errors import InputError
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DIR
 JFK = REAL / "jfk_speech_16k_mono.wav"
 ALSA = REAL / "alsa_Front_Center.wav"
 CAR = REAL / "intel_car-detection.mp4"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,22 @@ def test_ring_header_generation_reads_a_left_ring_and_is_none_without_one(tmp_pa
     finally:
         w.close()
     assert ring_header_generation(name) is None
+
+
+def test_ring_header_generation_reads_a_ring_whose_producer_was_killed():
+    # The case the function exists for: a SIGKILLed producer leaves its ring (and its header's
+    # generation) behind. RingReader.attach refuses such a ring (ProducerGone: a dead ring never
+    # yields a sample), so reading the header must not go through attach.
+    name = f"mmgsk{os.getpid()}"
+    code = ("import os, sys, signal; from protocol.ring import RingConfig, RingWriter; "
+            f"w = RingWriter.create(RingConfig({name!r}, slots=2, slot_bytes=4096)); "
+            "w.set_generation(7); print('ready', flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    try:
+        assert proc.stdout.strip() == "ready", proc.stderr
+        assert ring_header_generation(name) == 7
+    finally:
+        for leftover in Path("/dev/shm").glob(f"*{name}*"):
+            leftover.unlink()

@@ -16,15 +16,15 @@ import posix_ipc
 import pytest
 import torch
 
-from producer.gpu_slots import NO_CUDA_MESSAGE, GpuSlotWriter, choose_backend, open_writer
+from producer.gpu_slot_writer import NO_CUDA_MESSAGE, GpuSlotWriter, choose_backend, open_writer
 from protocol.errors import NotARing, RingError, SchemaError, VersionMismatch
 from protocol.gpu_slots import (DESCRIPTOR_BYTES, DESCRIPTOR_SCHEMA, GPU_TABLE_VERSION,
                                 GpuDescriptor, GpuSlotTable, PoolExport, StaleGpuTable,
                                 is_descriptor, table_name)
 from protocol.ring import RingConfig, RingReader, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
-from trainer import gpu_ring
-from trainer.gpu_ring import GpuRingReader, open_reader, select_path
+from trainer import gpu_slot_reader as gpu_ring
+from trainer.gpu_slot_reader import GpuRingReader, open_reader, select_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _gpu_slot_producer import payload_bytes  # noqa: E402
@@ -49,9 +49,8 @@ def ring_name():
 
 @pytest.fixture(autouse=True)
 def _forget_logged_once(monkeypatch):
-    import producer.gpu_slots as pg
-    monkeypatch.setattr(pg, "_said_no_cuda", False)
-    monkeypatch.setattr(gpu_ring, "_said_no_cuda", False)
+    import protocol.gpu_slots as wire
+    monkeypatch.setattr(wire, "_no_cuda_said", set())
 
 
 class Producer:

@@ -22,7 +22,7 @@ from _trainer_data import build_cache  # noqa: E402
 from test_gpu_slots import Producer  # noqa: E402
 from test_producer_daemon import Daemon, _unique, wait_for  # noqa: E402
 
-from producer.gpu_slots import NO_CUDA_MESSAGE  # noqa: E402
+from producer.gpu_slot_writer import NO_CUDA_MESSAGE  # noqa: E402
 from producer.synth import make_dataset  # noqa: E402
 from protocol.gpu_slots import is_descriptor, table_name  # noqa: E402
 from protocol.ring import RingReader  # noqa: E402
@@ -198,7 +198,7 @@ def test_cuda_trainer_trains_from_gpu_slots_with_no_host_copy(dataset, cache, tm
 
 @needs_cuda
 def test_gpu_ring_loader_batches_hold_exactly_the_producers_bytes_on_the_gpu():
-    from trainer.gpu_loader import GpuRingLoader
+    from trainer.gpu_slot_loader import GpuRingLoader
 
     ring = _unique("mmgw")
     prod = Producer(ring, backend="cuda", count=64, mode="lossless", nbytes=1 << 16)

@@ -3,13 +3,13 @@ swscale's conversion of the same planes within the stated tolerance: at most 1 l
 0.02 levels on average, for BT.601/BT.709, limited/full range, odd and even sizes."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from producer.modalities import video
+from producer.synth import REAL_DIR
 from protocol import video_store as vs
 from protocol.filters import FilterSpec
 from protocol.schema import ModalitySpec, SampleSchema
@@ -18,7 +18,7 @@ from trainer.layouts import nv12_to_rgb, unpack_inputs
 from trainer.prefetch import DevicePrefetcher
 
 MAX_LEVELS, MEAN_LEVELS = 1, 0.02
-CAR = Path("/work/shared/data/real/intel_car-detection.mp4")
+CAR = REAL_DIR / "intel_car-detection.mp4"  # $MMFEED_REAL_DATA (producer/synth.py)
 
 
 def clips(synth_dataset) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ from cli.mmctl import main
 from protocol import logs, paths
 from protocol.control import ControlServer, keygen, wire_command
 from protocol.errors import BadArgument
+from protocol.filters import FilterSpec
 
 
 @pytest.fixture
@@ -169,7 +170,8 @@ def test_status_with_no_daemon_exits_3_naming_sockets_and_how_to_start(rundir):
 
 
 @pytest.mark.parametrize("args, wire", [
-    (["filter", "resize=64x64,gray"], ("filter", {"spec": "resize=64x64,gray"})),
+    # The server parses the spec once (WIRE_ARGS): the handler gets the FilterSpec.
+    (["filter", "resize=64x64,gray"], ("filter", {"spec": FilterSpec(True, 64, 64)})),
     (["sensor", "lidar", "lidar_top"], ("sensor", {"input": "lidar", "stem": "lidar_top"})),
     (["method", "radar", "range_doppler"], ("method", {"input": "radar", "name": "range_doppler"})),
     (["segment", "1.5", "4"], ("segment", {"start": 1.5, "end": 4.0})),

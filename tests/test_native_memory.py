@@ -2,7 +2,7 @@
 
 The producer decodes one short clip after another for days. A few hundred bytes of native
 memory lost per clip is invisible in one run and ~100 MB a day in the daemon (see
-producer/modalities/_demux.py for the one this guards against). Each case runs in a fresh
+producer/modalities/_decode_loops.py for the one this guards against). Each case runs in a fresh
 interpreter (the heap of the test process depends on every test before it) and reads
 RssAnon after handing freed memory back (`malloc_trim`), between a warm-up and the end.
 """

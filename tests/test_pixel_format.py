@@ -174,3 +174,14 @@ def test_a_yuv420_sample_goes_through_the_ring_as_planes(synth_dataset):
             got = r.receive(timeout=10)
     assert got.schema == schema and got.schema.spec("video").layout
     assert np.array_equal(got.arrays["video"], arrays["video"])
+
+
+def test_planes_of_one_shape_but_another_matrix_get_their_own_schema(tmp_path):
+    from producer.pipeline import schema_of
+
+    a = video.decode_clip(_clip(tmp_path / "a.mp4"), FilterSpec(pixel_format="yuv420"), 2)
+    b = video.decode_clip(_clip(tmp_path / "b.mp4", colorspace=1, color_range=2),
+                          FilterSpec(pixel_format="yuv420"), 2)
+    assert a.shape == b.shape
+    assert schema_of({"video": a}).spec("video").layout == "nv12/bt601/limited/left"
+    assert schema_of({"video": b}).spec("video").layout == "nv12/bt709/full/left"

@@ -206,7 +206,7 @@ def _run_env(env: dict, *args: str) -> tuple[int, dict | None, str]:
 ])
 def test_a_sample_that_kills_its_worker_is_the_only_one_rejected(synth_dataset, tmp_path, how,
                                                                    workers, found):
-    # The test hook (producer.preprocess.CRASH_ENV) kills whichever worker process takes this
+    # The test hook (producer.preprocess_workers.CRASH_ENV) kills whichever worker process takes this
     # sample - a stand-in for a segfault inside FFmpeg or the OOM killer. The run must rebuild
     # its pool, find the culprit by re-running the suspects alone, and cache everything else.
     samples = sorted(p for p in synth_dataset.glob("*/*/*") if p.is_dir())

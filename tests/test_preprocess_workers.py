@@ -8,7 +8,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from producer.pipeline import PipelineConfig
-from producer.preprocess import _init_worker, run_preprocess, start_worker_server
+from producer.preprocess import run_preprocess
+from producer.preprocess_workers import _init_worker, start_worker_server
 from producer.worker_threads import blas_threads
 
 CFG = PipelineConfig(filter="resize=32x32", clip_frames=4)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from producer.modalities import radar
+from producer.synth import REAL_DIR
 from protocol.errors import InputError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+REAL = REAL_DIR
 NPY = REAL / "openradar_adc_frame_128x8x128.npy"
 DCA = REAL / "openradar_adc_frame_dca1000_layout.bin"
 VOD = REAL / "vod_radar_00549.bin"  # research-only licence: read in place, never copied

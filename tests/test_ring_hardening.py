@@ -1,7 +1,7 @@
 """The ring under damage and hostile neighbours (issue 13 items 5-9): real producer and reader
 processes, real POSIX shared memory, damage done from yet another process.
 
-A producer here is a RingKeeper (the daemon's own ring owner, producer/ring_keeper.py) in a
+A producer here is a RingSink (the daemon's own ring owner, producer/ring_sink.py) in a
 forked process that publishes patterned samples on command, so a test decides exactly what is
 in the ring when it damages it. Readers that may meet a truncated segment run in their own
 process: were the guard against SIGBUS missing, the test would see rc -7, not lose pytest.
@@ -20,7 +20,7 @@ import uuid
 import numpy as np
 import pytest
 
-from producer.ring_keeper import RingKeeper
+from producer.ring_sink import RingSink
 from protocol.errors import NotARing, ProducerGone, RingDamaged, RingError, RingInUse
 from protocol.ring import RingConfig, RingReader, RingWriter
 from protocol.ring_layout import H, S, SLOT_HEADER_BYTES, SCHEMA_MAX, STATE_CLOSED, RingHeader
@@ -100,7 +100,7 @@ def truncate(name: str, size: int) -> None:
 
 
 def _commanded_producer(name, cmds, acks):
-    keeper = RingKeeper(RingConfig(name, slots=SLOTS, slot_bytes=SLOT), RingWriter.create)
+    keeper = RingSink(RingConfig(name, slots=SLOTS, slot_bytes=SLOT), RingWriter.create)
     acks.put(("ready", keeper.stats().epoch))
     n = 0
     try:
@@ -162,7 +162,7 @@ def receive_all(r: RingReader, timeout: float = 5.0) -> list[int]:
 def _streaming_producer(name, stop, q):
     """Publishes as fast as it can, heartbeating like the daemon; reports what it lived
     through when told to stop."""
-    keeper = RingKeeper(RingConfig(name, slots=SLOTS, slot_bytes=SLOT), RingWriter.create)
+    keeper = RingSink(RingConfig(name, slots=SLOTS, slot_bytes=SLOT), RingWriter.create)
     epochs, n = [keeper.stats().epoch], 0
     q.put(("ready", epochs[0]))
     try:

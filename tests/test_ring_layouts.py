@@ -1,5 +1,5 @@
 """Samples larger than a slot are never dropped (issue 12 item 4): the ring moves to a new
-layout that its readers follow (producer/ring_keeper.py NOTE [ring layouts]), up to a cap on
+layout that its readers follow (producer/ring_sink.py NOTE [ring layouts]), up to a cap on
 its memory that is refused with a clear error. Real processes and real shared memory; the last
 test runs a real 1080p file, encoded by PyAV, through `mm-producer run` and `mm-trainer run`.
 """
@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import build_cache  # noqa: E402
 
-from producer.ring_keeper import RingKeeper, slot_bytes_for  # noqa: E402
+from producer.ring_sink import RingSink, slot_bytes_for  # noqa: E402
 from protocol.control import ControlClient, Timeouts  # noqa: E402
 from protocol.errors import ProducerGone, RingSuperseded, RingTooLarge  # noqa: E402
 from protocol.ring import RingConfig, RingReader, RingWriter  # noqa: E402
@@ -79,7 +79,7 @@ def test_create_refuses_a_layout_above_the_cap_naming_what_it_would_take(ring_na
 
 def test_a_sample_beyond_the_cap_is_refused_once_per_schema_and_the_ring_goes_on(
         ring_name, caplog):
-    keeper = RingKeeper(RingConfig(ring_name, slots=4, slot_bytes=MiB, max_bytes=10 * MiB),
+    keeper = RingSink(RingConfig(ring_name, slots=4, slot_bytes=MiB, max_bytes=10 * MiB),
                         RingWriter.create)
     try:
         huge = schema_of(4 * MiB)  # 4 slots of 4.5 MiB: above a 10 MiB cap
@@ -102,8 +102,8 @@ def test_a_sample_beyond_the_cap_is_refused_once_per_schema_and_the_ring_goes_on
 
 
 def _growing_producer(name, mode, sizes, go, finish, q):
-    """Publishes samples of the given sizes (one per entry, in order) through a RingKeeper."""
-    keeper = RingKeeper(RingConfig(name, slots=4, slot_bytes=MiB, mode=mode), RingWriter.create)
+    """Publishes samples of the given sizes (one per entry, in order) through a RingSink."""
+    keeper = RingSink(RingConfig(name, slots=4, slot_bytes=MiB, mode=mode), RingWriter.create)
     go.wait(20)
     n = 0
     for size in sizes:
@@ -244,10 +244,10 @@ def test_a_gpu_slot_ring_moves_to_bigger_slots_and_its_reader_finds_the_new_one(
     # a GPU): a move there is a new pool and ring; readers see ProducerGone and re-attach.
     import torch
 
-    from producer.gpu_slots import GpuSlotWriter
-    from trainer.gpu_ring import GpuRingReader
+    from producer.gpu_slot_writer import GpuSlotWriter
+    from trainer.gpu_slot_reader import GpuRingReader
 
-    keeper = RingKeeper(RingConfig(ring_name, slots=2, slot_bytes=4096),
+    keeper = RingSink(RingConfig(ring_name, slots=2, slot_bytes=4096),
                         lambda cfg: GpuSlotWriter.create(cfg, backend="shm"))
     try:
         small, big = schema_of(1024), schema_of(3 * MiB)

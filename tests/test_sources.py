@@ -1,4 +1,4 @@
-"""producer/sources.py and demux.py on real files: replay order, looping, media clips with
+"""producer/sources.py and media_clips.py on real files: replay order, looping, media clips with
 their audio, settings switched between clips, watched folders."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from producer.demux import AudioWindow, ClipSettings
+from producer.media_clips import AudioWindow, ClipSettings
 from producer.sources import (DatasetReplay, MediaSource, SourceError, WatchFolder,
                               open_source, parse_stamped_name)
 from producer.synth import make_dataset

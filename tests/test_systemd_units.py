@@ -1,4 +1,5 @@
-"""The systemd units: they verify, they say what DESIGN.md asks of them, and they install."""
+"""The systemd units: they verify, they say what docs/architecture.md ("Operating it") asks of
+them, and they install."""
 from __future__ import annotations
 
 import configparser

@@ -1,6 +1,7 @@
 """Batching by schema, views over pinned buffers, shape adapters, the cache dataset."""
 from __future__ import annotations
 
+import collections
 import logging
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import build_cache  # noqa: E402
 
+from protocol.errors import SchemaError  # noqa: E402
 from protocol.schema import SampleSchema  # noqa: E402
 from trainer.adapt import AdaptError, ShapeAdapter, adapt_tensor  # noqa: E402
 from trainer.batching import (BufferPool, PoolCache, group_batches, modality_views,  # noqa: E402
                               row_bytes)
 from trainer.datasets import CacheDataset, GroupedBatchSampler, LiveDiskMixer  # noqa: E402
+from trainer.queue_thread import LoaderError  # noqa: E402
 from trainer.recent import RecentGenerations  # noqa: E402
 
 
@@ -133,6 +136,24 @@ def test_mixer_falls_back_to_disk_when_the_ring_is_empty_and_says_so():
     assert got == ["D"] * 20 and mx.achieved == 0.0 and mx.live_misses == 20
 
 
+def test_mixer_over_plain_iterables_reads_both_to_their_end():
+    mx = LiveDiskMixer(iter([("L", torch.zeros(4))] * 5), iter([("D", torch.zeros(4))] * 7), 0.5)
+    got = [tag for tag, _ in mx]
+    assert sorted(got) == ["D"] * 7 + ["L"] * 5
+
+
+def test_mixer_source_that_raises_surfaces_the_error_naming_its_thread():
+    # A plain iterable runs in a thread (queue_thread.IterableThread): an exception there must
+    # reach the training loop, not end the stream as if the data had run out.
+    def broken():
+        yield ("D", torch.zeros(4))
+        raise OSError("disk gone")
+
+    mx = LiveDiskMixer(None, broken(), 0.0)
+    with pytest.raises(LoaderError, match="mixer source thread failed.*disk gone"):
+        list(mx)
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
 def test_mixer_refuses_a_fraction_outside_0_1(bad):
     mx = LiveDiskMixer(_Src([]), _Src([]), 0.5)
@@ -181,13 +202,68 @@ def test_cpu_prefetcher_is_a_no_op_over_the_host_buffer(cache):
 def test_cache_dataset_batch_equals_its_items_in_shuffled_order(cache):
     ds = CacheDataset(cache, "train")
     idx = np.random.default_rng(7).permutation(len(ds))[:13]
-    inputs, labels = ds.__getitems__(idx)
+    inputs, labels = CacheDataset.collate(ds.__getitems__(idx))
     assert labels.tolist() == ds.labels[idx].tolist()
     for row, i in enumerate(idx):
         one, label = ds[int(i)]
         assert label == labels[row]
         for k, t in one.items():
             assert torch.equal(inputs[k][row], t)
+
+
+def test_a_plain_shuffled_dataloader_reads_a_cache_of_one_schema(cache):
+    ds = CacheDataset(cache, "train")
+    seen = []
+    for inputs, labels in DataLoader(ds, batch_size=7, shuffle=True):
+        assert inputs["video"].shape[1:] == (2, 3, 16, 16) and inputs["vec"].shape[1:] == (8,)
+        assert len(labels) == inputs["video"].shape[0]
+        seen += labels.tolist()
+    assert sorted(seen) == sorted(ds.labels.tolist())
+
+
+def test_grouped_loader_hands_over_the_read_batch_without_another_copy(cache):
+    ds = CacheDataset(cache, "train")
+    batch = ds.__getitems__([3, 1, 4])
+    inputs, labels = CacheDataset.collate(batch)
+    assert inputs is batch.inputs and labels is batch.labels  # no stack, no second copy
+    assert labels.tolist() == ds.labels[[3, 1, 4]].tolist()
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory) -> Path:
+    """A cache whose every third sample lacks `vec`: two sample schemas in one split."""
+    from producer.cache_writer import CacheWriter
+    from protocol.schema import SampleMeta, SampleSchema
+
+    from _trainer_data import CLASSES, make_sample
+
+    d = tmp_path_factory.mktemp("mixed") / "c"
+    rng = np.random.default_rng(3)
+    with CacheWriter(d, classes=CLASSES) as w:
+        for i in range(12):
+            arrays = make_sample(rng, i % 3)
+            if i % 3 == 0:
+                del arrays["vec"]
+            w.add(f"train/x/{i:02d}", "fp", "train", SampleSchema.from_arrays(arrays),
+                  SampleMeta(label=i % 3, index=i), arrays)
+        w.commit()
+    return d
+
+
+def test_a_plain_dataloader_over_mixed_schemas_says_what_to_pass_instead(mixed_cache):
+    ds = CacheDataset(mixed_cache, "train")
+    with pytest.raises(SchemaError, match=r"GroupedBatchSampler\(dataset, batch_size, "
+                       r"shuffle=True\), collate_fn=CacheDataset.collate"):
+        list(DataLoader(ds, batch_size=6, shuffle=False))
+
+
+def test_the_grouped_loader_batches_each_schema_apart(mixed_cache):
+    ds = CacheDataset(mixed_cache, "train")
+    loader = ds.loader(4, shuffle=True, seed=1)
+    sizes = collections.Counter()
+    for inputs, labels in loader:
+        sizes[tuple(sorted(inputs))] += len(labels)
+    assert sizes == {("video",): 4, ("vec", "video"): 8}
 
 
 def test_disk_loader_batches_hold_exactly_the_records_of_their_plan(cache):

@@ -2,7 +2,8 @@
 
 Most tests decode small H.264 clips made here with PyAV whose frame i has a known brightness
 (left half 5 + 10 i, right half 250 - 10 i), so a decoded frame says which source frame it
-is; the rest run on the real recordings in /work/shared/data/real when present.
+is; the rest run on the real recordings ($MMFEED_REAL_DATA, producer.synth.REAL_DIR) when
+present.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 from producer.modalities import gpu_video, video
+from producer.synth import REAL_DIR
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DIR
 WALK = REAL / "person_walk_5s_384x216_h264.mp4"
 BOTTLE = REAL / "intel_bottle-detection.mp4"
 CAR = REAL / "intel_car-detection.mp4"

@@ -14,16 +14,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathlib import Path
 
 from producer.modalities import video
+from producer.synth import REAL_DIR
 from protocol.filters import FilterSpec
 from protocol.schema import SampleSchema, nv12_frame_bytes
 from protocol import video_store as vs
 
 MIN_PSNR_DB = 22.0       # synthetic noisy clips (module docstring)
 MIN_PSNR_REAL_DB = 38.0  # real footage
-CAR = Path("/work/shared/data/real/intel_car-detection.mp4")
+CAR = REAL_DIR / "intel_car-detection.mp4"  # $MMFEED_REAL_DATA (producer/synth.py)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -58,15 +58,20 @@ def parse_size(text: str) -> int:
     return n
 
 
-def _meminfo(key: str) -> int | None:
+def _proc_kb(path: str, key: str) -> int | None:
+    """Bytes of a "Key:   123 kB" line of a /proc file (/proc/meminfo, /proc/self/status)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _meminfo(key: str) -> int | None:
+    return _proc_kb("/proc/meminfo", key)
 
 
 def _cgroup_limit() -> int | None:
@@ -87,14 +92,7 @@ def default_budget(device: torch.device) -> int:
 
 
 def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_kb("/proc/self/status", key)
 
 
 def _reset_peak_rss() -> bool:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from protocol import leftovers
-from protocol.filemodes import create_file, group_id, make_dir
+from protocol.filemodes import create_file, fsync_dir, group_id, make_dir
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -111,14 +111,6 @@ def restore_rng(state: dict[str, Any], rank: int = 0) -> str:
     return "derived"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _KeepaliveFile:
     """A file whose every write is followed by `keepalive()`.
 
@@ -174,7 +166,7 @@ def save(directory: str | Path, step: int, state: dict[str, Any], keep: int = 3,
         if keepalive is not None:
             keepalive()
         os.replace(tmp, final)
-        _fsync_dir(d)
+        fsync_dir(d)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

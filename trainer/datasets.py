@@ -23,35 +23,73 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
-import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from protocol.cache import CacheReader
-from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingNotFound, RingNotOwned,
-                             RingSuperseded)
+from protocol.errors import ProducerGone, RingDamaged, SchemaError
 from protocol.schema import SampleSchema
 
 from .batching import SchemaBatcher, collate_samples, group_batches, modality_views, row_bytes
 from .corrupt import CorruptRecords
 from .layouts import unpack_inputs
+from .queue_thread import IterableThread
+from .ring_follow import RingFollower
 
 log = logging.getLogger(__name__)
+
+
+class SampleBatch(Sequence):
+    """What `CacheDataset.__getitems__` returns: B samples read with one memcpy each into ONE
+    (B, row) buffer. As a sequence it is B (inputs, label) pairs (views into that buffer, made
+    only when asked), so PyTorch's default collate stacks it like any list of samples: a plain
+    `DataLoader(ds, batch_size=B, shuffle=True)` works. `collated` is the batch as it already
+    is, (inputs: name -> (B, ...), labels (B,)), which `CacheDataset.collate` hands over
+    without a second copy."""
+
+    __slots__ = ("inputs", "labels")
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        self.inputs, self.labels = inputs, labels
+
+    @property
+    def collated(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return self.inputs, self.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        return {k: v[j] for k, v in self.inputs.items()}, int(self.labels[j])
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.inputs.items())
+        return f"SampleBatch({len(self)} samples: {shapes})"
 
 
 class CacheDataset(Dataset):
     """Map-style dataset over one split of the disk cache.
 
-    `ds[i]` -> (inputs: dict name -> tensor, label). `ds.__getitems__(indices)` (which DataLoader
-    calls with a batch sampler) reads a whole batch with one memcpy per sample from the mmap into
-    one buffer and returns it already collated as (inputs, labels); all indices must share a
-    schema (use `GroupedBatchSampler`). The reader reopens itself in each worker process.
+    `ds[i]` -> (inputs: dict name -> tensor, label). DataLoader reads a batch through
+    `__getitems__(indices)`: one memcpy per sample from the mmap into one buffer, a
+    `SampleBatch`. Two ways to load (docs/python-api.md):
+
+        DataLoader(ds, batch_size=32, shuffle=True)          # a cache of one schema
+        ds.loader(32)  # = DataLoader(ds, batch_sampler=GroupedBatchSampler(ds, 32),
+                       #              collate_fn=CacheDataset.collate): any cache, one copy
+
+    A batch cannot mix sample schemas (samples that lack a modality, or were made under
+    another filter, have other shapes): the first way raises an error saying to use the
+    second, which batches each schema apart. The reader reopens itself in each worker process.
 
     Video stores (`preprocess --video-store`): h264/hevc records are decoded into the batch by
     the reader's threads; NV12 video is converted to RGB here (on the CPU; to do it on your GPU
@@ -100,11 +138,21 @@ class CacheDataset(Dataset):
             views = unpack_inputs(schema, views)
         return {k: v[0] for k, v in views.items()}, int(self.labels[i])
 
-    def __getitems__(self, indices) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def __getitems__(self, indices) -> SampleBatch:
         idx = np.asarray(indices, dtype=np.int64)
         schema = self.reader.schema(int(idx[0]))
         buf = torch.empty((len(idx), row_bytes(schema)), dtype=torch.uint8)
-        _, metas = self.reader.read_batch_into(idx, buf.numpy())
+        try:
+            _, metas = self.reader.read_batch_into(idx, buf.numpy())
+        except SchemaError:
+            groups = self.schema_groups()
+            raise SchemaError(
+                f"CacheDataset: one batch asks for samples of different schemas (this split "
+                f"holds {len(groups)}: samples that lack a modality or were made under another "
+                f"filter have other shapes), and a batch of tensors cannot mix shapes. Batch "
+                f"each schema apart: DataLoader(dataset, batch_sampler=GroupedBatchSampler("
+                f"dataset, batch_size, shuffle=True), collate_fn=CacheDataset.collate), or "
+                f"dataset.loader(batch_size)") from None
         labels = torch.as_tensor(self.labels[idx], dtype=torch.int64)
         n = self.corrupt.drop_failed(buf, labels, len(idx), metas.failed)
         buf, labels = buf[:n], labels[:n]
@@ -115,7 +163,7 @@ class CacheDataset(Dataset):
             self._seed_for_worker()
             inputs = self.transform({k: v.float().div_(255.0) if v.dtype == torch.uint8 else v
                                      for k, v in inputs.items()})
-        return inputs, labels
+        return SampleBatch(inputs, labels)
 
     def _seed_for_worker(self) -> None:
         info = get_worker_info()
@@ -126,10 +174,24 @@ class CacheDataset(Dataset):
 
     @staticmethod
     def collate(batch):
-        """collate_fn: a batch from `__getitems__` is already collated; samples are stacked."""
+        """collate_fn: a `SampleBatch` is handed over as it is, already collated (no second
+        copy); a list of samples is stacked, refusing mixed shapes naming them."""
+        if isinstance(batch, SampleBatch):
+            return batch.collated
         if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
             return batch
         return collate_samples(batch)
+
+    def loader(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+               drop_last: bool = False, rank: int = 0, world_size: int = 1,
+               **dataloader_kwargs) -> DataLoader:
+        """A DataLoader of (inputs, labels) batches of one schema each, shuffled per epoch
+        (call `loader.batch_sampler.set_epoch(e)`), whatever schemas the cache holds;
+        `dataloader_kwargs` go to DataLoader (num_workers, pin_memory, ...)."""
+        sampler = GroupedBatchSampler(self, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                      world_size=world_size, drop_last=drop_last)
+        return DataLoader(self, batch_sampler=sampler, collate_fn=CacheDataset.collate,
+                          **dataloader_kwargs)
 
 
 class GroupedBatchSampler(Sampler):
@@ -182,56 +244,27 @@ class RingDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.group = group
 
-    def _attach(self, deadline: float | None, start: str, resume):
-        from protocol.ring import RingReader
-
-        said: type | None = None
-        while deadline is None or time.monotonic() < deadline:
-            try:
-                return RingReader.attach(self.ring, start=start, resume=resume,
-                                         group=self.group)
-            except (RingNotFound, ProducerGone, NotARing, RingNotOwned) as e:
-                # NotARing too: a producer inside create() has not sized the segment yet.
-                if type(e) is not said:
-                    log.warning("ring %s: %s; waiting for a producer", self.ring, e)
-                    said = type(e)
-                time.sleep(0.05)  # polling for a producer to appear; no event to wait on
-        return None
-
     def _samples(self) -> Iterator[tuple[SampleSchema, object, dict[str, torch.Tensor], int]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         shard, nshards = self.rank * nw + wid, self.world_size * nw
-        reader, buf, got = None, None, 0
-        start, resume = self.start, None
+        follow = RingFollower(self.ring, start=self.start, group=self.group)
+        got = 0
         last = time.monotonic()
-
-        def lost(e: ProducerGone):
-            """Where the next reader starts: see RingLoader._lost (trainer/prefetch.py)."""
-            if isinstance(e, RingSuperseded):
-                log.info("ring %s: %s; following it", self.ring, e)
-                return "oldest", None
-            log.warning("ring %s: %s; re-attaching", self.ring, e)
-            if isinstance(e, RingDamaged):
-                time.sleep(0.2)  # the damage may still be there: no attach/detach spin
-            return self.start, reader.mark()
-
         try:
             while self.max_samples is None or got < self.max_samples:
                 if self.idle_timeout is not None and time.monotonic() - last > self.idle_timeout:
                     return
+                reader = follow.reader
                 if reader is None:
                     deadline = None if self.idle_timeout is None else last + self.idle_timeout
-                    reader = self._attach(deadline, start, resume)
+                    reader = follow.attach(deadline)
                     if reader is None:
                         return
-                    buf = None
                 try:
                     view = reader.receive_view(timeout=0.1)
                 except ProducerGone as e:  # RingDamaged and RingSuperseded included
-                    start, resume = lost(e)
-                    reader.close()
-                    reader = None
+                    follow.lost(e)
                     continue
                 if view is None:
                     continue
@@ -247,16 +280,13 @@ class RingDataset(IterableDataset):
                     if not view.still_valid():
                         continue  # lossy: overwritten while copied
                 except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
-                    start, resume = lost(e)
-                    reader.close()
-                    reader = None
+                    follow.lost(e)
                     continue
                 tensors = {k: v[0] for k, v in modality_views(schema, out.unsqueeze(0)).items()}
                 got += 1
                 yield schema, view.meta, tensors, view.meta.label
         finally:
-            if reader is not None:
-                reader.close()
+            follow.drop()
 
     def __iter__(self):
         if self.batch_size is None:
@@ -287,53 +317,6 @@ def _size(item) -> int:
     return 1
 
 
-class ThreadedSource(Generic[T]):
-    """Runs an iterable in a thread so a consumer can ask "is an item ready now?" (`get(0)`)."""
-
-    def __init__(self, iterable, depth: int = 4):
-        import queue
-
-        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self.finished = False
-        self._it = iterable
-        self._t = threading.Thread(target=self._run, daemon=True, name="mixer source")
-        self._t.start()
-
-    def _run(self) -> None:
-        import queue
-
-        try:
-            for item in self._it:
-                while not self._stop.is_set():
-                    try:
-                        self._q.put(item, timeout=0.05)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        finally:
-            self.finished = True
-
-    def get(self, timeout: float | None) -> T | None:
-        import queue
-
-        try:
-            if timeout is not None and timeout <= 0:
-                return self._q.get_nowait()
-            return self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    @property
-    def exhausted(self) -> bool:
-        return self.finished and self._q.empty()
-
-    def close(self) -> None:
-        self._stop.set()
-
-
 class LiveDiskMixer(IterableDataset, Generic[T]):
     """Draws items (samples or batches) from a live and a disk source at a live fraction.
 
@@ -343,7 +326,7 @@ class LiveDiskMixer(IterableDataset, Generic[T]):
     at once, so training never waits for an empty ring; `achieved` then shows the real fraction.
 
     Sources are objects with `get(timeout) -> item | None` (the daemon's loader threads) or
-    plain iterables (wrapped in a `ThreadedSource`). The fraction lives in shared memory, so a
+    plain iterables (wrapped in an `IterableThread`, queue_thread.py). The fraction lives in shared memory, so a
     mixer copied into DataLoader workers still follows `set_fraction` from the parent.
     """
 
@@ -439,9 +422,9 @@ class LiveDiskMixer(IterableDataset, Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         if self._live_src is not None and not hasattr(self._live_src, "get"):
-            self._live_src = ThreadedSource(iter(self._live_src))
+            self._live_src = IterableThread(iter(self._live_src))
         if self._disk_src is not None and not hasattr(self._disk_src, "get"):
-            self._disk_src = ThreadedSource(iter(self._disk_src))
+            self._disk_src = IterableThread(iter(self._disk_src))
         while True:
             item = self.get(1.0)
             if item is None:

@@ -13,16 +13,18 @@ the GIL. DataLoader workers would copy the slot into a worker tensor, pickle it 
 memory, then pin it: three copies. Every copy is counted (`LoaderStats.copies`) and the count
 per live sample is shown in `status`.
 
-NOTE [shutdown order]: 1) set the stop event; 2) the loader threads notice it within one
-receive timeout (they never block without one) and stop; 3) join them; 4) only then close the
-ring reader and the cache reader, which the threads were using. A thread blocked on a full
-output queue also wakes on the stop event (it puts with a timeout).
+NOTE [shutdown order] (queue_thread.py): 1) set the stop event; 2) the loader threads notice it
+within one receive timeout (they never block without one) and stop; 3) join them; 4) only then
+close the ring reader and the cache reader, which the threads were using. A thread blocked on a
+full output queue also wakes on the stop event (it puts with a timeout).
+
+The loader threads are `QueueThread`s (queue_thread.py); `RingLoader` follows the ring across
+producer restarts, new layouts and damage with a `RingFollower` (ring_follow.py), the core it
+shares with `RingDataset` (datasets.py).
 """
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,36 +33,32 @@ import numpy as np
 import torch
 
 from protocol.cache import compact_rows
-from protocol.errors import (NotARing, ProducerGone, RingDamaged, RingError, RingNotFound,
-                             RingNotOwned, RingSuperseded)
+from protocol.errors import ProducerGone, RingDamaged, RingError
 from protocol.gpu_slots import DESCRIPTOR_SCHEMA
 from protocol.schema import SampleSchema
 from protocol.stages import now_ns
 
 from .corrupt import CorruptRecords
-from .gpu_ring import gpu_slot_refusal
 from .layouts import unpack_inputs
 from .nvdec import decode_deferred
 from .batching import (BatchKey, BufferPool, HostBatch, PoolCache, group_batches,
                        modality_views, pin_available, row_bytes)
+from .gpu_slot_reader import gpu_slot_refusal
+from .queue_thread import POLL_S as _POLL_S
+from .queue_thread import LoaderError, QueueThread
 from .recent import RecentGenerations
+from .ring_follow import RingFollower
 
 log = logging.getLogger(__name__)
 
 DESCRIPTOR_SCHEMA_ID = DESCRIPTOR_SCHEMA.schema_id  # a GPU slot descriptor, not a payload
-_POLL_S = 0.05
-# After a damaged ring, wait this long before attaching again: the damage may still be there
-# (a slot the producer has not rewritten yet), and attach/detach must not spin.
-DAMAGE_BACKOFF_S = 0.2
-_END = object()  # put by a loader thread after its last batch
 
-
-class LoaderError(RuntimeError):
-    """An exception inside a loader thread, re-raised in the consumer with where it happened."""
+__all__ = ["DeviceBatch", "DevicePrefetcher", "DiskLoader", "LoaderError", "LoaderStats",
+           "RingLoader", "WorkerDiskLoader"]
 
 
 @dataclass
-class LoaderStats:
+class LoaderStats:  # the three re-attach counts are ring_follow.FollowCounts' fields
     batches: int = 0
     samples: int = 0
     copies: int = 0          # host copies of samples made by this loader
@@ -73,69 +71,21 @@ class LoaderStats:
     corrupt: int = 0         # cache records skipped because their bytes were damaged
 
 
-class _LoaderThread:
-    """A daemon thread that puts HostBatches into a bounded queue; `get(timeout)` takes them."""
+class _LoaderThread(QueueThread[HostBatch]):
+    """A QueueThread of HostBatches with loader counters; a batch never taken goes back to
+    its pool."""
 
-    name = "loader"
     stage = None  # protocol.stages.Stage the trainer sets: this thread's read/copy times
 
     def __init__(self, depth: int = 2):
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
+        super().__init__(depth)
         self.stats = LoaderStats()
-        self.finished = False  # ran out of data (a finite epoch count); no more batches
-        self._ended = False
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
 
-    def start(self) -> "_LoaderThread":
-        self._thread.start()
-        return self
-
-    def _main(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # crosses to the consumer, which re-raises it with context
-            self._error = e
-            log.exception("%s thread failed", self.name)
-        finally:
-            self.finished = True
-            # Wake a consumer blocked in get() now, rather than at the end of its timeout.
-            while not self._stop.is_set():
-                try:
-                    self._q.put(_END, timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    continue
-
-    def _run(self) -> None:
-        raise NotImplementedError
-
-    def _put(self, batch: HostBatch) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(batch, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
+    def _discard(self, batch: HostBatch) -> None:
         batch.release()
-        return False
 
-    def get(self, timeout: float | None = 0.0) -> HostBatch | None:
-        """The next batch, or None if none arrived within `timeout` (0 = only if ready)."""
-        if self._ended:
-            return self._fail_or_none()
-        try:
-            if timeout is not None and timeout <= 0:
-                item = self._q.get_nowait()
-            else:
-                item = self._q.get(timeout=timeout)
-        except queue.Empty:
-            return self._fail_or_none()
-        if item is _END:
-            self._ended = True
-            return self._fail_or_none()
-        return item
+    def _new_pool(self, schema: SampleSchema) -> BufferPool:
+        return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
 
     def set_batch_size(self, n: int) -> None:
         """`mmctl batch N`: batches started from now on hold n samples. Batches already in
@@ -147,31 +97,17 @@ class _LoaderThread:
         if pools is not None:
             self._pools = pools.fresh()
 
-    def _fail_or_none(self) -> None:
-        if self._error is not None:
-            raise LoaderError(f"{self.name} thread failed: {self._error!r}") from self._error
+    def _pool(self, schema: SampleSchema) -> BufferPool:
+        return self._pools.get(schema)
+
+    def _take(self, pool):
+        """A free (buffer, labels) pair of `pool`, waiting for one while not stopped (the
+        back-pressure that bounds pinned memory); None once stopped."""
+        while not self._stop.is_set():
+            pair = pool.get(timeout=_POLL_S)
+            if pair is not None:
+                return pair
         return None
-
-    def ready(self) -> bool:
-        return not self._q.empty()
-
-    @property
-    def exhausted(self) -> bool:
-        """No batch will come any more (a finite epoch count was read to the end)."""
-        return self._ended or (self.finished and self._q.empty())
-
-    def close(self) -> None:
-        """Stop and join (NOTE [shutdown order]); releases queued buffers."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        while True:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _END:
-                item.release()
 
 
 class DiskLoader(_LoaderThread):
@@ -206,12 +142,6 @@ class DiskLoader(_LoaderThread):
         return len(group_batches(self._groups, self.batch_size, shuffle=False, seed=0, epoch=0,
                                  rank=self.rank, world_size=self.world_size))
 
-    def _new_pool(self, schema: SampleSchema) -> BufferPool:
-        return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
-
-    def _pool(self, schema: SampleSchema) -> BufferPool:
-        return self._pools.get(schema)
-
     def _plan(self, epoch: int, skip: int) -> tuple[list, int, int]:
         """(this epoch's batches, the batch size they have, where to go on). A batch size
         changed mid-epoch (`mmctl batch`) re-plans the epoch in the new size and goes on at
@@ -233,11 +163,9 @@ class DiskLoader(_LoaderThread):
                 idx = plan[k]
                 schema = self.reader.schema(int(idx[0]))
                 pool = self._pool(schema)
-                pair = None
-                while pair is None:
-                    if self._stop.is_set():
-                        return
-                    pair = pool.get(timeout=_POLL_S)
+                pair = self._take(pool)
+                if pair is None:
+                    return
                 buf, labels = pair
                 t_ns = now_ns()
                 if self.defer_video:
@@ -310,71 +238,29 @@ class RingLoader(_LoaderThread):
         self._pin = pin
         self._depth = depth
         self._pools: PoolCache[BufferPool] = PoolCache(self._new_pool)
-        self.reader = None
-        self.attached = False
         self.generation_seen = -1
-        self._resume: tuple[int, int] | None = None  # (epoch, position) of the last reader
-        self._next_start = start
-        self._damaged_epoch: int | None = None       # the last epoch found damaged (said once)
+        self.follow = RingFollower(
+            ring, start=start, group=group, stop=self._stop, counts=self.stats,
+            on_attach=lambda r: self._on_gpu_slots(r, gpu_slot_refusal(r)),
+            note="training goes on from disk meanwhile")
 
-    def _attach(self):
-        """Attach, waiting (never raising) while the ring is missing, dead, damaged, not a
-        ring (a link, a directory, a producer half-way through create) or another user's:
-        training goes on from disk meanwhile. Each kind of wait is logged once."""
-        from protocol.ring import RingReader
+    @property
+    def reader(self):
+        """The ring reader in use, None while waiting for a producer."""
+        return self.follow.reader
 
-        said: type | None = None
-        while not self._stop.is_set():
-            try:
-                r = RingReader.attach(self.ring, start=self._next_start, resume=self._resume,
-                                      group=self.group)
-                if said is not None or self.stats.reattached:
-                    log.warning("ring %s: attached (epoch %#x)", self.ring, r.epoch)
-                self._on_gpu_slots(r, gpu_slot_refusal(r))
-                return r
-            except (RingNotFound, ProducerGone, NotARing, RingNotOwned) as e:
-                if type(e) is not said:
-                    log.warning("ring %s not available (%s); waiting for a producer", self.ring, e)
-                    said = type(e)
-                self._stop.wait(0.1)
-        return None
+    @reader.setter
+    def reader(self, r) -> None:  # GpuRingLoader's GPU-slot reader
+        self.follow.reader = r
 
-    def _lost(self, e: ProducerGone) -> None:
-        """The reader's ring ended (ProducerGone and its kinds): say why, count it, and set
-        where the next reader starts. A dead ring is never attached to again (attach refuses
-        it), a same-epoch re-attach goes on from the last sample read (no sample twice), and
-        a new layout is read from its oldest sample (nothing lost in the move)."""
-        self.stats.reattached += 1
-        r = self.reader
-        self._resume = r.mark() if r is not None else None
-        self._next_start = self.start_pos
-        if isinstance(e, RingSuperseded):
-            self.stats.relayouts += 1
-            self._next_start, self._resume = "oldest", None
-            log.info("ring %s: %s; following it", self.ring, e)
-        elif isinstance(e, RingDamaged):
-            self.stats.damaged += 1
-            epoch = self._resume[0] if self._resume else None
-            if epoch != self._damaged_epoch:  # once per ring, not per attempt
-                log.warning("ring %s: %s; training goes on from disk meanwhile", self.ring, e)
-            self._damaged_epoch = epoch
-            self._drop_reader()
-            self._stop.wait(DAMAGE_BACKOFF_S)
-            return
-        else:
-            log.warning("ring %s: %s; re-attaching", self.ring, e)
-        self._drop_reader()
-
-    def _new_pool(self, schema: SampleSchema) -> BufferPool:
-        return BufferPool(schema, self.batch_size, count=self._depth + 2, pin=self._pin)
-
-    def _pool(self, schema: SampleSchema) -> BufferPool:
-        return self._pools.get(schema)
+    @property
+    def attached(self) -> bool:
+        return self.follow.attached
 
     def _on_gpu_slots(self, reader, refusal: str | None) -> None:
         """The ring's producer writes frames into GPU slots (`refusal` says so; None: it does
         not). This host loader cannot read them: refuse, naming both sides. The CUDA trainer's
-        loader (trainer/gpu_loader.py) overrides this to switch to the GPU slot path."""
+        loader (trainer/gpu_slot_loader.py) overrides this to switch to the GPU slot path."""
         if refusal is not None:
             reader.close()
             raise RingError(refusal)
@@ -409,15 +295,12 @@ class RingLoader(_LoaderThread):
 
         try:
             while not self._stop.is_set():
-                if self.reader is None:
-                    self.reader = self._attach()
-                    if self.reader is None:
-                        break
-                    self.attached = True
+                if self.reader is None and self.follow.attach() is None:
+                    break
                 try:
                     view = self.reader.receive_view(timeout=_POLL_S)
                 except ProducerGone as e:  # RingDamaged and RingSuperseded included
-                    self._lost(e)
+                    self.follow.lost(e)
                     if not emit_all():
                         return
                     continue
@@ -447,11 +330,9 @@ class RingLoader(_LoaderThread):
                         if not emit(oldest):
                             return
                     pool = self._pool(view.schema)
-                    pair = None
-                    while pair is None:
-                        if self._stop.is_set():
-                            return
-                        pair = pool.get(timeout=_POLL_S)
+                    pair = self._take(pool)
+                    if pair is None:
+                        return
                     buf, labels = pair
                     o = buckets[key] = {"schema": view.schema, "pool": pool, "buf": buf,
                                         "rows": buf.numpy(), "labels": labels, "n": 0,
@@ -467,7 +348,7 @@ class RingLoader(_LoaderThread):
                     valid = view.still_valid()
                 except RingDamaged as e:  # the segment shrank under the copy: zeros, not data
                     self.stats.dropped += 1
-                    self._lost(e)
+                    self.follow.lost(e)
                     continue
                 if not valid:  # lossy: overwritten while we copied; discard the row
                     self.stats.dropped += 1
@@ -490,13 +371,7 @@ class RingLoader(_LoaderThread):
                 o["pool"].put((o["buf"], o["labels"]))
 
     def _drop_reader(self) -> None:
-        r, self.reader = self.reader, None
-        self.attached = False
-        if r is not None:
-            try:
-                r.close()
-            except (RingError, OSError):
-                pass
+        self.follow.drop()
 
     def close(self) -> None:
         super().close()
@@ -543,7 +418,7 @@ class DevicePrefetcher:
 
     def _upload(self, hb: HostBatch) -> tuple[DeviceBatch, object]:
         if self.cuda and hb.buf.device == self.device:
-            # Already on the device (GPU ring slots, trainer/gpu_loader.py): nothing to upload.
+            # Already on the device (GPU ring slots, trainer/gpu_slot_loader.py): nothing to upload.
             # The buffer goes back to its pool from the loop's release() after the step's
             # kernels that read it were queued; the pool orders its refill after them.
             labels = hb.labels[: hb.n].to(self.device)

@@ -100,6 +100,21 @@ class ReadLimits:
                              f"{format_size(nbytes)} ({nbytes} bytes)")
 
 
+def checked_size(path: Path, kind: str, limits: ReadLimits | None, *, readable: str,
+                 nonempty: str) -> int:
+    """The size of a file about to be read, or InputError naming it: it cannot be stat'ed
+    (expected `readable`), it is empty (expected `nonempty`), or it is over the limit of
+    `kind`."""
+    try:
+        nbytes = path.stat().st_size
+    except OSError as e:
+        raise InputError(path, "file", readable, e.strerror or str(e)) from None
+    if nbytes == 0:
+        raise InputError(path, "size", nonempty, "0 bytes (empty file)")
+    (limits or ReadLimits()).check(path, kind, nbytes)
+    return nbytes
+
+
 def open_checked(path: Path, kind: str, limits: ReadLimits | None):
     """The file opened for reading and its size, after the size passed the `kind` limit."""
     f = open(path, "rb")

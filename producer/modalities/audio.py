@@ -20,7 +20,7 @@ import numpy as np
 from protocol.errors import InputError
 
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
-from ._demux import decoded_frames
+from ._decode_loops import decoded_frames
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Files read
   its name, has no PCD header. The record size comes from metadata (below); without it:
   a size divisible by 16 only -> 4 fields, by 20 only -> 5 fields (noted), by both ->
   5 fields if the name ends in `.pcd.bin` (the nuScenes convention, noted), else 4 fields
-  (the KITTI default DESIGN.md fixes).
+  (the KITTI default: docs/dataset.md).
 - PCD files (`.pcd`, or any file whose first bytes are a PCD header): ascii, binary and
   binary_compressed, see `pcd.py`.
 

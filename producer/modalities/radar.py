@@ -41,7 +41,7 @@ import torch
 from protocol.errors import InputError
 
 from . import _grid
-from ._limits import ReadLimits, read_array
+from ._limits import ReadLimits, checked_size, read_array
 from .lidar import sensor_meta
 
 METHODS = ("range_doppler", "range_azimuth", "points_bev")
@@ -171,13 +171,8 @@ def load_adc(path: str | Path, meta: Mapping[str, Any] | None = None,
     if entry.get("format", "adc") != "adc":
         raise InputError(path, f"metadata.{key}.format", "adc for a raw ADC cube",
                          repr(entry.get("format")))
-    try:
-        nbytes = path.stat().st_size
-    except OSError as e:
-        raise InputError(path, "file", "a readable radar file", e.strerror or str(e)) from None
-    if nbytes == 0:
-        raise InputError(path, "size", "a raw ADC cube", "0 bytes (empty file)")
-    (limits or ReadLimits()).check(path, "radar", nbytes)
+    nbytes = checked_size(path, "radar", limits, readable="a readable radar file",
+                          nonempty="a raw ADC cube")
 
     if path.suffix.lower() == ".npy":
         try:

@@ -23,7 +23,7 @@ import numpy as np
 
 from protocol.errors import InputError
 
-from ._limits import ReadLimits, open_checked, read_array
+from ._limits import ReadLimits, checked_size, open_checked, read_array
 
 
 def _entry(path: Path, meta: Mapping[str, Any] | None) -> tuple[dict | None, str]:
@@ -130,13 +130,8 @@ def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length
     path = Path(path)
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
-    try:
-        nbytes = path.stat().st_size
-    except OSError as e:
-        raise InputError(path, "file", "a readable file", e.strerror or str(e)) from None
-    if nbytes == 0:
-        raise InputError(path, "size", "at least 1 byte", "0 bytes (empty file)")
-    (limits or ReadLimits()).check(path, "unknown", nbytes)
+    nbytes = checked_size(path, "unknown", limits, readable="a readable file",
+                          nonempty="at least 1 byte")
     entry, stem = _entry(path, meta)
     try:
         if entry is not None:

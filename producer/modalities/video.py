@@ -8,7 +8,8 @@ HWC -> CHW transpose (a strided copy that costs more than the colour conversion 
 
 Frame selection is by presentation time: target times `start + k / fps` (fps from the spec,
 else the stream's rate), and each target takes the first frame at or after it (half a source
-frame of slack, so a clip at the source rate takes every frame exactly once).
+frame of slack, so a clip at the source rate takes every frame exactly once): frame_times.py,
+the rule every decode path shares.
 
 `device="cuda"` decodes with NVDEC and converts/resizes in torch on the GPU
 (`gpu_video.py`); without a GPU it logs once and runs the CPU path.
@@ -31,7 +32,8 @@ from protocol.filters import FilterSpec
 from protocol.schema import PackedArray, nv12_frame_bytes
 
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
-from ._demux import decoded_frames
+from ._decode_loops import decoded_frames
+from .frame_times import SegmentGrid, StreamGrid
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +419,7 @@ def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes
     if start > 0:
         container.seek(int(start / stream.time_base), stream=stream, backward=True)
     slack = 0.5 / src_rate
-    k = 0
+    grid = SegmentGrid(start, end, fps, slack)  # frame_times.py: the rule of every path
     last_t = None
     ran_out = False  # the demuxer ended before the segment did
     try:
@@ -429,19 +431,20 @@ def select_frames(path, container, spec: FilterSpec, frames: int, segment, notes
                 if t >= end:
                     break
                 last_t = t
-                first = k
-                while k < frames and t >= start + k / fps - slack and start + k / fps < end:
+                first = grid.k
+                while grid.due(t, frames):
                     if times is not None:
                         times.append(t)
-                    yield frame, k, first
-                    k += 1
-                if k >= frames:
+                    yield frame, grid.k, first
+                    grid.k += 1
+                if grid.k >= frames:
                     break
             else:
                 ran_out = True
     except av.FFmpegError as e:
         raise InputError(path, "video data", "a decodable video bitstream",
-                         found=f"{type(e).__name__} after {k} frames: {e}") from None
+                         found=f"{type(e).__name__} after {grid.k} frames: {e}") from None
+    k = grid.k
     if k == 0:
         where = f" in segment {start:g}..{end:g} s" if segment is not None else ""
         raise InputError(path, "video stream", f"at least one decodable frame{where}", found="none")
@@ -490,19 +493,15 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
         conv = _Converter(spec)
         period = 1.0 / spec.fps if spec.fps else 0.0
         slack = 0.5 / (_stream_rate(stream) or 1000.0)
-        next_t = None
+        grid = StreamGrid(slack)  # frame_times.py: the rule of every path
         n = 0
         try:
             with decoded_frames(container, stream) as decoded:
                 for frame in decoded:
                     t = frame.time
-                    if t is None or t < start - slack:
+                    if t is None or t < start - slack or not grid.due(t):
                         continue
-                    if next_t is not None and t < next_t - slack:
-                        continue
-                    next_t = (t if next_t is None else next_t) + period
-                    if next_t <= t - slack:  # a gap longer than one period: restart the grid here
-                        next_t = t + period
+                    grid.take(t, period)
                     conv.prepare(frame)
                     out = np.empty((spec.channels, conv.out_h, conv.out_w), np.uint8)
                     conv.into(frame, out)
@@ -513,7 +512,7 @@ def iter_frames(source: str | Path, spec: FilterSpec, *, timeout: float | tuple[
                              found=f"{type(e).__name__} after {n} frames: {e}") from None
 
 
-# The same opening and conversion for producer/demux.py, which decodes video and audio from
+# The same opening and conversion for producer/media_clips.py, which decodes video and audio from
 # one open of a stream that cannot be opened twice (a listen-once tcp/udp/rtsp source).
 open_container = _open
 first_video_stream = _video_stream

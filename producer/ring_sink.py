@@ -1,6 +1,10 @@
-"""The producer's ring over a whole run: moved to bigger slots when a sample outgrows them,
-replaced by a fresh segment when it is damaged. The daemon publishes through `RingKeeper`
-exactly as it would through a RingWriter (publish, heartbeat, set_generation, stats, close).
+"""The producer's ring sink: where made samples go, over a whole run. The ring is moved to
+bigger slots when a sample outgrows them and replaced by a fresh segment when it is damaged.
+The engine (engine.py) hands each sample to `put()`, which never waits on anyone's behalf: it
+answers PUBLISHED, FULL (a lossless ring's slowest reader is behind: the engine keeps the
+sample and offers it again after the daemon has answered control) or REFUSED with the reason
+(counted, never a crash). `publish()` is the same with exceptions, RingWriter's surface
+(publish, heartbeat, set_generation, stats, close), for code that holds a writer.
 
 NOTE [ring layouts]: a ring is created with `--slot-bytes` (default 8 MiB) per slot, a floor,
 not a cap. The first sample that does not fit - 8 frames of 1080p RGB are 47.5 MiB, a filter
@@ -29,12 +33,14 @@ never dies of it, the sample in hand is published into the fresh segment.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import enum
 import logging
 import time
 from typing import Callable, Mapping
 
-from protocol.errors import RingDamaged, RingError, RingFull, RingTooLarge
+from protocol.errors import BadArgument, RingDamaged, RingError, RingFull, RingTooLarge
 from protocol.ring import RingConfig, RingWriter
 from protocol.schema import SampleMeta, SampleSchema
 
@@ -44,6 +50,15 @@ SLOT_ROUND = 1 << 20     # slots grow in whole MiB
 HEADROOM_DIV = 8         # ... to the sample's size plus 1/8
 FOLLOW_WAIT_S = 2.0      # lossless: how long a move holds the producer for readers to follow
 REPLACE_RETRY_S = 1.0    # a damaged ring whose replacement failed is tried again this often
+SCHEMAS_LOGGED = 64      # (generation, schema) pairs remembered as already logged
+
+
+class Put(enum.Enum):
+    """What `RingSink.put` did with a sample."""
+
+    PUBLISHED = "published"
+    FULL = "full"          # lossless and no free slot in time: offer the same sample again
+    REFUSED = "refused"    # beyond --max-ring-bytes, or a damaged ring not replaceable now
 
 
 def slot_bytes_for(need: int, current: int) -> int:
@@ -54,13 +69,27 @@ def slot_bytes_for(need: int, current: int) -> int:
     return max(current, grown)
 
 
-class RingKeeper:
+class RingSink:
     """Owns the producer's current ring writer (host RingWriter or GpuSlotWriter).
 
     `open_writer(config)` makes a writer for a config (the daemon's choice of host or GPU
     slots). Counters for status: `relayouts` (moves to bigger slots), `replacements` (fresh
     segments for damaged ones), `refused` (samples beyond the cap).
     """
+
+    @classmethod
+    def open(cls, config: RingConfig, device: str = "cpu") -> "RingSink":
+        """The ring for `--device`: "cpu" is the host ring (torch's CUDA state is never
+        touched); "auto"/"cuda" go through producer.gpu_slot_writer.open_writer, which puts
+        frames in GPU slots when CUDA is there and otherwise logs once that they go through
+        host memory."""
+        if device == "cpu":
+            return cls(config, RingWriter.create)
+        if device not in ("auto", "cuda"):
+            raise BadArgument(f"device {device!r}: expected 'cpu', 'auto' or 'cuda'")
+        from .gpu_slot_writer import open_writer
+
+        return cls(config, lambda cfg: open_writer(cfg, gpu=device))
 
     def __init__(self, config: RingConfig, open_writer: Callable[[RingConfig], object]):
         self.config = config
@@ -76,6 +105,12 @@ class RingKeeper:
         self._last_stats = None                   # RingStats of the last healthy read
         self._retry_at = 0.0                      # no replacement attempt before this time
         self._failed_said: str | None = None      # the last replacement failure logged
+        self.last_schema: SampleSchema | None = None  # of the last sample put
+        # NOTE [schema log]: one "sample schema" line per (generation, schema id), not one
+        # per change of schema: a dataset whose samples alternate between two schemas (an
+        # unknown sensor with and without metadata dtype) would log every sample otherwise.
+        self._schemas_logged: collections.OrderedDict[tuple[int, int], None] = \
+            collections.OrderedDict()
 
     # --- what the daemon reads ------------------------------------------------------------
 
@@ -117,7 +152,29 @@ class RingKeeper:
         if need > self.config.slot_bytes:
             self._fit(need, why)
 
-    # --- what the daemon does ---------------------------------------------------------------
+    # --- what the engine does ---------------------------------------------------------------
+
+    def put(self, schema: SampleSchema, meta: SampleMeta, arrays: Mapping[str, object],
+            timeout: float) -> tuple[Put, str]:
+        """Offer one sample: (PUBLISHED, ""), (FULL, why) when a lossless ring had no free
+        slot within `timeout` (the caller keeps the sample and offers it again), or
+        (REFUSED, why) for a sample beyond --max-ring-bytes (said once per schema) or a
+        damaged ring that could not be replaced (said once): counted by the caller."""
+        self.last_schema = schema
+        said = (meta.generation, schema.schema_id)
+        if said not in self._schemas_logged:  # NOTE [schema log]
+            self._schemas_logged[said] = None
+            if len(self._schemas_logged) > SCHEMAS_LOGGED:
+                self._schemas_logged.popitem(last=False)
+            log.info("sample schema", extra={"generation": meta.generation,
+                                             "schema": repr(schema)})
+        try:
+            self.publish(schema, meta, arrays, timeout=timeout)
+        except (RingTooLarge, RingDamaged) as e:
+            return Put.REFUSED, str(e)
+        except RingFull as e:
+            return Put.FULL, str(e)
+        return Put.PUBLISHED, ""
 
     def publish(self, schema: SampleSchema, meta: SampleMeta, arrays: Mapping[str, object],
                 timeout: float | None = None) -> int:

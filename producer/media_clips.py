@@ -36,7 +36,8 @@ from protocol.errors import InputError
 from protocol.filters import FilterSpec
 
 from .modalities import video
-from .modalities._demux import demuxed
+from .modalities._decode_loops import demuxed
+from .modalities.frame_times import StreamGrid
 
 #: How far (s) the video may run past a finished clip's end before the clip is handed out
 #: without waiting any longer for its audio.
@@ -194,7 +195,8 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
         cur = settings()
         conv = video.FrameConverter(cur.spec)
         buf: np.ndarray | None = None
-        k, t0, last_t, next_t = 0, 0.0, None, None
+        k, t0, last_t = 0, 0.0, None
+        grid = StreamGrid(slack)  # modalities/frame_times.py: the rule of every decode path
         n_frames = 0
         streams = (vs, aus) if aus is not None else (vs,)
 
@@ -233,19 +235,19 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                         if k and cur.spec.fps and \
                                 (cur.frames - k) / cur.spec.fps > MAX_SWITCH_WAIT_S and \
                                 settings() != cur:
-                            buf, k, next_t = None, 0, None   # a slow clip would hold it back
-                        if next_t is not None and t < next_t - slack:
+                            buf, k = None, 0   # a slow clip would hold it back
+                            grid.restart()
+                        if not grid.due(t):
                             continue
                         if k == 0:   # a clip boundary: the only place settings change
                             new = settings()
                             if new != cur:
                                 if new.spec != cur.spec:
                                     conv = video.FrameConverter(new.spec)
-                                cur, next_t = new, None
+                                cur = new
+                                grid.restart()
                         period = 1.0 / cur.spec.fps if cur.spec.fps else 0.0
-                        next_t = (t if next_t is None else next_t) + period
-                        if next_t <= t - slack:   # a gap longer than one period: a new grid here
-                            next_t = t + period
+                        grid.take(t, period)
                         conv.prepare(frame)
                         shape = (cur.spec.channels, conv.out_h, conv.out_w)
                         if buf is None or buf.shape[1:] != shape:   # a new clip, or a new size

@@ -43,8 +43,9 @@ import numpy as np
 import posix_ipc
 import torch
 
-from protocol.gpu_slots import (DESCRIPTOR_MODALITY, DESCRIPTOR_SCHEMA, GpuDescriptor,
-                                GpuSlotTable, PoolExport, remove_stale_table, table_name)
+from protocol.gpu_slots import (DESCRIPTOR_MODALITY, DESCRIPTOR_SCHEMA, NO_CUDA_MESSAGE,
+                                GpuDescriptor, GpuSlotTable, PoolExport, remove_stale_table,
+                                say_no_cuda_once, table_name)
 from protocol.errors import SchemaError
 from protocol.ring import RingConfig, RingWriter
 from protocol.schema import SampleMeta, SampleSchema
@@ -53,16 +54,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GpuSlotWriter", "GpuSlotPool", "open_writer", "choose_backend", "NO_CUDA_MESSAGE"]
 
-NO_CUDA_MESSAGE = "no CUDA device: GPU slots off, frames go through host shared memory"
 SLOT_ALIGN = 4096   # slot starts: aligned for wide device loads and page-aligned in "shm"
-_said_no_cuda = False
-
-
-def _say_no_cuda_once() -> None:
-    global _said_no_cuda
-    if not _said_no_cuda:
-        _said_no_cuda = True
-        log.info(NO_CUDA_MESSAGE)
 
 
 def choose_backend(gpu: str) -> str | None:
@@ -78,7 +70,7 @@ def choose_backend(gpu: str) -> str | None:
     if gpu == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        _say_no_cuda_once()
+        say_no_cuda_once(log)
         return None
     if gpu == "cuda" or gpu.startswith("cuda:"):
         if not torch.cuda.is_available():

@@ -4,9 +4,9 @@ device-to-device copy per sample, no host copy (frames never touch the CPU).
     slot pool (producer's GPU memory, CUDA IPC) ──D2D copy──► (B, row) CUDA batch ─► model
 
 `GpuRingLoader` is a `RingLoader` that switches paths per producer start: when the ring's
-producer publishes GPU slot descriptors it reads them with `GpuRingReader` (trainer/gpu_ring.py);
-when the producer writes frames into the ring itself (`--device cpu`, or no GPU on its side)
-it runs the host path of RingLoader unchanged. The trainer picks this class only when it
+producer publishes GPU slot descriptors it reads them with `GpuRingReader`
+(trainer/gpu_slot_reader.py); when the producer writes frames into the ring itself (`--device
+cpu`, or no GPU on its side) it runs the host path of RingLoader unchanged. The trainer picks this class only when it
 trains on CUDA (trainer/loop.py); a CPU trainer keeps RingLoader, which refuses a GPU-slot
 ring with a message naming both sides.
 
@@ -29,7 +29,7 @@ from protocol.errors import ProducerGone, RingError
 from protocol.schema import SampleSchema
 
 from .batching import HostBatch, PoolCache, row_bytes
-from .gpu_ring import GpuRingReader
+from .gpu_slot_reader import GpuRingReader
 from .prefetch import _POLL_S, RingLoader
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class GpuRingLoader(RingLoader):
         reader = self._attach_gpu()
         if reader is None:
             return False
-        self.reader, self.attached, self.path = reader, True, "gpu-slots"
+        self.reader, self.path = reader, "gpu-slots"
         try:
             while not self._stop.is_set():
                 try:
@@ -143,11 +143,9 @@ class GpuRingLoader(RingLoader):
                     if schema is None:
                         continue
                     pool = self._dev_pool(schema)
-                    pair = None
-                    while pair is None:
-                        if self._stop.is_set():
-                            return False
-                        pair = pool.get(timeout=_POLL_S)
+                    pair = self._take(pool)
+                    if pair is None:
+                        return False
                     buf, labels = pair
                     try:
                         got = reader.receive_batch_into(buf, timeout=self.max_wait_s)

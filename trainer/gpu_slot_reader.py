@@ -41,8 +41,8 @@ import posix_ipc
 import torch
 
 from protocol.errors import RingError, SchemaError
-from protocol.gpu_slots import (DESCRIPTOR_BYTES, GpuDescriptor, GpuSlotTable, GpuTableError,
-                                StaleGpuTable, is_descriptor)
+from protocol.gpu_slots import (DESCRIPTOR_BYTES, NO_CUDA_MESSAGE, GpuDescriptor, GpuSlotTable,
+                                GpuTableError, StaleGpuTable, is_descriptor, say_no_cuda_once)
 from protocol.ring import RingReader
 from protocol.schema import SampleMeta, SampleSchema
 
@@ -51,15 +51,6 @@ log = logging.getLogger(__name__)
 __all__ = ["GpuRingReader", "GpuSlotView", "GpuReaderStats", "open_reader", "select_path",
            "gpu_slot_refusal", "NO_CUDA_MESSAGE"]
 
-NO_CUDA_MESSAGE = "no CUDA device: GPU slots off, frames go through host shared memory"
-_said_no_cuda = False
-
-
-def _say_no_cuda_once() -> None:
-    global _said_no_cuda
-    if not _said_no_cuda:
-        _said_no_cuda = True
-        log.info(NO_CUDA_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -190,7 +181,7 @@ class GpuRingReader:
         self._table = GpuSlotTable.attach(self.ring.name, self.ring.epoch)
         self._pool = _MappedPool(self._table, self.device)
         self._mappings += 1
-        # How many copies may be in flight before one must finish (see producer/gpu_slots.py).
+        # How many copies may be in flight before one must finish (see producer/gpu_slot_writer.py).
         self._window = max(1, self._table.slots - self._ring_slots)
 
     # --- receiving -------------------------------------------------------------------------
@@ -208,7 +199,8 @@ class GpuRingReader:
             raise SchemaError(
                 f"ring {self.ring.name}: sample {meta.index} ({schema!r}) carries its payload in "
                 f"host memory, not a GPU slot descriptor: its producer does not use GPU slots; "
-                f"attach with trainer.gpu_ring.open_reader(), which picks the host path then")
+                f"attach with trainer.gpu_slot_reader.open_reader(), which picks the host path "
+                f"then")
         self._ensure_mapped()
         return GpuDescriptor.unpack_from(self._desc, self._schemas), meta
 
@@ -225,7 +217,7 @@ class GpuRingReader:
     def receive_into(self, out: torch.Tensor, timeout: float | None = None
                      ) -> tuple[SampleSchema, SampleMeta] | None:
         """Copy the next sample's payload (device to device) into `out`, a uint8 tensor of at
-        least the payload's size; `trainer.gpu_ring._views(schema, out)` gives the arrays."""
+        least the payload's size; `trainer.gpu_slot_reader._views(schema, out)` gives the arrays."""
         got = self.receive_batch_into(out.reshape(1, -1), timeout)
         return None if got is None else (got[0], got[1][0])
 
@@ -430,7 +422,7 @@ def select_path(name: str, device: str | torch.device | None = "auto") -> str:
             f"has {'no CUDA device' if not cuda else f'device={device!r}'}; run the producer "
             f"with GPU slots off (gpu='off') or this trainer on the producer's GPU")
     if not cuda:
-        _say_no_cuda_once()
+        say_no_cuda_once(log)
     return "gpu-slots" if has_table else "host"
 
 
