@@ -185,3 +185,20 @@ def test_planes_of_one_shape_but_another_matrix_get_their_own_schema(tmp_path):
     assert a.shape == b.shape
     assert schema_of({"video": a}).spec("video").layout == "nv12/bt601/limited/left"
     assert schema_of({"video": b}).spec("video").layout == "nv12/bt709/full/left"
+
+
+def test_a_yuv420_clip_is_previewed_as_its_rgb_picture(tmp_path):
+    from protocol.preview import decode_sample, encode_sample
+    from protocol.video_store import pictured
+
+    path = _clip(tmp_path / "c.mp4")
+    rgb = video.decode_clip(path, FilterSpec.parse("resize=64x48"), 2)
+    yuv = video.decode_clip(path, FilterSpec.parse("resize=64x48,pixel_format=yuv420"), 2)
+    (m,) = decode_sample(encode_sample(pictured({"video": yuv}), {}))
+    assert m.shape == (2, 3, 48, 64)
+    schema = SampleSchema.from_arrays({"video": yuv})
+    shown = pictured({"video": np.asarray(yuv)}, schema)["video"]  # a cache view: plain planes
+    assert shown.shape == (2, 3, 48, 64)
+    # the trainer's picture of the same planes, but for the chroma siting a preview ignores
+    assert np.abs(shown.astype(int) - _rgb(yuv, yuv).astype(int)).mean() < 3
+    assert rgb.shape == shown.shape

@@ -214,6 +214,8 @@ def test_filter_pixel_format_yuv420_makes_a_generation_of_nv12_planes(daemon):
     spec = s.schema.spec("video")
     assert spec.layout == "nv12/bt601/limited/left" and spec.shape == (4, 3, 24, 32)
     assert s.arrays["video"].shape == (4, 32 * 24 * 3 // 2)  # 1.5 bytes a pixel
+    shown = {m["name"]: m for m in daemon.request("preview")["modalities"]}
+    assert shown["video"]["shape"][-3:] == [3, 24, 32]  # drawn as its RGB picture
     gen2 = daemon.request("filter", spec="rgb")["generation"]
     s = first_sample_of(daemon.ring, gen2, lambda s: "video" in s.arrays)
     assert not s.schema.spec("video").layout and s.arrays["video"].shape == (4, 3, 24, 32)
