@@ -114,12 +114,13 @@ class FilterSpec:
             if gray:
                 raise FilterSpecError(f"filter {_clip(spec)!r}: pixel_format=yuv420 carries colour; "
                                       f"gray is already one byte a pixel (drop one of the two)")
-            odd = [f"{k}={w}x{h}" for k, (w, h) in (("resize", (width, height)),
-                                                   ("crop", crop[:2] if crop else (None, None)))
-                   if w is not None and (w % 2 or h % 2)]
-            if odd:
-                raise FilterSpecError(f"filter {_clip(spec)!r}: {odd[0]}: pixel_format=yuv420 needs "
-                                      f"even sides (4:2:0 chroma covers 2x2 pixels)")
+            # the output's sides: resize's when given, else the crop's (else the source's,
+            # checked at decode time)
+            key, (w, h) = (("resize", (width, height)) if width is not None else
+                           ("crop", crop[:2]) if crop is not None else ("", (0, 0)))
+            if w % 2 or h % 2:
+                raise FilterSpecError(f"filter {_clip(spec)!r}: {key}={w}x{h}: pixel_format=yuv420 "
+                                      f"needs even output sides (4:2:0 chroma covers 2x2 pixels)")
         return cls(gray=bool(gray), width=width, height=height, crop=crop, fps=fps,
                    pixel_format=pixel_format)
 
