@@ -22,6 +22,7 @@ SAY_EVERY_S seconds (the trainer's step, rate, loss and ETA once it trains).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -61,6 +62,14 @@ class DemoSettings:
 
 def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def _die_with_the_demo() -> None:
+    """preexec_fn of each daemon: the kernel sends it SIGTERM when the demo dies, however it
+    dies (PR_SET_PDEATHSIG). WHY: the daemons lead their own sessions (so a Ctrl-C reaches them
+    once, from the demo's `finally`), which also means a demo killed with SIGKILL (an OOM kill,
+    a test's timeout) left both daemons running for good, training on a deleted folder."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _script(name: str) -> str:
@@ -236,7 +245,7 @@ def run(s: DemoSettings) -> dict:
             [_script("mm-producer"), "run", "--source", str(dataset), "--ring", ring, "--mode", "lossy",
              "--split", "train", "--split", "val", "--loop", "--rate", "max", "--json"],
             env=env, stdout=open(logs / "producer.out", "w"), stderr=open(logs / "producer.log", "w"),
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_the_demo)
         _wait_for(lambda: _mmctl(env, "status").get("producer"), "producer up", 60,
                   procs["producer"], logs / "producer.log")
         _say(f"starting mm-trainer run; log: {logs / 'trainer.log'}")
@@ -246,7 +255,7 @@ def run(s: DemoSettings) -> dict:
              "--eval-interval", str(s.eval_interval), "--log-interval", "5",
              "--progress-interval", "5", "--tensorboard", str(tensorboard), "--json"],
             env=env, stdout=open(logs / "trainer.out", "w"), stderr=open(logs / "trainer.log", "w"),
-            start_new_session=True)
+            start_new_session=True, preexec_fn=_die_with_the_demo)
         progress = TrainerProgress(env, s.steps)
         _wait_for(lambda: (_mmctl(env, "status").get("trainer") or {}).get("step", 0) >= 5,
                   "trainer training", 180, procs["trainer"], logs / "trainer.log", say=progress)

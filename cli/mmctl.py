@@ -33,6 +33,7 @@ from typing import Any
 
 import click
 
+from cli.params import FiniteFloatRange
 from protocol import logs, paths
 from protocol.control import Timeouts
 from protocol.control import keygen as write_keys
@@ -69,7 +70,7 @@ tcp:// needs CURVE keys (--keys).
 @click.option("--trainer", metavar="ADDR", envvar="MMFEED_TRAINER",
               help="Trainer control endpoint [default: trainer.sock in the runtime dir, "
                    "else in /run/mmfeed].")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True), default=5.0, show_default=True,
               metavar="S", help="Seconds to wait for a daemon's reply (over two attempts).")
 @click.option("--keys", type=click.Path(file_okay=False, path_type=Path), envvar="MMFEED_KEYS",
               help="CURVE key folder from `mmctl keygen` (needed for tcp:// endpoints).")
@@ -184,7 +185,7 @@ def _poll_both(ctl: Ctl) -> tuple[dict[str, dict | None], dict[str, str]]:
 
 @main.command()
 @click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
-@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteFloatRange(min=0.2), default=1.0, show_default=True,
               metavar="S", help="Seconds between refreshes.")
 @pass_ctl
 def top(ctl: Ctl, once: bool, interval: float) -> None:
@@ -357,7 +358,7 @@ def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
 
 
 @main.command()
-@click.argument("fraction", type=click.FloatRange(0.0, 1.0))
+@click.argument("fraction", type=FiniteFloatRange(0.0, 1.0))
 @pass_ctl
 def mix(ctl: Ctl, fraction: float) -> None:
     """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
@@ -393,9 +394,9 @@ def checkpoint(ctl: Ctl) -> None:
 
 @main.command()
 @click.argument("generation", type=click.IntRange(min=0))
-@click.option("--timeout", "deadline", type=click.FloatRange(min=0), default=600.0, show_default=True,
+@click.option("--timeout", "deadline", type=FiniteFloatRange(min=0), default=600.0, show_default=True,
               metavar="S", help="Give up (exit 3) after S seconds.")
-@click.option("--interval", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+@click.option("--interval", type=FiniteFloatRange(min=0.01), default=0.5, show_default=True,
               metavar="S", help="Seconds between status polls.")
 @pass_ctl
 def wait(ctl: Ctl, generation: int, deadline: float, interval: float) -> None:
@@ -539,7 +540,12 @@ def _unit_known(journalctl: str, unit: str) -> bool:
 def keygen(ctl: Ctl, directory: Path) -> None:
     """Write CURVE keypairs for TCP control into DIRECTORY (server + client, and
     DIRECTORY/clients/ holding the client public keys the server admits)."""
-    secrets = write_keys(directory)
+    try:
+        secrets = write_keys(directory)
+    except OSError as e:  # a file in the way, no permission, a full disk: say which and why
+        ctl.fail(EXIT_USAGE, f"keygen: cannot write keys into {directory}: "
+                             f"{e.strerror or e}; pass a folder you may create and write",
+                 "bad_argument")
     info = {"ok": True, "server_secret": str(secrets["server"]), "server_public": str(directory / "server.key"),
             "client_secret": str(secrets["client"]), "clients_dir": str(directory / "clients")}
     ctl.emit(info, "\n".join([

@@ -93,6 +93,11 @@ class Recorder:
             writer.carry_all()
         except MmfeedError as e:
             raise BadArgument(f"record: {e}") from None
+        except OSError as e:  # a folder that cannot be made or written: the operator's to fix
+            raise BadArgument(f"record: cannot write a cache at {cache}: "
+                              f"{e.strerror or e} ({e.filename or cache}); give a folder this "
+                              f"producer's user can create or write (`mmctl record start "
+                              f"--cache DIR`, or --record-cache DIR)") from None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         key = f"record/{split}/{ring}-{stamp}"
         log.info("recording live samples", extra={"cache": str(cache), "split": split,

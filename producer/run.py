@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from protocol.errors import FilterSpecError, MmfeedError
+from protocol.filemodes import GroupError, group_id
 from protocol.filters import FilterSpec
 from protocol.ring import DEFAULT_MAX_RING_BYTES
 
@@ -127,6 +128,12 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, ma
         raise click.BadParameter(str(e), param_hint="--filter") from None
     if device == "cuda":
         _require_cuda()
+    if group is not None:  # before the source is opened (seconds on a big dataset)
+        try:
+            group_id(group)
+        except GroupError as e:
+            click.echo(f"mm-producer run: {e}", err=True)
+            sys.exit(1)
     try:  # the pipeline reads its file size limits from there: a typo is a usage error
         ReadLimits.from_env()
     except ValueError as e:

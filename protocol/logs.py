@@ -374,7 +374,16 @@ def logs_command():
     bool, "omitted": K, "max_bytes": B}` (`recent_bounded`: at most LOGS_REPLY_MAX_BYTES)."""
     from .commands import WIRE_ARGS, Command
 
-    return Command(lambda n: recent_bounded(n), args=WIRE_ARGS["logs"])
+    return Command(_logs, args=WIRE_ARGS["logs"])
+
+
+def _logs(n: int) -> dict:
+    if n < 1:  # `logs n=-1` was answered ok with nothing, as if the log were empty
+        from .errors import BadArgument
+
+        raise BadArgument(f"logs: n must be 1 or more (how many recent records to return), "
+                          f"got {n}")
+    return recent_bounded(n)
 
 
 def follow(endpoint: str, *, timeout: float | None = None, curve=None) -> Iterator[dict]:

@@ -473,6 +473,13 @@ class RingReader:
         except posix_ipc.BusyError:
             sl.fetch_and(mm, H["waiting_mask"], _U64 ^ self._bit)
             self._check_producer()
+        except posix_ipc.SignalError:
+            # NOTE [signals in waits]: posix_ipc raises where the C library returned EINTR,
+            # i.e. for any signal with a Python handler (the daemons' SIGTERM, a user's
+            # SIGINT). Python's own rule (PEP 475) is to run the handler - at the next
+            # bytecode, where an exception it raises propagates - and to wait again; so does
+            # this wait: the caller loops, finds nothing new and sleeps again.
+            sl.fetch_and(mm, H["waiting_mask"], _U64 ^ self._bit)
         return True
 
     def _check_producer(self) -> None:

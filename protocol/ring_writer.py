@@ -417,6 +417,8 @@ class RingWriter:
                 # Blocked, not dead: keep the heartbeat moving (see `_producer_alive`, rule 4).
                 sl.store_release(mm, H["heartbeat_ns"], time.monotonic_ns())
                 self._evict_dead_readers()
+            except posix_ipc.SignalError:
+                pass  # NOTE [signals in waits] (ring_reader.py): the loop looks again, sleeps again
 
     def _evict_dead_readers(self) -> list[int]:
         """Unregister readers whose process is gone, so they stop holding the writer back."""

@@ -63,3 +63,60 @@ def test_demo_trains_through_a_filter_switch_leaves_nothing_behind_and_runs_agai
     again, _ = _demo(tmp_path)
     assert again["exit_codes"] == {"producer": 0, "trainer": 0}
     assert again["preprocess"]["reused"] == summary["preprocess"]["cached"]
+
+
+def _daemons_of(demo_pid: int) -> list[int]:
+    """Pids of the mm-producer/mm-trainer processes the demo with pid `demo_pid` started (its
+    ring is named after it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"mmfeed-demo-{demo_pid}".encode() in args and b"run" in args:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_demo_killed_with_sigkill_takes_its_daemons_with_it(tmp_path):
+    import os
+    import signal
+    import time
+
+    demo = subprocess.Popen([sys.executable, "-m", "cli.demo", "--quick", "--workdir",
+                             str(tmp_path), "--json"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while len(_daemons_of(demo.pid)) < 2:  # both daemons up (preprocess comes first)
+            assert demo.poll() is None, f"the demo ended early ({demo.returncode})"
+            assert time.monotonic() < deadline, "the demo never started both daemons"
+            time.sleep(0.5)
+        daemons = _daemons_of(demo.pid)
+        os.kill(demo.pid, signal.SIGKILL)
+        demo.wait()
+        deadline = time.monotonic() + 120  # the trainer writes its checkpoint on SIGTERM
+        while any(Path(f"/proc/{p}").exists() and b"zombie" not in _state(p) for p in daemons):
+            assert time.monotonic() < deadline, f"daemons {daemons} outlived the demo"
+            time.sleep(0.5)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for p in _daemons_of(demo.pid):
+            os.kill(p, signal.SIGKILL)
+
+
+def _state(pid: int) -> bytes:
+    """The State line of /proc/PID/status ('Z (zombie)' once it exited unreaped)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_bytes().splitlines():
+            if line.startswith(b"State:"):
+                return line
+    except OSError:
+        pass
+    return b"zombie"

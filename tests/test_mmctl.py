@@ -247,6 +247,25 @@ def test_mix_outside_0_1_is_a_usage_error(trainer):
     assert run("mix", "1.5").exit_code == 2 and trainer.fraction == 0.5
 
 
+def test_mix_nan_is_a_usage_error_and_nothing_is_sent(trainer):
+    # click's FloatRange(0, 1) lets nan through (every comparison with nan is false): mmctl
+    # sent NaN, which is not JSON, and the daemon's "malformed message" blamed the wire.
+    # Found by bench.faults.
+    r = run("mix", "nan")
+    assert r.exit_code == 2 and "'nan' is not a number" in r.output
+    assert trainer.fraction == 0.5
+
+
+@pytest.mark.parametrize("args", [("--timeout", "nan", "status"),
+                                  ("wait", "1", "--timeout", "nan"),
+                                  ("wait", "1", "--interval", "nan"),
+                                  ("top", "--once", "--interval", "nan")])
+def test_a_nan_duration_is_a_usage_error_not_a_traceback(rundir, args):
+    r = run(*args)
+    assert r.exit_code == 2 and "'nan' is not a number" in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
 def test_checkpoint_reports_where_it_wrote(trainer):
     r = run("checkpoint")
     assert r.exit_code == 0 and "path=/ck/step-120.pt" in r.stdout
@@ -549,3 +568,15 @@ def test_a_retry_after_a_timeout_repeats_the_request_id(rundir):
     assert last_json(r)["generation"] == 2 and "id" not in last_json(r)
     first, retry = fake.received
     assert first == retry and first["id"]
+
+
+def test_keygen_into_a_folder_that_cannot_be_made_is_a_usage_error_naming_it(tmp_path):
+    # A file where a folder is expected: mmctl printed a NotADirectoryError traceback.
+    # Found by bench.faults.
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "keys"
+    r = run("--json", "keygen", str(target))
+    assert r.exit_code == 2, r.output
+    err = json.loads(r.output.strip().splitlines()[-1])["error"]
+    assert err["code"] == "bad_argument" and str(target) in err["message"]
+    assert "Not a directory" in err["message"]

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_mmctl import FakeProducer, last_json, rundir, run  # noqa: E402,F401
 
 from protocol.control import ControlServer  # noqa: E402
+from protocol.filters import FilterSpec  # noqa: E402
 
 
 class Node:
@@ -43,7 +44,8 @@ def test_a_change_goes_to_every_nodes_producer(nodes):
     assert out["generations"] == {n.endpoint: 2 for n in nodes}
     assert "generations_differ" not in out
     for n in nodes:
-        assert n.fake.calls == [("filter", {"spec": "gray"})]
+        # the daemon side parses the spec once (protocol/commands.py): handlers get a FilterSpec
+        assert n.fake.calls == [("filter", {"spec": FilterSpec.parse("gray")})]
 
 
 def test_the_producer_option_repeated_is_the_same_as_a_comma_list(nodes):
