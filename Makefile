@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(PY) -m cli.demo
 
 bench: $(STAMP)
-	for b in ring decode cache preprocess ray_preprocess loader stall producer stages; do \
+	for b in ring decode cache preprocess ray_preprocess loader stall producer stages pixel_format; do \
 	  test -f bench/$$b.py && $(PY) -m bench.$$b || true; done
 
 clean:

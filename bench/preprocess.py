@@ -19,6 +19,16 @@ Figures
     lidar  load_points + bev                                    vs  np.fromfile of the bytes
     radar  radar.process (load_adc + range_doppler)             vs  np.fromfile of the bytes
     imu    load_unknown                                         vs  np.fromfile of the bytes
+- curve: samples/s of full runs with 1 and 2 workers (up to `--workers`), each beside the
+  floor over that many cores, the load average at each point, and a written prediction for 16
+  cores from the measured per-sample worker CPU and the parent's per-sample CPU (the parent
+  stores every record alone, so it caps the pool).
+- in-worker vs isolated: CPU seconds per sample of each modality function run inside a pool
+  worker (the preprocess initializer: one thread per library, producer/worker_threads.py),
+  with every worker busy at once, beside the same function alone in this process. A ratio
+  well above 1 is oversubscription or per-sample setup that isolation hides (issue 20 found
+  OpenBLAS's threads: 35x on the log-mel). CPU time, not wall time, so a loaded machine skews
+  it much less than the samples/s figures; judge a loaded run by these ratios.
 A pyinstrument profile of one serial in-process run (`workers=0`) says where the rest of the
 time goes (printed to stderr; `--profile PATH` also saves the HTML). For the worker processes
 themselves: `py-spy record --subprocesses -f raw -o OUT -- python -m bench.preprocess`.
@@ -81,6 +91,35 @@ def _modalities(samples, cfg: PipelineConfig) -> dict[str, tuple]:
     }
 
 
+def _cpu_per_modality(keys: list[str], cfg_filter: str, clip_frames: int, root: str
+                      ) -> dict[str, float]:
+    """Runs INSIDE a pool worker: CPU seconds of each modality function over these samples."""
+    by_key = {s.key: s for s in index_dataset(Path(root)).samples}
+    cfg = PipelineConfig(filter=cfg_filter, clip_frames=clip_frames)
+    out = {}
+    for name, (fn, _, _) in _modalities([by_key[k] for k in keys], cfg).items():
+        c0 = time.thread_time()
+        fn()
+        out[name] = time.thread_time() - c0
+    return out
+
+
+def _in_worker_cpu(samples, cfg: PipelineConfig, workers: int, root: Path) -> dict[str, float]:
+    """CPU s per sample per modality inside `workers` busy pool workers (the preprocess ones)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from producer.preprocess_workers import _init_worker, start_worker_server
+
+    keys = [s.key for s in samples]
+    shares = [keys[k::workers] for k in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=start_worker_server(), initializer=_init_worker,
+                             initargs=(cfg, None, os.getpid())) as pool:
+        args = (str(cfg.filter), cfg.clip_frames, str(root))
+        list(pool.map(_cpu_per_modality, [sh[:2] for sh in shares], *[[a] * workers for a in args]))
+        parts = list(pool.map(_cpu_per_modality, shares, *[[a] * workers for a in args]))
+    return {name: sum(p[name] for p in parts) / len(keys) for name in parts[0]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples and repeats")
@@ -93,11 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     repeats = 2 if args.quick else 3
     workers = os.cpu_count() or 1
     cfg = PipelineConfig(filter="resize=112x112", clip_frames=8)
-    # The serial figures and floors below run as a worker does: one thread each.
-    import torch
+    # The serial figures and floors below run as a worker does: one thread per library.
+    from producer.worker_threads import single_threaded
 
-    torch.set_num_threads(1)
-    video.set_decode_threads(1)
+    single_threaded()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
     try:
@@ -110,8 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         per: dict[str, dict] = {}
         floor_total = 0.0
+        alone_cpu: dict[str, float] = {}
         for name, (fn, floor, floor_name) in _modalities(samples, cfg).items():
-            t, f = repeat(fn, repeats), repeat(floor, repeats)
+            c0 = time.process_time()
+            t = repeat(fn, repeats)
+            alone_cpu[name] = (time.process_time() - c0) / (repeats + 1) / n
+            f = repeat(floor, repeats)
             floor_total += f.median
             per[name] = {"samples_per_s": round(n / t.median, 1),
                          "limit_name": floor_name, "limit_samples_per_s": round(n / f.median, 1),
@@ -120,22 +162,67 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{n / f.median:9.1f} samples/s | ratio {f.median / t.median:.2f}",
                   file=sys.stderr)
 
-        caches = iter(range(1000))
+        in_worker = _in_worker_cpu(samples, cfg, workers, root)
+        print(f"  CPU ms per sample inside {workers} busy workers vs alone (load average "
+              f"{os.getloadavg()[0]:.2f}):", file=sys.stderr)
+        for name, cpu in in_worker.items():
+            per[name]["cpu_ms_in_worker"] = round(cpu * 1e3, 3)
+            per[name]["cpu_ms_alone"] = round(alone_cpu[name] * 1e3, 3)
+            print(f"    {name:6s} {cpu * 1e3:7.2f} ms vs {alone_cpu[name] * 1e3:7.2f} ms | "
+                  f"ratio {cpu / max(alone_cpu[name], 1e-9):.2f}", file=sys.stderr)
+        worker_cpu = sum(in_worker.values())
+        alone_total = sum(alone_cpu.values())
+        print(f"    sum    {worker_cpu * 1e3:7.2f} ms vs {alone_total * 1e3:7.2f} ms | ratio "
+              f"{worker_cpu / max(alone_total, 1e-9):.2f}", file=sys.stderr)
 
-        def full_run() -> None:
+        caches = iter(range(1000))
+        parent_cpu: list[float] = []
+
+        def full_run(k: int) -> None:
             cache = tmp / f"cache{next(caches)}"
-            s = run_preprocess(root, cache, cfg, workers=workers, progress=False)
+            c0 = os.times()
+            s = run_preprocess(root, cache, cfg, workers=k, progress=False)
+            c1 = os.times()
+            parent_cpu.append(c1.user - c0.user + c1.system - c0.system)
             assert s["processed"] == n and not s["rejected"], s["rejected"]
             shutil.rmtree(cache)
 
         t0 = time.perf_counter()
-        full_run()  # the cold run: starts the forkserver (imports torch, av, numpy once)
+        full_run(workers)  # the cold run: starts the forkserver (imports torch, av, numpy once)
         cold_s = time.perf_counter() - t0
-        t = repeat(full_run, repeats, warmup=0)
         print(f"  cold run (forkserver start included) {n / cold_s:.1f} samples/s",
               file=sys.stderr)
+        curve = []
+        for k in sorted({1, min(2, workers), workers}):
+            parent_cpu.clear()
+            tk = repeat(lambda: full_run(k), repeats, warmup=0)
+            load = os.getloadavg()[0]
+            floor_k = n / (floor_total / k)
+            curve.append({"workers": k, "samples_per_s": round(n / tk.median, 1),
+                          "floor_samples_per_s": round(floor_k, 1),
+                          "ratio": round(n / tk.median / floor_k, 3), "load_avg": round(load, 2),
+                          "parent_cpu_ms_per_sample": round(min(parent_cpu) / n * 1e3, 3)})
+            print(f"  workers {k:2d}: {n / tk.median:8.1f} samples/s | floor over {k} cores "
+                  f"{floor_k:8.1f} | ratio {n / tk.median / floor_k:.2f} | load average "
+                  f"{load:.2f}", file=sys.stderr)
+        t = tk
         figure = n / t.median
         limit = n / (floor_total / workers)
+        if len(curve) > 1:
+            print(f"  speedup {curve[-1]['workers']} vs 1 worker: "
+                  f"{curve[-1]['samples_per_s'] / curve[0]['samples_per_s']:.2f}x (ideal "
+                  f"{curve[-1]['workers']}x)", file=sys.stderr)
+        parent_s = curve[-1]["parent_cpu_ms_per_sample"] / 1e3
+        pool16 = 16 / max(worker_cpu, 1e-9)
+        predicted16 = min(pool16, 1 / max(parent_s, 1e-9))
+        prediction = (f"16 cores: ~{predicted16:.0f} samples/s predicted = min(16 workers / "
+                      f"{worker_cpu * 1e3:.2f} ms worker CPU per sample = {pool16:.0f}, 1 / "
+                      f"{parent_s * 1e3:.2f} ms parent CPU per sample = "
+                      f"{1 / max(parent_s, 1e-9):.0f}); assumes 16 physical cores, the dataset "
+                      f"in the page cache and the cache on a disk that keeps up"
+                      + ("; the parent (one process storing every record) is the cap"
+                         if pool16 > 1 / max(parent_s, 1e-9) else ""))
+        print(f"  prediction: {prediction}", file=sys.stderr)
 
         try:
             from pyinstrument import Profiler
@@ -153,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         return report("preprocess", figure, "samples/s",
                       f"decode/read floor over {workers} cores", limit, args.json,
-                      samples=n, workers=workers, per_modality=per,
+                      samples=n, workers=workers, per_modality=per, curve=curve,
+                      worker_cpu_ms_per_sample=round(worker_cpu * 1e3, 3),
+                      alone_cpu_ms_per_sample=round(alone_total * 1e3, 3),
+                      prediction_16_cores=prediction,
                       cold_run_samples_per_s=round(n / cold_s, 1),
                       run_seconds=[round(x, 3) for x in t.seconds],
                       load_avg=[round(x, 2) for x in os.getloadavg()],

@@ -220,7 +220,9 @@ def schema_of(arrays: Mapping[str, Any]) -> SampleSchema:
     cache record carry beside the payload. Remembered by layout, so the ring's hot path builds
     no ModalitySpec per sample. `str(dtype)`: numpy arrays and (NVDEC video) torch CUDA
     tensors alike."""
-    key = tuple((n, str(a.dtype), tuple(a.shape)) for n, a in arrays.items())
+    key = tuple((n, str(a.dtype), tuple(a.shape), getattr(a, "mm_layout", ""))
+                for n, a in arrays.items())  # the layout: yuv420 planes of a BT.709 and a
+    # BT.601 source have one shape but not one schema (protocol/schema.py PackedArray)
     schema = _schemas.get(key)
     if schema is None:
         schema = SampleSchema(tuple(ModalitySpec.from_array(n, a) for n, a in arrays.items()))

@@ -83,18 +83,17 @@ def _exit_with(run_pid: int) -> None:
 
 def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None,
                  run_pid: int | None = None, video_device: str = "cpu") -> None:
-    """Each worker is one process per core already: keep torch (radar FFTs) and the video
-    decoder single-threaded inside it, or the pool oversubscribes the cores (measured: the
-    modality calls ran 3-7x slower in workers than alone before this)."""
+    """Each worker is one process per core already: keep torch (radar FFTs), the video
+    decoder and BLAS (the log-mel's filterbank product) single-threaded inside it, or the
+    pool oversubscribes the cores (measured: the modality calls ran 3-7x slower in workers
+    than alone before torch/decoder, and the log-mel 35x slower in CPU before BLAS;
+    producer/worker_threads.py)."""
     global _PIPELINE, _CRASH_ON
-    import torch
-
-    from .modalities import video
+    from .worker_threads import single_threaded
 
     if run_pid is not None:
         _exit_with(run_pid)
-    torch.set_num_threads(1)
-    video.set_decode_threads(1)
+    single_threaded()
     _PIPELINE = Pipeline(config, video_device=video_device)
     _CRASH_ON = crash_on
 

@@ -39,6 +39,7 @@ def cached_preview_info(reader: CacheReader, i: int) -> dict:
 def preview(cache: Path, index: int, split: str | None, out: Path, as_json: bool) -> None:
     """Draw record INDEX of the disk cache CACHE into a PNG (every modality, captioned)."""
     from protocol.preview import decode_sample, encode_sample, render_png
+    from protocol.video_store import pictured
 
     try:
         with CacheReader(cache, split) as reader:
@@ -50,7 +51,7 @@ def preview(cache: Path, index: int, split: str | None, out: Path, as_json: bool
             sample = reader.view(index)
             info = cached_preview_info(reader, index)
             # The same thinning as a live preview, so both pictures read alike.
-            shown = encode_sample(dict(sample.arrays), info)
+            shown = encode_sample(pictured(sample.arrays, sample.schema), info)
             res = render_png(decode_sample(shown), shown, out)
     except MmfeedError as e:
         click.echo(f"mm-producer preview: {e}", err=True)

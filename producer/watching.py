@@ -71,8 +71,10 @@ class RunWatch:
                 "label_name": classes[meta.label] if 0 <= meta.label < len(classes) else None,
                 "timestamp_ns": meta.timestamp_ns, "index": meta.index,
                 "made_by": "mm-producer run (the ring)"}
+        from protocol.video_store import pictured
+
         host = {k: (v.cpu().numpy() if hasattr(v, "cpu") else v) for k, v in arrays.items()}
-        return encode_sample(host, info)
+        return encode_sample(pictured(host), info)  # yuv420 planes drawn as their RGB
 
     # --- mmctl record ----------------------------------------------------------------------------
 

@@ -9,6 +9,10 @@ the GPU alike. Grammar (comma-separated, any order, each op at most once):
     resize=WxH                output size in pixels (e.g. resize=224x224)
     crop=WxH[+X+Y]            crop of the source before resizing; centred without +X+Y
     fps=R                     frame rate of the clip (frames sampled at R per second)
+    pixel_format=rgb|yuv420   how the clip travels (default rgb): yuv420 keeps the codec's
+                              4:2:0 planes (NV12, 1.5 bytes a pixel; no CPU RGB conversion),
+                              converted to RGB on the trainer's device (issue 20); needs
+                              colour (not gray) and even output sides
     none                      the default: source size, rgb, source rate
 
 The operations are always applied as crop -> resize -> colour, whatever their order in
@@ -21,7 +25,10 @@ from dataclasses import dataclass
 
 from .errors import FilterSpecError
 
-ACCEPTED = "gray|grayscale, rgb, resize=WxH, crop=WxH[+X+Y], fps=R, none (comma-separated)"
+ACCEPTED = ("gray|grayscale, rgb, resize=WxH, crop=WxH[+X+Y], fps=R, pixel_format=rgb|yuv420, "
+            "none (comma-separated)")
+#: How the video modality travels (`pixel_format=`): RGB planes, or the codec's 4:2:0 planes.
+PIXEL_FORMATS = ("rgb", "yuv420")
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 _CROP = re.compile(r"^(\d{1,5})x(\d{1,5})(?:\+(\d{1,5})\+(\d{1,5}))?$")
 MAX_SIDE = 8192
@@ -42,6 +49,7 @@ class FilterSpec:
     height: int | None = None
     crop: tuple[int, int, int | None, int | None] | None = None  # w, h, x, y
     fps: float | None = None
+    pixel_format: str = "rgb"  # PIXEL_FORMATS; last so older positional uses keep working
 
     @property
     def channels(self) -> int:
@@ -58,6 +66,7 @@ class FilterSpec:
         width = height = None
         crop = None
         fps = None
+        pixel_format = "rgb"
         seen: set[str] = set()
         for raw in text.split(","):
             op = raw.strip()
@@ -94,9 +103,26 @@ class FilterSpec:
                         f"filter {_clip(spec)!r}: fps={_clip(val)!r}: expected a rate of {MIN_FPS:g} to "
                         f"{MAX_FPS:g} frames/s"
                     )
+            elif key == "pixel_format":
+                if val not in PIXEL_FORMATS:
+                    raise FilterSpecError(f"filter {_clip(spec)!r}: pixel_format={_clip(val)!r}: "
+                                          f"expected one of {', '.join(PIXEL_FORMATS)}")
+                pixel_format = val
             else:
                 raise FilterSpecError(f"filter {_clip(spec)!r}: unknown operation {_clip(op)!r}; accepted: {ACCEPTED}")
-        return cls(gray=bool(gray), width=width, height=height, crop=crop, fps=fps)
+        if pixel_format == "yuv420":
+            if gray:
+                raise FilterSpecError(f"filter {_clip(spec)!r}: pixel_format=yuv420 carries colour; "
+                                      f"gray is already one byte a pixel (drop one of the two)")
+            # the output's sides: resize's when given, else the crop's (else the source's,
+            # checked at decode time)
+            key, (w, h) = (("resize", (width, height)) if width is not None else
+                           ("crop", crop[:2]) if crop is not None else ("", (0, 0)))
+            if w % 2 or h % 2:
+                raise FilterSpecError(f"filter {_clip(spec)!r}: {key}={w}x{h}: pixel_format=yuv420 "
+                                      f"needs even output sides (4:2:0 chroma covers 2x2 pixels)")
+        return cls(gray=bool(gray), width=width, height=height, crop=crop, fps=fps,
+                   pixel_format=pixel_format)
 
     def crop_box(self, src_w: int, src_h: int) -> tuple[int, int, int, int]:
         """(x, y, w, h) of the crop inside a source frame; the whole frame without a crop."""
@@ -146,4 +172,6 @@ class FilterSpec:
             parts.append("gray")
         if self.fps is not None:
             parts.append(f"fps={self.fps:g}")
+        if self.pixel_format != "rgb":  # the default stays out: existing specs keep their text
+            parts.append(f"pixel_format={self.pixel_format}")
         return ",".join(parts) or "none"

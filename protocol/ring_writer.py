@@ -301,7 +301,7 @@ class RingWriter:
         specs = self._specs.get(schema.schema_id)
         if specs is None:
             specs = self._specs[schema.schema_id] = [
-                (m.name, np.dtype(m.dtype), m.shape) for m in schema.modalities]
+                (m.name, np.dtype(m.dtype), m.stored_shape) for m in schema.modalities]
         if len(arrays) != len(specs) or not all(
                 (a := arrays.get(k)) is not None and a.dtype == dt and a.shape == sh
                 for k, dt, sh in specs):

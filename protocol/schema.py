@@ -18,6 +18,14 @@ NV12 planes, 1.5 bytes a pixel (a luma plane of H x W, then one interleaved chro
 ceil(H/2) rows of 2 x ceil(W/2) bytes). `shape` stays the logical shape (what the model gets
 once the trainer has converted it, on its device); `stored_shape` is what the payload holds,
 (..., planes_bytes). A schema without layouts encodes exactly as before (same ids).
+An optional fourth part names where the chroma samples sit: `nv12/bt709/limited/left` for
+planes straight from an H.264/HEVC decoder (`pixel_format=yuv420`, chroma co-sited with the
+even luma columns), absent (= centred) for the cache's nv12 store, whose planes swscale made
+from RGB without a chroma-location tag.
+
+A modality function hands a packed array to the schema as a `PackedArray` (the planes, with
+`mm_layout` and `mm_shape`, the logical shape): `from_arrays` then records the layout, so
+every writer (preprocess, the live daemon) tags it without knowing about it.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ MAX_DIMS = 8
 NV12 = "nv12"
 MATRICES = ("bt601", "bt709")
 RANGES = ("limited", "full")
+#: Chroma sample positions a layout may name (its optional fourth part); "center" by default.
+SITINGS = ("center", "left")
 
 
 def nv12_frame_bytes(height: int, width: int) -> int:
@@ -50,10 +60,35 @@ def nv12_frame_bytes(height: int, width: int) -> int:
 def parse_layout(layout: str) -> tuple[str, str, str]:
     """`nv12/bt601/limited` -> ("nv12", "bt601", "limited"); SchemaError naming what is wrong."""
     parts = layout.split("/")
-    if len(parts) != 3 or parts[0] != NV12 or parts[1] not in MATRICES or parts[2] not in RANGES:
+    if len(parts) not in (3, 4) or parts[0] != NV12 or parts[1] not in MATRICES \
+            or parts[2] not in RANGES or (len(parts) == 4 and parts[3] != "left"):
         raise SchemaError(f"layout {layout!r}: expected nv12/<{'|'.join(MATRICES)}>/"
-                          f"<{'|'.join(RANGES)}>")
+                          f"<{'|'.join(RANGES)}>[/left]")
     return parts[0], parts[1], parts[2]
+
+
+def chroma_siting(layout: str) -> str:
+    """"left" for a layout ending in /left (decoder planes), else "center"."""
+    return "left" if layout.endswith("/left") else "center"
+
+
+class PackedArray(np.ndarray):
+    """Packed planes (..., planes_bytes) that know their layout and logical shape, so that
+    `SampleSchema.from_arrays` records them as a packed modality (see the module doc). Views
+    keep both attributes; anything else treats it as the uint8 array it is."""
+
+    mm_layout: str = ""
+    mm_shape: tuple = ()
+
+    @classmethod
+    def wrap(cls, planes: np.ndarray, layout: str, shape: tuple) -> "PackedArray":
+        out = planes.view(cls)
+        out.mm_layout, out.mm_shape = layout, tuple(shape)
+        return out
+
+    def __array_finalize__(self, obj) -> None:
+        self.mm_layout = getattr(obj, "mm_layout", "")
+        self.mm_shape = getattr(obj, "mm_shape", ())
 
 
 def _align(n: int, a: int = ALIGN) -> int:
@@ -130,6 +165,9 @@ class ModalitySpec:
     def from_array(cls, name: str, array: np.ndarray) -> "ModalitySpec":
         """From a numpy array or a torch tensor (a CUDA one from NVDEC: torch.uint8 -> "uint8")."""
         dtype = getattr(array.dtype, "name", None) or str(array.dtype).removeprefix("torch.")
+        layout = getattr(array, "mm_layout", "")
+        if layout:  # a PackedArray: its logical shape, and the layout its planes are in
+            return cls(name, dtype, tuple(array.mm_shape), layout)
         return cls(name, dtype, tuple(array.shape))
 
     def __repr__(self) -> str:
@@ -184,7 +222,8 @@ class SampleSchema:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "SampleSchema":
-        return cls(tuple(ModalitySpec.from_array(k, np.asarray(v)) for k, v in arrays.items()))
+        return cls(tuple(ModalitySpec.from_array(k, v if isinstance(v, PackedArray)
+                                                 else np.asarray(v)) for k, v in arrays.items()))
 
     @classmethod
     def decode(cls, data: bytes | str) -> "SampleSchema":

@@ -186,6 +186,26 @@ def to_nv12(clip: np.ndarray, matrix: str = "bt601", color_range: str = "limited
     return out.reshape(*lead, out.shape[-1])
 
 
+def pictured(arrays: Mapping[str, np.ndarray], schema: SampleSchema | None = None
+             ) -> dict[str, np.ndarray]:
+    """The arrays a preview draws: packed modalities (NV12 planes from the nv12 store or
+    `pixel_format=yuv420`) as their uint8 RGB clip by swscale, the rest as they are. The
+    layout comes from `schema` or from the array itself (a PackedArray); chroma siting is
+    ignored (a quarter-pixel of chroma is invisible in a preview)."""
+    out = dict(arrays)
+    for name, a in arrays.items():
+        spec = schema.spec(name) if schema is not None and name in schema else None
+        layout = spec.layout if spec is not None else getattr(a, "mm_layout", "")
+        if not layout:
+            continue
+        shape = spec.shape if spec is not None else a.mm_shape
+        _, matrix, color_range = parse_layout(layout)
+        planes = np.asarray(a).reshape(-1, np.asarray(a).shape[-1])
+        rgb = nv12_to_rgb_swscale(planes, shape[-2], shape[-1], matrix, color_range)
+        out[name] = rgb.reshape(shape)
+    return out
+
+
 def nv12_to_rgb_swscale(planes: np.ndarray, height: int, width: int, matrix: str = "bt601",
                         color_range: str = "limited") -> np.ndarray:
     """NV12 planes (N, bytes) -> uint8 RGB (N, 3, H, W) by swscale: the CPU reference the
@@ -386,6 +406,11 @@ def encode_record(schema: SampleSchema, arrays: Mapping[str, np.ndarray],
         return schema, schema.pack(arrays)
     if spec is None:
         return schema, schema.pack(arrays)  # nothing to store differently: no video input
+    if spec.layout:  # pixel_format=yuv420: the video already is NV12 planes
+        if notes is not None:
+            notes.append(f"video store {settings.store}: the video is already {spec.layout} "
+                         f"planes (pixel_format=yuv420); stored as they are")
+        return schema, schema.pack(arrays)
     if spec.dtype != "uint8" or len(spec.shape) != 4 or spec.shape[1] not in (1, 3):
         if notes is not None:
             notes.append(f"video store {settings.store}: video is {spec.dtype}"
@@ -468,5 +493,5 @@ def decode_record_into(schema: SampleSchema, record, out_row: np.ndarray) -> Non
 __all__ = ["COMPRESSED", "DEFAULT_SETTINGS", "H264", "HEVC", "NV12_STORE", "RAW", "STORES",
            "StoreSettings", "VIDEO", "VideoStoreError", "blob_info", "copy_rest_into",
            "decode_record_into",
-           "decode_video_into", "encode_record", "encode_video", "nv12_to_rgb_swscale",
+           "decode_video_into", "encode_record", "encode_video", "nv12_to_rgb_swscale", "pictured",
            "record_crc", "rest_layout", "store_of_record", "to_nv12"]

@@ -208,6 +208,19 @@ def test_filter_gray_makes_next_generation_with_one_channel_video(daemon):
     assert s.arrays["video"].shape[1] == 3
 
 
+def test_filter_pixel_format_yuv420_makes_a_generation_of_nv12_planes(daemon):
+    gen = daemon.request("filter", spec="pixel_format=yuv420")["generation"]
+    s = first_sample_of(daemon.ring, gen, lambda s: "video" in s.arrays)
+    spec = s.schema.spec("video")
+    assert spec.layout == "nv12/bt601/limited/left" and spec.shape == (4, 3, 24, 32)
+    assert s.arrays["video"].shape == (4, 32 * 24 * 3 // 2)  # 1.5 bytes a pixel
+    shown = {m["name"]: m for m in daemon.request("preview")["modalities"]}
+    assert shown["video"]["shape"][-3:] == [3, 24, 32]  # drawn as its RGB picture
+    gen2 = daemon.request("filter", spec="rgb")["generation"]
+    s = first_sample_of(daemon.ring, gen2, lambda s: "video" in s.arrays)
+    assert not s.schema.spec("video").layout and s.arrays["video"].shape == (4, 3, 24, 32)
+
+
 def test_sensor_switch_feeds_lidar_from_the_other_file(daemon):
     gen = daemon.request("sensor", input="lidar", stem="lidar_front")["generation"]
     index = {s.key: s for s in index_dataset(daemon.dataset).samples}

@@ -18,6 +18,9 @@ tests/test_layouts.py holds it to swscale's own conversion of the same planes
 (protocol/video_store.nv12_to_rgb_swscale), all four matrix/range pairs, odd and even sizes,
 real footage and pure noise (the worst case for chroma): at most 1 level apart, under 0.02
 levels on average (measured: 0.006 at worst).
+Planes decoded with `pixel_format=yuv420` keep the decoder's chroma siting (layout suffix
+/left: H.264/HEVC's); tests/test_pixel_format.py holds that path to swscale's RGB of the same
+decoded frames (the producer's rgb output) on a real PyAV-encoded clip: at most 1 level apart.
 (producer/modalities/gpu_video.py converts NVDEC surfaces, whose H.264 chroma is co-sited
 left; the trainer cannot import the producer, and the sitings differ.)
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from protocol.schema import SampleSchema, parse_layout
+from protocol.schema import SampleSchema, chroma_siting, parse_layout
 
 _K = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
 
@@ -69,7 +72,7 @@ def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str
 
 
 def nv12_to_rgb(planes: torch.Tensor, height: int, width: int, matrix: str = "bt601",
-                color_range: str = "limited") -> torch.Tensor:
+                color_range: str = "limited", siting: str = "center") -> torch.Tensor:
     """uint8 NV12 planes (..., nv12_frame_bytes(H, W)) -> uint8 RGB (..., 3, H, W), on the
     planes' device; one batched computation for every frame of every sample."""
     lead = planes.shape[:-1]
@@ -77,7 +80,7 @@ def nv12_to_rgb(planes: torch.Tensor, height: int, width: int, matrix: str = "bt
     ch, cw = (height + 1) // 2, (width + 1) // 2
     y = flat[:, : height * width].reshape(-1, height, width)
     uv = flat[:, height * width:].reshape(-1, ch, cw, 2)
-    rgb = yuv420_to_rgb(y, uv[..., 0], uv[..., 1], matrix, color_range)
+    rgb = yuv420_to_rgb(y, uv[..., 0], uv[..., 1], matrix, color_range, siting)
     return rgb.reshape(*lead, 3, height, width)
 
 
@@ -93,7 +96,7 @@ def unpack_inputs(schema: SampleSchema, inputs: dict[str, torch.Tensor]
         if m.layout and m.name in inputs:
             _, matrix, color_range = parse_layout(m.layout)
             out[m.name] = nv12_to_rgb(inputs[m.name], m.shape[-2], m.shape[-1], matrix,
-                                      color_range)
+                                      color_range, chroma_siting(m.layout))
     return out
 
 

@@ -29,6 +29,7 @@ import numpy as np
 
 from protocol.errors import InputError
 from protocol.filters import FilterSpec
+from protocol.schema import PackedArray, nv12_frame_bytes
 
 from ..ffmpeg_graph import scale_args
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
@@ -158,7 +159,8 @@ class _Converter:
 
     def __init__(self, spec: FilterSpec):
         self.spec = spec
-        self.fmt = "gray" if spec.gray else "gbrp"
+        self.yuv = spec.pixel_format == "yuv420"
+        self.fmt = "nv12" if self.yuv else "gray" if spec.gray else "gbrp"
         self._reformatter = None
         self._graph = None
         self._key = None
@@ -197,20 +199,64 @@ class _Converter:
         """The frame at the target size in a planar format (a PyAV frame, C-owned memory)."""
         self.prepare(frame)
         if self._graph is None:
+            if self.yuv:  # only scale: the samples keep their range (full stays full)
+                rng = "JPEG" if _full_range(frame) else "MPEG"
+                return self._reformatter.reformat(frame, self.out_w, self.out_h, self.fmt,
+                                                  interpolation=INTERPOLATION,
+                                                  src_color_range=rng, dst_color_range=rng)
             return self._reformatter.reformat(frame, self.out_w, self.out_h, self.fmt,
                                               interpolation=INTERPOLATION)
         self._graph.push(frame)
         return self._graph.pull()
 
     def into(self, frame, out: np.ndarray) -> None:
-        """Convert `frame` and copy its planes into `out` (C, H, W): one memcpy per plane."""
+        """Convert `frame` and copy its planes into `out` (C, H, W): one memcpy per plane;
+        for yuv420, `out` is one flat NV12 frame (luma rows, then interleaved chroma rows)."""
         planar = self.convert(frame)
+        if self.yuv:
+            h, w = self.out_h, self.out_w
+            y, uv = planar.planes[0], planar.planes[1]
+            out[: h * w].reshape(h, w)[:] = np.frombuffer(y, np.uint8).reshape(
+                y.height, y.line_size)[:h, :w]
+            ch, cw2 = (h + 1) // 2, 2 * ((w + 1) // 2)
+            out[h * w:].reshape(ch, cw2)[:] = np.frombuffer(uv, np.uint8).reshape(
+                uv.height, uv.line_size)[:ch, :cw2]
+            return
         # gbrp stores planes as G, B, R; the output is R, G, B.
         order = (0,) if self.fmt == "gray" else (2, 0, 1)
         for c, p in enumerate(order):
             plane = planar.planes[p]
             rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
             out[c] = rows[:, : plane.width]
+
+
+#: Codecs whose 4:2:0 chroma sits centred between luma samples (MPEG-1, JPEG); every other
+#: decoder (H.264, HEVC, MPEG-2/4, VP9, AV1 as FFmpeg reports them by default) co-sites it
+#: with the even luma columns ("left"). PyAV does not expose a frame's chroma_location.
+_CENTRED_CHROMA = frozenset({"mjpeg", "mpeg1video", "jpeg2000", "jpegls"})
+
+
+def yuv420_layout(frame, codec_name: str) -> str:
+    """The schema layout of NV12 planes converted from `frame` by `_Converter` (no colour or
+    range conversion, swscale only scales): matrix from the frame's colour metadata (BT.709
+    when it says so, BT.601 otherwise - swscale's own default, so the rgb path agrees), range
+    from the frame (a yuvj* format or a JPEG colour range: full; the samples keep their range,
+    `_Converter.convert`), and the decoder's chroma siting."""
+    cs = frame.colorspace
+    matrix = "bt709" if int(cs if cs is not None else 2) == 1 else "bt601"
+    layout = f"nv12/{matrix}/{'full' if _full_range(frame) else 'limited'}"
+    return layout if codec_name in _CENTRED_CHROMA else layout + "/left"
+
+
+def _full_range(frame) -> bool:
+    return frame.format.name.startswith("yuvj") or int(frame.color_range or 0) == 2
+
+
+def _check_even(path, spec: FilterSpec, w: int, h: int) -> None:
+    if w % 2 or h % 2:
+        raise InputError(path, "filter pixel_format", "even output sides for yuv420 (4:2:0 "
+                         "chroma covers 2x2 pixels); add resize=WxH with even sides",
+                         found=f"{w}x{h} frames")
 
 
 # --- overlapping conversion with decoding ----------------------------------------------------
@@ -313,6 +359,8 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and spec.pixel_format == "yuv420":
+        device = "cpu"  # the planes go to the trainer's device as they are: nothing to convert
     if device == "cuda" and not chain:
         if _cuda_available():
             from . import gpu_video
@@ -329,7 +377,16 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                                                  times=times, chain=chain):
                 if out is None:
                     conv.prepare(frame)
-                    out = np.empty((frames, spec.channels, conv.out_h, conv.out_w), np.uint8)
+                    if conv.yuv:
+                        _check_even(path, spec, conv.out_w, conv.out_h)
+                        out = PackedArray.wrap(
+                            np.empty((frames, nv12_frame_bytes(conv.out_h, conv.out_w)),
+                                     np.uint8),
+                            yuv420_layout(frame, container.streams.video[0].codec_context.name),
+                            (frames, 3, conv.out_h, conv.out_w))
+                    else:
+                        out = np.empty((frames, spec.channels, conv.out_h, conv.out_w),
+                                       np.uint8)
                     if frame.width * frame.height >= OVERLAP_MIN_PIXELS:
                         worker = _thread_convert_worker()
                         run = worker.submit
