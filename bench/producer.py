@@ -116,6 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # The limit runs the pipeline as `mm-producer run` does: numpy's BLAS at one thread
+    # (producer/run.py); otherwise the limit pays BLAS spin-waits the daemon does not.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
     as_json = args.json
     quick = args.quick
     window = 4.0 if quick else 10.0

@@ -50,7 +50,8 @@ from .video_route import VideoRoute, route_of
 from .modalities.ffmpeg_chain_run import check_runs_on_cpu, prove_chain
 from protocol.ffmpeg_chain import parse_chain
 from .supervisor import Supervisor, open_feed
-from .watching import RunWatch, WrongState  # noqa: F401  (WrongState: re-exported)
+from .watching import RunWatch, WrongState
+from .worker_threads import blas_thread_count  # noqa: F401  (WrongState: re-exported)
 
 log = logging.getLogger("producer.engine")
 
@@ -106,6 +107,8 @@ class Producer:
     def __init__(self, opts: RunOptions):
         self.opts = opts
         self.counters = Counters()
+        # what `mm-producer run` left numpy's BLAS at (run.py): read once, status shows it
+        self._blas_threads = blas_thread_count()
         self.stages = StageTimer("producer")  # NOTE [cheap timing] in protocol/stages.py
         self.watch = RunWatch(opts.ring, opts.record_cache)  # preview, record (watching.py)
         self.state = "starting"
@@ -546,6 +549,7 @@ class Producer:
             **self.video_route().status(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),
+            "blas_threads": self._blas_threads,
             "record": self.watch.record_status(),
             "stages": self.stages.summary(),
         }

@@ -146,6 +146,12 @@ def run(src, ring, mode, control, log_endpoint, curve_dir, slots, slot_bytes, ma
                       timeouts=(open_timeout, read_timeout), splits=tuple(splits) or None,
                       device=device, state_dir=state_dir, status_interval=status_interval,
                       metrics=metrics, record_cache=record_cache)
+    # numpy's BLAS at one thread: its idle threads spin-wait, and the log-mel's small matrix
+    # product cost 35x the CPU with a thread per core (producer/worker_threads.py); the video
+    # decoder and torch keep their threads (a live 1080p stream needs the decoder's).
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
     daemon = ProducerDaemon(opts, json_lines=as_json)
     daemon.install_signals()
     try:

@@ -25,6 +25,14 @@ def single_threaded() -> None:
     threadpool_limits(limits=1)  # numpy's BLAS and any OpenMP runtime loaded so far
 
 
+def blas_thread_count() -> int:
+    """The most threads any loaded BLAS (numpy's OpenBLAS, MKL, ...) uses now; 0 with none."""
+    from threadpoolctl import threadpool_info
+
+    return max((int(p.get("num_threads", 0)) for p in threadpool_info()
+                if p.get("user_api") == "blas"), default=0)
+
+
 def blas_threads() -> dict[str, int]:
     """Thread count per loaded thread pool (`openblas`, `openmp`, ...): for tests and status."""
     from threadpoolctl import threadpool_info
