@@ -179,18 +179,23 @@ class HostBatch:
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """What the model takes: the views, packed modalities (NV12) unpacked on the buffer's
-        device (trainer/layouts.py); `unpack_now` may have done it already."""
+        device (trainer/layouts.py); `prepare_inputs` may have done it already."""
         if self._inputs is not None:
             return self._inputs
         from .layouts import unpack_inputs
 
         return unpack_inputs(self.schema, self.views())
 
-    def unpack_now(self) -> None:
-        """Unpack packed modalities here and keep the result for `inputs()`: a CPU trainer's
-        loader thread calls it, so NV12 -> RGB overlaps the step instead of stalling it."""
-        if self.schema.packed and self._inputs is None:
-            self._inputs = self.inputs()
+    def prepare_inputs(self) -> None:
+        """Build what `inputs()` returns now and keep it: a CPU trainer's loader thread calls
+        it, so the per-modality views (and NV12 -> RGB for packed layouts) are made beside
+        the step instead of inside the training loop's wait for data. The views cost about
+        0.5 ms a batch of Python (slice, view, unflatten per modality): 2% of the demo
+        model's 25 ms step, counted as stall when the loop made them (BENCHMARKS ## video
+        store). Only for buffers the model reads in place (not pinned): a pinned batch is
+        copied to the device first and viewed there."""
+        if self._inputs is None and not self.buf.is_pinned() and not getattr(self, "deferred", ()):
+            self._inputs = self.inputs()  # (deferred clips: decoded later, viewed after that)
 
     def release(self) -> None:
         cb, self.on_release = self.on_release, None

@@ -192,8 +192,7 @@ class DiskLoader(_LoaderThread):
                 if deferred and metas.failed:  # rows moved by drop_failed: follow them
                     deferred = _follow_moves(deferred, metas.failed, len(idx))
                 b.deferred = deferred  # type: ignore[attr-defined]
-                if schema.packed and not buf.is_pinned():
-                    b.unpack_now()  # CPU trainer: NV12 -> RGB here, beside the step
+                b.prepare_inputs()  # CPU trainer: views (and NV12 -> RGB) here, beside the step
                 self.stats.batches += 1
                 self.stats.samples += n
                 self.stats.copies += n
@@ -282,6 +281,7 @@ class RingLoader(_LoaderThread):
             b = HostBatch(o["schema"], key.generation, o["buf"], o["labels"], o["n"],
                           live=o["n"], copies=o["n"],
                           on_release=lambda p=(o["buf"], o["labels"]), pool=o["pool"]: pool.put(p))
+            b.prepare_inputs()
             self.stats.batches += 1
             return self._put(b)
 
@@ -571,6 +571,7 @@ class WorkerDiskLoader(DiskLoader):
                 b = HostBatch(self.reader.schema(first), self.reader.meta(first).generation,
                               buf, labels, n, live=0, copies=copies * n)
                 b.position = positions.popleft()  # type: ignore[attr-defined]
+                b.prepare_inputs()
                 self.stats.batches += 1
                 self.stats.samples += n
                 self.stats.copies += copies * n
