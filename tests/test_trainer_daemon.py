@@ -1,6 +1,7 @@
 """`mm-trainer run` as a real process: control socket, signals, --json summary, torchrun."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -230,30 +231,41 @@ def _datagrams_until(sock, wanted: str, timeout: float = 60.0) -> list[str]:
     raise AssertionError(f"no {wanted!r} from the trainer within {timeout} s; got {got}")
 
 
-def test_sd_notify_ready_watchdog_and_stopping_under_a_stand_in_systemd(cache, tmp_path):
-    # systemd's Type=notify + WatchdogSec contract (systemd/mm-trainer.service): READY=1 once the
-    # control socket is up, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+@contextlib.contextmanager
+def _trainer_under_a_stand_in_systemd(cache: Path, tmp_path: Path, watchdog_usec: str,
+                                      *args: str):
+    """`mm-trainer run --cache CACHE ARGS` with NOTIFY_SOCKET and WATCHDOG_USEC set, as systemd
+    starts it: yields (the process, the notify socket its datagrams arrive on); the process
+    is killed and the socket's folder removed on the way out."""
     d = Path(tempfile.mkdtemp(prefix="mmtn", dir="/tmp"))  # AF_UNIX paths must stay short
     sock, path = _notify_socket(d)
-    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": watchdog_usec}
     proc = subprocess.Popen(
-        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
-         "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"),
+        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), *args,
+         "--checkpoint-dir", str(tmp_path / "ck"),
          "--control", f"ipc://{d}/t.sock", "--log-endpoint", f"ipc://{d}/t.log.sock"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert any(l.startswith("READY=1") for l in _datagrams_until(sock, "READY=1"))
-        _datagrams_until(sock, "WATCHDOG=1")
-        _datagrams_until(sock, "WATCHDOG=1")  # repeatedly, not once
-        proc.send_signal(signal.SIGTERM)
-        _datagrams_until(sock, "STOPPING=1")
-        assert proc.wait(timeout=60) == 0
+        yield proc, sock
     finally:
         sock.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sd_notify_ready_watchdog_and_stopping_under_a_stand_in_systemd(cache, tmp_path):
+    # systemd's Type=notify + WatchdogSec contract (systemd/mm-trainer.service): READY=1 once the
+    # control socket is up, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+    with _trainer_under_a_stand_in_systemd(cache, tmp_path, "400000", "--steps", "1000000",
+                                           "--batch-size", "4") as (proc, sock):
+        assert any(l.startswith("READY=1") for l in _datagrams_until(sock, "READY=1"))
+        _datagrams_until(sock, "WATCHDOG=1")
+        _datagrams_until(sock, "WATCHDOG=1")  # repeatedly, not once
+        proc.send_signal(signal.SIGTERM)
+        _datagrams_until(sock, "STOPPING=1")
+        assert proc.wait(timeout=60) == 0
 
 
 def _between(lines: list[str], start: str) -> list[str]:
@@ -269,16 +281,9 @@ def test_the_watchdog_is_fed_while_evaluating_and_while_writing_a_checkpoint(cac
     # one loop turn. WATCHDOG_USEC=2 (a ping due every microsecond) makes every val batch and
     # every checkpoint write a moment a ping is due, whatever the machine's speed: pings must
     # come from inside evaluate() and save(), between their STATUS= lines.
-    d = Path(tempfile.mkdtemp(prefix="mmtw", dir="/tmp"))
-    sock, path = _notify_socket(d)
-    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2"}
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "2",
-         "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck"),
-         "--control", f"ipc://{d}/t.sock", "--log-endpoint", f"ipc://{d}/t.log.sock"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
-    try:
+    with _trainer_under_a_stand_in_systemd(cache, tmp_path, "2", "--steps", "2",
+                                           "--batch-size", "2") as (proc, sock):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # drain until the trainer exited and sent its last
             try:
@@ -287,12 +292,6 @@ def test_the_watchdog_is_fed_while_evaluating_and_while_writing_a_checkpoint(cac
                 if proc.poll() is not None:
                     break
         assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
-    finally:
-        sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(d, ignore_errors=True)
     # 30 val samples in batches of 2: one ping per batch is due, several are required.
     during_eval = _between(lines, "STATUS=evaluating")
     assert during_eval.count("WATCHDOG=1") >= 2, during_eval
