@@ -48,6 +48,11 @@ The figure (every bench prints a figure beside a limit measured in the same run)
 trained per minute during the fault phase, against the same run's fault-free baseline as the
 limit - how much training a run keeps while it is steered, fed garbage and killed. The pass/fail figures are the failure
 counts, which must be 0; the exit status is 1 when any failure was found.
+
+This module is the soak driver (the processes, the baseline and fault phases, the command
+line); its parts: _fault_plan.py (the plan, the counts, shared names), _fault_watchdog.py (the
+status watchdog), _fault_inject.py (commands and faults), _fault_report.py (figures, leaks,
+the summary), _fault_menu.py (what commands to send), _fault_rig.py (supervised processes).
 """
 from __future__ import annotations
 
@@ -64,57 +69,21 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
-from bench._common import report
+from bench._fault_inject import Injectors
 from bench._fault_menu import CliCommand, Menu
-from bench._fault_rig import (STDERR_TAIL, ActionLog, Failure, Proc, error_lines,
-                              growth_per_hour, judge_exit, proc_state, raw_tracebacks,
-                              rss_anon_mib, shm_entries)
+from bench._fault_plan import (BIN, COMMAND_ROUND, FAULTS, MMCTL_WALL_S, RAW_REPLY_S, ROOT,
+                               Counts, Plan)
+from bench._fault_report import FIGURES_HELP, Reporting, print_report
+from bench._fault_rig import (ActionLog, Failure, Proc, error_lines, judge_exit, proc_state,
+                              raw_tracebacks, shm_entries)
+from bench._fault_watchdog import Watchdog
 from producer.synth import make_dataset
-from protocol.control import CONTROL_VERSION, ControlClient, Timeouts
+from protocol.control import ControlClient, Timeouts
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-FAULTS = ("kill producer", "kill stream producer", "term trainer", "kill sender", "kill reader")
-DAEMONS = ("producer", "stream", "trainer")
-# One round of commands (shuffled each round): mostly mmctl, whose menu draws valid or
-# invalid, producer or trainer; the raw kinds cost no process, so a loaded machine still
-# sends each of them within the first round.
-COMMAND_ROUND = ("mmctl", "mmctl", "mmctl", "mmctl", "raw", "raw", "metrics", "repeated_id")
-CHANGES = ("filter", "sensor", "method", "segment", "label", "modalities")  # new generations
-MMCTL_TIMEOUT_S = 6.0      # mmctl --timeout: two attempts of 3 s (a retry keeps its request id)
-MMCTL_WALL_S = 60.0        # an mmctl process alive past this is hung
-RAW_REPLY_S = 10.0
-WATCH_EVERY_S = 2.0
-
-
-@dataclass
-class Plan:
-    minutes: float
-    seed: int
-    baseline_s: float
-    command_interval_s: float
-    fault_interval_s: float
-    hang_s: float
-    stall_s: float
-    stop_s: float
-    startup_s: float
-    warmup_s: float
-    rss_interval_s: float
-    keep: bool
-
-
-@dataclass
-class Counts:
-    commands: dict[str, int] = field(default_factory=lambda: {
-        "mmctl_valid": 0, "mmctl_invalid": 0, "raw": 0, "repeated_id": 0, "metrics": 0})
-    faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULTS, 0))
-    mmctl_exit: dict[str, int] = field(default_factory=dict)
-    raw_unanswered: int = 0
 
 
 def _free_udp_port() -> int:
@@ -123,146 +92,10 @@ def _free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-class Watchdog(threading.Thread):
-    """Asks every daemon for `status` every WATCH_EVERY_S on its own sockets; judges hangs
-    and stalls; samples RssAnon; keeps the trainer's sample counts per incarnation."""
+class FaultBench(Injectors, Reporting):
+    """The soak driver: prepares the data, starts and supervises every process, runs the
+    baseline and the fault phase, and stops everything, judging each exit."""
 
-    def __init__(self, bench: "FaultBench"):
-        super().__init__(name="watchdog", daemon=True)
-        self.b = bench
-        self.stop_event = threading.Event()
-        self.state: dict[str, dict] = {d: {"inc": 0} for d in DAEMONS}
-        self.rss: dict[str, list[tuple[int, float, float]]] = {d: [] for d in DAEMONS}
-        self.trainer_samples: dict[int, int] = {}   # incarnation -> samples trained (run)
-        self.published: dict[str, dict[int, int]] = {"producer": {}, "stream": {}}
-        self.trainer_generation: int | None = None
-        self.metrics_url: dict[str, tuple[int, str]] = {}   # daemon -> (incarnation, url)
-        self.lock = threading.Lock()
-        self._next_rss = 0.0
-
-    def run(self) -> None:
-        clients = {d: ControlClient(self.b.endpoints[d],
-                                    Timeouts(request=min(10.0, self.b.plan.hang_s / 3), retries=0),
-                                    daemon="trainer" if d == "trainer" else "producer")
-                   for d in DAEMONS}
-        try:
-            while not self.stop_event.wait(WATCH_EVERY_S):
-                now = time.monotonic()
-                sample_rss = now >= self._next_rss
-                if sample_rss:
-                    self._next_rss = now + self.b.plan.rss_interval_s
-                for d in DAEMONS:
-                    self._watch(d, clients[d], sample_rss)
-        finally:
-            for c in clients.values():
-                c.close()
-
-    def _watch(self, name: str, client: ControlClient, sample_rss: bool) -> None:
-        proc = self.b.procs[name]
-        inc, pid, started, stopping = proc.snapshot()
-        st = self.state[name]
-        if st["inc"] != inc:
-            st.clear()
-            st.update(inc=inc, answered=None, last_answer=started, step=None,
-                      step_moved=time.monotonic(), published=None,
-                      published_moved=time.monotonic(), flagged=False)
-        if pid is None or stopping or st["flagged"]:
-            return
-        if sample_rss:
-            mib = rss_anon_mib(pid)
-            if mib is not None:
-                self.rss[name].append((inc, time.monotonic() - started, mib))
-        reply = None
-        with self.b.flock:  # read before asking: a change announced meanwhile is newer
-            announced = self.b.generations.get(name, 0)
-        try:
-            if client.listening() is not False:
-                reply = client.request("status")
-        except Exception:  # silence, a refusal, a socket error: no answer this round
-            reply = None
-        now = time.monotonic()
-        if proc.snapshot()[0] != inc:
-            return  # restarted while we asked: the answer (or silence) was the old one's
-        if reply is not None:
-            st["answered"] = st["answered"] or now
-            st["last_answer"] = now
-            if isinstance(reply.get("metrics"), str):
-                with self.lock:
-                    self.metrics_url[name] = (inc, reply["metrics"])
-            if name == "trainer":
-                self._trainer(st, reply, now, inc)
-            else:
-                self._producer(name, st, reply, now, inc, announced)
-            return
-        silent = now - st["last_answer"]
-        limit = self.b.plan.hang_s if st["answered"] else self.b.plan.startup_s
-        if silent > limit:
-            what = ("did not answer status for" if st["answered"] else
-                    "never answered status in the") + f" {silent:.0f} s"
-            self.b.hang(name, inc, pid, what)
-            st["flagged"] = True
-
-    def _producer(self, name: str, st: dict, reply: dict, now: float, inc: int,
-                  announced: int) -> None:
-        """Counts what each incarnation published; a producer 'running' that publishes
-        nothing for `stall_s` is stalled - unless it is lossless (a paused trainer holds it by
-        design) or, for the stream, ffmpeg has not been sending all that time."""
-        published = int(reply.get("published") or 0)
-        gen = reply.get("generation")
-        if isinstance(gen, int) and gen < announced and not st.get("gen_flagged"):
-            st["gen_flagged"] = True
-            self.b.fail(name, "protocol", f"status says generation {gen} after generation "
-                        f"{announced} was announced (incarnation {inc}): numbers went back")
-        with self.lock:
-            self.published[name][inc] = max(self.published[name].get(inc, 0), published)
-        if published != st["published"]:
-            st["published"], st["published_moved"] = published, now
-            return
-        lossless = "lossless" in self.b.procs[name].last_argv
-        _, sender_pid, sender_started, _ = self.b.procs["sender"].snapshot()
-        if reply.get("state") != "running" or lossless or (name == "stream" and not sender_pid):
-            st["published_moved"] = now
-            return
-        since = max(st["published_moved"], sender_started if name == "stream" else 0.0)
-        if now - since > self.b.plan.stall_s:
-            self.b.hang(name, inc, self.b.procs[name].snapshot()[1],
-                        f"published nothing for {now - since:.0f} s while 'running' "
-                        f"(published {published}, idle_reason {reply.get('idle_reason')!r}, "
-                        f"last_error {reply.get('last_error')!r})")
-            st["flagged"] = True
-
-    def _trainer(self, st: dict, reply: dict, now: float, inc: int) -> None:
-        with self.lock:
-            samples = int(reply.get("samples_live") or 0) + int(reply.get("samples_disk") or 0)
-            self.trainer_samples[inc] = max(self.trainer_samples.get(inc, 0), samples)
-            if isinstance(reply.get("generation"), int):
-                self.trainer_generation = reply["generation"]
-        step = reply.get("step")
-        if step != st["step"]:
-            st["step"], st["step_moved"] = step, now
-            return
-        running = reply.get("state") == "running"
-        live_only = (reply.get("live_fraction_target") or 0) >= 1.0
-        if not running or live_only:
-            st["step_moved"] = now  # paused or waiting for live samples by design: not a stall
-            return
-        if now - st["step_moved"] > self.b.plan.stall_s:
-            self.b.hang("trainer", inc, self.b.procs["trainer"].snapshot()[1],
-                        f"step stayed at {step} for {now - st['step_moved']:.0f} s while "
-                        f"running (live fraction {reply.get('live_fraction_target')}, ring "
-                        f"attached {reply.get('ring_attached')})")
-            st["flagged"] = True
-
-    def samples_trained(self) -> int:
-        with self.lock:
-            return sum(self.trainer_samples.values())
-
-    def add_summary(self, inc: int, samples: int) -> None:
-        with self.lock:
-            self.trainer_samples[inc] = max(self.trainer_samples.get(inc, 0), samples)
-
-
-class FaultBench:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.t0 = time.monotonic()
@@ -435,207 +268,6 @@ class FaultBench:
             self.watchdog.add_summary(proc.incarnation, int(s.get("samples_live") or 0)
                                       + int(s.get("samples_disk") or 0))
 
-    def mmctl(self, cmd: CliCommand) -> None:
-        eps = {"producer": self.endpoints["producer"], "stream": self.endpoints["stream"],
-               "producers": f"{self.endpoints['producer']},{self.endpoints['stream']}",
-               "trainer": self.endpoints["producer"], "local": self.endpoints["producer"]}
-        argv = [str(BIN / "mmctl"), "--json", "--timeout", str(MMCTL_TIMEOUT_S), "--producer",
-                eps[cmd.target], "--trainer", self.endpoints["trainer"], *cmd.args]
-        self.actions.add(cmd.text())
-        self.counts.commands["mmctl_valid" if cmd.valid else "mmctl_invalid"] += 1
-        wall = 20.0 if cmd.may_block else MMCTL_WALL_S
-        try:
-            done = subprocess.run(argv, env=self.procs["producer"].env, capture_output=True,
-                                  text=True, timeout=wall, cwd=self.work)
-        except subprocess.TimeoutExpired as e:
-            if not cmd.may_block:
-                self.fail("mmctl", "hang", f"`{cmd.text()}` still running after {wall:.0f} s",
-                          (e.stderr or b"")[-1000:].decode(errors="replace")
-                          if isinstance(e.stderr, bytes) else str(e.stderr or "")[-1000:])
-            return
-        rc = done.returncode
-        self.counts.mmctl_exit[str(rc)] = self.counts.mmctl_exit.get(str(rc), 0) + 1
-        last = (done.stdout.strip().splitlines() or [""])[-1]
-        with open(self.work / "commands.log", "a") as f:
-            f.write(f"t={self.now():.1f} rc={rc} {cmd.text()} :: {last[:300]}\n")
-        if rc not in (0, 1, 2, 3) or "Traceback" in done.stderr:
-            self.fail("mmctl", "cli", f"`{cmd.text()}` exited {rc}", done.stderr[-STDERR_TAIL:])
-            return
-        if rc in (0, 1, 3):
-            last = done.stdout.strip().splitlines()[-1:] or [""]
-            try:
-                obj = json.loads(last[0])
-            except ValueError:
-                self.fail("mmctl", "cli", f"`{cmd.text()}` --json exited {rc} without a JSON "
-                          f"last line", f"stdout: {done.stdout[-500:]}\nstderr: "
-                          f"{done.stderr[-500:]}")
-                return
-            self._internal(cmd.target, f"`{cmd.text()}`", obj)
-            if rc == 0:
-                self._check_reply(cmd, obj)
-        if cmd.undo and rc == 0:
-            self.undo.append((time.monotonic() + self.cmd_rng.uniform(1.0, 8.0),
-                              CliCommand(cmd.target, cmd.undo, True)))
-
-    def raw(self) -> None:
-        kind, frames, reply_due, must_refuse = self.menu.raw()
-        target = self.cmd_rng.choice(DAEMONS)
-        self.actions.add(f"raw {kind!r} ({sum(map(len, frames))} bytes) -> {target}")
-        self.counts.commands["raw"] += 1
-        reply = self._send_raw(target, frames)
-        if reply is None:
-            if reply_due:
-                self.counts.raw_unanswered += 1
-            return
-        try:
-            obj = json.loads(reply)
-        except ValueError:
-            self.fail(target, "protocol", f"raw {kind!r}: the reply is not JSON: {reply[:200]!r}")
-            return
-        if not isinstance(obj, dict) or not isinstance(obj.get("ok"), bool):
-            self.fail(target, "protocol", f"raw {kind!r}: a reply without a boolean ok: "
-                      f"{reply[:200]!r}")
-        elif obj["ok"] and must_refuse:
-            self.fail(target, "protocol", f"raw {kind!r} was accepted: {reply[:300]!r}")
-        else:
-            self._internal(target, f"raw {kind!r}", obj)
-
-    def _check_reply(self, cmd: CliCommand, reply: dict) -> None:
-        """A reply that says something untrue: pause not paused, resume still paused, or a
-        change numbered at or below a generation that producer (any of its incarnations)
-        already announced - generations only grow on a ring, across restarts too."""
-        what, target = cmd.args[0], cmd.target
-        state = reply.get("state")
-        if what == "pause" and state is not None and state != "paused":
-            self.fail(target, "protocol", f"`{cmd.text()}` answered ok with state {state!r}")
-        if what == "resume" and state == "paused":
-            self.fail(target, "protocol", f"`{cmd.text()}` answered ok but still paused")
-        if what in CHANGES and target in ("producer", "stream") and reply.get("changed") is not False:
-            self._new_generation(target, reply.get("generation"), f"`{cmd.text()}`")
-
-    def _new_generation(self, target: str, gen: object, what: str) -> None:
-        if not isinstance(gen, int) or isinstance(gen, bool):
-            return
-        with self.flock:
-            last = self.generations.get(target, 0)
-            self.generations[target] = max(last, gen)
-        if gen <= last:
-            self.fail(target, "protocol", f"{what} made generation {gen}, but generation {last} "
-                      f"was already announced on this ring: numbers must only grow, across "
-                      f"producer restarts too")
-
-    def _internal(self, target: str, what: str, reply: object) -> None:
-        """An `internal` error reply: a handler failed in a way nobody foresaw (the control
-        layer's last-resort catch kept the daemon alive; the request deserved a real answer)."""
-        err = reply.get("error") if isinstance(reply, dict) else None
-        if isinstance(err, dict) and err.get("code") == "internal":
-            self.fail(target, "internal", f"{what} got an internal error: "
-                      f"{str(err.get('message'))[:300]}")
-
-    def _send_raw(self, target: str, frames: list[bytes]) -> bytes | None:
-        s = self.zctx.socket(zmq.REQ)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDTIMEO, 2000)
-        try:
-            s.connect(self.endpoints[target])
-            s.send_multipart(frames)
-            if s.poll(int(RAW_REPLY_S * 1000), zmq.POLLIN):
-                return s.recv()
-            return None
-        except zmq.ZMQError:
-            return None
-        finally:
-            s.close()
-
-    def metrics(self) -> None:
-        """One HTTP request to a daemon's Prometheus endpoint (`--metrics`): a scrape must be
-        answered 200 with mmfeed's metric families; anything else may be refused or dropped,
-        and the next scrape shows the exporter survived it."""
-        kind, data, scrape = self.menu.metrics()
-        target = self.cmd_rng.choice(DAEMONS)
-        with self.watchdog.lock:
-            inc, url = self.watchdog.metrics_url.get(target, (0, ""))
-        if not url or self.procs[target].snapshot()[0] != inc:
-            return  # not known yet, or restarted since (a new port): next time
-        host, _, port = url.split("//", 1)[1].split("/", 1)[0].rpartition(":")
-        self.actions.add(f"metrics {kind!r} ({len(data)} bytes) -> {target} {url}")
-        self.counts.commands["metrics"] += 1
-        got = b""
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=RAW_REPLY_S) as c:
-                c.sendall(data)
-                if kind == "half a request":
-                    return  # and hang up: the server's thread must not wait forever
-                while len(got) < 16 << 20:
-                    chunk = c.recv(1 << 16)
-                    if not chunk:
-                        break
-                    got += chunk
-        except (ConnectionError, socket.timeout, OSError) as e:
-            if scrape and self.procs[target].snapshot()[0] == inc and self.procs[target].snapshot()[1]:
-                if isinstance(e, socket.timeout):
-                    self.fail(target, "hang", f"metrics {kind!r} at {url}: no full reply in "
-                              f"{RAW_REPLY_S:.0f} s ({len(got)} bytes)")
-            return
-        if not scrape:
-            return
-        head = got.split(b"\r\n", 1)[0]
-        if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
-            self.fail(target, "protocol", f"metrics {kind!r} at {url}: {head[:100]!r}")
-        elif kind != "scrape gzip" and b"mmfeed_" not in got:
-            self.fail(target, "protocol", f"metrics {kind!r} at {url}: 200 without an mmfeed_ "
-                      f"metric ({len(got)} bytes)")
-
-    def repeated_id(self) -> None:
-        """A valid change sent twice under one id, as a client's retry is: the second reply
-        must be the first one (from the reply cache), the change made once."""
-        if self.cmd_rng.random() < 0.7:
-            target = self.cmd_rng.choice(("producer", "stream"))
-            cmd, args = "filter", {"spec": self.cmd_rng.choice(("gray", "rgb", "none",
-                                                               "resize=48x36"))}
-            key = "generation"
-        else:
-            target, cmd, args, key = "trainer", "checkpoint", {}, "checkpoint"
-        rid = uuid.uuid4().hex
-        body = json.dumps({"v": CONTROL_VERSION, "id": rid, "cmd": cmd, "args": args}).encode()
-        self.actions.add(f"{cmd} {args} twice under id {rid[:8]} -> {target}")
-        self.counts.commands["repeated_id"] += 1
-        first = self._send_raw(target, [body])
-        second = self._send_raw(target, [body])
-        if first is None or second is None:
-            return  # restarting meanwhile: nothing to compare
-        try:
-            a, b = json.loads(first), json.loads(second)
-        except ValueError:
-            self.fail(target, "protocol", f"{cmd}: a reply that is not JSON: {first[:100]!r} / "
-                      f"{second[:100]!r}")
-            return
-        if target != "trainer" and a.get("ok"):
-            self._new_generation(target, a.get("generation"), f"{cmd} under id {rid[:8]}")
-        if a.get("ok") and b.get("ok") and a.get(key) != b.get(key):
-            self.fail(target, "protocol", f"{cmd} retried under the same id ran twice: "
-                      f"{key} {a.get(key)} then {b.get(key)}")
-
-    def fault(self, kind: str) -> bool:
-        """Inject one fault; False when its process is down or already stopping."""
-        r = self.fault_rng
-        name, sig, delay = {
-            "kill producer": ("producer", signal.SIGKILL, r.uniform(0.0, 2.0)),
-            "kill stream producer": ("stream", signal.SIGKILL, r.uniform(0.0, 2.0)),
-            "term trainer": ("trainer", signal.SIGTERM, r.uniform(0.0, 2.0)),
-            "kill sender": ("sender", signal.SIGKILL, r.uniform(0.5, 5.0)),
-            "kill reader": ("reader", signal.SIGKILL, r.uniform(0.0, 2.0)),
-        }[kind]
-        proc = self.procs[name]
-        if proc.stopping_since is not None:
-            return False
-        self.restart_delay[name] = delay
-        if not proc.send(sig):
-            return False
-        self.counts.faults[kind] += 1
-        self.actions.add(f"fault: {kind} (#{proc.incarnation}, restart in {delay:.1f} s)")
-        return True
-
     def wait_until(self, cond, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
@@ -806,67 +438,6 @@ class FaultBench:
                           f"final SIGTERM", proc.stderr_tail())
             self._judge(name, proc, rc, sent, "at the final stop: ")
 
-    def _results(self, baseline_rate: float, fault_rate: float, fault_samples: int) -> dict:
-        deadline = time.monotonic() + 5.0
-        while (left := shm_entries(self.prefix)) and time.monotonic() < deadline:
-            time.sleep(0.1)  # a last unlink may still be on its way
-        if left:
-            self.fail("shm", "leak", f"{len(left)} /dev/shm entries left after every process "
-                      f"stopped: {', '.join(left[:10])}")
-            for n in left:  # leave the machine clean; the failure says what was there
-                try:
-                    os.unlink(f"/dev/shm/{n}")
-                except OSError:
-                    pass
-        leftover_files = sorted(p.name for p in self.runtime.iterdir()) \
-            if self.runtime.exists() else []
-        if leftover_files:
-            self.fail("runtime dir", "leak", f"{len(leftover_files)} files left in the runtime "
-                      f"folder after every daemon stopped: {', '.join(leftover_files[:10])}")
-        temporaries = sorted(p.name for p in (self.work / "ckpt").glob("*.tmp*")) \
-            if (self.work / "ckpt").exists() else []
-        if temporaries:
-            self.fail("checkpoints", "leak", f"{len(temporaries)} checkpoint temporaries left "
-                      f"after the trainer stopped: {', '.join(temporaries[:10])}")
-        kinds = [f.kind for f in self.failures]
-        rss = {}
-        for d in DAEMONS:
-            slope, n = growth_per_hour(self.watchdog.rss[d], self.plan.warmup_s)
-            pts = self.watchdog.rss[d]
-            rss[d] = {"rss_anon_growth_mib_per_hour": None if slope is None else round(slope, 2),
-                      "points": n, "incarnations": self.procs[d].incarnation,
-                      "rss_anon_last_mib": round(pts[-1][2], 1) if pts else None,
-                      "rss_anon_mib_over_time": [[i, round(t), round(m, 1)] for i, t, m in pts]}
-        return {
-            "minutes": self.plan.minutes, "seed": self.plan.seed,
-            "commands_sent": sum(self.counts.commands.values()),
-            "commands": self.counts.commands,
-            "mmctl_exit_codes": self.counts.mmctl_exit,
-            "raw_unanswered": self.counts.raw_unanswered,
-            "faults_injected": sum(self.counts.faults.values()),
-            "faults": self.counts.faults,
-            "samples_trained": self.watchdog.samples_trained(),
-            "published": {n: sum(v.values()) for n, v in self.watchdog.published.items()},
-            "samples_trained_under_faults": fault_samples,
-            "baseline_samples_per_min": round(baseline_rate, 1),
-            "fault_samples_per_min": round(fault_rate, 1),
-            "trainer_rings": {k: self.trainer_rings.get(k) for k in sorted(self.trainer_rings)},
-            "crashes": kinds.count("crash"), "hangs": kinds.count("hang"),
-            "leaks": kinds.count("leak"), "leaked_shm": len(left),
-            "load_average_start": [round(x, 2) for x in self.load_start],
-            "load_average_end": [round(x, 2) for x in self.load_end],
-            "cli_failures": kinds.count("cli"), "protocol_failures": kinds.count("protocol"),
-            "internal_errors": kinds.count("internal"),
-            "tracebacks": kinds.count("traceback"),
-            "error_log_lines": self.error_log_lines,
-            "leftover_runtime_files": leftover_files,
-            "leftover_checkpoint_temporaries": temporaries,
-            "restarts": {n: p.incarnation - 1 for n, p in self.procs.items()},
-            "rss": rss,
-            "failures": [f.as_dict() for f in self.failures],
-            "workdir": str(self.work),
-        }
-
     def cleanup(self) -> None:
         for proc in self.procs.values():
             proc.want_up = False
@@ -885,35 +456,6 @@ class FaultBench:
         if not self.plan.keep and not self.failures:
             shutil.rmtree(self.work, ignore_errors=True)
 
-
-
-FIGURES_HELP = """\
-figures (--json keys; human output: a line every 30 s, a table at the end):
-  commands_sent       mmctl command lines (valid, invalid, local), raw ZeroMQ messages,
-                      Prometheus /metrics requests, retries under one request id
-  faults_injected     SIGKILL + restart of either producer, SIGTERM + resume of the trainer,
-                      SIGKILL + restart of the ffmpeg sender and of the ring reader (by kind)
-  samples_trained     samples the trainer trained on, over every incarnation
-  crashes             a daemon or the ring reader exiting other than by the bench's own
-                      signal (non-zero status, a signal not sent, status 0 unasked)
-  hangs               status unanswered for --hang-s; a running trainer or producer making no
-                      progress for --stall-s while data flows; alive --stop-s after SIGTERM;
-                      an mmctl process outliving its timeout; a scrape left unanswered
-  leaks               /dev/shm entries of the run's rings (leaked_shm), runtime-folder files
-                      and checkpoint temporaries left after the final stop (every daemon a
-                      fault left down is started once more first, as systemd would)
-  cli/protocol/internal/tracebacks
-                      mmctl tracebacks or exits outside 0-3; replies that are not JSON, a
-                      malformed message accepted, a retried id run twice, pause/resume
-                      replies in the wrong state, generation numbers going back, a bad scrape;
-                      `internal` error replies; tracebacks a daemon printed and went on
-  rss                 RssAnon growth per hour of each daemon (least squares within each
-                      incarnation after --warmup-s; noisy below ~30 min)
-  load_average_*      the machine's 1/5/15-minute load average at the start and the end
-  figure              samples trained per minute under faults, against the same run's
-                      fault-free baseline (--baseline-s) as the limit
-exit status: 0 when every failure count is 0, 1 otherwise, 2 without ffmpeg.
-"""
 
 
 def parse_args(argv: list[str] | None = None) -> Plan:
@@ -952,34 +494,6 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 a.stall_s, a.stop_s, a.startup_s, a.warmup_s, a.rss_interval, a.keep)
 
 
-def summary_table(out: dict) -> str:
-    """The human summary: one row per figure, the failure counts marked when non-zero."""
-    c, f = out["commands"], out["faults"]
-    rows = [
-        ("commands sent", f"{out['commands_sent']} (mmctl {c['mmctl_valid']} valid, "
-                          f"{c['mmctl_invalid']} invalid; raw {c['raw']}; metrics "
-                          f"{c['metrics']}; retried ids {c['repeated_id']})"),
-        ("faults injected", f"{out['faults_injected']} ("
-                            + ", ".join(f"{k} {v}" for k, v in f.items()) + ")"),
-        ("samples trained", f"{out['samples_trained']} ({out['fault_samples_per_min']}/min "
-                            f"under faults, {out['baseline_samples_per_min']}/min baseline)"),
-    ]
-    for key, label in (("crashes", "daemon crashes"), ("hangs", "hangs"),
-                       ("leaks", "leaks (shm, runtime dir, checkpoints)"),
-                       ("cli_failures", "mmctl failures"), ("protocol_failures",
-                                                            "protocol failures"),
-                       ("internal_errors", "internal errors"), ("tracebacks", "tracebacks")):
-        rows.append((label, f"{out[key]}" + ("   <-- must be 0" if out[key] else "")))
-    for d, r in out["rss"].items():
-        g = r["rss_anon_growth_mib_per_hour"]
-        rows.append((f"RssAnon growth {d}", f"{'-' if g is None else g} MiB/h ({r['points']} "
-                                            f"samples, {r['incarnations']} incarnations)"))
-    rows.append(("load average", f"{' '.join(map(str, out['load_average_start']))} at the "
-                                 f"start, {' '.join(map(str, out['load_average_end']))} at the end"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     plan = parse_args(argv)
     as_json = "--json" in (sys.argv[1:] if argv is None else argv)
@@ -992,25 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         out = bench.run()
     finally:
         bench.cleanup()
-    for f in bench.failures:
-        print(f"FAILURE {f.line()}")
-        for line in f.before:
-            print(f"    before: {line}")
-        if f.evidence:
-            print("    " + f.evidence[-1500:].replace("\n", "\n    "))
-    print(summary_table(out))
-    if bench.failures:
-        print(f"faults: logs kept in {bench.work}")
-    limit = out["baseline_samples_per_min"]
-    if limit > 0:
-        report("faults", out["fault_samples_per_min"], "samples/min",
-               "fault-free baseline of the same run", limit, as_json, **out)
-    else:
-        print("faults: the baseline trained nothing, so there is no limit to compare with")
-        if as_json:
-            print(json.dumps({"bench": "faults", "figure": out["fault_samples_per_min"],
-                              "unit": "samples/min", "limit_name": "fault-free baseline of "
-                              "the same run", "limit": None, "ratio": None, **out}))
+    print_report(bench.failures, bench.work, out, as_json)
     return 1 if bench.failures else 0
 
 

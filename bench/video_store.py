@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from bench._common import report
+from producer.synth import REAL_DIR
 
 STORES = ("raw", "h264", "hevc", "nv12")
-CAR = Path("/work/shared/data/real/intel_car-detection.mp4")
+CAR = REAL_DIR / "intel_car-detection.mp4"  # $MMFEED_REAL_DATA (producer/synth.py)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

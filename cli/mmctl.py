@@ -6,7 +6,8 @@ short line for people or, with `--json`, one JSON object as the last line.
 
 Which daemon gets what: filter, sensor, method, segment, label, modalities -> producer;
 mix, checkpoint, wait -> trainer; pause, resume, logs -> the daemon named (default producer);
-status -> both, side by side.
+status -> both, side by side. The producer commands live in cli/producer_commands.py and are
+registered on this group; how replies are printed is cli/replies.py.
 
 Several nodes (docs/deploy.md): `--producer` takes a list (comma-separated or repeated), one
 control address per node's producer; every producer command then goes to each of them in turn
@@ -23,7 +24,6 @@ Exit codes:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -37,14 +37,14 @@ from cli.params import FiniteFloatRange
 from protocol import logs, paths
 from protocol.control import Timeouts
 from protocol.control import keygen as write_keys
-from protocol.errors import ControlError, ControlTimeout, FilterSpecError, RemoteError
-from protocol.ffmpeg_chain import ChainError, parse_chain
-from protocol.filters import FilterSpec
+from protocol.errors import ControlError, ControlTimeout, RemoteError
 from protocol.stages import bottleneck
 
 from .ctl import (DAEMONS, EXIT_NO_DAEMON, EXIT_OK, EXIT_REMOTE, EXIT_USAGE,  # noqa: F401
                   Ctl, pass_ctl)
-from .status_table import human, status_table  # noqa: F401  (status_table: re-exported)
+from .producer_commands import PRODUCER_COMMANDS
+from .replies import scalars
+from .status_table import status_table  # noqa: F401  (status_table: re-exported)
 
 EPILOG = """\b
 Exit codes:
@@ -97,33 +97,6 @@ def main(ctx: click.Context, as_json: bool, producer: tuple[str, ...], trainer: 
     )
     ctx.call_on_close(lambda: [c.close() for c in ctx.obj._clients.values()])
 
-
-# --- output helpers ---------------------------------------------------------------------------
-
-
-def _scalars(reply: dict, skip: tuple[str, ...] = ("ok",)) -> str:
-    items = []
-    for k, v in reply.items():
-        if k in skip or isinstance(v, (dict, list)):
-            continue
-        items.append(f"{k}={human(v)}")
-    return " ".join(items)
-
-
-def _changed(ctl: Ctl, daemon: str, reply: dict) -> None:
-    """Print the result of a command that changes the output: its new generation first."""
-    gen = reply.get("generation")
-    head = f"{daemon}: generation {gen}" if gen is not None else f"{daemon}: ok"
-    if "producers" in reply:  # several nodes: each one's generation (cli/fanout.py)
-        each = ", ".join(f"{ep} {r.get('generation', 'ok')}" for ep, r in reply["producers"].items())
-        head = f"{len(reply['producers'])} producers: generation {gen} ({each})"
-    rest = _scalars(reply, skip=("ok", "generation", "generations_differ"))
-    ctl.emit({"daemon": daemon, **reply}, f"{head} {rest}".rstrip())
-    from .fanout import differ_note
-
-    note = differ_note(reply)
-    if note and not ctl.as_json:
-        click.echo(f"mmctl: {note}", err=True)
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -219,151 +192,9 @@ def top(ctl: Ctl, once: bool, interval: float) -> None:
         return
 
 
-# --- producer commands -----------------------------------------------------------------------
 
-
-@main.command("filter")
-@click.argument("spec", required=False)
-@click.option("--ffmpeg", "chain", metavar="CHAIN", default=None,
-              help="An FFmpeg filter chain run on decoded frames before SPEC, e.g. "
-                   "'yadif,scale=640:480' (or 'yadif_cuda,scale_cuda=640:480' on a GPU "
-                   "producer); only filters that transform frames are accepted. 'none' clears.")
-@pass_ctl
-def filter_(ctl: Ctl, spec: str | None, chain: str | None) -> None:
-    """Set the video filter SPEC (gray, rgb, resize=WxH, crop=WxH[+X+Y], fps=R; comma-separated)
-    and/or an FFmpeg chain (--ffmpeg); either makes a new generation."""
-    if spec is None and chain is None:
-        ctl.fail(EXIT_USAGE, "filter: give SPEC (e.g. gray) and/or --ffmpeg CHAIN", "bad_argument")
-    try:  # a fast, clear error without a round trip
-        if spec is not None:
-            FilterSpec.parse(spec)
-        if chain is not None and chain.strip().lower() != "none":
-            parse_chain(chain)
-    except (FilterSpecError, ChainError) as e:
-        ctl.fail(EXIT_USAGE, str(e), e.code)
-    args = {k: v for k, v in (("spec", spec), ("ffmpeg", chain)) if v is not None}
-    _changed(ctl, "producer", ctl.call("producer", "filter", **args))
-
-
-@main.command()
-@click.argument("input_name", metavar="INPUT")
-@click.argument("stem")
-@pass_ctl
-def sensor(ctl: Ctl, input_name: str, stem: str) -> None:
-    """Feed model input INPUT from the files named STEM: `sensor lidar lidar_front`."""
-    _changed(ctl, "producer", ctl.call("producer", "sensor", input=input_name, stem=stem))
-
-
-@main.command()
-@click.argument("input_name", metavar="INPUT")
-@click.argument("name")
-@pass_ctl
-def method(ctl: Ctl, input_name: str, name: str) -> None:
-    """Process INPUT with method NAME: `method radar range_doppler`."""
-    _changed(ctl, "producer", ctl.call("producer", "method", input=input_name, name=name))
-
-
-@main.command()
-@click.argument("start", metavar="START|clear")
-@click.argument("end", required=False)
-@pass_ctl
-def segment(ctl: Ctl, start: str, end: str | None) -> None:
-    """Use the time segment START..END seconds of a recording (a media file, or within each
-    sample of a dataset replay); `segment clear` goes back to the whole source. A live
-    stream has no segments (refused); a finished recording is replayed by a new segment."""
-    if start == "clear" and end is None:
-        _changed(ctl, "producer", ctl.call("producer", "segment_clear"))
-        return
-    if end is None:
-        ctl.fail(EXIT_USAGE, "segment: expected START END (seconds) or `clear`", "bad_argument")
-    try:
-        a, b = float(start), float(end)
-    except ValueError:
-        ctl.fail(EXIT_USAGE, f"segment: START and END must be numbers of seconds, got "
-                             f"{start!r} {end!r}", "bad_argument")
-    if not (math.isfinite(a) and math.isfinite(b) and a >= 0):
-        ctl.fail(EXIT_USAGE, f"segment: START and END must be finite seconds, START >= 0; got "
-                             f"{start} {end}", "bad_argument")
-    if b <= a:
-        ctl.fail(EXIT_USAGE, f"segment: END ({b:g}) must be after START ({a:g})", "bad_argument")
-    _changed(ctl, "producer", ctl.call("producer", "segment", start=a, end=b))
-
-
-@main.command()
-@click.argument("name")
-@pass_ctl
-def label(ctl: Ctl, name: str) -> None:
-    """Label live samples as class NAME."""
-    _changed(ctl, "producer", ctl.call("producer", "label", name=name))
-
-
-@main.command()
-@click.option("-e", "--enable", multiple=True, metavar="INPUT", help="Input to enable (repeatable).")
-@click.option("-d", "--disable", multiple=True, metavar="INPUT", help="Input to disable (repeatable).")
-@pass_ctl
-def modalities(ctl: Ctl, enable: tuple[str, ...], disable: tuple[str, ...]) -> None:
-    """Enable or disable model inputs; without options, show which are enabled."""
-    both = set(enable) & set(disable)
-    if both:
-        ctl.fail(EXIT_USAGE, f"modalities: {sorted(both)[0]!r} both enabled and disabled", "bad_argument")
-    reply = ctl.call("producer", "modalities", enable=list(enable), disable=list(disable))
-    if not enable and not disable and "generation" not in reply:
-        ctl.emit({"daemon": "producer", **reply},
-                 f"producer: enabled {', '.join(reply.get('enabled', [])) or '(none)'}")
-        return
-    _changed(ctl, "producer", reply)
-
-
-@main.command()
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("mmfeed-preview.png"), show_default=True,
-              help="Where the PNG goes.")
-@pass_ctl
-def preview(ctl: Ctl, out: Path) -> None:
-    """Draw the newest live sample as the model gets it (video frames, log-mel, LiDAR
-    bird's-eye view, radar map, unknown sensors as plots) into a PNG captioned with its
-    generation, filter, sensors and method. `mmctl filter gray`, then `mmctl preview`, shows it.
-
-    With --json: {"ok": true, "path", "width", "height", "caption": [...], "panels": [...]}."""
-    from protocol.preview import decode_sample, render_png
-
-    reply = ctl.call("producer", "preview")
-    try:
-        res = render_png(decode_sample(reply), reply, out)
-    except ValueError as e:
-        ctl.fail(EXIT_REMOTE, f"producer: a preview that does not add up: {e}", "malformed",
-                 "producer")
-    except OSError as e:
-        ctl.fail(EXIT_USAGE, f"preview: cannot write {out}: {e.strerror or e}; pass --out "
-                             f"with a writable path", "bad_argument")
-    ctl.emit({"ok": True, "daemon": "producer", **res},
-             f"wrote {res['path']} ({res['width']}x{res['height']}, "
-             f"{', '.join(p['name'] for p in res['panels'])}): {' / '.join(res['caption'])}")
-
-
-@main.command()
-@click.argument("action", type=click.Choice(["start", "stop", "status"]))
-@click.option("--split", default="train", show_default=True,
-              help="With start: the split the recorded samples go to.")
-@click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
-              help="With start: the cache to append to [default: the producer's --record-cache].")
-@pass_ctl
-def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
-    """Record live samples into the disk cache: `record start [--split S]` begins, `record
-    stop` commits them as a new cache version (atomic: the trainer's next run reads them),
-    each with its generation, filter/sensor/method settings and label."""
-    if action != "start" and (cache is not None or split != "train"):
-        ctl.fail(EXIT_USAGE, f"record {action}: --split and --cache go with `record start`",
-                 "bad_argument")
-    reply = ctl.call("producer", "record", action=action, split=split, cache=cache or "")
-    if action == "start":
-        text = f"producer: recording live samples into {reply.get('cache')} (split {split})"
-    elif action == "stop":
-        text = (f"producer: {reply.get('recorded')} samples recorded into {reply.get('cache')}, "
-                f"cache version {reply.get('version')} ({reply.get('records')} records in all)")
-    else:
-        text = f"producer: record {_scalars(reply)}"
-    ctl.emit({"daemon": "producer", **reply}, text)
+for _command in PRODUCER_COMMANDS:  # filter, sensor, ... (cli/producer_commands.py)
+    main.add_command(_command)
 
 
 # --- trainer commands ------------------------------------------------------------------------
@@ -375,7 +206,7 @@ def record(ctl: Ctl, action: str, split: str, cache: str | None) -> None:
 def mix(ctl: Ctl, fraction: float) -> None:
     """Train on FRACTION live samples (0 = disk only, 1 = live only)."""
     reply = ctl.call("trainer", "mix", fraction=fraction)
-    ctl.emit({"daemon": "trainer", **reply}, f"trainer: live fraction {fraction:g} {_scalars(reply)}".rstrip())
+    ctl.emit({"daemon": "trainer", **reply}, f"trainer: live fraction {fraction:g} {scalars(reply)}".rstrip())
 
 
 @main.command()
@@ -401,7 +232,7 @@ def batch(ctl: Ctl, size: int, lr_rule: str) -> None:
 def checkpoint(ctl: Ctl) -> None:
     """Write a checkpoint now."""
     reply = ctl.call("trainer", "checkpoint")
-    ctl.emit({"daemon": "trainer", **reply}, f"trainer: checkpoint {_scalars(reply)}".rstrip())
+    ctl.emit({"daemon": "trainer", **reply}, f"trainer: checkpoint {scalars(reply)}".rstrip())
 
 
 @main.command()
@@ -454,7 +285,7 @@ def _daemon_arg(f):
 def pause(ctl: Ctl, daemon: str) -> None:
     """Pause DAEMON (default: producer)."""
     reply = ctl.call(daemon, "pause")
-    ctl.emit({"daemon": daemon, **reply}, f"{daemon}: paused {_scalars(reply)}".rstrip())
+    ctl.emit({"daemon": daemon, **reply}, f"{daemon}: paused {scalars(reply)}".rstrip())
 
 
 @main.command()
@@ -464,7 +295,7 @@ def resume(ctl: Ctl, daemon: str) -> None:
     """Resume DAEMON (default: producer)."""
     reply = ctl.call(daemon, "resume")
     head = f"{daemon}: was not paused;" if reply.get("was_paused") is False else f"{daemon}: resumed"
-    ctl.emit({"daemon": daemon, **reply}, f"{head} {_scalars(reply)}".rstrip())
+    ctl.emit({"daemon": daemon, **reply}, f"{head} {scalars(reply)}".rstrip())
 
 
 @main.command("logs")

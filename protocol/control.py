@@ -11,7 +11,8 @@ new one per request and the same one with every retry of it. The server keeps th
 to the last `REPLY_CACHE_ENTRIES` ids (at most `REPLY_CACHE_BYTES`) and answers a repeated
 id from there without running the command again, so a command slower than the client's
 timeout still runs once (the ZeroMQ guide's reliable request-reply). A request without an
-id is run every time and never cached (older clients). Replies echo the id.
+id is run every time and never cached (older clients). Replies echo the id. The cache is
+`ReplyCache` (reply_cache.py).
 
 JSON only, never pickle: a control socket may be reachable by other users (group mode) or
 other machines (CURVE over TCP), and unpickling is code execution.
@@ -44,8 +45,6 @@ resolves its sockets and keys with `daemon_sockets()` (sockets.py).
 """
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 import math
 import logging
@@ -71,6 +70,8 @@ from .paths import check_connect_endpoint, ipc_path
 # Command specs (commands.py) and where sockets are bound with which keys (sockets.py):
 # re-exported here, the control API's one import for mmctl, the daemons and tests.
 from .commands import WIRE_ARGS, Arg, Command, wire_command  # noqa: F401
+# The at-most-once retry cache (reply_cache.py), re-exported likewise.
+from .reply_cache import REPLY_CACHE_BYTES, REPLY_CACHE_ENTRIES, ReplyCache, request_digest  # noqa: F401
 from .sockets import (  # noqa: F401
     Binding,
     CurveClientKeys,
@@ -94,8 +95,6 @@ MAX_REPLY_BYTES = 1024 * 1024       # a reply beyond this becomes an `internal` 
 MAX_ID_CHARS = 64                   # request ids: a uuid4 hex is 32
 MAX_NUMBER_DIGITS = 32              # JSON integers; ints beyond 64 bits are never arguments
 MAX_ERROR_CHARS = 1000              # an error reply's message
-REPLY_CACHE_ENTRIES = 256           # replies kept for retried ids ...
-REPLY_CACHE_BYTES = 8 * 1024 * 1024  # ... and their bytes at most
 LOG_PAYLOAD_CHARS = 200             # what a log line quotes of a refused request
 REFUSED_LOG_BURST = 10              # refusals logged per error code and window, then counted
 LOG_WINDOW_S = 60.0
@@ -134,12 +133,6 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _digest(msg: dict) -> bytes:
-    """What identifies a request apart from its id: the rest of it, canonically."""
-    rest = {k: v for k, v in msg.items() if k != "id"}
-    return hashlib.blake2b(json.dumps(rest, sort_keys=True).encode(), digest_size=16).digest()
-
-
 def _error(err: MmfeedError) -> dict:
     return {"ok": False, "error": {"code": err.code, "message": clip(str(err), MAX_ERROR_CHARS)}}
 
@@ -147,49 +140,6 @@ def _error(err: MmfeedError) -> dict:
 def _internal(what: str, e: BaseException) -> dict:
     return {"ok": False, "error": {"code": "internal", "message": clip(
         f"{what}: internal error: {type(e).__name__}: {e}", MAX_ERROR_CHARS)}}
-
-
-class ReplyCache:
-    """The replies to the last requests that carried an id, so a retry is answered, not re-run.
-
-    Bounded twice: at most `entries` replies and at most `max_bytes` of reply bytes (oldest
-    evicted first); a reply bigger than a quarter of `max_bytes` is not kept (such replies
-    come from read-only commands like `logs`, which are safe to run again). Each entry keeps
-    a digest of the request, so an id reused for a different request is refused instead of
-    answered with the other request's reply.
-    """
-
-    def __init__(self, entries: int = REPLY_CACHE_ENTRIES, max_bytes: int = REPLY_CACHE_BYTES):
-        self.entries, self.max_bytes = entries, max_bytes
-        self._items: collections.OrderedDict[str, tuple[bytes, bytes]] = collections.OrderedDict()
-        self.bytes = 0
-        self.hits = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, rid: str, digest: bytes) -> bytes | None:
-        item = self._items.get(rid)
-        if item is None:
-            return None
-        if item[0] != digest:
-            raise MalformedMessage(f"request id {clip(rid, 80)!r} was already used for another "
-                                   f"request; send a new id with every request (a retry "
-                                   f"resends the same request with the same id)")
-        self.hits += 1
-        return item[1]
-
-    def put(self, rid: str, digest: bytes, reply: bytes) -> None:
-        if len(reply) > self.max_bytes // 4:
-            return
-        old = self._items.pop(rid, None)
-        if old is not None:
-            self.bytes -= len(old[1])
-        self._items[rid] = (digest, reply)
-        self.bytes += len(reply)
-        while len(self._items) > self.entries or self.bytes > self.max_bytes:
-            _, (_, evicted) = self._items.popitem(last=False)
-            self.bytes -= len(evicted)
 
 
 class ControlServer:
@@ -279,7 +229,7 @@ class ControlServer:
             msg = self._decode(frames)
             rid = self._request_id(msg)
             if rid is not None:
-                digest = _digest(msg)
+                digest = request_digest(msg)
                 cached = self.replies.get(rid, digest)
                 if cached is not None:
                     log.debug("answered a repeated request id from the reply cache",

@@ -1,9 +1,9 @@
 """The byte layout of an mmfeed ring: header, reader table, slots. No I/O, no processes.
 
-Every offset the ring uses comes from the three `struct` formats below (STYLE.md item 3):
-change a field here and every offset follows. `magic` and `version` never move, so a
-reader of any release can tell "not a ring" from "another version" before trusting
-anything else. `producer_pid` and `producer_start` never move either (`FIXED_OFFSETS`):
+Every offset the ring uses comes from the three `struct` formats below, never from a number
+written by hand: change a field here and every offset follows. `magic` and `version` never
+move, so a reader of any release can tell "not a ring" from "another version" before
+trusting anything else. `producer_pid` and `producer_start` never move either (`FIXED_OFFSETS`):
 a producer of any release can tell whether the producer of another release's ring is
 still running, and replace the ring when it is not (a crash, then an upgrade).
 

@@ -35,6 +35,9 @@ from protocol.control import (
 )
 from protocol.errors import BadArgument, ControlError, ControlTimeout, RemoteError
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _control_wire import raw_request  # noqa: E402
+
 QUICK = Timeouts(request=0.5, retries=0)
 
 
@@ -80,21 +83,6 @@ def served(sockdir):
     server.serve_in_thread(poll_ms=20)
     yield daemon, server
     server.close()
-
-
-def raw_request(endpoint: str, payload: bytes, timeout_ms: int = 2000) -> dict | None:
-    """Send bytes as they are (no client-side checks) and return the decoded reply."""
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    try:
-        s.connect(endpoint)
-        s.send(payload)
-        if not s.poll(timeout_ms, zmq.POLLIN):
-            return None
-        return json.loads(s.recv())
-    finally:
-        s.close(linger=0)
 
 
 def still_answers(server: ControlServer, daemon: Daemon) -> None:

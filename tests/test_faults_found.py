@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_producer_daemon import Daemon, wait_for  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from test_producer_daemon import Daemon  # noqa: E402
 
 from producer.synth import make_dataset  # noqa: E402
 from protocol.errors import RemoteError  # noqa: E402

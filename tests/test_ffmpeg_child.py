@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,9 @@ from producer.ffmpeg_graph import cpu_plan
 from producer.modalities import video
 from producer.synth import _frames, write_video
 from protocol.filters import FilterSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _polling import wait_for  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no ffmpeg command line")
 REPO = Path(__file__).resolve().parents[1]
@@ -35,13 +37,6 @@ def clip(tmp_path_factory):
 
 def _plan(text="resize=32x24,gray"):
     return cpu_plan(FilterSpec.parse(text), 160, 120)
-
-
-def _until(cond, what: str):
-    deadline = time.monotonic() + DEADLINE_S
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_child_frames_are_mmfeeds_cpu_frames(clip):
@@ -100,7 +95,8 @@ def _kill_parent_and_see_child_go(source: str, *, wait_frame: bool):
         assert is_running(pid)
         parent.kill()
         parent.wait()
-        _until(lambda: not is_running(pid), f"ffmpeg child {pid} to die with its parent")
+        wait_for(lambda: not is_running(pid), DEADLINE_S, f"ffmpeg child {pid} to die with its parent",
+                 interval=0.02)
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -134,7 +130,7 @@ def test_a_broken_source_is_retried_with_back_off_and_its_stderr_logged(tmp_path
     frames = child.frames()
 
     def stop_after_three_deaths():
-        _until(lambda: child.deaths >= 3, "three restarts")
+        wait_for(lambda: child.deaths >= 3, DEADLINE_S, "three restarts", interval=0.02)
         child.stop_event.set()
 
     import threading

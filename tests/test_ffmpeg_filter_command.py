@@ -14,7 +14,8 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 import _av_stream  # noqa: E402
 from test_producer_commands import _refused, _still_publishing  # noqa: E402
-from test_producer_daemon import Daemon, first_sample_of, wait_for  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from test_producer_daemon import Daemon, first_sample_of  # noqa: E402
 
 from cli.mmctl import main as mmctl  # noqa: E402
 from producer.synth import make_dataset  # noqa: E402

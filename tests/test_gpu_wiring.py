@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _gpu_slot_producer import payload_bytes  # noqa: E402
 from _trainer_data import build_cache  # noqa: E402
 from test_gpu_slots import Producer  # noqa: E402
-from test_producer_daemon import Daemon, _unique, wait_for  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from test_producer_daemon import Daemon, _unique  # noqa: E402
 
 from producer.gpu_slot_writer import NO_CUDA_MESSAGE  # noqa: E402
 from producer.synth import make_dataset  # noqa: E402
@@ -143,7 +144,7 @@ def test_host_ring_loader_refuses_descriptors_that_arrive_after_it_attached(tmp_
             w.publish(DESCRIPTOR_SCHEMA, SampleMeta(index=0),
                       {DESCRIPTOR_SCHEMA.names[0]: np.zeros(4096, np.uint8)})
             with pytest.raises(LoaderError, match="GPU slot descriptors"):
-                wait_for(lambda: loader.get(0.1) is not None, deadline_s=30,
+                wait_for(lambda: loader.get(0.1) is not None, timeout=30,
                          what="the loader to fail")
         finally:
             loader.close()
@@ -187,7 +188,7 @@ def test_cuda_trainer_trains_from_gpu_slots_with_no_host_copy(dataset, cache, tm
                 assert p.poll() is None, p.communicate()[1][-3000:]
                 return None
             return st if st["step"] >= 3 and st["live_fraction"] > 0 else None
-        st = wait_for(trained, deadline_s=120, what="steps on live GPU-slot batches")
+        st = wait_for(trained, timeout=120, what="steps on live GPU-slot batches")
         assert st["copies_per_sample"] == 0            # slot -> batch on the GPU, no host copy
     finally:
         client.close()
@@ -208,7 +209,7 @@ def test_gpu_ring_loader_batches_hold_exactly_the_producers_bytes_on_the_gpu():
         prod.go()
         seen = 0
         while seen < 64:
-            hb = wait_for(lambda: loader.get(0.5), deadline_s=60, what="a GPU batch")
+            hb = wait_for(lambda: loader.get(0.5), timeout=60, what="a GPU batch")
             assert hb.buf.is_cuda and hb.copies == 0 and loader.path == "gpu-slots"
             for row in range(hb.n):
                 i = seen + row

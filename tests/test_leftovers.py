@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import build_cache  # noqa: E402
+from _polling import wait_for  # noqa: E402
 
 from producer.synth import make_sample
 from protocol.leftovers import writer_alive
@@ -33,16 +34,6 @@ def hold():
         sys.stdin.read()
 checkpoint.save(sys.argv[1], 5, {"w": torch.zeros(1 << 22)}, keepalive=hold)
 """
-
-
-def _wait(cond, what: str, deadline_s: float = 60.0):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)  # polling interval of a condition with a deadline
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _dead_pid() -> int:
@@ -143,8 +134,8 @@ def test_a_sigkilled_preprocess_scratch_folder_is_removed_by_the_next_run(datase
                             env={**ENV, "TMPDIR": str(tmpdir)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        chunk = _wait(lambda: next(tmpdir.glob(f"mmfeed-preprocess-{proc.pid}-*/chunk-*"),
-                                   None), "the run's first scratch chunk")
+        chunk = wait_for(lambda: next(tmpdir.glob(f"mmfeed-preprocess-{proc.pid}-*/chunk-*"),
+                                      None), what="the run's first scratch chunk", interval=0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

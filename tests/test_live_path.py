@@ -12,29 +12,21 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-import zmq
 
 from producer.synth import make_dataset
 from protocol.control import ControlClient, Timeouts
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _polling import wait_for  # noqa: E402
+from _control_wire import must_answer  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 FFMPEG = shutil.which("ffmpeg")
-
-
-def _wait(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _free_udp_port() -> int:
@@ -120,16 +112,16 @@ def test_the_readme_live_recipe_trains_on_an_unlabelled_ffmpeg_udp_stream(cache,
             except Exception:
                 return False
 
-        _wait(published, timeout=90, what="the producer publishing the stream")
+        wait_for(published, timeout=90, what="the producer publishing the stream")
         client.close()
         trainer = Proc(workdir, "mm-trainer", "run", "--cache", str(cache), "--ring", ring,
                        "--mix", "0.3", "--checkpoint-dir", "ckpt", "--epochs", "10", "--json")
         # Step 5, steering: pause the trainer as soon as it answers (at its first or second
         # step), let its ring reader receive the stream, resume. Without the pause the ten
         # epochs of a tiny cache could end before the first live clip, whatever the speed.
-        _wait(lambda: _mmctl(workdir, "pause", "trainer").returncode == 0, timeout=120,
+        wait_for(lambda: _mmctl(workdir, "pause", "trainer").returncode == 0, timeout=120,
               what="the trainer's control socket")
-        _wait(lambda: _trainer_status(workdir).get("generations_seen"), timeout=60,
+        wait_for(lambda: _trainer_status(workdir).get("generations_seen"), timeout=60,
               what="the trainer's ring reader receiving the stream")
         assert _mmctl(workdir, "resume", "trainer").returncode == 0
         out, _ = trainer.p.communicate(timeout=300)
@@ -167,18 +159,6 @@ def replay(tmp_path_factory) -> Path:
                         extras=False)
 
 
-def _raw(endpoint: str, payload: bytes) -> dict:
-    s = zmq.Context.instance().socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    try:
-        s.send(payload)
-        assert s.poll(10000), "no reply"
-        return json.loads(s.recv())
-    finally:
-        s.close()
-
-
 def test_messages_that_killed_the_producer_get_malformed_and_it_keeps_publishing(replay,
                                                                                 workdir):
     # ~2 KB of nested [ (RecursionError) and a 4301-digit integer (ValueError) made
@@ -196,10 +176,10 @@ def test_messages_that_killed_the_producer_get_malformed_and_it_keeps_publishing
                         b'{"v": 1, "cmd": "segment", "args": {"start": 0, "end": '
                         + b"9" * 4301 + b"}}",
                         b'{"v": 1, "cmd": "segment", "args": {"start": 0, "end": 1e999}}'):
-            reply = _raw(endpoint, payload)
+            reply = must_answer(endpoint, payload)
             assert reply["ok"] is False and reply["error"]["code"] == "malformed", reply
         before = client.request("status")["published"]
-        _wait(lambda: client.request("status")["published"] > before, what="publishing on")
+        wait_for(lambda: client.request("status")["published"] > before, what="publishing on")
         assert client.request("status")["generation"] == 1  # nothing was changed
         client.close()
     finally:

@@ -27,13 +27,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from producer.synth import make_dataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _polling import wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -42,17 +44,6 @@ RDZV_PORT, PRODUCER_PORT, TRAINER_PORT = 29400, 7101, 7201
 TOOLS = ("ip", "unshare", "nsenter")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _wait(cond, timeout: float, what: str, context=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, \
-            f"timed out after {timeout:.0f} s waiting for {what}\n{context()}"
-        time.sleep(0.1)
 
 
 def _sh(*cmd: str) -> subprocess.CompletedProcess:
@@ -248,8 +239,8 @@ def test_two_nodes_train_on_their_own_producers_in_step_and_resume_on_one(two_no
         rc, st = last[0] = mmctl("status", "trainer")
         return rc == 0 and (st.get("trainer") or {}).get("step", 0) >= 2
 
-    _wait(trainer_steps, 240, "the two-node job to train (rendezvous, gloo over the veths)",
-          lambda: f"last mmctl status: {last[0]}\n{logs()}")
+    wait_for(trainer_steps, 240, "the two-node job to train (rendezvous, gloo over the veths)",
+             interval=0.1, context=lambda: f"last mmctl status: {last[0]}\n{logs()}")
     # One command, both nodes' producers (CURVE over TCP): each makes generation 2.
     rc, out = mmctl("filter", "gray")
     assert rc == 0 and out["generations"] == {f"tcp://{n.addr}:{PRODUCER_PORT}": 2

@@ -4,7 +4,6 @@ takes is the loader threads' decode, tests/test_cache_video.py); NVDEC itself is
 GPU (docs/gpu.md, GPU checklist) and skips here saying why."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import av
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from producer.modalities import video
 from producer.pipeline import PipelineConfig
 from producer.preprocess import run_preprocess
+from producer.synth import REAL_DIR
 from protocol import video_store as vs
 from protocol.cache import CacheReader
 from protocol.filters import FilterSpec
@@ -21,7 +21,7 @@ from trainer.layouts import yuv420_to_rgb
 from trainer.nvdec import NvdecDecoder, nvdec_refusal
 from trainer.prefetch import DevicePrefetcher, DiskLoader
 
-CAR = Path("/work/shared/data/real/intel_car-detection.mp4")
+CAR = REAL_DIR / "intel_car-detection.mp4"  # $MMFEED_REAL_DATA (producer/synth.py)
 NO_NVDEC = nvdec_refusal(torch.device("cuda"))
 
 

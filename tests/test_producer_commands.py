@@ -26,8 +26,9 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _av_stream  # noqa: E402
-from test_producer_daemon import (ROOT, Daemon, _clip_start, _raw, _unique,  # noqa: E402
-                                  first_sample_of, wait_for)
+from _polling import wait_for  # noqa: E402
+from test_producer_daemon import (ROOT, Daemon, _clip_start, _unique,  # noqa: E402
+                                  first_sample_of)
 
 from cli.mmctl import main as mmctl  # noqa: E402
 from producer.synth import make_dataset  # noqa: E402
@@ -137,6 +138,18 @@ def test_radar_commands_on_a_source_without_radar_are_refused_naming_its_inputs(
         assert "has no radar input" in msg and "video, audio" in msg, msg
 
 
+def _resume_and_read_the_next_sample(d):
+    """Resume the paused daemon `d` and receive its next sample: (the sample or None, its
+    age in seconds when it arrived, by its timestamp)."""
+    with RingReader.attach(d.ring, start="next") as reader:
+        d.request("resume")
+        first = reader.receive(timeout=20)
+        received_ns = time.time_ns()
+    if first is None:
+        return None, float("nan")
+    return first, (received_ns - first.meta.timestamp_ns) / 1e9
+
+
 def test_a_paused_stream_drops_what_arrives_and_resumes_at_the_present(stream):
     d = stream.daemon
     first_sample_of(d.ring, 1)
@@ -154,16 +167,12 @@ def test_a_paused_stream_drops_what_arrives_and_resumes_at_the_present(stream):
         assert st["state"] == "paused" and "dropped" in st["idle_reason"]
         assert st["published"] == d.status()["published"]  # nothing published meanwhile
     finally:
-        with RingReader.attach(d.ring, start="next") as reader:
-            d.request("resume")
-            first = reader.receive(timeout=20)
-            received_ns = time.time_ns()
+        first, age_s = _resume_and_read_the_next_sample(d)
     paused_s = time.monotonic() - paused_at
     assert first is not None
     # A stale backlog would be stamped at the start of the pause, paused_s ago; the present
     # is one clip (0.16 s) plus decoding ago. Half the pause tells them apart on any machine.
     # (Nor in the future: stamps anchored on a late first clip ran ~1 s ahead of the clock.)
-    age_s = (received_ns - first.meta.timestamp_ns) / 1e9
     assert abs(age_s) < paused_s / 2, (age_s, paused_s)
     assert d.status()["state"] == "running"
 
@@ -192,13 +201,9 @@ def test_a_paused_udp_stream_from_the_ffmpeg_command_line_resumes_at_the_present
         d.request("pause")
         paused_at = time.monotonic()
         wait_for(lambda: d.status()["dropped_while_paused"] >= 15, what="clips dropped")
-        with RingReader.attach(d.ring, start="next") as reader:
-            d.request("resume")
-            first = reader.receive(timeout=20)
-            received_ns = time.time_ns()
+        first, age_s = _resume_and_read_the_next_sample(d)
         paused_s = time.monotonic() - paused_at
         assert first is not None
-        age_s = (received_ns - first.meta.timestamp_ns) / 1e9
         assert abs(age_s) < paused_s / 2, (age_s, paused_s)
     finally:
         if d is not None:
@@ -221,7 +226,7 @@ def test_the_end_of_a_stream_is_a_source_error_retried_not_the_end_of_the_produc
         s.writer = _av_stream.spawn(s.url + "?listen=1", seconds=600)
         n = d.status()["published"]
         wait_for(lambda: (x := d.status())["state"] == "running" and x["published"] > n,
-                 deadline_s=60, what="samples from the restarted stream")
+                 timeout=60, what="samples from the restarted stream")
         assert d.request("resume")["state"] == "running"  # never "finished"
     finally:
         s.close()
@@ -231,7 +236,7 @@ def test_stream_with_a_very_low_frame_rate_says_in_status_why_nothing_is_publish
     d = stream.daemon
     gen = d.request("filter", spec="fps=0.1")["generation"]  # 4 frames: one clip per 40 s
     try:
-        st = wait_for(lambda: (x := d.status())["idle_reason"] and x, deadline_s=60,
+        st = wait_for(lambda: (x := d.status())["idle_reason"] and x, timeout=60,
                       what="an idle reason")
         assert st["state"] == "running"
         assert "one every 40.0 s" in st["idle_reason"], st["idle_reason"]

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _av_stream  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from _control_wire import must_answer  # noqa: E402
 
 from producer.dataset import index_dataset
 from producer.modalities import audio, lidar
@@ -124,16 +125,6 @@ class Daemon:
         self.log.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
         return self.proc.returncode
-
-
-def wait_for(cond, deadline_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)  # polling interval of a condition with a deadline, not a wait
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def first_sample_of(ring: str, generation: int, want=lambda s: True, deadline_s: float = 30.0):
@@ -355,19 +346,6 @@ def test_logs_follow_next_to_a_custom_control_socket_gets_the_daemons_records(da
     assert rec["daemon"] == "producer" and rec["msg"], rec
 
 
-def _raw(daemon, payload: bytes) -> dict:
-    ctx = zmq.Context.instance()
-    s = ctx.socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(daemon.endpoint)
-    try:
-        s.send(payload)
-        assert s.poll(10_000), "daemon did not answer"
-        return json.loads(s.recv())
-    finally:
-        s.close()
-
-
 BAD_REQUESTS = {
     "garbage_bytes": (b"\xff\xfe\x00garbage", "malformed"),
     "oversized": (json.dumps({"v": 1, "cmd": "status", "args": {"x": "a" * 70_000}}).encode(),
@@ -406,7 +384,7 @@ BAD_REQUESTS = {
 def test_bad_request_gets_error_changes_nothing_and_daemon_still_answers(daemon, case):
     payload, code = BAD_REQUESTS[case]
     before = daemon.status()["generation"]
-    reply = _raw(daemon, payload)
+    reply = must_answer(daemon.endpoint, payload)
     assert reply["ok"] is False and reply["error"]["code"] == code, reply
     assert daemon.status()["generation"] == before
     if case == "missing_stem":  # the message names the stems that do exist

@@ -5,6 +5,7 @@ read (halves of two samples) is caught by one vectorised comparison per sample.
 """
 from __future__ import annotations
 
+import functools
 import grp
 import multiprocessing as mp
 import os
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
+from pathlib import Path
 
 import numpy as np
 import posix_ipc
@@ -26,6 +27,10 @@ from protocol.errors import (NotARing, ProducerGone, RingFull, RingInUse, RingNo
 from protocol.ring import RingConfig, RingReader, RingWriter
 from protocol.ring_layout import H, MAGIC, RING_VERSION, RingHeader
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _polling import wait_for  # noqa: E402
+from _rings import procs, ring_name_fixture, shm_entries  # noqa: E402, F401  (procs: a fixture)
 
 CTX = mp.get_context("fork")
 WORDS = 8 * 1024  # 64 KiB payloads: big enough that a copy can be interrupted mid-way
@@ -41,38 +46,11 @@ def meta(n: int, generation: int = 0) -> SampleMeta:
     return SampleMeta(label=n % 7, timestamp_ns=n, generation=generation, source="test", index=n)
 
 
-def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `cond` with a deadline (never sleep "long enough")."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.002)
+# ring slots come fast: a short poll
+wait_until = functools.partial(wait_for, timeout=10.0, interval=0.002)
 
 
-def shm_entries(name: str) -> list[str]:
-    return [f for f in os.listdir("/dev/shm") if name in f]
-
-
-@pytest.fixture
-def ring_name():
-    name = f"mmft-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for f in shm_entries(name):  # whatever a failing test left behind
-        try:
-            os.unlink(os.path.join("/dev/shm", f))
-        except FileNotFoundError:
-            pass
-
-
-@pytest.fixture
-def procs():
-    started: list[mp.Process] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(5)
+ring_name = ring_name_fixture("mmft")
 
 
 def start(procs, target, *args) -> mp.Process:

@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import CLASSES, build_cache, make_sample  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from _rings import ring_name_fixture  # noqa: E402
 
 from producer.synth import make_dataset  # noqa: E402
 from protocol.control import ControlClient, Timeouts  # noqa: E402
@@ -34,16 +35,6 @@ from protocol.schema import SampleMeta, SampleSchema  # noqa: E402
 CTX = mp.get_context("fork")
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = 16
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.05)
 
 
 def damage(name: str, offset: int, data: bytes) -> None:
@@ -64,14 +55,7 @@ def cache(tmp_path_factory) -> Path:
     return build_cache(tmp_path_factory.mktemp("cache") / "c", n_train=60, n_val=12)
 
 
-@pytest.fixture
-def ring_name():
-    name = f"mmfd-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for f in os.listdir("/dev/shm"):
-        if name in f:
-            p = os.path.join("/dev/shm", f)
-            os.unlink(p) if not os.path.isdir(p) or os.path.islink(p) else os.rmdir(p)
+ring_name = ring_name_fixture("mmfd")
 
 
 # --- a producer on command ------------------------------------------------------------------

@@ -8,6 +8,7 @@ process: were the guard against SIGBUS missing, the test would see rc -7, not lo
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import signal
@@ -15,7 +16,7 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,10 @@ from protocol.errors import NotARing, ProducerGone, RingDamaged, RingError, Ring
 from protocol.ring import RingConfig, RingReader, RingWriter
 from protocol.ring_layout import H, S, SLOT_HEADER_BYTES, SCHEMA_MAX, STATE_CLOSED, RingHeader
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _polling import wait_for  # noqa: E402
+from _rings import procs, ring_name_fixture, shm_entries  # noqa: E402, F401  (procs: a fixture)
 
 CTX = mp.get_context("fork")
 WORDS = 2048  # 16 KiB payloads
@@ -41,41 +46,10 @@ def meta(n: int) -> SampleMeta:
     return SampleMeta(label=n % 7, timestamp_ns=n, generation=1, source="test", index=n)
 
 
-def wait_until(cond, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
+wait_until = functools.partial(wait_for, timeout=20.0, interval=0.005)
 
 
-def shm_entries(name: str) -> list[str]:
-    return sorted(f for f in os.listdir("/dev/shm") if name in f)
-
-
-@pytest.fixture
-def ring_name():
-    name = f"mmfh-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for f in shm_entries(name):
-        p = os.path.join("/dev/shm", f)
-        if os.path.isdir(p) and not os.path.islink(p):
-            os.rmdir(p)
-        else:
-            os.unlink(p)
-
-
-@pytest.fixture
-def procs():
-    started: list[mp.Process] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(5)
+ring_name = ring_name_fixture("mmfh")
 
 
 def header(name: str) -> RingHeader:

@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import build_cache  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from _rings import ring_name_fixture  # noqa: E402
 
 from producer.ring_sink import RingSink, slot_bytes_for  # noqa: E402
 from protocol.control import ControlClient, Timeouts  # noqa: E402
@@ -40,23 +40,7 @@ def patterned(n: int, nbytes: int) -> dict[str, np.ndarray]:
     return {"words": np.full(nbytes // 8, n, np.int64)}
 
 
-def wait_for(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def ring_name():
-    name = f"mmfl-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for f in os.listdir("/dev/shm"):
-        if name in f:
-            os.unlink(os.path.join("/dev/shm", f))
+ring_name = ring_name_fixture("mmfl")
 
 
 # --- sizing rules -----------------------------------------------------------------------------

@@ -15,8 +15,10 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,9 @@ import pytest
 from protocol.errors import RingNotOwned
 from protocol.ring import RingConfig, RingReader, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rings import ring_name_fixture  # noqa: E402
 
 CTX = mp.get_context("fork")
 SCHEMA = SampleSchema((ModalitySpec("x", "uint8", (64,)),))
@@ -62,13 +67,7 @@ def other_user():
         subprocess.run(["groupdel", group], capture_output=True)
 
 
-@pytest.fixture
-def ring_name():
-    name = f"mmfo-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for f in os.listdir("/dev/shm"):
-        if name in f:
-            os.unlink(os.path.join("/dev/shm", f))
+ring_name = ring_name_fixture("mmfo")
 
 
 def _as_user_producer(name, uid, gid, group, ready, stop):

@@ -15,14 +15,15 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from protocol.ring import RingConfig, RingReader, RingWriter
 from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rings import ring_name_fixture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = SampleSchema((ModalitySpec("x", "int64", (16,)),))
@@ -98,13 +99,7 @@ def _signal_until(p: subprocess.Popen, expected: str, timeout: float = 30.0) -> 
         assert time.monotonic() < deadline, "the child never said it saw a signal"
 
 
-@pytest.fixture
-def ring_name():
-    name = f"mmsig-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    yield name
-    for f in os.listdir("/dev/shm"):
-        if name in f:
-            os.unlink(f"/dev/shm/{f}")
+ring_name = ring_name_fixture("mmsig", hex_chars=8)
 
 
 def test_a_reader_waiting_for_a_sample_survives_a_signal_its_process_handles(ring_name):

@@ -1,6 +1,7 @@
 """`mm-trainer run` as a real process: control socket, signals, --json summary, torchrun."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import LiveProducer, build_cache, cleanup_ring, unique_name  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from _control_wire import must_answer, raw_reply  # noqa: E402
 
 from protocol.control import ControlClient, Timeouts  # noqa: E402
 from protocol.errors import RemoteError  # noqa: E402
@@ -37,16 +40,6 @@ def _env(tmp_path: Path) -> dict:
     run.mkdir(exist_ok=True)
     return {**os.environ, "MMFEED_RUNTIME_DIR": str(run), "OMP_NUM_THREADS": "1",
             "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
-
-
-def _wait(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _start_daemon(cache: Path, tmp_path: Path, *extra: str, env: dict | None = None):
@@ -71,7 +64,7 @@ def _start_daemon(cache: Path, tmp_path: Path, *extra: str, env: dict | None = N
                 raise AssertionError(f"trainer exited: {stderr_file.read_text()[-2000:]}")
             return None
 
-    _wait(lambda: (s := status()) and s["step"] >= 2 and s, what="trainer steps")
+    wait_for(lambda: (s := status()) and s["step"] >= 2 and s, what="trainer steps")
     return proc, client, endpoint
 
 
@@ -108,11 +101,11 @@ def test_control_commands_pause_resume_mix_checkpoint_and_status(daemon):
                 "state"):
         assert key in st, key
     assert client.request("pause")["state"] == "paused"
-    s1 = _wait(lambda: (s := client.request("status"))["state"] == "paused" and s, what="paused")
+    s1 = wait_for(lambda: (s := client.request("status"))["state"] == "paused" and s, what="paused")
     s2 = client.request("status")
     assert s2["step"] == s1["step"]  # no step while paused
     client.request("resume")
-    _wait(lambda: client.request("status")["step"] > s2["step"], what="training again")
+    wait_for(lambda: client.request("status")["step"] > s2["step"], what="training again")
     reply = client.request("checkpoint")
     assert Path(reply["checkpoint"]).exists()
     assert client.request("mix", fraction=0.0)["fraction"] == 0.0
@@ -140,10 +133,10 @@ def test_malformed_control_messages_get_errors_and_the_trainer_keeps_training(da
     # One daemon for every case (each start costs seconds); each case is checked on its own.
     proc, client, endpoint, _ = daemon
     for raw, code in MALFORMED:
-        _, reply = _raw(endpoint, raw)
+        reply = must_answer(endpoint, raw)
         assert reply["ok"] is False and reply["error"]["code"] == code, (raw[:40], reply)
         step = client.request("status")["step"]
-        _wait(lambda: client.request("status")["step"] > step, what="training to go on")
+        wait_for(lambda: client.request("status")["step"] > step, what="training to go on")
 
 
 def test_missing_cache_is_a_clear_error_and_exit_code_2(tmp_path):
@@ -238,30 +231,41 @@ def _datagrams_until(sock, wanted: str, timeout: float = 60.0) -> list[str]:
     raise AssertionError(f"no {wanted!r} from the trainer within {timeout} s; got {got}")
 
 
-def test_sd_notify_ready_watchdog_and_stopping_under_a_stand_in_systemd(cache, tmp_path):
-    # systemd's Type=notify + WatchdogSec contract (systemd/mm-trainer.service): READY=1 once the
-    # control socket is up, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+@contextlib.contextmanager
+def _trainer_under_a_stand_in_systemd(cache: Path, tmp_path: Path, watchdog_usec: str,
+                                      *args: str):
+    """`mm-trainer run --cache CACHE ARGS` with NOTIFY_SOCKET and WATCHDOG_USEC set, as systemd
+    starts it: yields (the process, the notify socket its datagrams arrive on); the process
+    is killed and the socket's folder removed on the way out."""
     d = Path(tempfile.mkdtemp(prefix="mmtn", dir="/tmp"))  # AF_UNIX paths must stay short
     sock, path = _notify_socket(d)
-    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"}
+    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": watchdog_usec}
     proc = subprocess.Popen(
-        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "1000000",
-         "--batch-size", "4", "--checkpoint-dir", str(tmp_path / "ck"),
+        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), *args,
+         "--checkpoint-dir", str(tmp_path / "ck"),
          "--control", f"ipc://{d}/t.sock", "--log-endpoint", f"ipc://{d}/t.log.sock"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert any(l.startswith("READY=1") for l in _datagrams_until(sock, "READY=1"))
-        _datagrams_until(sock, "WATCHDOG=1")
-        _datagrams_until(sock, "WATCHDOG=1")  # repeatedly, not once
-        proc.send_signal(signal.SIGTERM)
-        _datagrams_until(sock, "STOPPING=1")
-        assert proc.wait(timeout=60) == 0
+        yield proc, sock
     finally:
         sock.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sd_notify_ready_watchdog_and_stopping_under_a_stand_in_systemd(cache, tmp_path):
+    # systemd's Type=notify + WatchdogSec contract (systemd/mm-trainer.service): READY=1 once the
+    # control socket is up, WATCHDOG=1 at half of WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+    with _trainer_under_a_stand_in_systemd(cache, tmp_path, "400000", "--steps", "1000000",
+                                           "--batch-size", "4") as (proc, sock):
+        assert any(l.startswith("READY=1") for l in _datagrams_until(sock, "READY=1"))
+        _datagrams_until(sock, "WATCHDOG=1")
+        _datagrams_until(sock, "WATCHDOG=1")  # repeatedly, not once
+        proc.send_signal(signal.SIGTERM)
+        _datagrams_until(sock, "STOPPING=1")
+        assert proc.wait(timeout=60) == 0
 
 
 def _between(lines: list[str], start: str) -> list[str]:
@@ -277,16 +281,9 @@ def test_the_watchdog_is_fed_while_evaluating_and_while_writing_a_checkpoint(cac
     # one loop turn. WATCHDOG_USEC=2 (a ping due every microsecond) makes every val batch and
     # every checkpoint write a moment a ping is due, whatever the machine's speed: pings must
     # come from inside evaluate() and save(), between their STATUS= lines.
-    d = Path(tempfile.mkdtemp(prefix="mmtw", dir="/tmp"))
-    sock, path = _notify_socket(d)
-    env = {**_env(tmp_path), "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2"}
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "mm-trainer"), "run", "--cache", str(cache), "--steps", "2",
-         "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ck"),
-         "--control", f"ipc://{d}/t.sock", "--log-endpoint", f"ipc://{d}/t.log.sock"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
-    try:
+    with _trainer_under_a_stand_in_systemd(cache, tmp_path, "2", "--steps", "2",
+                                           "--batch-size", "2") as (proc, sock):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # drain until the trainer exited and sent its last
             try:
@@ -295,12 +292,6 @@ def test_the_watchdog_is_fed_while_evaluating_and_while_writing_a_checkpoint(cac
                 if proc.poll() is not None:
                     break
         assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
-    finally:
-        sock.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        shutil.rmtree(d, ignore_errors=True)
     # 30 val samples in batches of 2: one ping per batch is due, several are required.
     during_eval = _between(lines, "STATUS=evaluating")
     assert during_eval.count("WATCHDOG=1") >= 2, during_eval
@@ -356,7 +347,7 @@ def test_tcp_control_needs_curve_keys_and_answers_mmctl_with_them(cache, tmp_pat
                                            "--trainer", url, "status", "trainer"])
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             return r.exit_code == 0 and json.loads(r.stdout.splitlines()[-1])["trainer"]
-        st = _wait(status, timeout=120, what="the trainer over CURVE")
+        st = wait_for(status, timeout=120, what="the trainer over CURVE")
         assert st["state"] in ("running", "starting")
         # a client keypair the trainer does not admit (knowing the server's public key) gets
         # no answer: exit 3, not a reply
@@ -372,19 +363,6 @@ def test_tcp_control_needs_curve_keys_and_answers_mmctl_with_them(cache, tmp_pat
     assert proc.returncode == 0
 
 
-def _raw(endpoint: str, payload: bytes) -> tuple[bytes, dict]:
-    s = zmq.Context.instance().socket(zmq.REQ)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    try:
-        s.send(payload)
-        assert s.poll(10000), "no reply"
-        raw = s.recv()
-    finally:
-        s.close()
-    return raw, json.loads(raw)
-
-
 def test_messages_that_broke_the_json_parser_leave_sigterm_checkpointing_intact(daemon):
     # ~2 KB of nested [ (RecursionError) and a 4301-digit integer (ValueError) each made the
     # trainer exit 1 without its SIGTERM checkpoint.
@@ -392,10 +370,10 @@ def test_messages_that_broke_the_json_parser_leave_sigterm_checkpointing_intact(
     for payload in (b"[" * 2048, b"{" * 2048,
                     b'{"v": 1, "cmd": "mix", "args": {"fraction": ' + b"1" * 5000 + b"}}",
                     b'{"v": 1, "cmd": "mix", "args": {"fraction": 1e999}}'):
-        _, reply = _raw(endpoint, payload)
+        reply = must_answer(endpoint, payload)
         assert reply["ok"] is False and reply["error"]["code"] == "malformed", reply
     step = client.request("status")["step"]
-    _wait(lambda: client.request("status")["step"] > step, what="training to go on")
+    wait_for(lambda: client.request("status")["step"] > step, what="training to go on")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == 0, proc.stderr_file.read_text()[-2000:]
@@ -448,7 +426,9 @@ def test_a_flood_of_refused_large_requests_keeps_the_log_and_memory_bounded(daem
             assert json.loads(s.recv())["error"]["code"] == "unknown_command"
     finally:
         s.close()
-    raw, reply = _raw(endpoint, json.dumps({"v": 1, "cmd": "logs", "args": {"n": 1000}}).encode())
+    raw = raw_reply(endpoint, json.dumps({"v": 1, "cmd": "logs", "args": {"n": 1000}}).encode())
+    assert raw is not None, "no reply to logs"
+    reply = json.loads(raw)
     rss_growth_mib = (_rss_kib(proc.pid) - rss_before) / 1024
     client.request("resume")
     log_growth = proc.stderr_file.stat().st_size - err_before

@@ -1,6 +1,7 @@
 """Training from a live ring filled by a real RingWriter in another process."""
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import LiveProducer, build_cache, cleanup_ring, unique_name  # noqa: E402
+from _polling import wait_for  # noqa: E402
 
 from trainer.batching import modality_views  # noqa: E402
 from trainer.datasets import RingDataset  # noqa: E402
@@ -41,11 +43,7 @@ def ring():
     cleanup_ring(name)
 
 
-def _until(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+_until = functools.partial(wait_for, timeout=30.0, interval=0.01)
 
 
 def _train(tr: Trainer, steps: int) -> None:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -31,17 +30,10 @@ from producer.synth import make_dataset
 from protocol.cache import CacheReader
 from protocol.control import ControlClient, Timeouts
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _polling import wait_for  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-
-def wait_for(cond, timeout=120.0, what="a condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)  # a poll interval, not a guess at how long anything takes
 
 
 class Run:

@@ -5,7 +5,8 @@ in GPU memory. Turning them into the FilterSpec's output in torch keeps frames o
 bitstream to model. The same functions run on CPU tensors, which is how the CPU-only test
 machine checks them against swscale's output (tests/test_video.py states the tolerance).
 
-Colour maths is BT.601 limited range, what swscale assumes for untagged SD/HD H.264 streams:
+Colour maths is BT.601 limited range, what swscale assumes for untagged SD/HD H.264 streams
+(protocol/yuv_torch.py, the implementation the trainer's NV12 unpacking shares):
     R = 1.164 (Y - 16)                 + 1.596 (V - 128)
     G = 1.164 (Y - 16) - 0.392 (U - 128) - 0.813 (V - 128)
     B = 1.164 (Y - 16) + 2.017 (U - 128)
@@ -23,51 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from protocol.filters import FilterSpec
+from protocol.yuv_torch import split_uv, to_uint8, yuv420_to_rgb_float
 
 log = logging.getLogger(__name__)
 
 _Y_SCALE = 255.0 / 219.0
-_UV_SCALE = 255.0 / 224.0
-# Rows: R, G, B; columns: the coefficients of (U - 128), (V - 128) after range expansion.
-_KR, _KB = 0.299, 0.114
-
-
-def _coeffs() -> tuple[float, float, float, float]:
-    kg = 1.0 - _KR - _KB
-    r_v = 2 * (1 - _KR) * _UV_SCALE
-    b_u = 2 * (1 - _KB) * _UV_SCALE
-    g_u = -2 * (1 - _KB) * _KB / kg * _UV_SCALE
-    g_v = -2 * (1 - _KR) * _KR / kg * _UV_SCALE
-    return r_v, g_u, g_v, b_u
 
 
 def yuv420_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """uint8 planes y (N, H, W), u and v (N, H/2, W/2) -> float32 RGB (N, 3, H, W) in 0..255."""
-    r_v, g_u, g_v, b_u = _coeffs()
-    h, w = y.shape[-2:]
-    yf = (y.float() - 16.0) * _Y_SCALE
-    uf = upsample_chroma(u, h, w) - 128.0
-    vf = upsample_chroma(v, h, w) - 128.0
-    return torch.stack((yf + r_v * vf, yf + g_u * uf + g_v * vf, yf + b_u * uf), dim=-3)
-
-
-def upsample_chroma(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(N, ceil(H/2), ceil(W/2)) chroma -> float32 (N, H, W): rows centred between luma rows
-    (bilinear), columns co-sited with even luma columns (odd columns average two neighbours)."""
-    n, ch, cw = c.shape
-    cv = F.interpolate(c.float().unsqueeze(1), size=(2 * ch, cw), mode="bilinear",
-                       align_corners=False).squeeze(1)
-    out = torch.empty((n, 2 * ch, 2 * cw), dtype=torch.float32, device=c.device)
-    out[..., 0::2] = cv
-    out[..., 1:-1:2] = (cv[..., :-1] + cv[..., 1:]) * 0.5
-    out[..., -1] = cv[..., -1]
-    return out[..., :h, :w]
+    """uint8 planes y (N, H, W), u and v (N, H/2, W/2) -> float32 RGB (N, 3, H, W) in 0..255:
+    BT.601 limited, chroma co-sited left (protocol/yuv_torch.py, shared with the trainer)."""
+    return yuv420_to_rgb_float(y, u, v, "bt601", "limited", "left")
 
 
 def nv12_to_rgb(y: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """NV12 planes y (N, H, W) and interleaved uv (N, H/2, W) -> float32 RGB (N, 3, H, W)."""
-    uv = uv.reshape(*uv.shape[:-1], uv.shape[-1] // 2, 2)
-    return yuv420_to_rgb(y, uv[..., 0], uv[..., 1])
+    return yuv420_to_rgb(y, *split_uv(uv))
 
 
 def luma_to_gray(y: torch.Tensor) -> torch.Tensor:
@@ -94,7 +66,7 @@ def apply_spec(y: torch.Tensor, chroma: tuple[torch.Tensor, ...], spec: FilterSp
     if (out_h, out_w) != (ch, cw):
         img = F.interpolate(img, size=(out_h, out_w), mode="bilinear", align_corners=False,
                             antialias=True)
-    return img.round_().clamp_(0, 255).to(torch.uint8)
+    return to_uint8(img)
 
 
 def decode_clip_cuda(path: str | Path, spec: FilterSpec, frames: int, segment=None, notes=None,
