@@ -36,9 +36,15 @@ _SCHEMA_GAP = SLOT_HEADER_BYTES - SCHEMA_MAX - S["schema_len"] - _SCHEMA_LEN.siz
 
 
 class Slot:
-    """A loaned slot: write the payload in place through `arrays`, then `commit(meta)`.
+    """A loaned slot: write the payload in place through `arrays`, then `commit(meta)`, or
+    give it back unpublished with `cancel()`.
 
-    While loaned the slot's sequence is odd, so readers treat it as being written.
+    While loaned the slot's sequence is odd (2n+1 for sample n), so readers treat it as being
+    written: a reader still on the sample the slot held before skips it as lapped (its bytes
+    may already be half overwritten), and no reader sees sample n before `commit` counts it.
+    `cancel()` leaves the sequence odd and `published` unchanged, which is exactly that state:
+    the next loan takes the same slot and sample number again. A loan outlives neither a
+    `supersede` nor a `close` of its writer: both cancel it, and a later `commit` says so.
     """
 
     __slots__ = ("_writer", "number", "schema", "arrays", "_off", "_done")
@@ -47,15 +53,28 @@ class Slot:
                  arrays: dict[str, np.ndarray]):
         self._writer, self.number, self._off, self.schema = writer, number, off, schema
         self.arrays = arrays
-        self._done = False
+        self._done: str | bool = False
 
     def commit(self, meta: SampleMeta) -> int:
         """Publish the slot; returns its sample number."""
         if self._done:
-            raise RingError(f"sample {self.number} was already committed")
-        self._done = True
+            raise RingError(f"sample {self.number} was already {self._done}; loan a new slot")
+        self._done = "committed"
         self._writer._commit(self, meta)
         return self.number
+
+    def cancel(self) -> None:
+        """Give the slot back without publishing (idempotent; after `commit`, a no-op). What
+        was written into `arrays` is never seen by a reader; the next loan reuses the slot."""
+        if self._done:
+            return
+        self._done = "cancelled"
+        self._writer._cancel(self)
+
+    @property
+    def open(self) -> bool:
+        """True until `commit` or `cancel` (or the writer moved or closed)."""
+        return not self._done
 
     def __repr__(self) -> str:
         return f"Slot(sample {self.number}, {self.schema!r})"
@@ -164,6 +183,7 @@ class RingWriter:
             new._discard(temp)
             raise RingInUse(f"ring {self.name}: the name no longer holds this producer's ring "
                             f"(epoch {self._hdr.epoch:#x}); another process replaced it")
+        self._drop_loan()  # its views point into this segment: never committed into the new one
         self._mark(STATE_SUPERSEDED)  # before the rename: a reader never sees "replaced"
         try:
             os.rename(_SHM_DIR + temp, _SHM_DIR + self.name)
@@ -240,7 +260,7 @@ class RingWriter:
         self._check_open()
         if self._loaned is not None and not self._loaned._done:
             raise RingError(f"ring {self.name}: sample {self._loaned.number} is loaned and not "
-                            f"committed; commit it before loaning another")
+                            f"committed; commit or cancel it before loaning another")
         sid = schema.schema_id
         need = self._nbytes.get(sid)
         if need is None:  # first sample of this schema: check it once, not per sample
@@ -290,6 +310,18 @@ class RingWriter:
         waiting = sl.load_seq_cst(mm, H["waiting_mask"])
         if waiting:
             self._wake(sl.fetch_and(mm, H["waiting_mask"], _U64 ^ waiting) & waiting)
+
+    def _cancel(self, slot: Slot) -> None:
+        # The sequence stays odd (2n+1) and `published` at n: see Slot. Nothing else to undo.
+        if self._loaned is slot:
+            self._loaned = None
+
+    def _drop_loan(self) -> None:
+        """Cancel an outstanding loan before this writer stops owning its mapping."""
+        slot = self._loaned
+        if slot is not None and not slot._done:
+            slot._done = "cancelled (the ring moved or closed)"
+        self._loaned = None
 
     def publish(self, schema: SampleSchema, meta: SampleMeta, arrays: Mapping[str, np.ndarray],
                 timeout: float | None = None) -> int:
@@ -473,7 +505,7 @@ class RingWriter:
         self._reader_sems.clear()
         self._wsem.close()
         self._views.clear()
-        self._loaned = None
+        self._drop_loan()
         self._mm = None
         self._map.close()
 
