@@ -63,6 +63,16 @@ class Slot:
         self._writer._commit(self, meta)
         return self.number
 
+    def retype(self, schema: SampleSchema) -> None:
+        """Let the open loan carry `schema` instead (the sample made turned out to have
+        another schema): same slot, same bytes, `arrays` become views of the new layout, so
+        an input at the same offset, dtype and shape in both is already in place. SchemaError
+        when `schema` does not fit the slot (nothing changed; cancel and publish instead)."""
+        if self._done:
+            raise RingError(f"sample {self.number} was already {self._done}; loan a new slot")
+        self.arrays = self._writer._retype(self, schema)
+        self.schema = schema
+
     def cancel(self) -> None:
         """Give the slot back without publishing (idempotent; after `commit`, a no-op). What
         was written into `arrays` is never seen by a reader; the next loan reuses the slot."""
@@ -263,26 +273,41 @@ class RingWriter:
                             f"committed; commit or cancel it before loaning another")
         sid = schema.schema_id
         need = self._nbytes.get(sid)
-        if need is None:  # first sample of this schema: check it once, not per sample
-            need = schema.payload_nbytes
-            if need > self._slot_bytes:
-                raise SchemaError(
-                    f"ring {self.name}: sample payload of {need} bytes ({schema!r}) does not "
-                    f"fit slot_bytes={self._slot_bytes}; create the ring with slot_bytes >= "
-                    f"{need}")
-            enc = schema.encode()
-            if len(enc) > SCHEMA_MAX:
-                raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes "
-                                  f"exceeds the slot's {SCHEMA_MAX} bytes; use fewer modalities")
-            self._nbytes[sid] = need
-            self._encoded[sid] = _SCHEMA_LEN.pack(len(enc)) + bytes(_SCHEMA_GAP) + enc
+        if need is None:
+            need = self._learn(schema)
         n = self._n
         if self._lossless:
             self._wait_for_space(n, timeout)
         i = n % self._slots
         off = self._slot_off[i]
+        sl.write_begin(self._mm, off, 2 * n + 1)
+        self._loaned = Slot(self, n, off, schema, self._slot_views(i, off, schema, need))
+        return self._loaned
+
+    def _learn(self, schema: SampleSchema) -> int:
+        """First sample of this schema: check it fits (once, not per sample) and keep its
+        encoding; returns its payload size."""
+        sid = schema.schema_id
+        need = schema.payload_nbytes
+        if need > self._slot_bytes:
+            raise SchemaError(
+                f"ring {self.name}: sample payload of {need} bytes ({schema!r}) does not "
+                f"fit slot_bytes={self._slot_bytes}; create the ring with slot_bytes >= "
+                f"{need}")
+        enc = schema.encode()
+        if len(enc) > SCHEMA_MAX:
+            raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes "
+                              f"exceeds the slot's {SCHEMA_MAX} bytes; use fewer modalities")
+        self._nbytes[sid] = need
+        self._encoded[sid] = _SCHEMA_LEN.pack(len(enc)) + bytes(_SCHEMA_GAP) + enc
+        return need
+
+    def _slot_views(self, i: int, off: int, schema: SampleSchema, need: int
+                    ) -> dict[str, np.ndarray]:
+        """Write `schema`'s encoding into slot `i` (at `off`, under an odd sequence) and return
+        the slot's payload views in its layout."""
+        sid = schema.schema_id
         mm = self._mm
-        sl.write_begin(mm, off, 2 * n + 1)
         # The schema length and encoding go into every slot write, not only when the slot's
         # schema changes: a slot damaged by another process heals within one lap of the ring
         # (a reader that met the damage re-attaches and would meet it again otherwise). One
@@ -294,8 +319,14 @@ class RingWriter:
             p = off + SLOT_HEADER_BYTES
             views = schema.views(self._map.np[p:p + need])
             self._views[(i, sid)] = views
-        self._loaned = Slot(self, n, off, schema, views)
-        return self._loaned
+        return views
+
+    def _retype(self, slot: Slot, schema: SampleSchema) -> dict[str, np.ndarray]:
+        self._check_open()
+        need = self._nbytes.get(schema.schema_id)
+        if need is None:
+            need = self._learn(schema)
+        return self._slot_views(slot.number % self._slots, slot._off, schema, need)
 
     def _commit(self, slot: Slot, meta: SampleMeta) -> None:
         mm, off, n = self._mm, slot._off, slot.number
@@ -472,6 +503,13 @@ class RingWriter:
     @property
     def published(self) -> int:
         return self._n
+
+    def holds(self, n: int) -> bool:
+        """True while sample `n`'s slot still holds it whole (nothing loaned or written over
+        it since): what a view of a published sample kept by the producer checks."""
+        if self._closed:
+            return False
+        return sl.load_acquire(self._mm, self._slot_off[n % self._slots]) == 2 * n + 2
 
     def _check_open(self) -> None:
         if self._closed:

@@ -206,3 +206,31 @@ def test_lossless_loan_waits_for_the_slowest_reader_like_publish(ring_name):
         r.receive(timeout=1)
         w.loan(SCHEMA, timeout=1).commit(meta(2))
         assert w.published == 3
+
+
+def test_a_loan_retyped_to_another_schema_keeps_what_already_sits_at_the_same_place(ring_name):
+    a = SampleSchema((ModalitySpec("video", "uint8", (2, 3, 8, 8)),
+                      ModalitySpec("imu", "float32", (6, 10))))
+    b = SampleSchema((ModalitySpec("video", "uint8", (2, 3, 8, 8)),
+                      ModalitySpec("imu", "float32", (256,))))
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="next") as r:
+        slot = w.loan(a)
+        slot.arrays["video"][:] = 9          # made in place under schema a
+        slot.retype(b)                       # the sample turned out to be of schema b
+        slot.arrays["imu"][:] = 0.25
+        slot.commit(meta(0))
+        s = r.receive(timeout=1)
+        assert s.schema == b
+        assert (s.arrays["video"] == 9).all() and (s.arrays["imu"] == 0.25).all()
+
+
+def test_a_retype_beyond_the_slot_is_refused_and_leaves_the_loan_open(ring_name):
+    big = SampleSchema((ModalitySpec("words", "int64", (2 * WORDS,)),))
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w:
+        slot = w.loan(SCHEMA)
+        with pytest.raises(SchemaError, match=f"slot_bytes={SLOT}"):
+            slot.retype(big)
+        assert slot.open and slot.schema == SCHEMA
+        slot.cancel()
+        assert w.published == 0
