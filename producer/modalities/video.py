@@ -34,6 +34,7 @@ from protocol.schema import PackedArray, nv12_frame_bytes
 from ..ffmpeg_graph import scale_args
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
 from ._decode_loops import decoded_frames
+from ._out import fits
 from .ffmpeg_chain_run import chained
 from .frame_times import SegmentGrid, StreamGrid
 
@@ -338,7 +339,7 @@ def _copy_slot(out: np.ndarray, dst: int, src: int) -> None:
 def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                 segment: tuple[float, float] | None = None, notes: list[str] | None = None,
                 *, device: str = "cpu", times: list[float] | None = None,
-                chain: str | None = None):
+                chain: str | None = None, out: np.ndarray | None = None):
     """A clip of `frames` frames of `path`, sampled at spec.fps (or the source rate) from
     `segment` = (start_s, end_s) (default: from the beginning), shaped by `spec`.
 
@@ -354,7 +355,12 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
     `chain`: an operator's checked FFmpeg chain (`mmctl filter --ffmpeg`), run on every decoded
     frame before selection and the spec (ffmpeg_chain_run.py); it runs on the CPU, so a clip
     with a chain is decoded on the CPU even when device="cuda".
+
+    `out`: a (T, C, H, W) uint8 array (a ring slot's view, producer/slot_fill.py) that the
+    frames are converted straight into when it has the clip's shape; then `out` is returned.
+    yuv420 planes (a PackedArray) and NVDEC frames are never written there.
     """
+    dest = out
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if device not in ("cpu", "cuda"):
@@ -367,7 +373,7 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
 
             return gpu_video.decode_clip_cuda(path, spec, frames, segment, notes, times=times)
         _warn_cpu_fallback()
-    out: np.ndarray | None = None
+    out = None
     conv = _Converter(spec)
     worker: _ConvertWorker | None = None
     run = _call  # where frame writes run: here, or on the helper thread beside decoding
@@ -385,8 +391,8 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                             yuv420_layout(frame, container.streams.video[0].codec_context.name),
                             (frames, 3, conv.out_h, conv.out_w))
                     else:
-                        out = np.empty((frames, spec.channels, conv.out_h, conv.out_w),
-                                       np.uint8)
+                        shape = (frames, spec.channels, conv.out_h, conv.out_w)
+                        out = dest if fits(dest, shape, np.uint8) else np.empty(shape, np.uint8)
                     if frame.width * frame.height >= OVERLAP_MIN_PIXELS:
                         worker = _thread_convert_worker()
                         run = worker.submit
