@@ -12,6 +12,11 @@ iceoryx2's Python bindings (zero-copy loan/send, reader copies out; it polls, it
 blocking receive on a publish-subscribe port). Wake-up latency: time from just before
 `publish()` to the return of a reader that was asleep on its semaphore, p50/p99.
 
+Two writer rows per size, one reader each time the ring is timed: "publish" copies a made
+array into the slot (what a producer without in-place samples does), "loan" takes the slot
+with `loan()`, writes the payload once into its view (`fill`: what a modality with `out=`
+does as its last step, producer/slot_fill.py) and `commit()`s it.
+
 Beside the issue's limit (hot memcpy, the headline ratio) the table prints two references
 that say what two processes on this machine can physically do:
 - `footprint`: the same copy from 8 rotating sources, the 8-slot ring's working set (at
@@ -158,14 +163,20 @@ def _handoff(size: int, budget: float, slots: int, writer_cpu: int | None) -> fl
 # --- the ring ----------------------------------------------------------------------------
 
 
-def _ring_writer(name, size, count, n_readers, ready, go, done):
+def _ring_writer(name, size, count, n_readers, ready, go, done, how="publish"):
     schema = _schema(size)
     arrays = {"payload": np.full(size, 7, np.uint8)}
     with RingWriter.create(RingConfig(name, slots=8, slot_bytes=size, mode="lossless")) as w:
         ready.set()
         go.wait(60)
-        for n in range(count):
-            w.publish(schema, SampleMeta(index=n), arrays, timeout=60)
+        if how == "loan":
+            for n in range(count):
+                slot = w.loan(schema, timeout=60)
+                slot.arrays["payload"].fill(n & 0xFF)  # the payload written once, in place
+                slot.commit(SampleMeta(index=n))
+        else:
+            for n in range(count):
+                w.publish(schema, SampleMeta(index=n), arrays, timeout=60)
         done.wait(120)
 
 
@@ -182,12 +193,15 @@ def _ring_reader(name, size, count, ready, q):
         q.put(((count - 1) * size / dt / 1e9, (count - 1) / dt, r.stats().dropped))
 
 
-def bench_ring(size: int, n_readers: int, budget: float) -> tuple[float, float]:
-    """Median over readers of (GB/s, samples/s) delivered to each reader."""
+def bench_ring(size: int, n_readers: int, budget: float, how: str = "publish"
+               ) -> tuple[float, float]:
+    """Median over readers of (GB/s, samples/s) delivered to each reader; `how` the writer
+    publishes: "publish" (copy in) or "loan" (loan, fill the view, commit)."""
     name = f"mmfeed-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     count = _count(size, budget)
     ready, go, done, q = FORK.Event(), FORK.Event(), FORK.Event(), FORK.Queue()
-    w = FORK.Process(target=_ring_writer, args=(name, size, count, n_readers, ready, go, done))
+    w = FORK.Process(target=_ring_writer,
+                     args=(name, size, count, n_readers, ready, go, done, how))
     w.start()
     assert ready.wait(30), "ring writer did not start"
     rdy = [FORK.Event() for _ in range(n_readers)]
@@ -567,17 +581,22 @@ def main(argv: list[str] | None = None) -> dict | None:
         # Rounds of (handoff, ring with 1, 2, 4 readers): on a VM the cross-core cost can
         # change within seconds (the host moves vCPUs), so the ring is compared with the
         # handoff measured in the same round, and the paired ratios' median is printed.
-        hand, ring = [], {n: [] for n in READERS}
+        hand, ring, loan = [], {n: [] for n in READERS}, []
         for _ in range(1 if quick else 3):
             hand.append(handoff_gbps(size, budget))
             for n in READERS:
                 ring[n].append(bench_ring(size, n, budget))
+            loan.append(bench_ring(size, 1, budget, "loan"))
         limits[size] = (memcpy_gbps(size, budget), memcpy_cold_gbps(size, budget), med(hand))
         for n in READERS:
             runs = ring[n]
             paired = med(g / h for (g, _), h in zip(runs, hand))
             row("mmfeed ring (lossless)", size, n, (med(g for g, _ in runs),
                                                     med(s for _, s in runs)), paired)
+            if n == 1:
+                row("  writer: loan+fill+commit", size, 1,
+                    (med(g for g, _ in loan), med(s for _, s in loan)),
+                    med(g / h for (g, _), h in zip(loan, hand)))
         row("multiprocessing.Queue", size, 1, bench_queue(size, budget))
         row("shared_memory + Lock", size, 1, bench_shared_memory_lock(size, budget))
         row("iceoryx2 (poll)", size, 1, bench_iceoryx2(size, budget))
@@ -594,17 +613,21 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"p99 {p99:.0f} us")
     one = next(r for r in rows if r["transport"].startswith("mmfeed") and r["size"] == MIB
                and r["readers"] == 1)
+    lent = next(r for r in rows if r["transport"].strip().startswith("writer: loan")
+                and r["size"] == MIB)
     print("memcpy = np.copyto of the same bytes between two preallocated arrays (the issue's "
           "limit); footpr = the same from 8 rotating sources (an 8-slot ring's working set); "
           "handoff = bare two-process copy-in/copy-out through 8 shared slots, spin + yield "
           "(the ceiling of any ring on this machine)")
     print(f"ring 1 MiB 1 reader: {one['gbps']:.2f} GB/s = {one['ratio']:.2f} x memcpy "
           f"(issue target >= 0.8), {one['ratio_handoff']:.2f} x the bare two-process handoff "
-          f"({one['handoff_gbps']:.2f} GB/s)")
+          f"({one['handoff_gbps']:.2f} GB/s); writer loan+fill+commit {lent['gbps']:.2f} GB/s "
+          f"= {lent['ratio']:.2f} x memcpy, {lent['gbps'] / one['gbps']:.2f} x publish")
     return report("ring", one["gbps"], "GB/s", "memcpy", one["memcpy_gbps"], args.json,
                   size_bytes=MIB, readers=1, memcpy_cold_gbps=one["memcpy_cold_gbps"],
                   ratio_cold=one["ratio_cold"], handoff_gbps=one["handoff_gbps"],
-                  ratio_handoff=one["ratio_handoff"],
+                  ratio_handoff=one["ratio_handoff"], loan_gbps=lent["gbps"],
+                  loan_ratio=lent["ratio"], loan_vs_publish=round(lent["gbps"] / one["gbps"], 3),
                   handoff_cross_cpu_gbps=pinned and round(pinned[0], 3),
                   handoff_same_cpu_gbps=pinned and round(pinned[1], 3),
                   latency_p50_us=round(p50, 1),
