@@ -69,7 +69,9 @@ from .align import align, default_tolerance, frame_timestamps, timestamp_field
 from .dataset import METADATA, SampleFiles
 from .metadata import timestamp_ns
 from .modalities import audio, lidar, radar, unknown, video
+from .media_clips import ClipFrames
 from .modalities._limits import ReadLimits
+from .modalities._out import fits
 from .modalities.audio import AudioConfig
 from .modalities.lidar import BevConfig
 from .modalities.radar import RadarConfig
@@ -307,14 +309,19 @@ class Pipeline:
         """A live clip's sample: its video and audio (demuxed together, so a listen-once
         stream has both; `clip` as media_clips/sources make it) plus what this pipeline makes
         of the `watched` sensor files aligned with it (`aligned_watch_files`, from `folder`),
-        cut to the clip's span. InputError names a bad watched file. `out`: as in `process`;
-        the clip's video was decoded ahead on the clip thread (clip_reader.py), so it is the
-        one input never made in place here (docs/architecture.md "In place")."""
+        cut to the clip's span. InputError names a bad watched file. `out`: as in `process`:
+        the clip's frames, converted ahead on the clip thread (media_clips.ClipFrames), are
+        written into `out["video"]` when it fits, else into an array of their own; a clip
+        that came as an array (yuv420, the ffmpeg child) is handed on as it is."""
         into = out or {}
         out: dict[str, np.ndarray] = {}
         cfg = self.config
         if self._on("video"):
-            out["video"] = clip.video
+            v = clip.video
+            if isinstance(v, ClipFrames):
+                view = into.get("video")
+                v = v.write_into(view) if fits(view, v.shape, np.uint8) else np.asarray(v)
+            out["video"] = v
         if clip.audio is not None and self._on("audio"):
             # The clip's span, padded or cut to the configured length: the same shape and
             # meaning as `log_mel(file, segment=(start, end))` of a recorded sample.

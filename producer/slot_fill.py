@@ -15,8 +15,9 @@ into their views (counted by name); one that does not fit the slot gives the loa
 (`Slot.cancel`: readers never see it) and goes the copy path, which grows the ring. The
 schema loaned with switches to a new one once two samples in a row had it, so samples that
 alternate between two schemas keep the first. Within a sample made in place, an input that
-could not be written in its view (the live clip's video, decoded ahead on the clip thread;
-yuv420 planes; NVDEC frames) is copied into it and counted by name.
+could not be written in its view (a clip from the ffmpeg child's pipe; yuv420 planes; NVDEC
+frames) is copied into it and counted by name. A live clip's frames are converted on the clip
+thread and written into the view by the step (media_clips.ClipFrames): in place.
 
 What is counted (status `copies`): bytes copied into slots beyond the pipeline's own output,
 per sample and in total; samples made in place and samples copied; per input, how many

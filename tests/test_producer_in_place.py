@@ -168,3 +168,37 @@ def test_a_preview_of_a_sample_whose_slot_was_loaned_again_is_refused_not_drawn_
         again.cancel()
         with pytest.raises(WrongState, match="being rewritten"):
             watch.preview((), None)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """A media file of several 4-frame clips (a synthetic sample's video, 2 s at 10 fps)."""
+    root = make_dataset(tmp_path_factory.mktemp("media") / "ds", per_class={"train": 1},
+                        size=(32, 24), clip_seconds=2.0, extras=False)
+    return next(root.rglob("video.mp4"))
+
+
+def test_a_media_files_clips_are_written_into_the_slot_with_no_byte_copied(media):
+    d = _run(media)
+    try:
+        c = wait_for(lambda: (c := _copies(d))["in_place_samples"] >= 3 and c,
+                     what="clips made in place")
+        assert c["copy_bytes_per_sample"] == 0 and c["copied_inputs"] == {}
+    finally:
+        d.stop()
+
+
+def test_a_clip_written_into_its_slot_reads_back_equal_to_the_decoded_clip(media):
+    from producer.sources import MediaSource
+    from protocol.filters import FilterSpec
+
+    d = _run(media)
+    try:
+        wait_for(lambda: _copies(d)["in_place_samples"] >= 2, what="clips made in place")
+        s = first_sample_of(d.ring, 1, lambda s: not s.meta.source.endswith("@0.00s"))
+        clips = {f"{c.start_s:.2f}": np.asarray(c.video)
+                 for c in MediaSource(str(media)).clips(FilterSpec(), 4)}
+        want = clips[s.meta.source.rsplit("@", 1)[1][:-1]]
+        np.testing.assert_array_equal(s.arrays["video"], want)
+    finally:
+        d.stop()

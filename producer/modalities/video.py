@@ -213,7 +213,11 @@ class _Converter:
     def into(self, frame, out: np.ndarray) -> None:
         """Convert `frame` and copy its planes into `out` (C, H, W): one memcpy per plane;
         for yuv420, `out` is one flat NV12 frame (luma rows, then interleaved chroma rows)."""
-        planar = self.convert(frame)
+        self.write(self.convert(frame), out)
+
+    def write(self, planar, out: np.ndarray) -> None:
+        """Copy a frame `convert` made into `out` (see `into`); needs only the converter's
+        format, so a frame converted on one thread may be written on another."""
         if self.yuv:
             h, w = self.out_h, self.out_w
             y, uv = planar.planes[0], planar.planes[1]
