@@ -1,6 +1,6 @@
 """Producer daemon throughput against the pipeline alone, and control-to-sample latency.
 
-    python -m bench.producer [--quick] [--json] [--size WxH]
+    python -m bench.producer [--quick] [--json] [--size WxH] [--media]
 
 Figure: samples/s that `mm-producer run --rate max --loop` publishes into the ring while
 replaying a synthetic dataset with video + audio + lidar + radar (+ an unknown sensor), counted
@@ -13,7 +13,10 @@ In place against copies (issue 20): the daemon is run twice in the same bench ru
 samples in place in ring slots (the default, producer/slot_fill.py) and with every sample
 published by copy ($MMFEED_PRODUCER_COPY=1, the path before); the table prints both rates
 and the bytes each copied per sample (status `copies`). `--size` sets the video frame: the
-copy saved grows with it (8 frames of 64x48 RGB are 72 KiB, of 640x480 7 MiB).
+copy saved grows with it (8 frames of 64x48 RGB are 72 KiB, of 640x480 7 MiB). `--media`:
+the source is one H.264 file (30 s at 10 fps, --loop) instead of the dataset: the live clip
+path (clip thread, media_clips.ClipFrames written into the slot); its limit is demux + decode
++ conversion alone (`MediaSource.clips`, each clip made into an array), in this process.
 
 Second figure (in the JSON as `filter_latency_ms_p50`): seconds from sending `filter` through
 a `ControlClient` (what `mmctl filter` does) to the first sample of the new generation read
@@ -56,6 +59,23 @@ def pipeline_rate(root: Path, seconds: float) -> float:
     while time.perf_counter() - t0 < seconds:
         pipe.process(replay.next().sample)
         n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def media_rate(path: Path, seconds: float) -> float:
+    """Clips/s of demux + decode + conversion alone (each clip made into an array)."""
+    import numpy as np
+
+    from producer.sources import MediaSource
+    from protocol.filters import FilterSpec
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for clip in MediaSource(str(path)).clips(FilterSpec(), CLIP_FRAMES):
+            np.asarray(clip.video)
+            n += 1
+            if time.perf_counter() - t0 >= seconds:
+                break
     return n / (time.perf_counter() - t0)
 
 
@@ -123,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="4 s windows and 4 filter switches instead of 10 s and 8")
     parser.add_argument("--size", default="64x48",
                         help="video frame WxH of the synthetic dataset (even numbers)")
+    parser.add_argument("--media", action="store_true",
+                        help="a media file as the source (the live clip path)")
     return parser.parse_args(argv)
 
 
@@ -139,10 +161,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmbench") as tmp:
         root = Path(tmp) / "ds"
         w, h = (int(x) for x in args.size.lower().split("x"))
-        make_dataset(root, per_class={"train": 2 if quick else 4}, size=(w, h),
-                     clip_seconds=1.0)
-        n_samples = len(index_dataset(root).samples)
-        before = pipeline_rate(root, window)
+        if args.media:
+            import numpy as np
+
+            from producer.synth import make_sample
+
+            root = make_sample(Path(tmp) / "media", 0, np.random.default_rng(0), index=1,
+                               size=(w, h), clip_seconds=30.0, extras=False) / "video.mp4"
+            n_samples = 0
+            alone = lambda: media_rate(root, window)  # noqa: E731
+        else:
+            make_dataset(root, per_class={"train": 2 if quick else 4}, size=(w, h),
+                         clip_seconds=1.0)
+            n_samples = len(index_dataset(root).samples)
+            alone = lambda: pipeline_rate(root, window)  # noqa: E731
+        before = alone()
         rates, copies = {}, {}
         for path in ("in place", "copy"):
             runtime = tempfile.mkdtemp(prefix="mmb", dir="/tmp")
@@ -159,19 +192,21 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-        after = pipeline_rate(root, window)
+        after = alone()
     limit = (before + after) / 2
+    limit_name = "decode alone" if args.media else "pipeline alone"
     daemon = rates["in place"]
     if not as_json:
         for path in rates:
             print(f"daemon {path:<9} {rates[path]:8.1f} samples/s  "
-                  f"{rates[path] / limit:5.2f} x the pipeline alone; copied per sample: "
+                  f"{rates[path] / limit:5.2f} x the {limit_name}; copied per sample: "
                   f"{copies[path]['copy_bytes_mean']:.0f} bytes (mean), "
                   f"{copies[path]['in_place_samples']} in place, "
                   f"{copies[path]['copied_samples']} copied")
-    report("producer", daemon, "samples/s", "pipeline alone", limit, as_json,
+    report("producer", daemon, "samples/s", limit_name, limit, as_json,
            pipeline_before=round(before, 3), pipeline_after=round(after, 3),
            samples=n_samples, clip_frames=CLIP_FRAMES, frame=f"{w}x{h}",
+           source="media file" if args.media else "dataset",
            copy_path_samples_per_s=round(rates["copy"], 3),
            in_place_vs_copy=round(rates["in place"] / rates["copy"], 3),
            copy_bytes_per_sample_in_place=copies["in place"]["copy_bytes_mean"],
