@@ -79,8 +79,10 @@ class SlotFill:
     def finish(self, schema: SampleSchema, meta: SampleMeta, arrays: dict
                ) -> tuple[Put, str] | None:
         """Commit this step's loan with the made sample: the sink's (Put, why), or None when
-        there is no loan or the sample's schema is not the loan's (the loan is given back;
-        the caller publishes by copy, `copied`)."""
+        there is no loan or the sample's schema does not fit the loaned slot (the loan is
+        given back; the caller publishes by copy, `copied`). Another schema that fits is
+        committed by retyping the loan (module doc). A loan the ring's move cancelled is
+        redone in the new layout (empty: no wait but the lossless follow of ring_sink)."""
         slot, self.slot = self.slot, None
         if slot is None:
             return None
