@@ -63,7 +63,7 @@ def pipeline_rate(root: Path, seconds: float) -> float:
 
 
 def media_rate(path: Path, seconds: float) -> float:
-    """Clips/s of demux + decode + conversion alone (each clip made into an array)."""
+    """Clips/s of demux + decode + conversion alone (each clip written into an array)."""
     import numpy as np
 
     from producer.sources import MediaSource

@@ -90,12 +90,14 @@ class ClipFrames:
     place"). Reads like the uint8 array it stands for: `shape`, `dtype`, `np.asarray`.
     RGB and gray only; yuv420 clips are packed into an array on the thread as before."""
 
-    __slots__ = ("frames", "shape", "_conv")
+    __slots__ = ("frames", "shape")
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, frames: list, shape: tuple[int, int, int, int], conv):
-        self.frames, self.shape, self._conv = frames, shape, conv
+    def __init__(self, frames: list, shape: tuple[int, int, int, int]):
+        # frames: per frame, its (H, W) channel views (FrameConverter.channels), made on the
+        # clip thread so the step does nothing but the writes
+        self.frames, self.shape = frames, shape
 
     @property
     def nbytes(self) -> int:
@@ -104,8 +106,10 @@ class ClipFrames:
     def write_into(self, out: np.ndarray) -> np.ndarray:
         """Each frame's planes into `out` (T, C, H, W) uint8: one copy per plane, the write
         that `FrameConverter.into` makes. Returns `out`."""
-        for k, planar in enumerate(self.frames):
-            self._conv.write(planar, out[k])
+        for k, channels in enumerate(self.frames):
+            row = out[k]
+            for c, rows in enumerate(channels):
+                row[c] = rows
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
@@ -307,14 +311,14 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                         if conv.yuv:
                             conv.into(frame, buf[k])
                         else:  # converted here, written where the sample goes (ClipFrames)
-                            planes.append(conv.convert(frame))
+                            planes.append(conv.channels(conv.convert(frame)))
                         k += 1
                         n_frames += 1
                         step = period or frame_s or max(t - (last_t if last_t is not None else t),
                                                         1e-3)
                         last_t = t
                         if k == cur.frames:
-                            made = buf if conv.yuv else ClipFrames(planes, shape, conv)
+                            made = buf if conv.yuv else ClipFrames(planes, shape)
                             pending.append(DemuxedClip(made, t0, t + step, None, cur))
                             buf, planes, k = None, None, 0
                     yield from ready(False)

@@ -227,12 +227,19 @@ class _Converter:
             out[h * w:].reshape(ch, cw2)[:] = np.frombuffer(uv, np.uint8).reshape(
                 uv.height, uv.line_size)[:ch, :cw2]
             return
+        for c, rows in enumerate(self.channels(planar)):
+            out[c] = rows
+
+    def channels(self, planar) -> list[np.ndarray]:
+        """The (H, W) uint8 views of an RGB/gray frame `convert` made, in output channel
+        order (R, G, B or gray); they keep the frame's memory alive."""
         # gbrp stores planes as G, B, R; the output is R, G, B.
-        order = (0,) if self.fmt == "gray" else (2, 0, 1)
-        for c, p in enumerate(order):
+        out = []
+        for p in ((0,) if self.fmt == "gray" else (2, 0, 1)):
             plane = planar.planes[p]
             rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
-            out[c] = rows[:, : plane.width]
+            out.append(rows[:, : plane.width])
+        return out
 
 
 #: Codecs whose 4:2:0 chroma sits centred between luma samples (MPEG-1, JPEG); every other
