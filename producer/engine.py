@@ -191,8 +191,7 @@ class Producer:
     # --- generations across restarts ---------------------------------------------------------
 
     def _first_generation(self) -> int:
-        """One past the last generation this ring name had (NOTE [generations across
-        restarts]); generation_store.first_generation."""
+        """One past the last generation this ring name had (NOTE [generations across restarts])."""
         return first_generation(self._store, self.opts.ring)
 
     def _persist(self, generation: int) -> None:
@@ -232,6 +231,7 @@ class Producer:
             return False
         except (RingTooLarge, RingDamaged):
             into = None  # the copy path says and counts it (RingSink.put)
+        self._loan_ns = now_ns() - t0  # part of ring_write when the sample is committed
         try:
             got = self.feed.step(gen, self.pipeline, timeout, into)
             if self.feed.facts_stale:
@@ -258,7 +258,7 @@ class Producer:
         done = self.fill.finish(schema, meta, got.arrays)
         if done is None:  # the schema's first sample, or not the loan's schema: copy
             return self._offer(schema, meta, got.arrays, gen, timeout=timeout)
-        self.stages.stage("ring_write", "ring").since(t0)
+        self.stages.stage("ring_write", "ring").since(t0 - self._loan_ns)
         return self._published(done, schema, meta, got.arrays, gen, in_place=True)
 
     def _offer(self, schema, meta, arrays, gen: Generation, *, timeout: float) -> bool:
