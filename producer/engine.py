@@ -4,7 +4,8 @@ at most one sample and returns, saying in `wait_s` how long nothing will happen 
 pacing, back-off, a paused or finished source), which the daemon (daemon.py) spends answering
 control. The trainer has the same shape (trainer/loop.py `Trainer.step_once`).
 
-    step:   loan a slot (slot_fill.py) -> feed.step(into=its views) -> Ready | Wait | FINISHED
+    step:   feed.step(into=slot views, loaned at first use: slot_fill.py) -> Ready | Wait |
+            FINISHED
             Ready -> pipeline.describe -> commit the slot, or RingSink.put (copy) ->
             PUBLISHED | FULL | REFUSED
     change: Generations.propose_* -> feed.check -> feed.prove -> commit, persist,
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.errors import BadArgument, RingDamaged, RingFull, RingTooLarge
+from protocol.errors import BadArgument, RingTooLarge
 from protocol.filters import FilterSpec
 from protocol.ring import DEFAULT_MAX_RING_BYTES, RingConfig
 from protocol.schema import SampleSchema
@@ -223,15 +224,7 @@ class Producer:
             self._retry_source()
             return False
         gen = self.gens.current
-        t0 = now_ns()
-        try:  # a slot to make the sample in (slot_fill.py); nothing is made while it is full
-            into = self.fill.loan(gen.number, timeout)
-        except RingFull:
-            self.stages.stage("ring_wait", "ring").since(t0)
-            return False
-        except (RingTooLarge, RingDamaged):
-            into = None  # the copy path says and counts it (RingSink.put)
-        self._loan_ns = now_ns() - t0  # part of ring_write when the sample is committed
+        into = self.fill.loan(gen.number, timeout)  # slot_fill.py: loaned when first used
         try:
             got = self.feed.step(gen, self.pipeline, timeout, into)
             if self.feed.facts_stale:
@@ -258,7 +251,7 @@ class Producer:
         done = self.fill.finish(schema, meta, got.arrays)
         if done is None:  # the schema's first sample, or not the loan's schema: copy
             return self._offer(schema, meta, got.arrays, gen, timeout=timeout)
-        self.stages.stage("ring_write", "ring").since(t0 - self._loan_ns)
+        self.stages.stage("ring_write", "ring").since(t0 - self.fill.loan_ns)
         return self._published(done, schema, meta, got.arrays, gen, in_place=True)
 
     def _offer(self, schema, meta, arrays, gen: Generation, *, timeout: float) -> bool:

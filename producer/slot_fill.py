@@ -1,9 +1,16 @@
 """In-place samples: the producer makes a sample straight into a loaned ring slot instead of
 into arrays of its own that `publish` then copies (docs/architecture.md "In place").
 
-    step:  loan(generation)  -> views of the next slot (or None: the copy path)
-           feed.step(..., into=views)   the modalities write into the views (`out=`)
-           finish(schema, meta, arrays) -> committed, or False (the copy path publishes)
+    step:  loan(generation)  -> lazy views of the next slot (or None: the copy path)
+           feed.step(..., into=views)   the modalities write into the views (`out=`); the
+                                        slot is loaned at the first view asked for
+           finish(schema, meta, arrays) -> committed, or None (the copy path publishes)
+
+The loan is taken when the pipeline asks for its first view, not before the feed steps: a
+step that waits (recorded-speed pacing, a clip not decoded yet) holds no slot, so a lossy
+ring keeps all its slots readable meanwhile. A loan that finds no free slot within the step's
+timeout (lossless) or fails otherwise gives no views: the sample is made into arrays of its
+own and goes the copy path, whose FULL keeps it for the next step (engine.py `_unpublished`).
 
 The schema of a generation's samples is only known once one was made, so the first sample
 of a generation (after a start or a change) is made into arrays of its own and published by
@@ -30,7 +37,8 @@ import os
 
 import numpy as np
 
-from protocol.errors import SchemaError
+from protocol.errors import RingDamaged, RingFull, RingTooLarge, SchemaError
+from protocol.stages import now_ns
 from protocol.schema import SampleMeta, SampleSchema
 
 from .ring_sink import Put, RingSink
@@ -38,6 +46,23 @@ from .ring_sink import Put, RingSink
 #: Set to 1 to publish every sample by copy (the path before in-place samples): what
 #: bench/producer.py compares against; a daemon started with it says so in status.
 FORCE_COPY_ENV = "MMFEED_PRODUCER_COPY"
+
+
+class _LazyViews:
+    """The views `SlotFill.loan` hands the feed: the slot is loaned at the first `get`. One
+    instance per SlotFill, reused every step (no per-sample allocation)."""
+
+    __slots__ = ("_fill",)
+
+    def __init__(self, fill: "SlotFill"):
+        self._fill = fill
+
+    def __bool__(self) -> bool:
+        return True
+
+    def get(self, name: str, default=None):
+        views = self._fill._views()
+        return default if views is None else views.get(name, default)
 
 
 class SlotFill:
@@ -59,19 +84,40 @@ class SlotFill:
         self.redone = 0                           # loans redone after the ring moved
         self.retyped = 0                          # samples whose schema was not the loan's
         self.last_number = -1                     # ring sample number of the last commit
+        self.loan_ns = 0                          # time the last loan took (ring_write)
+        self._lazy = _LazyViews(self)
+        self._want: tuple[SampleSchema, float] | None = None  # this step's loan, not taken
 
-    def loan(self, generation: int, timeout: float) -> dict | None:
-        """Views of a slot to make the next sample of `generation` in, or None (copy path:
-        its schema is not known yet, the sink lends none, or copies are forced). RingFull
-        (a lossless ring's slowest reader is behind) and the sink's other errors pass."""
+    def loan(self, generation: int, timeout: float):
+        """Views (a mapping with `get`) of a slot to make the next sample of `generation`
+        in, loaned at the first `get`; or None (copy path: its schema is not known yet, or
+        copies are forced). Never raises: see the module doc."""
         expect = self._expect
+        self.loan_ns = 0
         if self.force_copy or expect is None or expect[0] != generation:
+            self._want = None
             return None
-        self.slot = self.sink.loan(expect[1], timeout)
+        self._want = (expect[1], timeout)
+        return self._lazy
+
+    def _views(self) -> dict | None:
+        """The slot's views, loaning it on the first call of the step; None when no slot."""
+        if self.slot is not None:
+            return self.slot.arrays
+        want, self._want = self._want, None
+        if want is None:
+            return None
+        t0 = now_ns()
+        try:
+            self.slot = self.sink.loan(*want)
+        except (RingFull, RingTooLarge, RingDamaged, SchemaError):
+            self.slot = None  # made apart, published by copy (which says and counts why)
+        self.loan_ns = now_ns() - t0
         return self.slot.arrays if self.slot is not None else None
 
     def cancel(self) -> None:
         """Give back this step's loan if it is still open (no sample, an error, a Wait)."""
+        self._want = None
         slot, self.slot = self.slot, None
         if slot is not None:
             slot.cancel()

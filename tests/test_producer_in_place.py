@@ -130,11 +130,11 @@ def test_a_ring_replaced_while_a_sample_is_loaned_gets_that_sample_by_a_counted_
         first = {"lidar": np.zeros((3, 16, 16), np.float32)}
         assert sink.put(schema, SampleMeta(generation=1, index=0), first, 1.0)[0] is Put.PUBLISHED
         fill.copied(schema, 1, 1)
-        into = fill.loan(1, 1.0)
-        into["lidar"][:] = 7.0  # made in place...
+        made = {"lidar": fill.loan(1, 1.0).get("lidar")}  # the slot is loaned here
+        made["lidar"][:] = 7.0  # made in place...
         sink._replace(RingDamaged("test: replaced while a sample is loaned"))  # ...then moved
         with RingReader.attach(name, start="oldest") as r:
-            put, why = fill.finish(schema, SampleMeta(generation=1, index=1), into)
+            put, why = fill.finish(schema, SampleMeta(generation=1, index=1), made)
             assert put is Put.PUBLISHED, why
             s = r.receive(timeout=5)
         assert s.meta.index == 1 and (s.arrays["lidar"] == 7.0).all()
@@ -202,3 +202,33 @@ def test_a_clip_written_into_its_slot_reads_back_equal_to_the_decoded_clip(media
         np.testing.assert_array_equal(s.arrays["video"], want)
     finally:
         d.stop()
+
+
+def test_a_step_that_asks_for_no_view_holds_no_slot_and_one_that_does_loans_it():
+    import os
+    import uuid
+
+    from protocol.ring import RingConfig, RingWriter
+    from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+    from producer.ring_sink import Put, RingSink
+    from producer.slot_fill import SlotFill
+
+    schema = SampleSchema((ModalitySpec("lidar", "float32", (3, 16, 16)),))
+    name = f"mmlz-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    sink = RingSink(RingConfig(name, slots=2, slot_bytes=1 << 16), RingWriter.create)
+    fill = SlotFill(sink, force_copy=False)
+    try:
+        sink.put(schema, SampleMeta(generation=1), {"lidar": np.zeros((3, 16, 16), np.float32)},
+                 1.0)
+        fill.copied(schema, 1, 1)
+        assert fill.loan(1, 1.0) is not None and fill.slot is None  # a waiting step: no slot
+        fill.cancel()
+        into = fill.loan(1, 1.0)
+        view = into.get("lidar")
+        assert fill.slot is not None and fill.slot.number == 1  # loaned at the first view
+        view[:] = 2.0
+        assert fill.finish(schema, SampleMeta(generation=1, index=1), {"lidar": view})[0] \
+            is Put.PUBLISHED
+        assert fill.copy_bytes_last == 0 and fill.in_place_samples == 1
+    finally:
+        sink.close()
