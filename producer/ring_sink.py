@@ -193,6 +193,10 @@ class RingSink:
             self._replace(e)
             return self.writer.publish(schema, meta, arrays, timeout)
 
+    def next_slot_needed(self) -> bool:
+        """RingWriter.next_slot_needed; False where this sink lends no slots."""
+        return isinstance(self.writer, RingWriter) and self.writer.next_slot_needed()
+
     def loan(self, schema: SampleSchema, timeout: float | None = None):
         """A slot (protocol.ring_writer.Slot) to make the next sample of `schema` in place
         (producer/slot_fill.py), or None where this sink lends none (GPU slots). The ring is

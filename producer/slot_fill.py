@@ -81,6 +81,7 @@ class SlotFill:
         self.copy_bytes_total = 0
         self.copy_bytes_last = 0
         self.copied_inputs: dict[str, int] = {}   # input -> samples where it was copied
+        self.behind = 0                           # copied: a reader still needed the slot
         self.redone = 0                           # loans redone after the ring moved
         self.retyped = 0                          # samples whose schema was not the loan's
         self.last_number = -1                     # ring sample number of the last commit
@@ -108,6 +109,11 @@ class SlotFill:
         if want is None:
             return None
         t0 = now_ns()
+        if self.sink.next_slot_needed():
+            # A reader is a full ring behind: the slot still holds its next sample. Made
+            # apart and published by copy, the reader keeps it for the whole making.
+            self.behind += 1
+            return None
         try:
             self.slot = self.sink.loan(*want)
         except (RingFull, RingTooLarge, RingDamaged, SchemaError):
@@ -219,4 +225,5 @@ class SlotFill:
             "in_place_samples": self.in_place_samples,
             "copied_samples": self.copied_samples,
             "copied_inputs": dict(self.copied_inputs),
+            "copied_reader_behind": self.behind,
         }

@@ -284,6 +284,16 @@ class RingWriter:
         self._loaned = Slot(self, n, off, schema, self._slot_views(i, off, schema, need))
         return self._loaned
 
+    def next_slot_needed(self) -> bool:
+        """True when a registered reader has not yet passed the sample the next slot holds:
+        loaning that slot now would take it from the reader for as long as the new sample
+        takes to make (a lossy reader loses it sooner; a lossless writer would wait before
+        making anything). `publish` overwrites it only once the sample is made, so in place
+        writers (producer/slot_fill.py) take the copy path then."""
+        self._check_open()
+        lo = self._slowest()[0]
+        return lo is not None and self._n >= lo + self._slots
+
     def _learn(self, schema: SampleSchema) -> int:
         """First sample of this schema: check it fits (once, not per sample) and keep its
         encoding; returns its payload size."""

@@ -99,6 +99,26 @@ def test_samples_alternating_between_two_schemas_copy_only_the_input_that_differ
         d.stop()
 
 
+def test_a_reader_a_full_ring_behind_keeps_its_next_sample_while_a_new_one_is_made(plain):
+    """A loan would take the slot holding the sample a lagging reader reads next for the whole
+    making of the new one (tens of ms at 1080p); the step makes it apart and publishes it by
+    copy instead, counted. Once no reader is behind, samples are made in place again."""
+    from protocol.ring import RingReader
+
+    d = _run(plain)
+    try:
+        wait_for(lambda: _copies(d)["in_place_samples"] >= 3, what="samples made in place")
+        with RingReader.attach(d.ring, start="newest"):  # registered, never reads
+            c = wait_for(lambda: (c := _copies(d))["copied_reader_behind"] >= 3 and c,
+                         what="samples made apart for the reader behind")
+            assert c["copied_inputs"] == {}  # whole samples, not inputs that could not fit
+        after = _copies(d)
+        wait_for(lambda: _copies(d)["in_place_samples"] >= after["in_place_samples"] + 3,
+                 what="in place again once the reader left")
+    finally:
+        d.stop()
+
+
 def test_the_forced_copy_path_copies_every_whole_sample(plain):
     d = _run(plain, env={FORCE_COPY_ENV: "1"})
     try:

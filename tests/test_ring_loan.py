@@ -234,3 +234,23 @@ def test_a_retype_beyond_the_slot_is_refused_and_leaves_the_loan_open(ring_name)
         assert slot.open and slot.schema == SCHEMA
         slot.cancel()
         assert w.published == 0
+
+
+def test_the_writer_says_when_the_next_slot_still_holds_a_readers_next_sample(ring_name):
+    """What in-place writers check before a loan: a loan takes the slot for the whole
+    making of a sample, where publish overwrites it only once the sample is made."""
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="oldest") as r:
+        assert not w.next_slot_needed()  # the reader has nothing to read yet
+        for n in range(2):
+            w.publish(SCHEMA, meta(n), {"words": np.full(WORDS, n, np.int64)})
+        assert w.next_slot_needed()  # sample 2 would take slot 0: the reader's next, sample 0
+        assert r.receive(timeout=1).meta.index == 0
+        assert not w.next_slot_needed()
+
+
+def test_a_ring_without_registered_readers_never_needs_its_next_slot(ring_name):
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w:
+        for n in range(5):
+            w.publish(SCHEMA, meta(n), {"words": np.full(WORDS, n, np.int64)})
+            assert not w.next_slot_needed()
