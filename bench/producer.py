@@ -1,6 +1,6 @@
 """Producer daemon throughput against the pipeline alone, and control-to-sample latency.
 
-    python -m bench.producer [--quick] [--json]
+    python -m bench.producer [--quick] [--json] [--size WxH] [--media]
 
 Figure: samples/s that `mm-producer run --rate max --loop` publishes into the ring while
 replaying a synthetic dataset with video + audio + lidar + radar (+ an unknown sensor), counted
@@ -8,6 +8,15 @@ from the ring header over a fixed window. Limit: `Pipeline(config).process` alon
 process, on the same samples in the same order - what the daemon would reach if the ring,
 the control socket, heartbeats and the loop cost nothing. It is measured before and after the
 daemon run and averaged, so load drift on a shared machine hits both sides alike.
+
+In place against copies (issue 20): the daemon is run twice in the same bench run, making
+samples in place in ring slots (the default, producer/slot_fill.py) and with every sample
+published by copy ($MMFEED_PRODUCER_COPY=1, the path before); the table prints both rates
+and the bytes each copied per sample (status `copies`). `--size` sets the video frame: the
+copy saved grows with it (8 frames of 64x48 RGB are 72 KiB, of 640x480 7 MiB). `--media`:
+the source is one H.264 file (30 s at 10 fps, --loop) instead of the dataset: the live clip
+path (clip thread, media_clips.ClipFrames written into the slot); its limit is demux + decode
++ conversion alone (`MediaSource.clips`, each clip made into an array), in this process.
 
 Second figure (in the JSON as `filter_latency_ms_p50`): seconds from sending `filter` through
 a `ControlClient` (what `mmctl filter` does) to the first sample of the new generation read
@@ -30,6 +39,7 @@ from pathlib import Path
 from bench._common import report
 from producer.dataset import index_dataset
 from producer.pipeline import Pipeline, PipelineConfig
+from producer.slot_fill import FORCE_COPY_ENV
 from producer.sources import DatasetReplay
 from producer.synth import make_dataset
 from protocol.control import ControlClient, Timeouts
@@ -52,9 +62,29 @@ def pipeline_rate(root: Path, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def start_daemon(root: Path, ring: str, runtime: str) -> subprocess.Popen:
+def media_rate(path: Path, seconds: float) -> float:
+    """Clips/s of demux + decode + conversion alone (each clip written into an array)."""
+    import numpy as np
+
+    from producer.sources import MediaSource
+    from protocol.filters import FilterSpec
+
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for clip in MediaSource(str(path)).clips(FilterSpec(), CLIP_FRAMES):
+            np.asarray(clip.video)
+            n += 1
+            if time.perf_counter() - t0 >= seconds:
+                break
+    return n / (time.perf_counter() - t0)
+
+
+def start_daemon(root: Path, ring: str, runtime: str, copy: bool = False) -> subprocess.Popen:
     env = {**os.environ, "MMFEED_RUNTIME_DIR": runtime}
     env.pop("NOTIFY_SOCKET", None)
+    env.pop(FORCE_COPY_ENV, None)
+    if copy:
+        env[FORCE_COPY_ENV] = "1"  # every sample published by copy (producer/slot_fill.py)
     proc = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "run", "--source", str(root), "--ring", ring,
          "--loop", "--rate", "max", "--clip-frames", str(CLIP_FRAMES), "--json"],
@@ -111,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--quick", action="store_true",
                         help="4 s windows and 4 filter switches instead of 10 s and 8")
+    parser.add_argument("--size", default="64x48",
+                        help="video frame WxH of the synthetic dataset (even numbers)")
+    parser.add_argument("--media", action="store_true",
+                        help="a media file as the source (the live clip path)")
     return parser.parse_args(argv)
 
 
@@ -126,24 +160,57 @@ def main() -> None:
     window = 4.0 if quick else 10.0
     with tempfile.TemporaryDirectory(prefix="mmbench") as tmp:
         root = Path(tmp) / "ds"
-        make_dataset(root, per_class={"train": 2 if quick else 4}, size=(64, 48),
-                     clip_seconds=1.0)
-        n_samples = len(index_dataset(root).samples)
-        before = pipeline_rate(root, window)
-        runtime = tempfile.mkdtemp(prefix="mmb", dir="/tmp")
-        ring = f"bench-producer-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        proc = start_daemon(root, ring, runtime)
-        try:
-            daemon = daemon_rate(ring, window)
-            lat = filter_latencies(ring, f"ipc://{runtime}/producer.sock", 4 if quick else 8)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
-        after = pipeline_rate(root, window)
+        w, h = (int(x) for x in args.size.lower().split("x"))
+        if args.media:
+            import numpy as np
+
+            from producer.synth import make_sample
+
+            root = make_sample(Path(tmp) / "media", 0, np.random.default_rng(0), index=1,
+                               size=(w, h), clip_seconds=30.0, extras=False) / "video.mp4"
+            n_samples = 0
+            alone = lambda: media_rate(root, window)  # noqa: E731
+        else:
+            make_dataset(root, per_class={"train": 2 if quick else 4}, size=(w, h),
+                         clip_seconds=1.0)
+            n_samples = len(index_dataset(root).samples)
+            alone = lambda: pipeline_rate(root, window)  # noqa: E731
+        before = alone()
+        rates, copies = {}, {}
+        for path in ("in place", "copy"):
+            runtime = tempfile.mkdtemp(prefix="mmb", dir="/tmp")
+            ring = f"bench-producer-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            proc = start_daemon(root, ring, runtime, copy=path == "copy")
+            endpoint = f"ipc://{runtime}/producer.sock"
+            try:
+                rates[path] = daemon_rate(ring, window)
+                client = ControlClient(endpoint, Timeouts(request=30.0, retries=0))
+                copies[path] = client.request("status")["copies"]
+                client.close()
+                if path == "in place":
+                    lat = filter_latencies(ring, endpoint, 4 if quick else 8)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        after = alone()
     limit = (before + after) / 2
-    report("producer", daemon, "samples/s", "pipeline alone", limit, as_json,
+    limit_name = "decode alone" if args.media else "pipeline alone"
+    daemon = rates["in place"]
+    if not as_json:
+        for path in rates:
+            print(f"daemon {path:<9} {rates[path]:8.1f} samples/s  "
+                  f"{rates[path] / limit:5.2f} x the {limit_name}; copied per sample: "
+                  f"{copies[path]['copy_bytes_mean']:.0f} bytes (mean), "
+                  f"{copies[path]['in_place_samples']} in place, "
+                  f"{copies[path]['copied_samples']} copied")
+    report("producer", daemon, "samples/s", limit_name, limit, as_json,
            pipeline_before=round(before, 3), pipeline_after=round(after, 3),
-           samples=n_samples, clip_frames=CLIP_FRAMES,
+           samples=n_samples, clip_frames=CLIP_FRAMES, frame=f"{w}x{h}",
+           source="media file" if args.media else "dataset",
+           copy_path_samples_per_s=round(rates["copy"], 3),
+           in_place_vs_copy=round(rates["in place"] / rates["copy"], 3),
+           copy_bytes_per_sample_in_place=copies["in place"]["copy_bytes_mean"],
+           copy_bytes_per_sample_copy=copies["copy"]["copy_bytes_mean"],
            filter_latency_ms_p50=round(statistics.median(lat) * 1e3, 1),
            filter_latency_ms=[round(x * 1e3, 1) for x in lat])
     if not as_json:

@@ -12,6 +12,11 @@ iceoryx2's Python bindings (zero-copy loan/send, reader copies out; it polls, it
 blocking receive on a publish-subscribe port). Wake-up latency: time from just before
 `publish()` to the return of a reader that was asleep on its semaphore, p50/p99.
 
+Two writer rows per size, one reader each time the ring is timed: "publish" copies a made
+array into the slot (what a producer without in-place samples does), "loan" takes the slot
+with `loan()`, writes the payload once into its view (`fill`: what a modality with `out=`
+does as its last step, producer/slot_fill.py) and `commit()`s it.
+
 Beside the issue's limit (hot memcpy, the headline ratio) the table prints two references
 that say what two processes on this machine can physically do:
 - `footprint`: the same copy from 8 rotating sources, the 8-slot ring's working set (at
@@ -31,7 +36,6 @@ that say what two processes on this machine can physically do:
 from __future__ import annotations
 
 import argparse
-import collections
 import ctypes
 import mmap
 import multiprocessing as mp
@@ -44,8 +48,6 @@ import uuid
 import numpy as np
 
 import protocol.ring_liveness as ring_liveness
-import protocol.ring_reader as ring_reader
-import protocol.ring_writer as ring_writer
 from bench._common import machine, report
 from protocol import _seqlock as sl
 from protocol.ring import RingConfig, RingReader, RingWriter
@@ -158,14 +160,20 @@ def _handoff(size: int, budget: float, slots: int, writer_cpu: int | None) -> fl
 # --- the ring ----------------------------------------------------------------------------
 
 
-def _ring_writer(name, size, count, n_readers, ready, go, done):
+def _ring_writer(name, size, count, n_readers, ready, go, done, how="publish"):
     schema = _schema(size)
     arrays = {"payload": np.full(size, 7, np.uint8)}
     with RingWriter.create(RingConfig(name, slots=8, slot_bytes=size, mode="lossless")) as w:
         ready.set()
         go.wait(60)
-        for n in range(count):
-            w.publish(schema, SampleMeta(index=n), arrays, timeout=60)
+        if how == "loan":
+            for n in range(count):
+                slot = w.loan(schema, timeout=60)
+                slot.arrays["payload"].fill(n & 0xFF)  # the payload written once, in place
+                slot.commit(SampleMeta(index=n))
+        else:
+            for n in range(count):
+                w.publish(schema, SampleMeta(index=n), arrays, timeout=60)
         done.wait(120)
 
 
@@ -182,12 +190,15 @@ def _ring_reader(name, size, count, ready, q):
         q.put(((count - 1) * size / dt / 1e9, (count - 1) / dt, r.stats().dropped))
 
 
-def bench_ring(size: int, n_readers: int, budget: float) -> tuple[float, float]:
-    """Median over readers of (GB/s, samples/s) delivered to each reader."""
+def bench_ring(size: int, n_readers: int, budget: float, how: str = "publish"
+               ) -> tuple[float, float]:
+    """Median over readers of (GB/s, samples/s) delivered to each reader; `how` the writer
+    publishes: "publish" (copy in) or "loan" (loan, fill the view, commit)."""
     name = f"mmfeed-bench-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     count = _count(size, budget)
     ready, go, done, q = FORK.Event(), FORK.Event(), FORK.Event(), FORK.Queue()
-    w = FORK.Process(target=_ring_writer, args=(name, size, count, n_readers, ready, go, done))
+    w = FORK.Process(target=_ring_writer,
+                     args=(name, size, count, n_readers, ready, go, done, how))
     w.start()
     assert ready.wait(30), "ring writer did not start"
     rdy = [FORK.Event() for _ in range(n_readers)]
@@ -389,121 +400,6 @@ def bench_iceoryx2(size: int, budget: float) -> tuple[float, float] | str:
         return f"failed: {type(e).__name__}: {e}"
 
 
-# --- profile: where one reader's time goes -----------------------------------------------
-
-
-class _PhaseClock:
-    """Per-phase nanoseconds and counts. Installed in a child process only: it stands in for
-    the `sl` of protocol.ring_writer / ring_reader (timing the named seqlock calls) and wraps the ring's semaphores, so
-    the ring's own code is measured unchanged."""
-
-    def __init__(self, timed: set[str]):
-        self.ns: collections.Counter = collections.Counter()
-        self.calls: collections.Counter = collections.Counter()
-        for name in dir(sl):
-            if not name.startswith("_"):
-                fn = getattr(sl, name)
-                setattr(self, name, self._timed(name, fn) if name in timed else fn)
-
-    def _timed(self, name, fn):
-        def call(*args):
-            t0 = time.perf_counter_ns()
-            try:
-                return fn(*args)
-            finally:
-                self.ns[name] += time.perf_counter_ns() - t0
-                self.calls[name] += 1
-        return call
-
-    def wrap_sem(self, sem, name):
-        clock = self
-
-        class Sem:
-            def acquire(self, *a):
-                return clock._timed(f"{name}.acquire (sleep)", sem.acquire)(*a)
-
-            def release(self):
-                return clock._timed(f"{name}.release (wake)", sem.release)()
-
-            def close(self):
-                sem.close()
-        return Sem()
-
-    def table(self, per: int) -> dict:
-        return {k: (self.calls[k], round(self.ns[k] / per / 1e3, 2)) for k in sorted(self.ns)}
-
-
-def _profile_writer(name, size, count, ready, go, done, q):
-    clock = _PhaseClock({"spin_until"})
-    ring_writer.sl = clock
-    schema, src = _schema(size), np.full(size, 7, np.uint8)
-    with RingWriter.create(RingConfig(name, slots=8, slot_bytes=size, mode="lossless")) as w:
-        w._wsem = clock.wrap_sem(w._wsem, "writer sem")
-        ready.set()
-        go.wait(60)
-        t = collections.Counter()
-        t0 = time.perf_counter_ns()
-        for n in range(count):
-            a = time.perf_counter_ns()
-            slot = w.loan(schema, 60)          # includes the wait for a free slot
-            b = time.perf_counter_ns()
-            np.copyto(slot.arrays["payload"], src)
-            c = time.perf_counter_ns()
-            slot.commit(SampleMeta(index=n))   # includes posting a sleeping reader
-            d = time.perf_counter_ns()
-            t["loan (wait for space)"] += b - a
-            t["copy into slot"] += c - b
-            t["commit (+ wake)"] += d - c
-        total = time.perf_counter_ns() - t0
-        phases = {k: round(v / count / 1e3, 2) for k, v in t.items()}
-        q.put(("writer", round(total / count / 1e3, 2), phases, clock.table(count)))
-        done.wait(60)
-
-
-def _profile_reader(name, size, count, ready, q):
-    clock = _PhaseClock({"spin_until", "read2"})
-    ring_reader.sl = clock
-    out = np.empty(size, np.uint8)
-    with RingReader.attach(name, start="next") as r:
-        r._sem = clock.wrap_sem(r._sem, "reader sem")
-        ready.set()
-        r.receive_into(out, timeout=60)
-        clock.ns.clear()
-        clock.calls.clear()
-        t0 = time.perf_counter_ns()
-        for _ in range(count - 1):
-            r.receive_into(out, timeout=60)
-        total = time.perf_counter_ns() - t0
-        q.put(("reader", round(total / (count - 1) / 1e3, 2),
-               {"GB/s": round(size * (count - 1) / total, 2)}, clock.table(count - 1)))
-
-
-def profile(size: int, budget: float) -> None:
-    """Print per-sample microseconds of each phase on both sides of a 1-reader ring: where
-    the time goes (copy, spin, semaphore sleep, wake) and how often each side slept."""
-    name = f"mmfeed-bench-prof-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    count = _count(size, budget)
-    ready, go, done, rready, q = (FORK.Event(), FORK.Event(), FORK.Event(), FORK.Event(),
-                                  FORK.Queue())
-    w = FORK.Process(target=_profile_writer, args=(name, size, count, ready, go, done, q))
-    w.start()
-    assert ready.wait(30), "ring writer did not start"
-    r = FORK.Process(target=_profile_reader, args=(name, size, count, rready, q))
-    r.start()
-    assert rready.wait(30), "ring reader did not start"
-    go.set()
-    res = sorted(q.get(timeout=300) for _ in range(2))
-    done.set()
-    r.join(30)
-    w.join(30)
-    print(f"# profile: 1 writer, 1 reader, {size} B samples, {count} samples; us per sample "
-          f"(calls, us per sample) - spin budget {ring_liveness._SPIN_NS} ns")
-    for side, per, phases, calls in res:
-        print(f"{side:<7} {per:8.2f} us/sample  {phases}")
-        for k, (c, us) in calls.items():
-            print(f"          {k:<28}{c:>7} calls {us:8.2f} us/sample")
-
-
 # --- driver ------------------------------------------------------------------------------
 
 
@@ -534,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     quick = args.quick
     budget = 0.12e9 if quick else 0.5e9
     if args.profile:
+        from bench._ring_profile import profile
+
         profile(args.size, budget * 4)
         return None
     load = os.getloadavg()
@@ -567,17 +465,22 @@ def main(argv: list[str] | None = None) -> dict | None:
         # Rounds of (handoff, ring with 1, 2, 4 readers): on a VM the cross-core cost can
         # change within seconds (the host moves vCPUs), so the ring is compared with the
         # handoff measured in the same round, and the paired ratios' median is printed.
-        hand, ring = [], {n: [] for n in READERS}
+        hand, ring, loan = [], {n: [] for n in READERS}, []
         for _ in range(1 if quick else 3):
             hand.append(handoff_gbps(size, budget))
             for n in READERS:
                 ring[n].append(bench_ring(size, n, budget))
+            loan.append(bench_ring(size, 1, budget, "loan"))
         limits[size] = (memcpy_gbps(size, budget), memcpy_cold_gbps(size, budget), med(hand))
         for n in READERS:
             runs = ring[n]
             paired = med(g / h for (g, _), h in zip(runs, hand))
             row("mmfeed ring (lossless)", size, n, (med(g for g, _ in runs),
                                                     med(s for _, s in runs)), paired)
+            if n == 1:
+                row("  writer: loan+fill+commit", size, 1,
+                    (med(g for g, _ in loan), med(s for _, s in loan)),
+                    med(g / h for (g, _), h in zip(loan, hand)))
         row("multiprocessing.Queue", size, 1, bench_queue(size, budget))
         row("shared_memory + Lock", size, 1, bench_shared_memory_lock(size, budget))
         row("iceoryx2 (poll)", size, 1, bench_iceoryx2(size, budget))
@@ -594,17 +497,21 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"p99 {p99:.0f} us")
     one = next(r for r in rows if r["transport"].startswith("mmfeed") and r["size"] == MIB
                and r["readers"] == 1)
+    lent = next(r for r in rows if r["transport"].strip().startswith("writer: loan")
+                and r["size"] == MIB)
     print("memcpy = np.copyto of the same bytes between two preallocated arrays (the issue's "
           "limit); footpr = the same from 8 rotating sources (an 8-slot ring's working set); "
           "handoff = bare two-process copy-in/copy-out through 8 shared slots, spin + yield "
           "(the ceiling of any ring on this machine)")
     print(f"ring 1 MiB 1 reader: {one['gbps']:.2f} GB/s = {one['ratio']:.2f} x memcpy "
           f"(issue target >= 0.8), {one['ratio_handoff']:.2f} x the bare two-process handoff "
-          f"({one['handoff_gbps']:.2f} GB/s)")
+          f"({one['handoff_gbps']:.2f} GB/s); writer loan+fill+commit {lent['gbps']:.2f} GB/s "
+          f"= {lent['ratio']:.2f} x memcpy, {lent['gbps'] / one['gbps']:.2f} x publish")
     return report("ring", one["gbps"], "GB/s", "memcpy", one["memcpy_gbps"], args.json,
                   size_bytes=MIB, readers=1, memcpy_cold_gbps=one["memcpy_cold_gbps"],
                   ratio_cold=one["ratio_cold"], handoff_gbps=one["handoff_gbps"],
-                  ratio_handoff=one["ratio_handoff"],
+                  ratio_handoff=one["ratio_handoff"], loan_gbps=lent["gbps"],
+                  loan_ratio=lent["ratio"], loan_vs_publish=round(lent["gbps"] / one["gbps"], 3),
                   handoff_cross_cpu_gbps=pinned and round(pinned[0], 3),
                   handoff_same_cpu_gbps=pinned and round(pinned[1], 3),
                   latency_p50_us=round(p50, 1),

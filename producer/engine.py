@@ -4,8 +4,10 @@ at most one sample and returns, saying in `wait_s` how long nothing will happen 
 pacing, back-off, a paused or finished source), which the daemon (daemon.py) spends answering
 control. The trainer has the same shape (trainer/loop.py `Trainer.step_once`).
 
-    step:   feed.step -> Ready(sample) | Wait(s) | FINISHED     (feeds.py)
-            Ready -> pipeline.describe -> RingSink.put -> PUBLISHED | FULL | REFUSED
+    step:   feed.step(into=slot views, loaned at first use: slot_fill.py) -> Ready | Wait |
+            FINISHED
+            Ready -> pipeline.describe -> commit the slot, or RingSink.put (copy) ->
+            PUBLISHED | FULL | REFUSED
     change: Generations.propose_* -> feed.check -> feed.prove -> commit, persist,
             RingSink.set_generation                             (NOTE [proving a change])
 
@@ -41,10 +43,11 @@ from protocol.schema import SampleSchema
 from protocol.stages import StageTimer, now_ns, producer_bottleneck
 
 from .feeds import FINISHED, Feed, FeedHooks, Ready, Wait, source_facts
-from .generation_store import GenerationStore, default_state_dir, ring_header_generation
+from .generation_store import GenerationStore, default_state_dir, first_generation
 from .generations import Generation, Generations, SourceFacts
 from .pipeline import Pipeline, PipelineConfig, describe
 from .ring_sink import Put, RingSink
+from .slot_fill import SlotFill
 from .sources import MediaSource, SourceError, WatchFolder
 from .video_route import VideoRoute, route_of
 from .modalities.ffmpeg_chain_run import check_runs_on_cpu, prove_chain
@@ -119,7 +122,6 @@ class Producer:
         self._unpublished: tuple[Any, ...] | None = None  # a sample the full ring refused
         self._rates: collections.deque[tuple[float, int]] = collections.deque()
         self._reported: set[tuple[str, str]] = set()
-        self._store_failed: str | None = None   # the last save error said (said once each)
         self._last_count = 0
         self._last_progress = self.t_start      # when `published` last grew
         self.video_device = "cpu"
@@ -148,6 +150,7 @@ class Producer:
                                   opts.device)
         # Frames headed for GPU slots are decoded by NVDEC straight into GPU memory.
         self.video_device = "cuda" if self.sink.memory == "gpu" else "cpu"
+        self.fill = SlotFill(self.sink)  # samples made in place in ring slots
         self.pipeline = self._pipeline(base)
         self._persist(first)
         self.sink.set_generation(first)
@@ -189,37 +192,13 @@ class Producer:
     # --- generations across restarts ---------------------------------------------------------
 
     def _first_generation(self) -> int:
-        """One past the last generation this ring name had (NOTE [generations across
-        restarts]); a damaged file is said and never trusted to go backwards."""
-        last, problem = self._store.load()
-        header = ring_header_generation(self.opts.ring) or 0
-        first = max(last, header) + 1
-        if problem:
-            log.warning(f"{problem}; going on from generation {first} (one past the ring "
-                        f"header's {header} where a ring was left, else 1), so numbers given "
-                        f"out before this start may come again; the file is rewritten now",
-                        extra={"file": str(self._store.path)})
-        elif header > last:
-            log.warning(f"generation file {self._store.path} says {last} but the ring left "
-                        f"behind says {header}: going on from {first}",
-                        extra={"file": str(self._store.path)})
-        return first
+        """One past the last generation this ring name had (NOTE [generations across restarts])."""
+        return first_generation(self._store, self.opts.ring)
 
     def _persist(self, generation: int) -> None:
-        """Write `generation` to the state directory before any sample of it exists. A disk
-        that refuses is said once per distinct error; the producer goes on (only the promise
-        across restarts is lost, and the log says so)."""
-        try:
-            self._store.save(generation)
-            self._store_failed = None
-        except OSError as e:
-            said = f"{type(e).__name__}: {e.strerror or e}"
-            if said != self._store_failed:
-                self._store_failed = said
-                log.warning(f"generation {generation} not saved to {self._store.path} ({said}): "
-                            f"after a restart generation numbers may repeat; give a writable "
-                            f"--state-dir (or $MMFEED_STATE_DIR)",
-                            extra={"file": str(self._store.path)})
+        """Write `generation` to the state directory before any sample of it exists; a disk
+        that refuses is said once per error and the producer goes on (GenerationStore.keep)."""
+        self._store.keep(generation)
 
     # --- stepping ------------------------------------------------------------------------------
 
@@ -245,27 +224,35 @@ class Producer:
             self._retry_source()
             return False
         gen = self.gens.current
+        into = self.fill.loan(gen.number, timeout)  # slot_fill.py: loaned when first used
         try:
-            got = self.feed.step(gen, self.pipeline, timeout)
+            got = self.feed.step(gen, self.pipeline, timeout, into)
+            if self.feed.facts_stale:
+                self.gens.facts = self._facts()
+            if got is FINISHED:
+                self._finish()
+                return False
+            if isinstance(got, Wait):
+                self.wait_s = min(got.seconds, timeout)
+                return False
+            return self._publish(got, timeout)
         except SourceError as e:
             self._source_failed(e)
             return False
-        if self.feed.facts_stale:
-            self.gens.facts = self._facts()
-        if got is FINISHED:
-            self._finish()
-            return False
-        if isinstance(got, Wait):
-            self.wait_s = min(got.seconds, timeout)
-            return False
-        return self._publish(got, timeout)
+        finally:
+            self.fill.cancel()  # a loan not committed (no sample, an error) is given back
 
     def _publish(self, got: Ready, timeout: float) -> bool:
         gen = got.gen
         schema, meta = describe(got.arrays, generation=gen.number, index=got.index,
                                 label=self.gens.label_index(gen, got.own_label),
                                 timestamp=got.timestamp_ns, source=got.source)
-        return self._offer(schema, meta, got.arrays, gen, timeout=timeout)
+        t0 = now_ns()
+        done = self.fill.finish(schema, meta, got.arrays)
+        if done is None:  # the schema's first sample, or not the loan's schema: copy
+            return self._offer(schema, meta, got.arrays, gen, timeout=timeout)
+        self.stages.stage("ring_write", "ring").since(t0 - self.fill.loan_ns)
+        return self._published(done, schema, meta, got.arrays, gen, in_place=True)
 
     def _offer(self, schema, meta, arrays, gen: Generation, *, timeout: float) -> bool:
         t0 = now_ns()
@@ -276,6 +263,13 @@ class Producer:
             return False
         self.stages.stage("ring_write", "ring").since(t0)
         self._unpublished = None
+        if put is Put.PUBLISHED:
+            self.fill.copied(schema, gen.number, self.gens.current.number)
+        return self._published((put, why), schema, meta, arrays, gen)
+
+    def _published(self, done: tuple[Put, str], schema, meta, arrays, gen: Generation, *,
+                   in_place: bool = False) -> bool:
+        put, why = done
         c = self.counters
         if put is Put.REFUSED:
             # Beyond --max-ring-bytes (said once per schema by the ring sink), or a damaged
@@ -285,7 +279,8 @@ class Producer:
             return False
         c.published += 1
         self.supervisor.published()
-        self.watch.published(schema, meta, arrays, gen)
+        self.watch.published(schema, meta, arrays, gen,
+                             (self.sink.writer, self.fill.last_number) if in_place else None)
         return True
 
     def skip(self, key: str, err: Exception) -> None:
@@ -546,6 +541,7 @@ class Producer:
             "dropped": stats.dropped,
             "heartbeat_age_s": round(stats.heartbeat_age_s, 3),
             "ring_memory": sink.memory,
+            "copies": self.fill.status(),  # slot_fill.py: bytes copied into slots
             **self.video_route().status(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.t_start, 1),

@@ -2,7 +2,7 @@
 replay (`DatasetFeed`) and a media file or stream (`MediaFeed`). supervisor.py opens the right
 one (`open_feed`) and owns the back-off after a source failure.
 
-    feed.step(gen, pipeline, timeout) -> Ready(sample) | Wait(seconds) | FINISHED
+    feed.step(gen, pipeline, timeout, into) -> Ready(sample) | Wait(seconds) | FINISHED
                                          (SourceError: the source itself failed)
 
 A feed owns what depends on the kind of source: the pending item and recorded-speed pacing
@@ -93,7 +93,7 @@ class Feed(Protocol):
     own_labels: bool          # samples carry their own class (a dataset's class folders)
     facts_stale: bool         # the source told more about itself: facts() again
 
-    def step(self, gen: Generation, pipeline: Pipeline, timeout: float
+    def step(self, gen: Generation, pipeline: Pipeline, timeout: float, into: dict | None = None
              ) -> Ready | Wait | str: ...
     def facts(self, watch: WatchFolder | None, classes: tuple[str, ...]) -> SourceFacts: ...
     def check(self, gen: Generation, what: str) -> None: ...
@@ -162,8 +162,9 @@ class DatasetFeed:
         self._pace_origin: float | None = None
         self._paused_at: float | None = None
 
-    def step(self, gen: Generation, pipeline: Pipeline, timeout: float) -> Ready | Wait | str:
-        src = self.source
+    def step(self, gen: Generation, pipeline: Pipeline, timeout: float,
+             into: dict | None = None) -> Ready | Wait | str:
+        src = self.source  # `into`: views of a loaned slot to make the sample in (slot_fill.py)
         if self._pending is None:
             item = self._backlog.popleft() if self._backlog else src.next()
             if item is None:
@@ -175,7 +176,7 @@ class DatasetFeed:
             return Wait(wait)
         if arrays is None or made_for != gen.number:
             try:
-                arrays = pipeline.process(item.sample, None)
+                arrays = pipeline.process(item.sample, None, into)
             except InputError as e:
                 self._pending = None
                 src.check_alive()  # a vanished folder is the source's failure, not the sample's
@@ -351,7 +352,8 @@ class MediaFeed:
         self._frame_warned = False
         self._dropped = 0                     # clips dropped while paused by readers gone
 
-    def step(self, gen: Generation, pipeline: Pipeline, timeout: float) -> Ready | Wait | str:
+    def step(self, gen: Generation, pipeline: Pipeline, timeout: float,
+             into: dict | None = None) -> Ready | Wait | str:
         src = self.source
         reader = self._reader
         if reader is not None and reader.generation != gen.number:
@@ -397,7 +399,7 @@ class MediaFeed:
                 self._unaligned_clip(stem, clip, offset_s, tol)
         try:
             arrays = pipe.process_clip(clip, watched,
-                                       self.watch.directory if self.watch else None)
+                                       self.watch.directory if self.watch else None, into)
         except InputError as e:
             self.hooks.skip(f"clip@{clip.start_s:.2f}s", e)
             return Wait(0.0)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ from protocol.filemodes import fsync_dir
 #: SampleMeta stores the generation as a u32: a number past this cannot be published.
 MAX_GENERATION = 2**32 - 1
 STATE_ENV = "MMFEED_STATE_DIR"
+
+log = logging.getLogger("producer.engine")  # said as the engine's, which asks for it
 
 
 def default_state_dir() -> Path:
@@ -56,6 +59,7 @@ class GenerationStore:
         self.directory = Path(directory)
         self.ring = ring.lstrip("/")
         self.path = self.directory / "generations" / f"{self.ring}.json"
+        self._failed: str | None = None  # the last save error said (said once each)
 
     def load(self) -> tuple[int, str | None]:
         """(last generation, problem): 0 and None when there is no file yet; 0 and a sentence
@@ -84,6 +88,20 @@ class GenerationStore:
                        f'{{"generation": N}} with 0 <= N < {MAX_GENERATION}, found '
                        f"{json.dumps(doc)[:80]})")
         return gen, None
+
+    def keep(self, generation: int) -> None:
+        """`save`, never raising: a disk that refuses is said once per distinct error and the
+        producer goes on (only the promise across restarts is lost, and the log says so)."""
+        try:
+            self.save(generation)
+            self._failed = None
+        except OSError as e:
+            said = f"{type(e).__name__}: {e.strerror or e}"
+            if said != self._failed:
+                self._failed = said
+                log.warning(f"generation {generation} not saved to {self.path} ({said}): "
+                            f"after a restart generation numbers may repeat; give a writable "
+                            f"--state-dir (or $MMFEED_STATE_DIR)", extra={"file": str(self.path)})
 
     def save(self, generation: int) -> None:
         """Record `generation` atomically (module docstring); OSError when it cannot be."""
@@ -116,3 +134,22 @@ def ring_header_generation(ring: str) -> int | None:
         return header_generation(ring)
     except ValueError:  # not a ring name at all
         return None
+
+
+def first_generation(store: "GenerationStore", ring: str) -> int:
+    """One past the last generation ring name `ring` had: the larger of `store`'s file and the
+    header of a ring a dead producer left. A damaged file is said and never trusted to go
+    backwards."""
+    last, problem = store.load()
+    header = ring_header_generation(ring) or 0
+    first = max(last, header) + 1
+    if problem:
+        log.warning(f"{problem}; going on from generation {first} (one past the ring "
+                    f"header's {header} where a ring was left, else 1), so numbers given "
+                    f"out before this start may come again; the file is rewritten now",
+                    extra={"file": str(store.path)})
+    elif header > last:
+        log.warning(f"generation file {store.path} says {last} but the ring left "
+                    f"behind says {header}: going on from {first}",
+                    extra={"file": str(store.path)})
+    return first

@@ -82,9 +82,50 @@ class StreamInfo:
                    video.stream_rate(vs), video.duration_s(container, vs))
 
 
+class ClipFrames:
+    """A clip's video as the T frames the converter made on the clip thread (planar, C-owned
+    memory), not yet in an array: the step writes them where the sample goes
+    (`write_into`: a loaned ring slot's (T, C, H, W) view, producer/slot_fill.py), so a live
+    clip's frames reach the ring with no clip-sized array between (docs/architecture.md "In
+    place"). Reads like the uint8 array it stands for: `shape`, `dtype`, `np.asarray`.
+    RGB and gray only; yuv420 clips are packed into an array on the thread as before."""
+
+    __slots__ = ("frames", "shape")
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, frames: list, shape: tuple[int, int, int, int]):
+        # frames: per frame, its (H, W) channel views (FrameConverter.channels), made on the
+        # clip thread so the step does nothing but the writes
+        self.frames, self.shape = frames, shape
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape)
+
+    def write_into(self, out: np.ndarray) -> np.ndarray:
+        """Each frame's planes into `out` (T, C, H, W) uint8: one copy per plane, the write
+        that `FrameConverter.into` makes. Returns `out`."""
+        for k, channels in enumerate(self.frames):
+            row = out[k]
+            for c, rows in enumerate(channels):
+                row[c] = rows
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.write_into(np.empty(self.shape, np.uint8))
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"ClipFrames({len(self.frames)} frames, shape {self.shape})"
+
+
 @dataclass
 class DemuxedClip:
-    video: np.ndarray              # uint8 (T, C, H, W)
+    video: "np.ndarray | ClipFrames"  # uint8 (T, C, H, W)
     start_s: float                 # pts of the first frame
     end_s: float                   # pts of the last frame + one frame period
     audio: np.ndarray | None       # float32 mono samples of [start_s, end_s); None: no audio
@@ -197,7 +238,9 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
         cur = settings()
         conv = video.FrameConverter(cur.spec)
         runner = ChainRunner(cur.chain) if cur.chain else None
-        buf: np.ndarray | None = None
+        buf: np.ndarray | None = None     # a yuv420 clip's packed rows
+        planes: list | None = None        # an RGB/gray clip's converted frames (ClipFrames)
+        pshape: tuple | None = None
         k, t0, last_t = 0, 0.0, None
         grid = StreamGrid(slack)  # modalities/frame_times.py: the rule of every decode path
         n_frames = 0
@@ -243,7 +286,7 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                         if k and cur.spec.fps and \
                                 (cur.frames - k) / cur.spec.fps > MAX_SWITCH_WAIT_S and \
                                 settings() != cur:
-                            buf, k = None, 0   # a slow clip would hold it back
+                            buf, planes, k = None, None, 0   # a slow clip would hold it back
                             grid.restart()
                         if not grid.due(t):
                             continue
@@ -257,20 +300,27 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                         period = 1.0 / cur.spec.fps if cur.spec.fps else 0.0
                         grid.take(t, period)
                         conv.prepare(frame)
-                        shape = (cur.spec.channels, conv.out_h, conv.out_w)
-                        if buf is None or buf.shape[1:] != shape:   # a new clip, or a new size
-                            buf, k = np.empty((cur.frames, *shape), np.uint8), 0
+                        shape = (cur.frames, cur.spec.channels, conv.out_h, conv.out_w)
+                        if conv.yuv:   # packed NV12 rows: into an array here, as made
+                            if buf is None or buf.shape[1:] != shape[1:]:   # new clip or size
+                                buf, k = np.empty(shape, np.uint8), 0
+                        elif planes is None or pshape != shape:
+                            planes, pshape, k = [], shape, 0
                         if k == 0:
                             t0 = t
-                        conv.into(frame, buf[k])
+                        if conv.yuv:
+                            conv.into(frame, buf[k])
+                        else:  # converted here, written where the sample goes (ClipFrames)
+                            planes.append(conv.channels(conv.convert(frame)))
                         k += 1
                         n_frames += 1
                         step = period or frame_s or max(t - (last_t if last_t is not None else t),
                                                         1e-3)
                         last_t = t
                         if k == cur.frames:
-                            pending.append(DemuxedClip(buf, t0, t + step, None, cur))
-                            buf, k = None, 0
+                            made = buf if conv.yuv else ClipFrames(planes, shape)
+                            pending.append(DemuxedClip(made, t0, t + step, None, cur))
+                            buf, planes, k = None, None, 0
                     yield from ready(False)
             if resampler is not None:
                 for rf in resampler.resample(None):

@@ -69,7 +69,9 @@ from .align import align, default_tolerance, frame_timestamps, timestamp_field
 from .dataset import METADATA, SampleFiles
 from .metadata import timestamp_ns
 from .modalities import audio, lidar, radar, unknown, video
+from .media_clips import ClipFrames
 from .modalities._limits import ReadLimits
+from .modalities._out import fits
 from .modalities.audio import AudioConfig
 from .modalities.lidar import BevConfig
 from .modalities.radar import RadarConfig
@@ -302,15 +304,24 @@ class Pipeline:
         return self.config.enabled is None or name in self.config.enabled
 
     def process_clip(self, clip, watched: Mapping[str, Path] | None = None,
-                     folder: Path | None = None) -> dict[str, np.ndarray]:
+                     folder: Path | None = None,
+                     out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A live clip's sample: its video and audio (demuxed together, so a listen-once
         stream has both; `clip` as media_clips/sources make it) plus what this pipeline makes
         of the `watched` sensor files aligned with it (`aligned_watch_files`, from `folder`),
-        cut to the clip's span. InputError names a bad watched file."""
+        cut to the clip's span. InputError names a bad watched file. `out`: as in `process`:
+        the clip's frames, converted ahead on the clip thread (media_clips.ClipFrames), are
+        written into `out["video"]` when it fits, else into an array of their own; a clip
+        that came as an array (yuv420, the ffmpeg child) is handed on as it is."""
+        into = out or {}
         out: dict[str, np.ndarray] = {}
         cfg = self.config
         if self._on("video"):
-            out["video"] = clip.video
+            v = clip.video
+            if isinstance(v, ClipFrames):
+                view = into.get("video")
+                v = v.write_into(view) if fits(view, v.shape, np.uint8) else np.asarray(v)
+            out["video"] = v
         if clip.audio is not None and self._on("audio"):
             # The clip's span, padded or cut to the configured length: the same shape and
             # meaning as `log_mel(file, segment=(start, end))` of a recorded sample.
@@ -318,7 +329,7 @@ class Pipeline:
             samples = np.zeros(cfg.audio.n_samples, np.float32)
             n = min(clip.audio.size, samples.size)
             samples[:n] = clip.audio[:n]
-            out["audio"] = audio.log_mel_from_samples(samples, cfg.audio)
+            out["audio"] = audio.log_mel_from_samples(samples, cfg.audio, into.get("audio"))
             if self.timer is not None:
                 self.timer.stage("audio", "pipeline").since(t0)
         wanted = {n for n in (watched or {}) if self._on(n)}
@@ -327,7 +338,7 @@ class Pipeline:
         sample = SampleFiles("live", "", UNLABELLED, folder, dict(watched), {})
         config = cfg.with_changes(enabled=frozenset(wanted), segment=(clip.start_s, clip.end_s))
         out.update(Pipeline(config, video_device=self.video_device, timer=self.timer
-                            ).process(sample, None))
+                            ).process(sample, None, into))
         return out
 
     def sensor_for(self, sample: SampleFiles, inp: str, notes: list[str] | None = None
@@ -360,19 +371,20 @@ class Pipeline:
         return [name for name, _ in self._jobs(sample, None)]
 
     def _one(self, inp: str, path: Path, meta: dict, notes: list[str] | None,
-             times: list[float] | None = None) -> np.ndarray:
+             times: list[float] | None = None, out: np.ndarray | None = None) -> np.ndarray:
         c = self.config
         if inp == "video":
             return video.decode_clip(path, c.filter, c.clip_frames, c.segment, notes,
                                      device=self.video_device, times=times,
-                                     chain=c.ffmpeg_chain)
+                                     chain=c.ffmpeg_chain, out=out)
         if inp == "audio":
-            return audio.log_mel(path, c.audio, c.segment, notes)
+            return audio.log_mel(path, c.audio, c.segment, notes, out)
         if inp == "lidar":
-            return lidar.bev(lidar.load_points(path, meta, notes, c.read_limits), c.lidar)
+            return lidar.bev(lidar.load_points(path, meta, notes, c.read_limits), c.lidar, out)
         if inp == "radar":
-            return radar.process(path, c.methods["radar"], c.radar, meta, notes, c.read_limits)
-        return unknown.load_unknown(path, meta, c.unknown_len, notes, c.read_limits)
+            return radar.process(path, c.methods["radar"], c.radar, meta, notes, c.read_limits,
+                                 out)
+        return unknown.load_unknown(path, meta, c.unknown_len, notes, c.read_limits, out)
 
     def _aligned_frame(self, sample: SampleFiles, name: str, sensor: str, times: np.ndarray,
                        clip_times: np.ndarray | None, notes: list[str] | None
@@ -409,9 +421,14 @@ class Pipeline:
                          f"left out")
         return None
 
-    def process(self, sample: SampleFiles, notes: list[str] | None = None
-                ) -> dict[str, np.ndarray]:
-        """Model input name -> array for one sample; InputError names the bad file/field."""
+    def process(self, sample: SampleFiles, notes: list[str] | None = None,
+                into: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Model input name -> array for one sample; InputError names the bad file/field.
+
+        `into`: name -> a view to make that input in (a loaned ring slot's, producer/
+        slot_fill.py); an input whose view fits is made there and its value IS the view, one
+        that does not fit (another shape: the schema changed) gets an array of its own."""
+        into = into or {}
         out: dict[str, np.ndarray] = {}
         meta = sample.metadata
         jobs = self._jobs(sample, notes)
@@ -437,7 +454,7 @@ class Pipeline:
             times: list[float] | None = [] if name == "video" else None
             t0 = now_ns()
             try:
-                out[name] = self._one(name, path, meta_for, notes, times)
+                out[name] = self._one(name, path, meta_for, notes, times, into.get(name))
                 if self.timer is not None:
                     self.timer.stage(name if name in INPUTS else "unknown", "pipeline").since(t0)
             except InputError as e:

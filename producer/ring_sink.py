@@ -160,14 +160,7 @@ class RingSink:
         slot within `timeout` (the caller keeps the sample and offers it again), or
         (REFUSED, why) for a sample beyond --max-ring-bytes (said once per schema) or a
         damaged ring that could not be replaced (said once): counted by the caller."""
-        self.last_schema = schema
-        said = (meta.generation, schema.schema_id)
-        if said not in self._schemas_logged:  # NOTE [schema log]
-            self._schemas_logged[said] = None
-            if len(self._schemas_logged) > SCHEMAS_LOGGED:
-                self._schemas_logged.popitem(last=False)
-            log.info("sample schema", extra={"generation": meta.generation,
-                                             "schema": repr(schema)})
+        self.note_schema(schema, meta)
         try:
             self.publish(schema, meta, arrays, timeout=timeout)
         except (RingTooLarge, RingDamaged) as e:
@@ -176,11 +169,68 @@ class RingSink:
             return Put.FULL, str(e)
         return Put.PUBLISHED, ""
 
+    def note_schema(self, schema: SampleSchema, meta: SampleMeta) -> None:
+        """`last_schema`, and the "sample schema" line once per (generation, schema) (NOTE
+        [schema log]); for every sample offered, by copy (`put`) or made in place."""
+        self.last_schema = schema
+        said = (meta.generation, schema.schema_id)
+        if said not in self._schemas_logged:  # NOTE [schema log]
+            self._schemas_logged[said] = None
+            if len(self._schemas_logged) > SCHEMAS_LOGGED:
+                self._schemas_logged.popitem(last=False)
+            log.info("sample schema", extra={"generation": meta.generation,
+                                             "schema": repr(schema)})
+
     def publish(self, schema: SampleSchema, meta: SampleMeta, arrays: Mapping[str, object],
                 timeout: float | None = None) -> int:
         """Publish one sample, moving the ring first when it does not fit. RingTooLarge when
         it cannot fit within the cap (logged once per schema); RingFull as the writer's, or
         while a lossless move waits for its readers."""
+        self._make_room(schema, timeout)
+        try:
+            return self.writer.publish(schema, meta, arrays, timeout)
+        except RingDamaged as e:
+            self._replace(e)
+            return self.writer.publish(schema, meta, arrays, timeout)
+
+    def next_slot_needed(self) -> bool:
+        """RingWriter.next_slot_needed; False where this sink lends no slots."""
+        return isinstance(self.writer, RingWriter) and self.writer.next_slot_needed()
+
+    def loan(self, schema: SampleSchema, timeout: float | None = None):
+        """A slot (protocol.ring_writer.Slot) to make the next sample of `schema` in place
+        (producer/slot_fill.py), or None where this sink lends none (GPU slots). The ring is
+        moved first when the schema outgrows its slots, as `publish` does; RingFull,
+        RingTooLarge and RingDamaged as there. Nothing moves the ring while a loan is out
+        (moves happen in here, in `publish` and between steps); a move that found one
+        cancels it (RingWriter.supersede), and slot_fill redoes it in the new layout."""
+        if not isinstance(self.writer, RingWriter):
+            return None
+        self._make_room(schema, timeout)
+        try:
+            return self.writer.loan(schema, timeout)
+        except RingDamaged as e:
+            self._replace(e)
+            return self.writer.loan(schema, timeout)
+
+    def commit(self, slot, meta: SampleMeta) -> tuple[Put, str]:
+        """Publish a loaned slot: (PUBLISHED, "") or (REFUSED, why) when the segment was found
+        damaged meanwhile (the sample made in it is lost, counted by the caller; the ring is
+        replaced as for `put`)."""
+        self.note_schema(slot.schema, meta)
+        try:
+            slot.commit(meta)
+        except RingDamaged as e:
+            try:
+                self._replace(e)
+            except RingDamaged:
+                pass  # said by _replace; the next heartbeat tries again
+            return Put.REFUSED, f"{e}; the sample made in place in it is lost"
+        return Put.PUBLISHED, ""
+
+    def _make_room(self, schema: SampleSchema, timeout: float | None) -> None:
+        """Move the ring to bigger slots when `schema` outgrows them; after a lossless move,
+        wait (RingFull) for its readers to follow."""
         sid = schema.schema_id
         need = self._sizes.get(sid)
         if need is None:
@@ -191,11 +241,6 @@ class RingSink:
             self._grow(need, schema)
         if self._follow is not None:
             self._wait_for_followers(timeout)
-        try:
-            return self.writer.publish(schema, meta, arrays, timeout)
-        except RingDamaged as e:
-            self._replace(e)
-            return self.writer.publish(schema, meta, arrays, timeout)
 
     def heartbeat(self) -> None:
         """The writer's heartbeat; a damaged ring found there is replaced. Never raises for

@@ -6,7 +6,10 @@ engine hands each published sample to `RunWatch.published` and nothing here runs
 
 Hot path: `published` stores a reference to the pipeline's own arrays (no copy) and, only
 while a recording runs, offers them to the recorder; a preview is drawn from that reference
-when asked for, never per sample.
+when asked for, never per sample. A sample made in place (slot_fill.py) is a view of its ring
+slot: the preview reads it between steps, when no loan is open, and checks that the slot
+still holds it (a 1-slot ring reuses it at once); the recorder, which writes on its own
+thread later, is handed a copy (only while recording).
 """
 from __future__ import annotations
 
@@ -36,14 +39,19 @@ class RunWatch:
         self.ring = ring
         self.record_cache = record_cache
         self.newest: tuple[Mapping[str, Any], SampleMeta, Generation] | None = None
+        self.newest_slot: tuple[Any, int] | None = None  # (ring writer, sample) of a view
         self.recorder = None          # producer/recorder.py Recorder while `mmctl record` runs
         self.recorded_total = 0       # samples of finished recordings (metrics)
 
     def published(self, schema: SampleSchema, meta: SampleMeta, arrays: Mapping[str, Any],
-                  gen: Generation) -> None:
-        """Called once per published sample: a reference kept, a recording fed."""
+                  gen: Generation, slot: tuple[Any, int] | None = None) -> None:
+        """Called once per published sample: a reference kept, a recording fed. `slot`:
+        (writer, sample number) when `arrays` are views of that ring slot."""
         self.newest = (arrays, meta, gen)
+        self.newest_slot = slot
         if self.recorder is not None:
+            if slot is not None:
+                arrays = {k: v.copy() for k, v in arrays.items()}
             self.recorder.offer(schema, meta, arrays, gen)
 
     # --- mmctl generation / preview ----------------------------------------------------------
@@ -67,6 +75,9 @@ class RunWatch:
         if self.newest is None:
             raise WrongState(f"preview: nothing published yet ({idle_reason or 'starting'})")
         arrays, meta, gen = self.newest
+        if self.newest_slot is not None and not self.newest_slot[0].holds(self.newest_slot[1]):
+            raise WrongState("preview: the newest sample's ring slot is being rewritten; ask "
+                             "again after the next sample")
         info = {**gen.summary(), "source": meta.source, "label": meta.label,
                 "label_name": classes[meta.label] if 0 <= meta.label < len(classes) else None,
                 "timestamp_ns": meta.timestamp_ns, "index": meta.index,

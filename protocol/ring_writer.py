@@ -36,9 +36,15 @@ _SCHEMA_GAP = SLOT_HEADER_BYTES - SCHEMA_MAX - S["schema_len"] - _SCHEMA_LEN.siz
 
 
 class Slot:
-    """A loaned slot: write the payload in place through `arrays`, then `commit(meta)`.
+    """A loaned slot: write the payload in place through `arrays`, then `commit(meta)`, or
+    give it back unpublished with `cancel()`.
 
-    While loaned the slot's sequence is odd, so readers treat it as being written.
+    While loaned the slot's sequence is odd (2n+1 for sample n), so readers treat it as being
+    written: a reader still on the sample the slot held before skips it as lapped (its bytes
+    may already be half overwritten), and no reader sees sample n before `commit` counts it.
+    `cancel()` leaves the sequence odd and `published` unchanged, which is exactly that state:
+    the next loan takes the same slot and sample number again. A loan outlives neither a
+    `supersede` nor a `close` of its writer: both cancel it, and a later `commit` says so.
     """
 
     __slots__ = ("_writer", "number", "schema", "arrays", "_off", "_done")
@@ -47,15 +53,38 @@ class Slot:
                  arrays: dict[str, np.ndarray]):
         self._writer, self.number, self._off, self.schema = writer, number, off, schema
         self.arrays = arrays
-        self._done = False
+        self._done: str | bool = False
 
     def commit(self, meta: SampleMeta) -> int:
         """Publish the slot; returns its sample number."""
         if self._done:
-            raise RingError(f"sample {self.number} was already committed")
-        self._done = True
+            raise RingError(f"sample {self.number} was already {self._done}; loan a new slot")
+        self._done = "committed"
         self._writer._commit(self, meta)
         return self.number
+
+    def retype(self, schema: SampleSchema) -> None:
+        """Let the open loan carry `schema` instead (the sample made turned out to have
+        another schema): same slot, same bytes, `arrays` become views of the new layout, so
+        an input at the same offset, dtype and shape in both is already in place. SchemaError
+        when `schema` does not fit the slot (nothing changed; cancel and publish instead)."""
+        if self._done:
+            raise RingError(f"sample {self.number} was already {self._done}; loan a new slot")
+        self.arrays = self._writer._retype(self, schema)
+        self.schema = schema
+
+    def cancel(self) -> None:
+        """Give the slot back without publishing (idempotent; after `commit`, a no-op). What
+        was written into `arrays` is never seen by a reader; the next loan reuses the slot."""
+        if self._done:
+            return
+        self._done = "cancelled"
+        self._writer._cancel(self)
+
+    @property
+    def open(self) -> bool:
+        """True until `commit` or `cancel` (or the writer moved or closed)."""
+        return not self._done
 
     def __repr__(self) -> str:
         return f"Slot(sample {self.number}, {self.schema!r})"
@@ -164,6 +193,7 @@ class RingWriter:
             new._discard(temp)
             raise RingInUse(f"ring {self.name}: the name no longer holds this producer's ring "
                             f"(epoch {self._hdr.epoch:#x}); another process replaced it")
+        self._drop_loan()  # its views point into this segment: never committed into the new one
         self._mark(STATE_SUPERSEDED)  # before the rename: a reader never sees "replaced"
         try:
             os.rename(_SHM_DIR + temp, _SHM_DIR + self.name)
@@ -240,29 +270,54 @@ class RingWriter:
         self._check_open()
         if self._loaned is not None and not self._loaned._done:
             raise RingError(f"ring {self.name}: sample {self._loaned.number} is loaned and not "
-                            f"committed; commit it before loaning another")
+                            f"committed; commit or cancel it before loaning another")
         sid = schema.schema_id
         need = self._nbytes.get(sid)
-        if need is None:  # first sample of this schema: check it once, not per sample
-            need = schema.payload_nbytes
-            if need > self._slot_bytes:
-                raise SchemaError(
-                    f"ring {self.name}: sample payload of {need} bytes ({schema!r}) does not "
-                    f"fit slot_bytes={self._slot_bytes}; create the ring with slot_bytes >= "
-                    f"{need}")
-            enc = schema.encode()
-            if len(enc) > SCHEMA_MAX:
-                raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes "
-                                  f"exceeds the slot's {SCHEMA_MAX} bytes; use fewer modalities")
-            self._nbytes[sid] = need
-            self._encoded[sid] = _SCHEMA_LEN.pack(len(enc)) + bytes(_SCHEMA_GAP) + enc
+        if need is None:
+            need = self._learn(schema)
         n = self._n
         if self._lossless:
             self._wait_for_space(n, timeout)
         i = n % self._slots
         off = self._slot_off[i]
+        sl.write_begin(self._mm, off, 2 * n + 1)
+        self._loaned = Slot(self, n, off, schema, self._slot_views(i, off, schema, need))
+        return self._loaned
+
+    def next_slot_needed(self) -> bool:
+        """True when a registered reader has not yet passed the sample the next slot holds:
+        loaning that slot now would take it from the reader for as long as the new sample
+        takes to make (a lossy reader loses it sooner; a lossless writer would wait before
+        making anything). `publish` overwrites it only once the sample is made, so in place
+        writers (producer/slot_fill.py) take the copy path then."""
+        self._check_open()
+        lo = self._slowest()[0]
+        return lo is not None and self._n >= lo + self._slots
+
+    def _learn(self, schema: SampleSchema) -> int:
+        """First sample of this schema: check it fits (once, not per sample) and keep its
+        encoding; returns its payload size."""
+        sid = schema.schema_id
+        need = schema.payload_nbytes
+        if need > self._slot_bytes:
+            raise SchemaError(
+                f"ring {self.name}: sample payload of {need} bytes ({schema!r}) does not "
+                f"fit slot_bytes={self._slot_bytes}; create the ring with slot_bytes >= "
+                f"{need}")
+        enc = schema.encode()
+        if len(enc) > SCHEMA_MAX:
+            raise SchemaError(f"ring {self.name}: schema encoding of {len(enc)} bytes "
+                              f"exceeds the slot's {SCHEMA_MAX} bytes; use fewer modalities")
+        self._nbytes[sid] = need
+        self._encoded[sid] = _SCHEMA_LEN.pack(len(enc)) + bytes(_SCHEMA_GAP) + enc
+        return need
+
+    def _slot_views(self, i: int, off: int, schema: SampleSchema, need: int
+                    ) -> dict[str, np.ndarray]:
+        """Write `schema`'s encoding into slot `i` (at `off`, under an odd sequence) and return
+        the slot's payload views in its layout."""
+        sid = schema.schema_id
         mm = self._mm
-        sl.write_begin(mm, off, 2 * n + 1)
         # The schema length and encoding go into every slot write, not only when the slot's
         # schema changes: a slot damaged by another process heals within one lap of the ring
         # (a reader that met the damage re-attaches and would meet it again otherwise). One
@@ -274,8 +329,14 @@ class RingWriter:
             p = off + SLOT_HEADER_BYTES
             views = schema.views(self._map.np[p:p + need])
             self._views[(i, sid)] = views
-        self._loaned = Slot(self, n, off, schema, views)
-        return self._loaned
+        return views
+
+    def _retype(self, slot: Slot, schema: SampleSchema) -> dict[str, np.ndarray]:
+        self._check_open()
+        need = self._nbytes.get(schema.schema_id)
+        if need is None:
+            need = self._learn(schema)
+        return self._slot_views(slot.number % self._slots, slot._off, schema, need)
 
     def _commit(self, slot: Slot, meta: SampleMeta) -> None:
         mm, off, n = self._mm, slot._off, slot.number
@@ -290,6 +351,18 @@ class RingWriter:
         waiting = sl.load_seq_cst(mm, H["waiting_mask"])
         if waiting:
             self._wake(sl.fetch_and(mm, H["waiting_mask"], _U64 ^ waiting) & waiting)
+
+    def _cancel(self, slot: Slot) -> None:
+        # The sequence stays odd (2n+1) and `published` at n: see Slot. Nothing else to undo.
+        if self._loaned is slot:
+            self._loaned = None
+
+    def _drop_loan(self) -> None:
+        """Cancel an outstanding loan before this writer stops owning its mapping."""
+        slot = self._loaned
+        if slot is not None and not slot._done:
+            slot._done = "cancelled (the ring moved or closed)"
+        self._loaned = None
 
     def publish(self, schema: SampleSchema, meta: SampleMeta, arrays: Mapping[str, np.ndarray],
                 timeout: float | None = None) -> int:
@@ -441,6 +514,13 @@ class RingWriter:
     def published(self) -> int:
         return self._n
 
+    def holds(self, n: int) -> bool:
+        """True while sample `n`'s slot still holds it whole (nothing loaned or written over
+        it since): what a view of a published sample kept by the producer checks."""
+        if self._closed:
+            return False
+        return sl.load_acquire(self._mm, self._slot_off[n % self._slots]) == 2 * n + 2
+
     def _check_open(self) -> None:
         if self._closed:
             raise RingError(f"ring {getattr(self, 'name', '?')} is closed")
@@ -473,7 +553,7 @@ class RingWriter:
         self._reader_sems.clear()
         self._wsem.close()
         self._views.clear()
-        self._loaned = None
+        self._drop_loan()
         self._mm = None
         self._map.close()
 

@@ -24,6 +24,7 @@ UNIT_FILES = frozenset({
     "test_systemd_units.py", "test_trainer_batching.py", "test_unknown.py", "test_video.py",
     "test_stages.py", "test_status_view.py", "test_layouts.py", "test_video_store.py",
     "test_metrics.py", "test_progress.py", "test_ffmpeg_chain.py",
+    "test_in_place_modalities.py",
 })
 
 

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_data import LiveProducer, build_cache, cleanup_ring, unique_name  # noqa: E402
 from _polling import wait_for  # noqa: E402
 
+from protocol.ring import RingReader  # noqa: E402
 from trainer.batching import modality_views  # noqa: E402
 from trainer.datasets import RingDataset  # noqa: E402
 from trainer.loop import Trainer, TrainConfig  # noqa: E402
@@ -67,6 +68,23 @@ def test_mix_ratio_is_honoured_within_tolerance_when_both_sides_keep_up(cache, r
         assert abs(tr.mixer.achieved - 0.7) <= 0.1, tr.mixer.achieved
         # NOTE [one host copy]: a live sample is copied once, slot -> pinned batch row.
         assert tr.copies_per_sample() == 1.0
+    finally:
+        tr.close()
+
+
+def test_trainer_counts_the_bytes_a_live_sample_copies_slot_to_batch(cache, ring, tmp_path):
+    name, start = ring
+    start(mode="lossless")
+    tr = Trainer(TrainConfig(cache=cache, ring=name, mix=1.0, batch_size=8,
+                             checkpoint_dir=tmp_path))
+    try:
+        _until(lambda: tr.live.ready(), what="first live batch")
+        _train(tr, 5)
+        with RingReader.attach(name, start="oldest") as r:
+            payload = r.receive(timeout=10).schema.payload_nbytes
+        # one copy of the whole payload per live sample (NOTE [one host copy])
+        assert tr.copy_bytes_per_sample() == payload
+        assert tr.status()["copy_bytes_per_sample"] == payload
     finally:
         tr.close()
 

@@ -126,6 +126,7 @@ class Trainer(TrainState, TrainReports):
         self.samples_unlabelled = self.samples_bad_label = 0
         self.steps_unlabelled = 0
         self.live_copies = 0
+        self.live_copy_bytes = 0  # bytes of those copies (slot -> batch row): status
         self.lifetime_base = {"live": 0, "disk": 0, "unlabelled": 0, "bad_label": 0}
         self.resumed_from: Path | None = None
         self.resumed_step = 0
@@ -411,6 +412,7 @@ class Trainer(TrainState, TrainReports):
                 live += batch.n
                 self.samples_live += batch.n
                 self.live_copies += batch.copies
+                self.live_copy_bytes += batch.copies * batch.schema.payload_nbytes
                 self.generations_trained.add(batch.generation)
                 self.last_generation = batch.generation
             else:

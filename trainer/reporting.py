@@ -62,6 +62,7 @@ class TrainReports:
             "live_fraction_target": self.mixer.fraction,
             "generation": self.last_generation,
             "copies_per_sample": self.copies_per_sample(),
+            "copy_bytes_per_sample": self.copy_bytes_per_sample(),
             "unlabelled": m.samples_unlabelled, "bad_label": m.samples_bad_label,
             "steps_unlabelled": m.steps_unlabelled,
             **self._live_supply(m, elapsed, samples_per_s, achieved),
@@ -115,6 +116,10 @@ class TrainReports:
     def copies_per_sample(self) -> float | None:
         return round(self.live_copies / self.samples_live, 3) if self.samples_live else None
 
+    def copy_bytes_per_sample(self) -> float | None:
+        """Host bytes copied per live sample (slot -> pinned batch row): bytes, not calls."""
+        return round(self.live_copy_bytes / self.samples_live, 1) if self.samples_live else None
+
 
     def status(self) -> dict:
         live = self.live.stats if self.live is not None else None
@@ -150,6 +155,7 @@ class TrainReports:
             "generations_trained": sorted(self.generations_trained),
             "generation": self.last_generation,
             "copies_per_sample": self.copies_per_sample(),
+            "copy_bytes_per_sample": self.copy_bytes_per_sample(),
             "ring": self.cfg.ring, "ring_attached": bool(self.live and self.live.attached),
             "ring_reattached": live.reattached if live else 0,
             "live_dropped": live.dropped if live else 0,
@@ -250,6 +256,7 @@ class TrainReports:
             "stall_fraction": self.stall_fraction(),
             "live_fraction": round(self.mixer.achieved_total, 4),
             "copies_per_sample": self.copies_per_sample(),
+            "copy_bytes_per_sample": self.copy_bytes_per_sample(),
             "records_corrupt": self.disk.stats.corrupt,
             "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None,
             "world_size": self.dist.world_size, "ranks": self.rank_counts(),

@@ -21,6 +21,7 @@ from protocol.errors import InputError
 
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
 from ._decode_loops import decoded_frames
+from ._out import fits
 
 
 @dataclass(frozen=True)
@@ -94,20 +95,31 @@ def _hann(n_fft: int) -> np.ndarray:
     return w
 
 
-def mel_power(samples: np.ndarray, cfg: AudioConfig) -> np.ndarray:
-    """float32 mono samples -> mel power spectrogram float32 (n_mels, 1 + len // hop)."""
+def mel_power(samples: np.ndarray, cfg: AudioConfig, out: np.ndarray | None = None
+              ) -> np.ndarray:
+    """float32 mono samples -> mel power spectrogram float32 (n_mels, 1 + len // hop);
+    written into `out` when it is that (n_mels, frames) float32 array."""
     pad = cfg.n_fft // 2
     x = np.pad(samples.astype(np.float32, copy=False), pad)
     frames = np.lib.stride_tricks.sliding_window_view(x, cfg.n_fft)[:: cfg.hop]
     spec = np.fft.rfft(frames * _hann(cfg.n_fft), axis=-1)
     power = spec.real**2 + spec.imag**2
     fb = mel_filterbank(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.f_min, cfg.f_max)
+    if fits(out, (fb.shape[0], power.shape[0]), np.float32):
+        return np.matmul(fb, power.T, out=out)
     return (fb @ power.T).astype(np.float32, copy=False)
 
 
-def log_mel_from_samples(samples: np.ndarray, cfg: AudioConfig) -> np.ndarray:
-    """float32 (1, n_mels, n_frames) log-mel of already-decoded mono samples at cfg's rate."""
-    mel = mel_power(samples, cfg)
+def log_mel_from_samples(samples: np.ndarray, cfg: AudioConfig,
+                         out: np.ndarray | None = None) -> np.ndarray:
+    """float32 (1, n_mels, n_frames) log-mel of already-decoded mono samples at cfg's rate;
+    computed into `out` (and `out` returned) when it is that array (modalities/_out.py)."""
+    into = out[0] if fits(out, (1, cfg.n_mels, cfg.n_frames), np.float32) else None
+    mel = mel_power(samples, cfg, into)
+    if into is not None and mel is into:
+        np.add(out, np.float32(cfg.eps), out=out)
+        np.log(out, out=out)
+        return out
     np.log(mel + cfg.eps, out=mel)
     return mel[None]
 
@@ -249,8 +261,8 @@ def _check_wav_length(path) -> None:
 
 
 def log_mel(path: str | Path, cfg: AudioConfig, segment: tuple[float, float] | None = None,
-            notes: list[str] | None = None) -> np.ndarray:
+            notes: list[str] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """float32 (1, cfg.n_mels, cfg.n_frames) log-mel spectrogram of `path` (its first audio
     stream), `segment` = (start_s, end_s) or from the beginning, padded/cropped to
     cfg.duration_s. Bad input raises InputError naming the file and field."""
-    return log_mel_from_samples(load_samples(path, cfg, segment, notes), cfg)
+    return log_mel_from_samples(load_samples(path, cfg, segment, notes), cfg, out)

@@ -38,6 +38,7 @@ from protocol.errors import InputError
 
 from . import _grid
 from ._limits import ReadLimits, read_array
+from ._out import fits
 from .pcd import looks_like_pcd, read_pcd
 
 KITTI_FIELDS = ("x", "y", "z", "intensity")
@@ -215,13 +216,15 @@ def load_points(path: str | Path, meta: Mapping[str, Any] | None = None,
     return points
 
 
-def bev(points: np.ndarray, cfg: BevConfig = BevConfig()) -> np.ndarray:
+def bev(points: np.ndarray, cfg: BevConfig = BevConfig(), out: np.ndarray | None = None
+        ) -> np.ndarray:
     """Points (N, >=3) -> float32 (3, H, W): max height, mean intensity, log density.
 
     Channel 0: highest z per cell scaled to [0, 1] over `z_range` (0 where empty).
     Channel 1: mean intensity per cell divided by `intensity_max` (0 without intensity).
     Channel 2: log(1 + n) / log(1 + density_saturation), clipped at 1.
-    The shape depends only on `cfg`; points outside the ranges are ignored.
+    The shape depends only on `cfg`; points outside the ranges are ignored. Rasterised into
+    `out` (and `out` returned) when it is that float32 array (modalities/_out.py).
     """
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] < 3:
@@ -245,5 +248,8 @@ def bev(points: np.ndarray, cfg: BevConfig = BevConfig()) -> np.ndarray:
     else:
         intensity = np.zeros(grid.cells, dtype=np.float32)
     density = _grid.log_density(count, cfg.density_saturation)
-    out = np.stack([height, intensity, density]).reshape(cfg.shape)
-    return out.astype(np.float32, copy=False)
+    if fits(out, cfg.shape, np.float32):
+        np.stack([height, intensity, density], out=out.reshape(3, grid.cells))
+        return out
+    made = np.stack([height, intensity, density]).reshape(cfg.shape)
+    return made.astype(np.float32, copy=False)

@@ -42,6 +42,7 @@ from protocol.errors import InputError
 
 from . import _grid
 from ._limits import ReadLimits, checked_size, read_array
+from ._out import fits
 from .lidar import sensor_meta
 
 METHODS = ("range_doppler", "range_azimuth", "points_bev")
@@ -300,9 +301,23 @@ def _resize(a: np.ndarray, out: tuple[int, int]) -> np.ndarray:
     return a
 
 
-def _to_image(power: np.ndarray, cfg: RadarConfig) -> np.ndarray:
-    """Power map -> resized, in dB, optionally normalised -> float32 (1, H, W)."""
+def _to_image(power: np.ndarray, cfg: RadarConfig, out: np.ndarray | None = None
+              ) -> np.ndarray:
+    """Power map -> resized, in dB, optionally normalised -> float32 (1, H, W); computed in
+    `out` (and `out` returned) when it is that array (modalities/_out.py). The same float32
+    operations in the same order either way, so both give the same values."""
     power = _resize(power.astype(np.float32, copy=False), cfg.out_shape)
+    if fits(out, (1, *cfg.out_shape), np.float32):
+        db = out[0]
+        np.add(power, np.float32(1e-12), out=db)
+        np.log10(db, out=db)
+        np.multiply(db, 10.0, out=db)
+        if cfg.normalize:
+            np.subtract(db, db.max(), out=db)
+            np.divide(db, np.float32(cfg.dynamic_range_db), out=db)
+            np.add(db, 1.0, out=db)
+            np.clip(db, 0.0, 1.0, out=db)
+        return out
     db = 10.0 * np.log10(power + np.float32(1e-12))
     if cfg.normalize:
         db = np.clip((db - db.max()) / np.float32(cfg.dynamic_range_db) + 1.0, 0.0, 1.0)
@@ -328,7 +343,8 @@ def _range_fft(cube: np.ndarray, cfg: RadarConfig) -> torch.Tensor:
     return spec[:, : x.shape[1] // 2] if real else spec
 
 
-def range_doppler(cube: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarray:
+def range_doppler(cube: np.ndarray, cfg: RadarConfig = RadarConfig(),
+                  out: np.ndarray | None = None) -> np.ndarray:
     """(chirps, samples, rx) cube -> float32 (1, range, Doppler) map of `cfg.out_shape`.
 
     Range FFT over samples, Doppler FFT over chirps (zero velocity in the middle column
@@ -352,10 +368,11 @@ def range_doppler(cube: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndar
             spec = spec[:, : samples // 2]
         power = (spec.real.square() + spec.imag.square()).mean(dim=2).numpy()  # (chirps, range)
     power = np.fft.fftshift(power, axes=0)                    # zero Doppler in the middle
-    return _to_image(power.T, cfg)
+    return _to_image(power.T, cfg, out)
 
 
-def range_azimuth(cube: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarray:
+def range_azimuth(cube: np.ndarray, cfg: RadarConfig = RadarConfig(),
+                  out: np.ndarray | None = None) -> np.ndarray:
     """(chirps, samples, virtual rx) cube -> float32 (1, range, angle) map.
 
     Angle FFT across the (virtual) antennas, zero-padded to `cfg.angle_bins` and
@@ -366,10 +383,11 @@ def range_azimuth(cube: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndar
     with torch.no_grad():
         ang = torch.fft.fft(rng, n=max(cfg.angle_bins, rng.shape[2]), dim=2)
         power = (ang.real.square() + ang.imag.square()).mean(dim=0).numpy()  # (range, angle)
-    return _to_image(np.fft.fftshift(power, axes=1), cfg)
+    return _to_image(np.fft.fftshift(power, axes=1), cfg, out)
 
 
-def points_bev(points: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarray:
+def points_bev(points: np.ndarray, cfg: RadarConfig = RadarConfig(),
+               out: np.ndarray | None = None) -> np.ndarray:
     """Points (N, >=5: x, y, z, rcs, velocity) -> float32 (3, H, W): max RCS, mean velocity,
     log density, over `cfg.x_range` x `cfg.y_range` cut into `cfg.out_shape` cells."""
     points = np.asarray(points, dtype=np.float32)
@@ -385,13 +403,17 @@ def points_bev(points: np.ndarray, cfg: RadarConfig = RadarConfig()) -> np.ndarr
     velocity = np.clip(_grid.cell_mean(idx, points[sel, 4], count) / cfg.velocity_max,
                        -1.0, 1.0)
     density = _grid.log_density(count, cfg.density_saturation)
+    if fits(out, (3, *cfg.out_shape), np.float32):
+        np.stack([rcs_max, velocity, density], out=out.reshape(3, grid.cells))
+        return out
     return np.stack([rcs_max, velocity, density]).reshape(3, *cfg.out_shape).astype(np.float32)
 
 
 def process(path: str | Path, method: str, cfg: RadarConfig = RadarConfig(),
             meta: Mapping[str, Any] | None = None, notes: list[str] | None = None,
-            limits: ReadLimits | None = None) -> np.ndarray:
-    """File -> image by `method` (one of METHODS); the shape is `cfg.output_shape(method)`.
+            limits: ReadLimits | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """File -> image by `method` (one of METHODS); the shape is `cfg.output_shape(method)`;
+    made in `out` when it is that float32 array (modalities/_out.py).
 
     InputError when the file's metadata format does not fit the method (a point list
     cannot make a range-Doppler map).
@@ -406,6 +428,6 @@ def process(path: str | Path, method: str, cfg: RadarConfig = RadarConfig(),
         raise InputError(path, f"metadata.{key}.format", f"{wanted} for method {method}",
                          repr(fmt))
     if method == "points_bev":
-        return points_bev(load_points(path, meta, notes, limits), cfg)
+        return points_bev(load_points(path, meta, notes, limits), cfg, out)
     cube = load_adc(path, meta, notes, limits)
-    return (range_doppler if method == "range_doppler" else range_azimuth)(cube, cfg)
+    return (range_doppler if method == "range_doppler" else range_azimuth)(cube, cfg, out)

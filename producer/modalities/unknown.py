@@ -24,6 +24,7 @@ import numpy as np
 from protocol.errors import InputError
 
 from ._limits import ReadLimits, checked_size, open_checked, read_array
+from ._out import fits
 
 
 def _entry(path: Path, meta: Mapping[str, Any] | None) -> tuple[dict | None, str]:
@@ -63,8 +64,16 @@ def _shape(path: Path, value: Any, where: str, nbytes: int, itemsize: int) -> tu
     return tuple(value)
 
 
-def _finite(path: Path, a: np.ndarray, notes: list[str] | None) -> np.ndarray:
-    a = a.astype(np.float32)
+def _finite(path: Path, a: np.ndarray, notes: list[str] | None,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """`a` as float32 with non-finite values set to 0 (said in `notes`); the conversion is
+    written into `out` when it fits (modalities/_out.py)."""
+    if fits(out, a.shape, np.float32):
+        if a is not out:
+            np.copyto(out, a, casting="unsafe")
+        a = out
+    else:
+        a = a.astype(np.float32)
     bad = ~np.isfinite(a)
     if bad.any():
         a[bad] = 0.0
@@ -77,13 +86,19 @@ def _finite(path: Path, a: np.ndarray, notes: list[str] | None) -> np.ndarray:
 PROFILE_CHUNK = 4 << 20
 
 
-def _normalise(v: np.ndarray) -> np.ndarray:
+def _normalise(v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     v -= v.mean()
     norm = np.linalg.norm(v)
+    if fits(out, v.shape, np.float32):
+        if norm > 0:
+            np.divide(v, norm, out=out, casting="same_kind")
+        else:
+            np.copyto(out, v, casting="same_kind")
+        return out
     return (v / norm if norm > 0 else v).astype(np.float32)
 
 
-def byte_profile(raw: np.ndarray, length: int) -> np.ndarray:
+def byte_profile(raw: np.ndarray, length: int, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 bytes -> float32 (length,): span means (or interpolation), zero mean, unit norm."""
     n = raw.size
     if n >= length:
@@ -92,15 +107,16 @@ def byte_profile(raw: np.ndarray, length: int) -> np.ndarray:
         v = np.add.reduceat(raw.astype(np.float64), starts) / widths
     else:
         v = np.interp(np.linspace(0, n - 1, length), np.arange(n), raw.astype(np.float64))
-    return _normalise(v)
+    return _normalise(v, out)
 
 
-def byte_profile_of_file(f, n: int, length: int, chunk: int = PROFILE_CHUNK) -> np.ndarray:
+def byte_profile_of_file(f, n: int, length: int, chunk: int = PROFILE_CHUNK,
+                         out: np.ndarray | None = None) -> np.ndarray:
     """`byte_profile` of the first `n` bytes of the open file `f`, read `chunk` bytes at a
     time (the whole file as float64 was 8x its size in memory). The same result: the span
     sums are sums of whole numbers, exact in float64 in any order."""
     if n < length:
-        return byte_profile(np.fromfile(f, dtype=np.uint8, count=n), length)
+        return byte_profile(np.fromfile(f, dtype=np.uint8, count=n), length, out)
     starts = (np.arange(length) * n) // length
     sums = np.zeros(length, np.float64)
     pos = 0
@@ -115,13 +131,15 @@ def byte_profile_of_file(f, n: int, length: int, chunk: int = PROFILE_CHUNK) -> 
         sums[first:first + idx.size] += np.add.reduceat(buf, idx, dtype=np.float64)
         pos = end
     widths = np.diff(np.append(starts, n))
-    return _normalise(sums / widths)
+    return _normalise(sums / widths, out)
 
 
 def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length: int = 256,
-                 notes: list[str] | None = None, limits: ReadLimits | None = None
-                 ) -> np.ndarray:
-    """Any file -> float32: metadata's dtype/shape (or a .npy's own), else a (length,) vector.
+                 notes: list[str] | None = None, limits: ReadLimits | None = None,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Any file -> float32: metadata's dtype/shape (or a .npy's own), else a (length,) vector;
+    made in `out` when it is that float32 array (modalities/_out.py): a float32 file is read
+    straight into it.
 
     InputError when the file is unreadable or empty, larger than the unknown-sensor read
     limit (`limits`, default ReadLimits(); _limits.py), or its size disagrees with the
@@ -143,8 +161,18 @@ def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length
             dt = _dtype(path, entry.get("dtype"), f"{where}.dtype")
             shape = _shape(path, entry.get("shape"), f"{where}.shape", nbytes - offset,
                            dt.itemsize)
+            if dt == np.float32 and fits(out, shape, np.float32) \
+                    and out.nbytes == nbytes - offset:
+                f, _ = open_checked(path, "unknown", limits)
+                with f:
+                    f.seek(offset)
+                    got = f.readinto(memoryview(out).cast("B"))
+                if got != out.nbytes:
+                    raise OSError(f"file ended at byte {offset + got} of {nbytes} "
+                                  f"(truncated while read)")
+                return _finite(path, out, notes, out)
             data, _ = read_array(path, "unknown", limits, dt, offset)
-            return _finite(path, data.reshape(shape), notes)
+            return _finite(path, data.reshape(shape), notes, out)
         if path.suffix.lower() == ".npy":
             try:
                 data = np.load(path, allow_pickle=False)
@@ -153,10 +181,10 @@ def load_unknown(path: str | Path, meta: Mapping[str, Any] | None = None, length
                                  str(e)) from None
             if data.dtype.kind not in "biuf":
                 raise InputError(path, "dtype", "a numeric array", str(data.dtype))
-            return _finite(path, data, notes)
+            return _finite(path, data, notes, out)
         f, nbytes = open_checked(path, "unknown", limits)
         with f:
-            profile = byte_profile_of_file(f, nbytes, length)
+            profile = byte_profile_of_file(f, nbytes, length, out=out)
     except OSError as e:
         raise InputError(path, "file", "a readable file", e.strerror or str(e)) from None
     if notes is not None:

@@ -34,6 +34,7 @@ from protocol.schema import PackedArray, nv12_frame_bytes
 from ..ffmpeg_graph import scale_args
 from . import _fork  # noqa: F401  (collects dead decoders before a fork; see _fork.py)
 from ._decode_loops import decoded_frames
+from ._out import fits
 from .ffmpeg_chain_run import chained
 from .frame_times import SegmentGrid, StreamGrid
 
@@ -212,7 +213,11 @@ class _Converter:
     def into(self, frame, out: np.ndarray) -> None:
         """Convert `frame` and copy its planes into `out` (C, H, W): one memcpy per plane;
         for yuv420, `out` is one flat NV12 frame (luma rows, then interleaved chroma rows)."""
-        planar = self.convert(frame)
+        self.write(self.convert(frame), out)
+
+    def write(self, planar, out: np.ndarray) -> None:
+        """Copy a frame `convert` made into `out` (see `into`); needs only the converter's
+        format, so a frame converted on one thread may be written on another."""
         if self.yuv:
             h, w = self.out_h, self.out_w
             y, uv = planar.planes[0], planar.planes[1]
@@ -222,12 +227,19 @@ class _Converter:
             out[h * w:].reshape(ch, cw2)[:] = np.frombuffer(uv, np.uint8).reshape(
                 uv.height, uv.line_size)[:ch, :cw2]
             return
+        for c, rows in enumerate(self.channels(planar)):
+            out[c] = rows
+
+    def channels(self, planar) -> list[np.ndarray]:
+        """The (H, W) uint8 views of an RGB/gray frame `convert` made, in output channel
+        order (R, G, B or gray); they keep the frame's memory alive."""
         # gbrp stores planes as G, B, R; the output is R, G, B.
-        order = (0,) if self.fmt == "gray" else (2, 0, 1)
-        for c, p in enumerate(order):
+        out = []
+        for p in ((0,) if self.fmt == "gray" else (2, 0, 1)):
             plane = planar.planes[p]
             rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
-            out[c] = rows[:, : plane.width]
+            out.append(rows[:, : plane.width])
+        return out
 
 
 #: Codecs whose 4:2:0 chroma sits centred between luma samples (MPEG-1, JPEG); every other
@@ -338,7 +350,7 @@ def _copy_slot(out: np.ndarray, dst: int, src: int) -> None:
 def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                 segment: tuple[float, float] | None = None, notes: list[str] | None = None,
                 *, device: str = "cpu", times: list[float] | None = None,
-                chain: str | None = None):
+                chain: str | None = None, out: np.ndarray | None = None):
     """A clip of `frames` frames of `path`, sampled at spec.fps (or the source rate) from
     `segment` = (start_s, end_s) (default: from the beginning), shaped by `spec`.
 
@@ -354,7 +366,12 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
     `chain`: an operator's checked FFmpeg chain (`mmctl filter --ffmpeg`), run on every decoded
     frame before selection and the spec (ffmpeg_chain_run.py); it runs on the CPU, so a clip
     with a chain is decoded on the CPU even when device="cuda".
+
+    `out`: a (T, C, H, W) uint8 array (a ring slot's view, producer/slot_fill.py) that the
+    frames are converted straight into when it has the clip's shape; then `out` is returned.
+    yuv420 planes (a PackedArray) and NVDEC frames are never written there.
     """
+    dest = out
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
     if device not in ("cpu", "cuda"):
@@ -367,7 +384,7 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
 
             return gpu_video.decode_clip_cuda(path, spec, frames, segment, notes, times=times)
         _warn_cpu_fallback()
-    out: np.ndarray | None = None
+    out = None
     conv = _Converter(spec)
     worker: _ConvertWorker | None = None
     run = _call  # where frame writes run: here, or on the helper thread beside decoding
@@ -385,8 +402,8 @@ def decode_clip(path: str | Path, spec: FilterSpec, frames: int,
                             yuv420_layout(frame, container.streams.video[0].codec_context.name),
                             (frames, 3, conv.out_h, conv.out_w))
                     else:
-                        out = np.empty((frames, spec.channels, conv.out_h, conv.out_w),
-                                       np.uint8)
+                        shape = (frames, spec.channels, conv.out_h, conv.out_w)
+                        out = dest if fits(dest, shape, np.uint8) else np.empty(shape, np.uint8)
                     if frame.width * frame.height >= OVERLAP_MIN_PIXELS:
                         worker = _thread_convert_worker()
                         run = worker.submit
