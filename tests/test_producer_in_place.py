@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_producer_daemon import Daemon, first_sample_of, wait_for  # noqa: E402
+from _polling import wait_for  # noqa: E402
+from test_producer_daemon import Daemon, first_sample_of  # noqa: E402
 
 from producer.dataset import index_dataset
 from producer.pipeline import Pipeline, PipelineConfig

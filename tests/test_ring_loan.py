@@ -4,11 +4,14 @@ seqlock still protecting readers in other processes."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import uuid
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _rings import procs, ring_name_fixture, shm_entries  # noqa: E402, F401  (procs: a fixture)
 
 from protocol.errors import ProducerGone, RingError, SchemaError
 from protocol.ring import RingConfig, RingReader, RingWriter
@@ -25,26 +28,7 @@ def meta(n: int, label: int = 0) -> SampleMeta:
     return SampleMeta(label=label, timestamp_ns=n, generation=1, source="loan", index=n)
 
 
-@pytest.fixture
-def ring_name():
-    name = f"mmfl-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-    yield name
-    for f in os.listdir("/dev/shm"):
-        if name in f:
-            try:
-                os.unlink(os.path.join("/dev/shm", f))
-            except FileNotFoundError:
-                pass
-
-
-@pytest.fixture
-def procs():
-    started: list[mp.Process] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(5)
+ring_name = ring_name_fixture("mmfl")
 
 
 def _reader_proc(name, ready, result_q):
@@ -190,7 +174,7 @@ def test_closing_the_writer_cancels_the_outstanding_loan(ring_name):
     w.close()
     with pytest.raises(RingError, match="moved or closed"):
         slot.commit(meta(0))
-    assert not [f for f in os.listdir("/dev/shm") if ring_name in f]
+    assert not shm_entries(ring_name)
 
 
 def test_lossless_loan_waits_for_the_slowest_reader_like_publish(ring_name):
