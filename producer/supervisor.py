@@ -16,7 +16,8 @@ import logging
 import time
 from typing import Callable
 
-from .feeds import DatasetFeed, Feed, FeedHooks, MediaFeed
+from .feeds import DatasetFeed, Feed, FeedHooks
+from .media_feed import MediaFeed
 from .sources import WatchFolder, open_source
 
 log = logging.getLogger("producer.feeds")
