@@ -250,7 +250,9 @@ def private_tmp(base):
     priv.mkdir()
     priv.chmod(0o1777)
     base.chmod(0o755)  # the other user must reach it
-    here = Path(sys.executable).resolve()
+    # The venv's own path, not the interpreter it links to: the venv's scripts (mmctl) are
+    # what the processes under test run, and a venv under /tmp links to a Python elsewhere.
+    here = Path(sys.prefix).absolute()
     if here.is_relative_to("/tmp"):  # e.g. a CI clone under /tmp: hidden by the private /tmp
         pytest.skip(f"the Python under test ({here}) lives under /tmp, which these processes "
                     f"see replaced by a private folder; run the suite from a checkout elsewhere")
