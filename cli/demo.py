@@ -324,6 +324,17 @@ def _last_json(path: Path) -> dict:
         return {}
 
 
+def _producer_copies(summary: dict) -> str | None:
+    """The producer's side of "copies" (slot_fill.py): bytes it copied into ring slots beyond
+    its pipeline's own output, per sample, and how many samples were made in place."""
+    c = ((summary.get("status") or {}).get("producer") or {}).get("copies")
+    if not c:
+        return None
+    return (f"{c['copy_bytes_mean']:.0f} bytes a sample on average ({c['in_place_samples']} made "
+            f"in place, {c['copied_samples']} copied: a generation's first, or a reader a full "
+            f"ring behind)")
+
+
 def print_summary(summary: dict) -> None:
     tr = summary.get("trainer", {})
     pre = summary.get("preprocess", {})
@@ -340,6 +351,7 @@ def print_summary(summary: dict) -> None:
         ("samples/s", tr.get("samples_per_s")),
         ("data-stall fraction", tr.get("stall_fraction")),
         ("copies per live sample", tr.get("copies_per_sample")),
+        ("producer bytes copied", _producer_copies(summary)),
         ("checkpoint", tr.get("checkpoint") or summary.get("checkpoints")),
         ("logs", summary.get("logs")),
         ("preview of a live sample", (summary.get("preview") or {}).get("path") or "none"),
