@@ -11,14 +11,36 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _polling import wait_for  # noqa: E402
+from _rings import ring_name_fixture  # noqa: E402
 from test_producer_daemon import Daemon, first_sample_of  # noqa: E402
 
 from producer.dataset import index_dataset
 from producer.pipeline import Pipeline, PipelineConfig
-from producer.slot_fill import FORCE_COPY_ENV
+from producer.ring_sink import Put, RingSink
+from producer.slot_fill import FORCE_COPY_ENV, SlotFill
+from protocol.ring import RingConfig, RingReader, RingWriter
+from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
 from producer.synth import make_dataset
 
 SLOT_BYTES = 1 << 20
+LIDAR = SampleSchema((ModalitySpec("lidar", "float32", (3, 16, 16)),))
+
+ring_name = ring_name_fixture("mmip")
+
+
+@pytest.fixture
+def lidar_fill(ring_name):
+    """A 2-slot ring holding one published sample of LIDAR in generation 1, and a SlotFill
+    that knows that schema: its next loan is in place (the unit tests below, no daemon)."""
+    sink = RingSink(RingConfig(ring_name, slots=2, slot_bytes=1 << 16), RingWriter.create)
+    fill = SlotFill(sink, force_copy=False)
+    try:
+        first = {"lidar": np.zeros((3, 16, 16), np.float32)}
+        assert sink.put(LIDAR, SampleMeta(generation=1, index=0), first, 1.0)[0] is Put.PUBLISHED
+        fill.copied(LIDAR, 1, 1)
+        yield sink, fill
+    finally:
+        sink.close()
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +126,6 @@ def test_a_reader_a_full_ring_behind_keeps_its_next_sample_while_a_new_one_is_ma
     """A loan would take the slot holding the sample a lagging reader reads next for the whole
     making of the new one (tens of ms at 1080p); the step makes it apart and publishes it by
     copy instead, counted. Once no reader is behind, samples are made in place again."""
-    from protocol.ring import RingReader
-
     d = _run(plain)
     try:
         wait_for(lambda: _copies(d)["in_place_samples"] >= 3, what="samples made in place")
@@ -133,49 +153,27 @@ def test_the_forced_copy_path_copies_every_whole_sample(plain):
         d.stop()
 
 
-def test_a_ring_replaced_while_a_sample_is_loaned_gets_that_sample_by_a_counted_redo():
-    import os
-    import uuid
-
+def test_a_ring_replaced_while_a_sample_is_loaned_gets_that_sample_by_a_counted_redo(lidar_fill):
     from protocol.errors import RingDamaged
-    from protocol.ring import RingConfig, RingReader, RingWriter
-    from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
-    from producer.ring_sink import Put, RingSink
-    from producer.slot_fill import SlotFill
 
-    schema = SampleSchema((ModalitySpec("lidar", "float32", (3, 16, 16)),))
-    name = f"mmip-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    sink = RingSink(RingConfig(name, slots=2, slot_bytes=1 << 16), RingWriter.create)
-    fill = SlotFill(sink, force_copy=False)
-    try:
-        first = {"lidar": np.zeros((3, 16, 16), np.float32)}
-        assert sink.put(schema, SampleMeta(generation=1, index=0), first, 1.0)[0] is Put.PUBLISHED
-        fill.copied(schema, 1, 1)
-        made = {"lidar": fill.loan(1, 1.0).get("lidar")}  # the slot is loaned here
-        made["lidar"][:] = 7.0  # made in place...
-        sink._replace(RingDamaged("test: replaced while a sample is loaned"))  # ...then moved
-        with RingReader.attach(name, start="oldest") as r:
-            put, why = fill.finish(schema, SampleMeta(generation=1, index=1), made)
-            assert put is Put.PUBLISHED, why
-            s = r.receive(timeout=5)
-        assert s.meta.index == 1 and (s.arrays["lidar"] == 7.0).all()
-        assert fill.redone == 1 and fill.copy_bytes_last == schema.payload_nbytes
-        assert fill.status()["copied_inputs"] == {"lidar": 1}
-    finally:
-        sink.close()
+    sink, fill = lidar_fill
+    made = {"lidar": fill.loan(1, 1.0).get("lidar")}  # the slot is loaned here
+    made["lidar"][:] = 7.0  # made in place...
+    sink._replace(RingDamaged("test: replaced while a sample is loaned"))  # ...then moved
+    with RingReader.attach(sink.config.name, start="oldest") as r:
+        put, why = fill.finish(LIDAR, SampleMeta(generation=1, index=1), made)
+        assert put is Put.PUBLISHED, why
+        s = r.receive(timeout=5)
+    assert s.meta.index == 1 and (s.arrays["lidar"] == 7.0).all()
+    assert fill.redone == 1 and fill.copy_bytes_last == LIDAR.payload_nbytes
+    assert fill.status()["copied_inputs"] == {"lidar": 1}
 
 
-def test_a_preview_of_a_sample_whose_slot_was_loaned_again_is_refused_not_drawn_torn():
-    import os
-    import uuid
-
-    from protocol.ring import RingConfig, RingWriter
-    from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
+def test_a_preview_of_a_sample_whose_slot_was_loaned_again_is_refused_not_drawn_torn(ring_name):
     from producer.generations import Generation
     from producer.watching import RunWatch, WrongState
 
-    schema = SampleSchema((ModalitySpec("lidar", "float32", (3, 16, 16)),))
-    name = f"mmpv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    schema, name = LIDAR, ring_name
     watch = RunWatch(name, None)
     gen = Generation(1, PipelineConfig())
     with RingWriter.create(RingConfig(name, slots=1, slot_bytes=1 << 16)) as w:
@@ -225,31 +223,14 @@ def test_a_clip_written_into_its_slot_reads_back_equal_to_the_decoded_clip(media
         d.stop()
 
 
-def test_a_step_that_asks_for_no_view_holds_no_slot_and_one_that_does_loans_it():
-    import os
-    import uuid
-
-    from protocol.ring import RingConfig, RingWriter
-    from protocol.schema import ModalitySpec, SampleMeta, SampleSchema
-    from producer.ring_sink import Put, RingSink
-    from producer.slot_fill import SlotFill
-
-    schema = SampleSchema((ModalitySpec("lidar", "float32", (3, 16, 16)),))
-    name = f"mmlz-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    sink = RingSink(RingConfig(name, slots=2, slot_bytes=1 << 16), RingWriter.create)
-    fill = SlotFill(sink, force_copy=False)
-    try:
-        sink.put(schema, SampleMeta(generation=1), {"lidar": np.zeros((3, 16, 16), np.float32)},
-                 1.0)
-        fill.copied(schema, 1, 1)
-        assert fill.loan(1, 1.0) is not None and fill.slot is None  # a waiting step: no slot
-        fill.cancel()
-        into = fill.loan(1, 1.0)
-        view = into.get("lidar")
-        assert fill.slot is not None and fill.slot.number == 1  # loaned at the first view
-        view[:] = 2.0
-        assert fill.finish(schema, SampleMeta(generation=1, index=1), {"lidar": view})[0] \
-            is Put.PUBLISHED
-        assert fill.copy_bytes_last == 0 and fill.in_place_samples == 1
-    finally:
-        sink.close()
+def test_a_step_that_asks_for_no_view_holds_no_slot_and_one_that_does_loans_it(lidar_fill):
+    _, fill = lidar_fill
+    assert fill.loan(1, 1.0) is not None and fill.slot is None  # a waiting step: no slot
+    fill.cancel()
+    into = fill.loan(1, 1.0)
+    view = into.get("lidar")
+    assert fill.slot is not None and fill.slot.number == 1  # loaned at the first view
+    view[:] = 2.0
+    assert fill.finish(LIDAR, SampleMeta(generation=1, index=1), {"lidar": view})[0] \
+        is Put.PUBLISHED
+    assert fill.copy_bytes_last == 0 and fill.in_place_samples == 1
