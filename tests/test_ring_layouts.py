@@ -205,7 +205,9 @@ def test_an_8_frame_1080p_clip_reaches_the_trainer_with_default_ring_settings(ri
         assert ps["ring_relayouts"] == 1 and ps["ring_refused"] == 0 and ps["skipped"] == 0
         assert ps["slot_bytes"] >= 8 * 3 * 1080 * 1920, ps
         assert ps["ring_bytes"] == 8 * ps["slot_bytes"] + 8 * 4096 + 8192, ps
-        assert st["live_dropped"] == 0
+        # No `live_dropped == 0`: the default ring is lossy, and a trainer slowed by a loaded
+        # machine is lapped there by design (counted, never torn: test_ring covers that). What
+        # this test pins is the sizes: nothing skipped, refused or left unfit.
         assert "does not fit" not in plog.read_text(errors="replace")  # nothing skipped
     finally:
         pc.close()

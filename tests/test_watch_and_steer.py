@@ -156,7 +156,12 @@ def test_status_groups_stage_times_and_names_the_bottleneck(run):
                   "compute stages")
     assert set(st["stages"]["compute"]) >= {"forward", "backward", "optimizer"}
     assert "wait" in st["stages"]["data"]
-    assert st["bottleneck"].startswith("trainer: ")
+    # Which one it is depends on the machine: a loaded one slows the producer until the trainer
+    # is live-starved. Either way the sentence is the trainer's own, never empty.
+    if st["live_starved"]:
+        assert st["bottleneck"] == st["live_note"] and "mmctl mix" in st["bottleneck"]
+    else:
+        assert st["bottleneck"].startswith("trainer: ")
     assert "video" in run.status("producer")["stages"]["pipeline"]
     text = run.mmctl_text("status")
     assert "bottleneck: " in text and "stage times" in text and "None" not in text
