@@ -30,6 +30,11 @@ from .ring_segment import (_SHM_DIR, _U64, RingConfig, RingStats, _bits, _Mappin
 from .schema import SampleMeta, SampleSchema
 
 _SIZE_CHECK_NS = 1_000_000_000  # how often heartbeat() compares the segment's size
+# next_slot_needed: a reader lapped within this many rings' worth of samples is a slower one,
+# not one lagging for a moment. At the edge of the ring a reader r times slower than the
+# writer is lapped every r/(r-1) samples (every 11 at r = 1.1), so 4 rings of 8 slots tell
+# the two apart down to a writer ~3% faster than its reader.
+LAPPED_WINDOW = 4
 # schema_len, then the reserved bytes up to the encoding: written as one slice with it.
 _SCHEMA_LEN = struct.Struct("<I")
 _SCHEMA_GAP = SLOT_HEADER_BYTES - SCHEMA_MAX - S["schema_len"] - _SCHEMA_LEN.size
@@ -235,6 +240,7 @@ class RingWriter:
         self._reader_sems: dict[int, posix_ipc.Semaphore] = {}
         self._n = 0
         self._loaned: Slot | None = None
+        self._drops: dict[int, tuple[int, int, int]] = {}  # reader -> (start, dropped, at n)
         self._size_check_ns = 0
         self._wsem_name = semaphore_name(self.name, hdr.epoch, "w")
         _unlink_semaphore(self._wsem_name)
@@ -285,14 +291,34 @@ class RingWriter:
         return self._loaned
 
     def next_slot_needed(self) -> bool:
-        """True when a registered reader has not yet passed the sample the next slot holds:
-        loaning that slot now would take it from the reader for as long as the new sample
-        takes to make (a lossy reader loses it sooner; a lossless writer would wait before
-        making anything). `publish` overwrites it only once the sample is made, so in place
-        writers (producer/slot_fill.py) take the copy path then."""
+        """True when a registered reader that keeps up has not yet passed the sample the next
+        slot holds: loaning that slot now would take it from the reader for as long as the
+        new sample takes to make (a lossy reader loses it sooner; a lossless writer would
+        wait before making anything). `publish` overwrites it only once the sample is made,
+        so in place writers (producer/slot_fill.py) take the copy path then.
+
+        A reader the writer has lapped within the last LAPPED_WINDOW rings is not counted:
+        it is slower than the writer, and a slower lossy reader loses the same number of
+        samples whichever slot a write takes (written - read), so copying for it would cost
+        bandwidth and save it nothing. Only a reader that lags for a moment is protected.
+        Call once a sample: the drop counters are sampled here."""
         self._check_open()
-        lo = self._slowest()[0]
-        return lo is not None and self._n >= lo + self._slots
+        mm, n = self._mm, self._n
+        needed = False
+        for i in _bits(sl.load_seq_cst(mm, H["active_mask"])):
+            base = self._reader_off[i]
+            start = sl.load_acquire(mm, base + R["start"])
+            dropped = sl.load_acquire(mm, base + R["dropped"])
+            seen = self._drops.get(i)
+            if seen is None or seen[0] != start:      # a reader new to this index
+                seen = (start, dropped, -(1 << 62))
+            elif seen[1] != dropped:                  # lapped since the last look
+                seen = (start, dropped, n)
+            self._drops[i] = seen
+            if n >= sl.load_seq_cst(mm, base + R["position"]) + self._slots \
+                    and n - seen[2] > LAPPED_WINDOW * self._slots:
+                needed = True
+        return needed
 
     def _learn(self, schema: SampleSchema) -> int:
         """First sample of this schema: check it fits (once, not per sample) and keep its

@@ -238,3 +238,31 @@ def test_a_ring_without_registered_readers_never_needs_its_next_slot(ring_name):
         for n in range(5):
             w.publish(SCHEMA, meta(n), {"words": np.full(WORDS, n, np.int64)})
             assert not w.next_slot_needed()
+
+
+def test_a_reader_the_writer_keeps_lapping_is_not_protected_by_copies(ring_name):
+    """A slower lossy reader loses (written - read) samples whichever slot a write takes, so
+    copying for it saves nothing; once it keeps up again, a moment's lag is protected again."""
+    from protocol.ring_writer import LAPPED_WINDOW
+
+    def write(w, n):
+        w.next_slot_needed()  # what the producer asks before each sample (it samples drops)
+        w.publish(SCHEMA, meta(n), {"words": np.full(WORDS, n, np.int64)})
+
+    with RingWriter.create(RingConfig(ring_name, slots=2, slot_bytes=SLOT)) as w, \
+            RingReader.attach(ring_name, start="oldest") as r:
+        for n in range(4):
+            write(w, n)
+        assert r.receive(timeout=1).meta.index == 2 and r.stats().dropped == 2  # lapped
+        write(w, 4)
+        assert r.stats().dropped == 2
+        assert not w.next_slot_needed()  # a full ring behind, but lapped a sample ago
+        assert [r.receive(timeout=1).meta.index for _ in range(2)] == [3, 4]
+        n = 5
+        for _ in range(LAPPED_WINDOW * 2 + 1):  # keeps up for more than the window
+            write(w, n)
+            assert r.receive(timeout=1).meta.index == n
+            n += 1
+        write(w, n)
+        write(w, n + 1)
+        assert w.next_slot_needed()  # a moment's lag of a reader that keeps up: protected
