@@ -331,8 +331,13 @@ def _producer_copies(summary: dict) -> str | None:
     if not c:
         return None
     return (f"{c['copy_bytes_mean']:.0f} bytes a sample on average ({c['in_place_samples']} made "
-            f"in place, {c['copied_samples']} copied: a generation's first, or a reader a full "
-            f"ring behind)")
+            f"in place, {c['copied_samples']} with bytes copied: a generation's first, a "
+            f"reader lagging one ring behind for a moment ({c.get('copied_reader_behind', 0)}),"
+            f" or inputs whose schema changed ({_inputs(c.get('copied_inputs') or {})}))")
+
+
+def _inputs(counts: dict) -> str:
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none"
 
 
 def print_summary(summary: dict) -> None:

@@ -110,7 +110,7 @@ class SlotFill:
             return None
         t0 = now_ns()
         if self.sink.next_slot_needed():
-            # A reader is a full ring behind: the slot still holds its next sample. Made
+            # A reader is one ring behind: the slot still holds its next sample. Made
             # apart and published by copy, the reader keeps it for the whole making.
             self.behind += 1
             return None

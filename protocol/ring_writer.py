@@ -297,11 +297,14 @@ class RingWriter:
         wait before making anything). `publish` overwrites it only once the sample is made,
         so in place writers (producer/slot_fill.py) take the copy path then.
 
-        A reader the writer has lapped within the last LAPPED_WINDOW rings is not counted:
-        it is slower than the writer, and a slower lossy reader loses the same number of
-        samples whichever slot a write takes (written - read), so copying for it would cost
-        bandwidth and save it nothing. Only a reader that lags for a moment is protected.
-        Call once a sample: the drop counters are sampled here."""
+        Only a reader exactly one ring behind is counted: its next sample is the one in that
+        slot. One further behind has lost its next sample already (it is lapped, whether or
+        not it has looked yet: a reader held up by its own consumer), and neither is one the
+        writer has lapped within the last LAPPED_WINDOW rings: such readers are slower than
+        the writer, and a slower lossy reader loses the same number of samples whichever
+        slot a write takes (written - read), so copying for it would cost bandwidth and save
+        it nothing. Only a reader that lags for a moment is protected. Call once a sample:
+        the drop counters are sampled here."""
         self._check_open()
         mm, n = self._mm, self._n
         needed = False
@@ -315,7 +318,7 @@ class RingWriter:
             elif seen[1] != dropped:                  # lapped since the last look
                 seen = (start, dropped, n)
             self._drops[i] = seen
-            if n >= sl.load_seq_cst(mm, base + R["position"]) + self._slots \
+            if n == sl.load_seq_cst(mm, base + R["position"]) + self._slots \
                     and n - seen[2] > LAPPED_WINDOW * self._slots:
                 needed = True
         return needed

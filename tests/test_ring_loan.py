@@ -231,6 +231,11 @@ def test_the_writer_says_when_the_next_slot_still_holds_a_readers_next_sample(ri
         assert w.next_slot_needed()  # sample 2 would take slot 0: the reader's next, sample 0
         assert r.receive(timeout=1).meta.index == 0
         assert not w.next_slot_needed()
+        for n in range(2, 4):
+            w.publish(SCHEMA, meta(n), {"words": np.full(WORDS, n, np.int64)})
+        # The reader (at sample 1) has not looked, but sample 1 is gone already: it is lapped,
+        # and nothing a write does to slot 0 (sample 2) can give it sample 1 back.
+        assert not w.next_slot_needed()
 
 
 def test_a_ring_without_registered_readers_never_needs_its_next_slot(ring_name):
