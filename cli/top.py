@@ -61,7 +61,8 @@ def _facts(daemon: str, st: Mapping) -> list[tuple[str, str]]:
                     f"{_num(st.get('live_fraction'), '{:.2f}')}"),
             ("batch", f"{_num(st.get('batch_size'), '{}')} (lr {_num(st.get('lr'), '{:.3g}')})"),
             ("loss", _num(st.get("loss"), "{:.4f}")), ("val acc", _num(st.get("accuracy"), "{:.3f}")),
-            ("live dropped", _num(st.get("live_dropped"), "{}"))]
+            ("live lost", f"{_num(st.get('live_lapped'), '{}')} lapped by the producer, "
+                          f"{_num(st.get('live_dropped'), '{}')} torn")]
     bad = (st.get("samples_bad_label") or 0)
     if bad:
         rows.append(("bad labels", str(bad)))

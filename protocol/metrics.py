@@ -53,7 +53,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "mmfeed_trainer_live_fraction": ("gauge", "Live share of recent samples (mixer window)"),
     "mmfeed_trainer_live_fraction_target": ("gauge", "Live share asked for (`mmctl mix`)"),
     "mmfeed_trainer_live_starved": ("gauge", "1 while the ring cannot supply the live share"),
-    "mmfeed_trainer_live_dropped_total": ("counter", "Live samples the ring reader missed"),
+    "mmfeed_trainer_live_dropped_total": ("counter", "Live samples read but discarded (a torn "
+                                          "lossy read, a partial batch at shutdown)"),
+    "mmfeed_trainer_live_lapped_total": ("counter", "Live samples the lossy ring moved past "
+                                         "before the trainer read them"),
     "mmfeed_trainer_generation": ("gauge", "Last live generation trained on"),
     "mmfeed_trainer_loss": ("gauge", "Loss of the last optimiser step"),
     "mmfeed_trainer_accuracy": ("gauge", "Last val accuracy"),

@@ -238,6 +238,44 @@ def test_a_filter_sweep_through_many_sizes_keeps_a_bounded_set_of_batch_pools(ri
         w.close()
 
 
+def test_samples_a_lossy_ring_moved_past_a_slow_trainer_are_counted_as_lapped(ring):
+    # A trainer slower than its producer loses samples on a lossy ring by design; status says
+    # how many (`live_lapped`), apart from torn reads (`live_dropped`), over re-attaches too.
+    from protocol.ring import RingConfig, RingWriter
+    from protocol.schema import SampleMeta, SampleSchema
+
+    name, _ = ring
+    w = RingWriter.create(RingConfig(name=name, slots=4, slot_bytes=16 << 10, mode="lossy"))
+    loader = RingLoader(name, batch_size=2, start="oldest", max_wait_s=0.2, depth=1).start()
+    try:
+        wait_for(lambda: loader.attached, 10, "the loader attached")
+
+        def publish(i):
+            arrays = {"vec": np.full(8, i, np.float32)}
+            w.publish(SampleSchema.from_arrays(arrays),
+                      SampleMeta(label=0, index=i, generation=1, source="live"), arrays)
+
+        for i in range(40):  # nothing taken: the loader's pool runs dry and its reader stops
+            publish(i)
+        got = []
+        while len(got) < 6:
+            b = loader.get(timeout=10.0)
+            assert b is not None, "no batch within 10 s"
+            got += [int(v) for v in modality_views(b.schema, b.data)["vec"][:b.n, 0]]
+            b.release()
+            if len(got) < 6:
+                publish(40 + len(got))
+        lapped = loader.follow.lapped
+        assert lapped > 0 and loader.stats.dropped == 0  # moved past, not torn
+        r = loader.reader.stats()
+        assert r.received + r.dropped == r.position - r.start and lapped == r.dropped
+        loader.close()  # its reader is dropped: the count keeps what it lost (re-attaches)
+        assert loader.follow.lapped == lapped
+    finally:
+        loader.close()
+        w.close()
+
+
 class _RecordingPrefetcher:
     """The real prefetcher; records each batch handed to the step and waits `delay_s` first.
 

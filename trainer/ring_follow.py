@@ -60,6 +60,7 @@ class RingFollower:
         self._resume: tuple[int, int] | None = None  # (epoch, position) of the last reader
         self._next_start = start
         self._damaged_epoch: int | None = None       # the last epoch found damaged (said once)
+        self._lapped_before = 0                      # lapped samples of the readers dropped
 
     @property
     def attached(self) -> bool:
@@ -117,11 +118,28 @@ class RingFollower:
             log.warning("ring %s: %s; re-attaching", self.ring, e)
         self.drop()
 
+    @property
+    def lapped(self) -> int:
+        """Samples the ring moved past before they were read, over every reader so far: on
+        a lossy ring, what a reader slower than the producer loses (and the gap a re-attach
+        could not resume over). Counted by the ring reader itself (ReaderStats.dropped)."""
+        r = self.reader
+        return self._lapped_before + (_ring_drops(r) if r is not None else 0)
+
     def drop(self) -> None:
         """Close the current reader (never raising: it may be on a damaged ring)."""
         r, self.reader = self.reader, None
         if r is not None:
+            self._lapped_before += _ring_drops(r)
             try:
                 r.close()
             except (RingError, OSError):
                 pass
+
+
+def _ring_drops(reader) -> int:
+    """The ring-level drops of a RingReader, or of the RingReader inside a GPU-slot reader
+    (whose own `dropped` counts GPU slots rewritten under a copy, reported apart)."""
+    inner = getattr(reader, "ring", reader)
+    stats = getattr(inner, "stats", None)
+    return stats().dropped if callable(stats) else 0
