@@ -253,6 +253,23 @@ def main(argv: list[str] | None = None) -> dict:
               f"state {steady:8.1f} samples/s vs floor {limit:8.1f} | ratio "
               f"{steady / limit:.2f} | fixed cost per run {fixed_s:.3f} s | load average "
               f"{steady_row['load_avg']:.2f}", file=sys.stderr)
+        # The same two runs with the shard's whole disk write left to the commit's fsync
+        # (the behaviour before producer/writeback.py): what early writeback buys, same run.
+        from producer.writeback import WRITEBACK_ENV
+
+        os.environ[WRITEBACK_ENV] = "0"
+        try:
+            t_small0 = repeat(lambda: full_run(workers), repeats, warmup=0)
+            t_big0 = repeat(lambda: full_run(workers, big, n_big), repeats, warmup=0)
+        finally:
+            del os.environ[WRITEBACK_ENV]
+        steady0 = (n_big - n) / max(t_big0.median - t_small0.median, 1e-9)
+        steady_row["steady_samples_per_s_fsync_at_commit"] = round(steady0, 1)
+        steady_row["steady_ratio_fsync_at_commit"] = round(steady0 / limit, 3)
+        print(f"  the same, all of the disk write at commit ({WRITEBACK_ENV}=0): steady state "
+              f"{steady0:8.1f} samples/s | ratio {steady0 / limit:.2f} | early writeback "
+              f"{steady / max(steady0, 1e-9):.2f}x | load average {os.getloadavg()[0]:.2f}",
+              file=sys.stderr)
         parent_s = curve[-1]["parent_cpu_ms_per_sample"] / 1e3
         pool16 = 16 / max(worker_cpu, 1e-9)
         predicted16 = min(pool16, 1 / max(parent_s, 1e-9))

@@ -69,6 +69,7 @@ from protocol.filemodes import (
 from protocol.schema import SOURCE_BYTES, SampleMeta, SampleSchema
 
 from .cache_carry import CarryOver, pwrite_all
+from .writeback import WRITEBACK_EVERY, start_writeback
 
 
 
@@ -173,6 +174,8 @@ class CacheWriter(CarryOver):
         self._shards: list[dict] = []
         self._shard_no = -1
         self._pos = 0
+        self._kicked = 0  # shard bytes up to here were handed to writeback (writeback.py)
+        self.written_back = 0  # bytes whose disk write started before the commit's fsync
         self._scratch = bytearray()
         self._prev_fds = {}
         self._written = self._carried = 0
@@ -266,7 +269,7 @@ class CacheWriter(CarryOver):
         self._finish_shard()
         self._shard_no += 1
         self._fd = create_file(self._vdir / shard_name(self._shard_no), self._gid)
-        self._pos = 0
+        self._pos = self._kicked = 0
 
     def _finish_shard(self) -> None:
         """Pad to a page multiple (a reader may read whole pages with O_DIRECT), fsync, close."""
@@ -333,6 +336,10 @@ class CacheWriter(CarryOver):
         shard, off = self._place(n, PACKED_ALIGN if store in video_store.COMPRESSED
                                  else RECORD_ALIGN)
         pwrite_all(self._fd, data, off)
+        if self._pos - self._kicked >= WRITEBACK_EVERY:  # the disk writes while we go on
+            if start_writeback(self._fd, self._kicked, self._pos - self._kicked):
+                self.written_back += self._pos - self._kicked
+            self._kicked = self._pos
         src = meta.source.encode("utf-8")[:SOURCE_BYTES]
         self._rows.append((off, n, sid, meta.timestamp_ns, meta.index, shard, meta.label,
                            meta.generation, key_id, self._split_id(split), src, store, crc))

@@ -187,6 +187,43 @@ def test_tiny_shard_size_rolls_over_and_everything_reads_back(tmp_path):
         assert_reads_back(r, samples)
 
 
+@pytest.mark.parametrize("early", ["1", "0"], ids=["early_writeback", "all_at_commit"])
+def test_the_disk_write_starts_while_records_are_still_added_and_changes_no_byte(
+        tmp_path, monkeypatch, early):
+    # The commit's fsync used to write the whole shard while nothing else ran; now the disk
+    # starts on each WRITEBACK_EVERY bytes as they land (producer/writeback.py).
+    from producer.writeback import WRITEBACK_ENV, WRITEBACK_EVERY, available
+
+    monkeypatch.setenv(WRITEBACK_ENV, early)
+    rng = np.random.default_rng(3)
+    samples = [dict(key=f"train/bike/s{i:03d}", fp=f"fp{i}", split="train", label=0,
+                    arrays={"lidar": rng.standard_normal((4, 256, 256), dtype=np.float32)},
+                    meta=SampleMeta(label=0, index=i)) for i in range(12)]  # 1 MiB each
+    with CacheWriter(tmp_path / "c", classes=CLASSES) as w:
+        for s in samples:
+            w.add(s["key"], s["fp"], s["split"], SampleSchema.from_arrays(s["arrays"]),
+                  s["meta"], s["arrays"])
+        if early == "1" and available():
+            assert w.written_back >= WRITEBACK_EVERY
+        else:
+            assert w.written_back == 0
+        w.commit()
+    with CacheReader(tmp_path / "c") as r:
+        assert_reads_back(r, samples)
+
+
+def test_early_writeback_of_a_file_that_cannot_take_it_is_left_to_fsync():
+    from producer.writeback import start_writeback
+
+    rd, wr = os.pipe()
+    try:
+        assert start_writeback(wr, 0, 1 << 20) is False  # ESPIPE: said, not raised
+        assert start_writeback(wr, 0, 0) is False
+    finally:
+        os.close(rd)
+        os.close(wr)
+
+
 def test_no_per_sample_files_in_a_version(tmp_path):
     write(tmp_path / "c", dataset(30))
     names = {p.name for p in (tmp_path / "c" / version_name(1)).iterdir()}
