@@ -69,6 +69,7 @@ from protocol.filemodes import (
 from protocol.schema import SOURCE_BYTES, SampleMeta, SampleSchema
 
 from .cache_carry import CarryOver, pwrite_all
+from .worker_shard import PlacedRecord, ShardTarget, is_worker_shard
 from .writeback import WRITEBACK_EVERY, start_writeback
 
 
@@ -171,8 +172,9 @@ class CacheWriter(CarryOver):
         self._key_list: list[list[str]] = []     # [key, fingerprint]
         self._schemas: dict[int, str] = {}       # schema_id -> encoding
         self._splits: list[str] = []
-        self._shards: list[dict] = []
-        self._shard_no = -1
+        self._shards: list[dict | None] = []     # by shard number; None until finished
+        self._shard_no = -1                      # the shard this writer appends to itself
+        self._adopted: dict[str, int] = {}       # worker shard file -> its shard number
         self._pos = 0
         self._kicked = 0  # shard bytes up to here were handed to writeback (writeback.py)
         self.written_back = 0  # bytes whose disk write started before the commit's fsync
@@ -265,9 +267,15 @@ class CacheWriter(CarryOver):
         self._pos = off + n
         return self._shard_no, off
 
+    def _new_shard_number(self) -> int:
+        """Numbers go to this writer's own shards and to adopted worker files alike, in the
+        order they are first needed; the manifest lists them by number."""
+        self._shards.append(None)
+        return len(self._shards) - 1
+
     def _roll(self) -> None:
         self._finish_shard()
-        self._shard_no += 1
+        self._shard_no = self._new_shard_number()
         self._fd = create_file(self._vdir / shard_name(self._shard_no), self._gid)
         self._pos = self._kicked = 0
 
@@ -280,7 +288,13 @@ class CacheWriter(CarryOver):
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        self._shards.append({"file": shard_name(self._shard_no), "nbytes": size})
+        self._shards[self._shard_no] = {"file": shard_name(self._shard_no), "nbytes": size}
+
+    @property
+    def worker_target(self) -> ShardTarget:
+        """Where preprocess workers write records of this version themselves
+        (producer/worker_shard.py), handed back through `add_placed`."""
+        return ShardTarget(str(self._vdir), self.shard_bytes, self._gid)
 
     def add(self, key: str, fingerprint: str, split: str, schema: SampleSchema, meta: SampleMeta,
             arrays: Mapping[str, np.ndarray] | None = None, *, payload=None) -> None:
@@ -291,18 +305,7 @@ class CacheWriter(CarryOver):
         record is goes into the index (`video_store.store_of_record`), with a CRC-32 for
         compressed records. A key may have several records: call add again with the same key
         and fingerprint."""
-        self._check_open()
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"key must be a non-empty str, got {key!r}")
-        if not isinstance(split, str) or not split:
-            raise ValueError(f"split must be a non-empty str, got {split!r}")
-        if not isinstance(schema, SampleSchema):
-            raise TypeError(f"schema must be a SampleSchema, got {type(schema).__name__}")
-        if not isinstance(meta, SampleMeta):
-            raise TypeError(f"meta must be a SampleMeta, got {type(meta).__name__}")
-        if not -1 <= meta.label < len(self.classes):
-            raise ValueError(f"{key}: label {meta.label} is outside -1..{len(self.classes) - 1} "
-                             f"({len(self.classes)} classes)")
+        self._check_record(key, split, schema, meta)
         if (arrays is None) == (payload is None):
             raise TypeError("give exactly one of arrays= or payload=")
         n = schema.payload_nbytes
@@ -324,6 +327,53 @@ class CacheWriter(CarryOver):
             schema.pack_into(arrays, data)  # checks names, dtypes, shapes
             if schema.packed:
                 store = video_store.NV12_STORE
+        shard, off = self._place(n, PACKED_ALIGN if store in video_store.COMPRESSED
+                                 else RECORD_ALIGN)
+        pwrite_all(self._fd, data, off)
+        if self._pos - self._kicked >= WRITEBACK_EVERY:  # the disk writes while we go on
+            if start_writeback(self._fd, self._kicked, self._pos - self._kicked):
+                self.written_back += self._pos - self._kicked
+            self._kicked = self._pos
+        self._add_row(key, fingerprint, split, schema, meta, shard, off, n, store, crc)
+
+    def add_placed(self, key: str, fingerprint: str, split: str, schema: SampleSchema,
+                   meta: SampleMeta, placed: PlacedRecord) -> None:
+        """Add a record a worker already wrote into a file of its own in this version's
+        directory (`worker_target`, producer/worker_shard.py): no byte is copied here. The
+        file becomes one of the version's shards at commit."""
+        self._check_record(key, split, schema, meta)
+        name = placed.file
+        number = self._adopted.get(name)
+        if number is None:
+            if not is_worker_shard(name) or os.sep in name or not (self._vdir / name).is_file():
+                raise CacheError(f"{self._vdir}: {name!r} is no worker shard file of this "
+                                 f"version")
+            number = self._adopted[name] = self._new_shard_number()
+        store = int(placed.store)
+        expect = schema.payload_nbytes
+        if store not in video_store.COMPRESSED and placed.nbytes != expect:
+            raise SchemaError(f"{key}: placed record of {placed.nbytes} bytes, schema {schema!r} "
+                              f"packs to {expect}")
+        self._add_row(key, fingerprint, split, schema, meta, number, int(placed.offset),
+                      int(placed.nbytes), store, int(placed.crc32))
+
+    def _check_record(self, key: str, split: str, schema: SampleSchema, meta: SampleMeta
+                      ) -> None:
+        self._check_open()
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"key must be a non-empty str, got {key!r}")
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"split must be a non-empty str, got {split!r}")
+        if not isinstance(schema, SampleSchema):
+            raise TypeError(f"schema must be a SampleSchema, got {type(schema).__name__}")
+        if not isinstance(meta, SampleMeta):
+            raise TypeError(f"meta must be a SampleMeta, got {type(meta).__name__}")
+        if not -1 <= meta.label < len(self.classes):
+            raise ValueError(f"{key}: label {meta.label} is outside -1..{len(self.classes) - 1} "
+                             f"({len(self.classes)} classes)")
+
+    def _add_row(self, key: str, fingerprint: str, split: str, schema: SampleSchema,
+                 meta: SampleMeta, shard: int, off: int, n: int, store: int, crc: int) -> None:
         if key in self._keys:
             if self._key_list[self._keys[key]][1] != fingerprint:
                 raise ValueError(f"{key}: added again with another fingerprint")
@@ -333,17 +383,31 @@ class CacheWriter(CarryOver):
         sid = schema.schema_id
         if sid not in self._schemas:
             self._schemas[sid] = schema.encode().decode()
-        shard, off = self._place(n, PACKED_ALIGN if store in video_store.COMPRESSED
-                                 else RECORD_ALIGN)
-        pwrite_all(self._fd, data, off)
-        if self._pos - self._kicked >= WRITEBACK_EVERY:  # the disk writes while we go on
-            if start_writeback(self._fd, self._kicked, self._pos - self._kicked):
-                self.written_back += self._pos - self._kicked
-            self._kicked = self._pos
         src = meta.source.encode("utf-8")[:SOURCE_BYTES]
         self._rows.append((off, n, sid, meta.timestamp_ns, meta.index, shard, meta.label,
                            meta.generation, key_id, self._split_id(split), src, store, crc))
         self._written += 1
+
+    def _seal_adopted(self) -> None:
+        """Each adopted worker file: padded to a page multiple, fsync'd and renamed to its
+        shard name; worker files no record was taken from are removed."""
+        for name, number in self._adopted.items():
+            path = self._vdir / name
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                size = align_up(os.fstat(fd).st_size)
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(path, self._vdir / shard_name(number))
+            self._shards[number] = {"file": shard_name(number), "nbytes": size}
+        for p in self._vdir.iterdir():
+            if is_worker_shard(p.name):
+                p.unlink()
+        if None in self._shards:
+            raise CacheError(f"{self._vdir}: shard {self._shards.index(None)} was numbered "
+                             f"and never written")
 
     # --- ending -----------------------------------------------------------------------------
 
@@ -353,6 +417,7 @@ class CacheWriter(CarryOver):
         self._check_open()
         try:
             self._finish_shard()
+            self._seal_adopted()
             index = np.array(self._rows, dtype=INDEX_DTYPE)
             with os.fdopen(create_file(self._vdir / INDEX_FILE, self._gid), "wb") as f:
                 np.save(f, index, allow_pickle=False)

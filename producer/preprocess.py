@@ -59,6 +59,7 @@ from protocol.schema import SampleSchema
 from protocol.video_store import STORES
 
 from .cache_writer import CacheWriter, fingerprint_files
+from .worker_shard import PlacedRecord
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
 from .modalities._limits import ReadLimits
 from .video_route import preprocess_route
@@ -139,6 +140,11 @@ def _key_of(problem: InputError, root: Path) -> str | None:
 
 
 #: Each run's scratch folder in $TMPDIR: `mmfeed-preprocess-<pid>-<random>/`.
+#: Set to 1 to have workers hand records back through scratch files for the parent to copy
+#: into its shard (the path before producer/worker_shard.py): what bench/preprocess.py
+#: compares against. Not a setting: the default writes each record once.
+PARENT_COPY_ENV = "MMFEED_PREPROCESS_PARENT_COPY"
+
 SCRATCH_PREFIX = "mmfeed-preprocess-"
 _SCRATCH = re.compile(rf"^{SCRATCH_PREFIX}(\d+)-")
 
@@ -251,6 +257,11 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
                 rejected.append(_rejection(payload, s.key))
                 bar.advance(rejected=1)
                 return
+            if isinstance(payload, PlacedRecord):  # the worker wrote it into a shard itself
+                w.add_placed(s.key, fp, s.split, schema_from(enc), sample_meta(s, index=i),
+                             payload)
+                bar.advance()
+                return
             if isinstance(payload, tuple):  # (offset, nbytes) in the chunk's scratch file
                 payload = memoryview(scratch)[payload[0]:payload[0] + payload[1]]
             try:
@@ -293,6 +304,8 @@ def run_preprocess(dataset: str | Path, cache: str | Path, config: PipelineConfi
             try:
                 runs = WorkerRuns(config, workers, scratch_dir, store, reject_crash)
                 runs.video_device = video_device
+                if os.environ.get(PARENT_COPY_ENV, "") in ("", "0"):
+                    runs.shard_target = w.worker_target  # workers write the shards themselves
                 runs.run(todo)
                 pool_restarts = runs.pool_restarts
             finally:

@@ -27,14 +27,18 @@ from typing import Callable
 
 
 from protocol.errors import InputError, SchemaError
+from protocol.schema import SampleSchema
 from protocol.video_store import VideoStoreError, encode_record
 
 from .dataset import SampleFiles
 from .pipeline import Pipeline, PipelineConfig, schema_of
+from .worker_shard import PlacedRecord, ShardTarget, WorkerShard
 
 # --- worker side -----------------------------------------------------------------------------
 
 _PIPELINE: Pipeline | None = None
+#: This worker's own shard files in the version being written (None: scratch files).
+_SHARD: WorkerShard | None = None
 #: TEST HOOK (see CRASH_ENV): the sample key whose processing kills its worker, and how.
 _CRASH_ON: tuple[str, str] | None = None
 
@@ -82,13 +86,14 @@ def _exit_with(run_pid: int) -> None:
 
 
 def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None,
-                 run_pid: int | None = None, video_device: str = "cpu") -> None:
+                 run_pid: int | None = None, video_device: str = "cpu",
+                 shard_target: ShardTarget | None = None) -> None:
     """Each worker is one process per core already: keep torch (radar FFTs), the video
     decoder and BLAS (the log-mel's filterbank product) single-threaded inside it, or the
     pool oversubscribes the cores (measured: the modality calls ran 3-7x slower in workers
     than alone before torch/decoder, and the log-mel 35x slower in CPU before BLAS;
     producer/worker_threads.py)."""
-    global _PIPELINE, _CRASH_ON
+    global _PIPELINE, _CRASH_ON, _SHARD
     from .worker_threads import single_threaded
 
     if run_pid is not None:
@@ -96,6 +101,7 @@ def _init_worker(config: PipelineConfig, crash_on: tuple[str, str] | None = None
     single_threaded()
     _PIPELINE = Pipeline(config, video_device=video_device)
     _CRASH_ON = crash_on
+    _SHARD = WorkerShard(shard_target) if shard_target is not None else None
 
 
 def _maybe_crash(key: str) -> None:
@@ -109,6 +115,12 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
                    ) -> tuple[bytes | None, bytearray | dict, list[str]]:
     """One sample -> (schema encoding, packed payload, notes), or (None, error dict, notes).
     Runs in a worker (pipeline None: the worker's own) or in the caller's process."""
+    schema, payload, notes = _process(sample, pipeline)
+    return (schema.encode() if schema is not None else None), payload, notes
+
+
+def _process(sample: SampleFiles, pipeline: Pipeline | None = None
+             ) -> tuple[SampleSchema | None, bytearray | bytes | dict, list[str]]:
     notes: list[str] = []
     pipe = pipeline if pipeline is not None else _PIPELINE
     assert pipe is not None, "worker not initialised"
@@ -127,13 +139,14 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     except VideoStoreError as e:
         notes.append(f"video store {pipe.config.video_store.store}: {e}; stored raw")
         payload = schema.pack(arrays)
-    return schema.encode(), payload, notes
+    return schema, payload, notes
 
 
 #: A chunk's result per sample: (schema encoding, where its payload is, notes) with the payload
-#: as (offset, nbytes) in the chunk's scratch file, or the bytes themselves when the scratch
-#: file could not be written; (None, error dict, notes) for a rejected sample.
-Result = tuple[bytes | None, tuple[int, int] | bytes | bytearray | dict, list[str]]
+#: a PlacedRecord in the worker's own shard file (producer/worker_shard.py), (offset, nbytes)
+#: in the chunk's scratch file, or the bytes themselves when neither could be written;
+#: (None, error dict, notes) for a rejected sample.
+Result = tuple[bytes | None, PlacedRecord | tuple[int, int] | bytes | bytearray | dict, list[str]]
 
 
 def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
@@ -155,7 +168,14 @@ def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
     try:
         for s in samples:
             _maybe_crash(s.key)
-            enc, payload, notes = process_packed(s)
+            schema, payload, notes = _process(s)
+            enc = schema.encode() if schema is not None else None
+            if enc is not None and _SHARD is not None:
+                try:  # straight into the version's shards: no scratch, no copy in the parent
+                    out.append((enc, _SHARD.append(schema, payload), notes))
+                    continue
+                except (OSError, VideoStoreError):
+                    pass  # the scratch file (or the pipe) and the parent's checks instead
             if enc is not None and fd is not None:
                 try:
                     n = os.pwrite(fd, payload, pos)
@@ -171,9 +191,10 @@ def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
 
 
 def _isolated_main(conn, config: PipelineConfig, crash_on, sample: SampleFiles,
-                   scratch: str, run_pid: int | None = None, video_device: str = "cpu") -> None:
+                   scratch: str, run_pid: int | None = None, video_device: str = "cpu",
+                   shard_target: ShardTarget | None = None) -> None:
     """Child process body for re-running one suspect sample alone (see `_Isolator`)."""
-    _init_worker(config, crash_on, run_pid, video_device)
+    _init_worker(config, crash_on, run_pid, video_device, shard_target)
     conn.send(process_chunk([sample], scratch))
     conn.close()
 
@@ -243,11 +264,13 @@ class WorkerRuns:
         self.ctx = start_worker_server()
         self.pool_restarts = 0
         self.video_device = "cpu"   # "cuda": workers decode video with NVDEC (video_route.py)
+        #: where workers write records themselves (CacheWriter.worker_target); None: scratch
+        self.shard_target: ShardTarget | None = None
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, initializer=_init_worker,
                                    initargs=(self.config, self.crash_on, os.getpid(),
-                                             self.video_device),
+                                             self.video_device, self.shard_target),
                                    mp_context=self.ctx)
 
     def _scratch(self) -> str:
@@ -256,7 +279,8 @@ class WorkerRuns:
     def _store_chunk(self, items: list[Item], results: list[Result], scratch: str) -> None:
         mm = None
         try:
-            if any(isinstance(r[1], tuple) for r in results):
+            if any(isinstance(r[1], tuple) and not isinstance(r[1], PlacedRecord)
+                   for r in results):  # some payloads are in the scratch file
                 with open(scratch, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             for item, result in zip(items, results):
@@ -325,7 +349,7 @@ class WorkerRuns:
         recv, send = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=_isolated_main, daemon=True,
                                 args=(send, self.config, self.crash_on, item[1], scratch,
-                                      os.getpid(), self.video_device))
+                                      os.getpid(), self.video_device, self.shard_target))
         proc.start()
         send.close()
         try:
