@@ -292,6 +292,11 @@ def demux_clips(source: str | Path, settings: Callable[[], ClipSettings], *,
                             continue
                         if k == 0:   # a clip boundary: the only place settings change
                             new = settings()
+                            if (new.chain or None) != (runner.chain.text if runner else None):
+                                # Read after this packet's frames went through the chain
+                                # in force then: they are not the new chain's frames. The
+                                # next packet switches the chain, then this switches the rest.
+                                new = cur
                             if new != cur:
                                 if new.spec != cur.spec:
                                     conv = video.FrameConverter(new.spec)

@@ -206,6 +206,31 @@ def test_settings_change_takes_effect_at_a_clip_boundary_without_losing_frames(a
     assert all(c.audio.size == round((c.end_s - c.start_s) * 16000) for c in clips)
 
 
+@pytest.mark.parametrize("before,after", [("scale=32:16", None), (None, "scale=32:16")],
+                         ids=["chain_cleared", "chain_set"])
+def test_every_clip_is_made_by_the_ffmpeg_chain_of_its_own_tag_wherever_the_change_lands(
+        av_file, before, after):
+    # The decode thread reads the settings at a packet (which chain runs) and again at the
+    # clip boundary (which tag the clip gets): a change landing between the two reads once
+    # made a clip of the old chain's frames under the new tag (seen as a 32x16 sample of the
+    # generation that cleared the chain). Landing at each read in turn, none may.
+    shape = {"scale=32:16": (4, 3, 16, 32), None: (4, 3, 48, 64)}
+    for flip in range(1, 20):  # ~3 reads a clip: the change lands within the first 6 of 12
+        calls = {"n": 0}
+
+        def settings():
+            calls["n"] += 1
+            chain, tag = (before, "before") if calls["n"] <= flip else (after, "after")
+            return ClipSettings(FilterSpec(), 4, tag=tag, chain=chain)
+
+        clips = list(MediaSource(str(av_file)).clips(FilterSpec(), 4, settings=settings))
+        tags = [c.tag for c in clips]
+        assert "after" in tags and tags == sorted(tags, key=("before", "after").index), flip
+        for c in clips:
+            want = shape[before if c.tag == "before" else after]
+            assert np.asarray(c.video).shape == want, (flip, c.tag)
+
+
 def test_audio_window_fills_gaps_with_silence_and_bounds_its_memory():
     w = AudioWindow(100, keep_s=2.0)
     w.sync(10.0)
