@@ -28,7 +28,7 @@ from typing import Callable
 
 from protocol.errors import InputError, SchemaError
 from protocol.schema import SampleSchema
-from protocol.video_store import VideoStoreError, encode_record
+from protocol.video_store import RAW, VideoStoreError, encode_record
 
 from .dataset import SampleFiles
 from .pipeline import Pipeline, PipelineConfig, schema_of
@@ -119,8 +119,10 @@ def process_packed(sample: SampleFiles, pipeline: Pipeline | None = None
     return (schema.encode() if schema is not None else None), payload, notes
 
 
-def _process(sample: SampleFiles, pipeline: Pipeline | None = None
+def _process(sample: SampleFiles, pipeline: Pipeline | None = None, *, pack: bool = True
              ) -> tuple[SampleSchema | None, bytearray | bytes | dict, list[str]]:
+    """(schema, record bytes, notes); with `pack=False` a raw record is left as the
+    pipeline's arrays (a dict: WorkerShard.append_arrays writes them without packing)."""
     notes: list[str] = []
     pipe = pipeline if pipeline is not None else _PIPELINE
     assert pipe is not None, "worker not initialised"
@@ -134,6 +136,8 @@ def _process(sample: SampleFiles, pipeline: Pipeline | None = None
     except SchemaError as e:  # e.g. an input name the schema refuses: this sample, not the run
         return None, InputError(sample.dir, "inputs", "arrays the sample schema accepts",
                                 str(e)).to_dict(), notes
+    if not pack and pipe.config.video_store.store_id == RAW and not schema.packed:
+        return schema, arrays, notes
     try:  # --video-store: the record as the cache holds it (protocol/video_store.py)
         schema, payload = encode_record(schema, arrays, pipe.config.video_store, notes)
     except VideoStoreError as e:
@@ -168,14 +172,19 @@ def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
     try:
         for s in samples:
             _maybe_crash(s.key)
-            schema, payload, notes = _process(s)
+            schema, payload, notes = _process(s, pack=_SHARD is None)
             enc = schema.encode() if schema is not None else None
             if enc is not None and _SHARD is not None:
                 try:  # straight into the version's shards: no scratch, no copy in the parent
-                    out.append((enc, _SHARD.append(schema, payload), notes))
-                    continue
+                    placed = _SHARD.append_arrays(schema, payload) \
+                        if isinstance(payload, dict) else _SHARD.append(schema, payload)
+                    if placed is not None:
+                        out.append((enc, placed, notes))
+                        continue
                 except (OSError, VideoStoreError):
                     pass  # the scratch file (or the pipe) and the parent's checks instead
+                if isinstance(payload, dict):
+                    payload = schema.pack(payload)
             if enc is not None and fd is not None:
                 try:
                     n = os.pwrite(fd, payload, pos)

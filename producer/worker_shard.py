@@ -31,6 +31,7 @@ from .writeback import WRITEBACK_EVERY, start_writeback
 #: Worker shard files are named `worker-<pid>-<n>.part` until the commit renames them.
 PREFIX = "worker-"
 SUFFIX = ".part"
+_ZEROS = memoryview(bytes(4096))  # schema padding (ALIGN = 64 bytes at most) in a gather write
 _numbers = itertools.count()  # file numbers of this process (a worker has one WorkerShard)
 
 
@@ -73,11 +74,44 @@ class WorkerShard:
         compressed = store in video_store.COMPRESSED
         crc = video_store.record_crc(data) if compressed else 0
         n = data.nbytes
-        off = align_up(self.pos, PACKED_ALIGN if compressed else RECORD_ALIGN)
+        off = self._place(n, PACKED_ALIGN if compressed else RECORD_ALIGN)
+        pwrite_all(self.fd, data, off)
+        return self._written(off, n, store, crc)
+
+    def append_arrays(self, schema: SampleSchema, arrays) -> PlacedRecord | None:
+        """Write a raw record straight from the pipeline's arrays (one gather write, their
+        padding from a zero page) instead of packing them into a payload first: the pack was
+        a second copy of every record, into fresh memory. None when an array is not what
+        the schema lays out as it is (not C-contiguous, another dtype or shape, a packed
+        layout): the caller packs then."""
+        if schema.packed:
+            return None
+        parts, pos = [], 0
+        for m in schema.modalities:
+            a = arrays.get(m.name)
+            if a is None or not a.flags.c_contiguous or a.dtype != m.dtype \
+                    or a.shape != m.shape:
+                return None
+            gap = schema.offset(m.name) - pos
+            if gap:
+                parts.append(_ZEROS[:gap])
+            parts.append(memoryview(a).cast("B"))
+            pos += gap + a.nbytes
+        off = self._place(pos, RECORD_ALIGN)
+        done = os.pwritev(self.fd, parts, off)
+        if done < pos:  # a short write (a signal, a full disk): the rest one part at a time
+            flat = memoryview(b"".join(parts))
+            pwrite_all(self.fd, flat[done:], off + done)
+        return self._written(off, pos, video_store.RAW, 0)
+
+    def _place(self, n: int, align: int) -> int:
+        off = align_up(self.pos, align)
         if self.fd is None or (off + n > self.target.shard_bytes and self.pos > 0):
             self._roll()
             off = 0
-        pwrite_all(self.fd, data, off)
+        return off
+
+    def _written(self, off: int, n: int, store: int, crc: int) -> PlacedRecord:
         self.pos = off + n
         if self.pos - self.kicked >= WRITEBACK_EVERY:  # the disk writes while we decode
             start_writeback(self.fd, self.kicked, self.pos - self.kicked)

@@ -80,3 +80,22 @@ def test_a_placed_record_outside_this_version_or_of_the_wrong_size_is_refused(tm
         with pytest.raises(SchemaError, match=f"packs to {schema.payload_nbytes}"):
             w.add_placed("k", "fp", "train", schema, meta, placed._replace(nbytes=12))
         shard.close()
+
+
+def test_a_raw_record_written_from_the_arrays_is_byte_for_byte_the_packed_payload(tmp_path):
+    # Gather-written from the pipeline's arrays (no pack into fresh memory first), padding
+    # between the inputs included; an array not laid out as the schema says is left to pack.
+    arrays = {"video": np.arange(3 * 5 * 7, dtype=np.uint8).reshape(1, 3, 5, 7),  # 105 bytes
+              "imu": np.linspace(-1, 1, 6, dtype=np.float32)}  # at offset 128: a 23-byte gap
+    schema = SampleSchema.from_arrays(arrays)
+    with CacheWriter(tmp_path / "c", classes=CLASSES) as w:
+        shard = WorkerShard(w.worker_target)
+        placed = shard.append_arrays(schema, arrays)
+        assert placed is not None and placed.nbytes == schema.payload_nbytes
+        strided = {**arrays, "imu": np.linspace(-1, 1, 12, dtype=np.float32)[::2]}
+        assert shard.append_arrays(schema, strided) is None
+        w.add_placed("k", "fp", "train", schema, SampleMeta(label=0), placed)
+        shard.close()
+        written = (tmp_path / "c" / f"v{w.version:06d}" / placed.file).read_bytes()
+        assert written[placed.offset:placed.offset + placed.nbytes] == bytes(schema.pack(arrays))
+        w.commit()
