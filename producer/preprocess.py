@@ -59,10 +59,10 @@ from protocol.schema import SampleSchema
 from protocol.video_store import STORES
 
 from .cache_writer import CacheWriter, fingerprint_files
-from .worker_shard import PlacedRecord
 from .dataset import SPLITS, DatasetIndex, SampleFiles, index_dataset
 from .modalities._limits import ReadLimits
 from .video_route import preprocess_route
+from .worker_shard import PlacedRecord
 from .pipeline import (METHODS, Pipeline, PipelineConfig, missing_inputs, sample_meta,
                        union_inputs)
 from .preprocess_workers import (Item, Result, WorkerRuns, process_packed,
@@ -139,12 +139,12 @@ def _key_of(problem: InputError, root: Path) -> str | None:
     return "/".join(escape_name(p) for p in parts[:3]) if len(parts) >= 3 else None
 
 
-#: Each run's scratch folder in $TMPDIR: `mmfeed-preprocess-<pid>-<random>/`.
 #: Set to 1 to have workers hand records back through scratch files for the parent to copy
 #: into its shard (the path before producer/worker_shard.py): what bench/preprocess.py
 #: compares against. Not a setting: the default writes each record once.
 PARENT_COPY_ENV = "MMFEED_PREPROCESS_PARENT_COPY"
 
+#: Each run's scratch folder in $TMPDIR: `mmfeed-preprocess-<pid>-<random>/`.
 SCRATCH_PREFIX = "mmfeed-preprocess-"
 _SCRATCH = re.compile(rf"^{SCRATCH_PREFIX}(\d+)-")
 

@@ -161,6 +161,11 @@ def process_chunk(samples: list[SampleFiles], scratch: str) -> list[Result]:
     read, an unpickle - and in the profile that send was 10% of the workers' time. Now each is
     appended to `scratch` (one write into the page cache) and only offsets travel back; the
     parent writes them into the shard from a memory map of that file.
+
+    Where the worker has a shard of its own (`_SHARD`: a local pool writing a cache,
+    producer/worker_shard.py) a record goes there instead, once, and only where it is travels
+    back; the scratch file is the fallback for a record that could not be written there (a
+    full disk) and the path of the Ray workers, which may not share the cache's folder.
     """
     out: list[Result] = []
     fd = None
