@@ -52,6 +52,7 @@ The ring is five modules, one job each, and this one is their public face
     ring_liveness.py  is the producer / a reader still running (pid + start time); wait budgets
     ring_segment.py   the segment: name, RingConfig and size, mapping, stale-ring replacement
     ring_writer.py    RingWriter: create, loan/commit/publish, lossless wait, supersede, close
+    ring_readers.py   the writer's view of its readers: slowest, next slot needed, evict dead
     ring_reader.py    RingReader: attach, receive_into/receive/receive_view, wait, close
     ring_owner.py     whose segment it is (uid, group, mode), checked before trusting it
 """

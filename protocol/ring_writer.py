@@ -18,23 +18,19 @@ import posix_ipc
 
 from . import _seqlock as sl
 from .errors import RingDamaged, RingError, RingFull, RingInUse, SchemaError
-from .ring_layout import (H, MAGIC, MODES, R, S, SCHEMA_MAX, SLOT_HEADER_BYTES, STATE_CLOSED,
+from .ring_layout import (H, MAGIC, MODES, S, SCHEMA_MAX, SLOT_HEADER_BYTES, STATE_CLOSED,
                           STATE_LIVE, STATE_SUPERSEDED, RingHeader, semaphore_name)
 from .ring_liveness import (_SLICE_S, _SPIN_YIELD, _cpus_allowed, _own_epochs, _own_start,
-                            _pid_alive, _spin_budget_ns)
+                            _spin_budget_ns)
 from .ring_owner import group_gid, segment_stat
+from .ring_readers import ReaderTable
 from .ring_segment import (_SHM_DIR, _U64, RingConfig, RingStats, _bits, _Mapping,
-                           _name_inode, _posix_name, _release_entry, _replace_if_stale,
+                           _name_inode, _posix_name, _replace_if_stale,
                            _ring_stats, _sem_path, _set_mode, _unlink_if_ours,
                            _unlink_semaphore)
 from .schema import SampleMeta, SampleSchema
 
 _SIZE_CHECK_NS = 1_000_000_000  # how often heartbeat() compares the segment's size
-# next_slot_needed: a reader lapped within this many rings' worth of samples is a slower one,
-# not one lagging for a moment. At the edge of the ring a reader r times slower than the
-# writer is lapped every r/(r-1) samples (every 11 at r = 1.1), so 4 rings of 8 slots tell
-# the two apart down to a writer ~3% faster than its reader.
-LAPPED_WINDOW = 4
 # schema_len, then the reserved bytes up to the encoding: written as one slice with it.
 _SCHEMA_LEN = struct.Struct("<I")
 _SCHEMA_GAP = SLOT_HEADER_BYTES - SCHEMA_MAX - S["schema_len"] - _SCHEMA_LEN.size
@@ -240,7 +236,7 @@ class RingWriter:
         self._reader_sems: dict[int, posix_ipc.Semaphore] = {}
         self._n = 0
         self._loaned: Slot | None = None
-        self._drops: dict[int, tuple[int, int, int]] = {}  # reader -> (start, dropped, at n)
+        self._readers = ReaderTable(mm, self._reader_off, hdr.slots)
         self._size_check_ns = 0
         self._wsem_name = semaphore_name(self.name, hdr.epoch, "w")
         _unlink_semaphore(self._wsem_name)
@@ -291,37 +287,11 @@ class RingWriter:
         return self._loaned
 
     def next_slot_needed(self) -> bool:
-        """True when a registered reader that keeps up has not yet passed the sample the next
-        slot holds: loaning that slot now would take it from the reader for as long as the
-        new sample takes to make (a lossy reader loses it sooner; a lossless writer would
-        wait before making anything). `publish` overwrites it only once the sample is made,
-        so in place writers (producer/slot_fill.py) take the copy path then.
-
-        Only a reader exactly one ring behind is counted: its next sample is the one in that
-        slot. One further behind has lost its next sample already (it is lapped, whether or
-        not it has looked yet: a reader held up by its own consumer), and neither is one the
-        writer has lapped within the last LAPPED_WINDOW rings: such readers are slower than
-        the writer, and a slower lossy reader loses the same number of samples whichever
-        slot a write takes (written - read), so copying for it would cost bandwidth and save
-        it nothing. Only a reader that lags for a moment is protected. Call once a sample:
-        the drop counters are sampled here."""
+        """True when a registered reader that keeps up still needs the sample the next slot
+        holds: in place writers copy then (ReaderTable.next_slot_needed says which readers
+        count, and why). Call once a sample."""
         self._check_open()
-        mm, n = self._mm, self._n
-        needed = False
-        for i in _bits(sl.load_seq_cst(mm, H["active_mask"])):
-            base = self._reader_off[i]
-            start = sl.load_acquire(mm, base + R["start"])
-            dropped = sl.load_acquire(mm, base + R["dropped"])
-            seen = self._drops.get(i)
-            if seen is None or seen[0] != start:      # a reader new to this index
-                seen = (start, dropped, -(1 << 62))
-            elif seen[1] != dropped:                  # lapped since the last look
-                seen = (start, dropped, n)
-            self._drops[i] = seen
-            if n == sl.load_seq_cst(mm, base + R["position"]) + self._slots \
-                    and n - seen[2] > LAPPED_WINDOW * self._slots:
-                needed = True
-        return needed
+        return self._readers.next_slot_needed(self._n)
 
     def _learn(self, schema: SampleSchema) -> int:
         """First sample of this schema: check it fits (once, not per sample) and keep its
@@ -465,28 +435,15 @@ class RingWriter:
             if sem is not None:
                 sem.release()
 
-    def _slowest(self) -> tuple[int | None, int]:
-        """The smallest position over registered readers (None when there are none), and the
-        offset of that reader's position word (what a spin waits on)."""
-        mm = self._mm
-        active = sl.load_seq_cst(mm, H["active_mask"])
-        lo, where = None, 0
-        for i in _bits(active):
-            off = self._reader_off[i] + R["position"]
-            p = sl.load_seq_cst(mm, off)
-            if lo is None or p < lo:
-                lo, where = p, off
-        return lo, where
-
     def _wait_for_space(self, n: int, timeout: float | None) -> None:
-        lo = self._slowest()[0]
+        lo = self._readers.slowest()[0]
         if lo is None or n < lo + self._slots:
             return  # the common case: no clock read, no spin set-up
         mm = self._mm
         deadline = None if timeout is None else time.monotonic() + timeout
         spin_end = time.monotonic_ns() + self._spin_ns if self._spin_ns else 0
         while True:
-            lo, where = self._slowest()
+            lo, where = self._readers.slowest()
             if lo is None or n < lo + self._slots:
                 return
             left = spin_end - time.monotonic_ns() if spin_end else 0
@@ -501,7 +458,7 @@ class RingWriter:
             # samples instead of a context switch per sample. Stored as target + 1 (0 = awake).
             target = n - self._slots + 1 + (self._slots - 1) // 2
             sl.store_seq_cst(mm, H["writer_waiting"], target + 1)
-            lo = self._slowest()[0]
+            lo = self._readers.slowest()[0]
             if lo is None or n < lo + self._slots:
                 sl.store_seq_cst(mm, H["writer_waiting"], 0)
                 return
@@ -518,20 +475,9 @@ class RingWriter:
             except posix_ipc.BusyError:
                 # Blocked, not dead: keep the heartbeat moving (see `_producer_alive`, rule 4).
                 sl.store_release(mm, H["heartbeat_ns"], time.monotonic_ns())
-                self._evict_dead_readers()
+                self._readers.evict_dead()
             except posix_ipc.SignalError:
                 pass  # NOTE [signals in waits] (ring_reader.py): the loop looks again, sleeps again
-
-    def _evict_dead_readers(self) -> list[int]:
-        """Unregister readers whose process is gone, so they stop holding the writer back."""
-        mm, evicted = self._mm, []
-        for i in _bits(sl.load_seq_cst(mm, H["active_mask"])):
-            off = self._reader_off[i]
-            pid = sl.load_acquire(mm, off + R["pid"])
-            if not _pid_alive(pid):
-                _release_entry(mm, i, off, pid)
-                evicted.append(i)
-        return evicted
 
     # --- status and lifetime -----------------------------------------------------------
 

@@ -248,7 +248,7 @@ def test_a_ring_without_registered_readers_never_needs_its_next_slot(ring_name):
 def test_a_reader_the_writer_keeps_lapping_is_not_protected_by_copies(ring_name):
     """A slower lossy reader loses (written - read) samples whichever slot a write takes, so
     copying for it saves nothing; once it keeps up again, a moment's lag is protected again."""
-    from protocol.ring_writer import LAPPED_WINDOW
+    from protocol.ring_readers import LAPPED_WINDOW
 
     def write(w, n):
         w.next_slot_needed()  # what the producer asks before each sample (it samples drops)
