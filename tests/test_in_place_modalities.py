@@ -57,14 +57,20 @@ def test_a_view_of_another_shape_is_left_alone_and_the_input_made_apart(samples)
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def _made_into_out(fn, *args) -> None:
+    """`fn(*args, out)` writes into a float32 `out` (NaN-filled first, so every element is
+    seen written) and returns it, equal to what `fn(*args)` makes on its own."""
+    want = fn(*args)
+    out = np.full(want.shape, np.nan, np.float32)
+    assert fn(*args, out) is out
+    np.testing.assert_array_equal(out, want)
+
+
 def test_log_mel_from_samples_computes_into_out():
     cfg = AudioConfig()
     rng = np.random.default_rng(0)
     x = rng.standard_normal(cfg.n_samples).astype(np.float32)
-    want = audio.log_mel_from_samples(x, cfg)
-    out = np.full(want.shape, np.nan, np.float32)
-    assert audio.log_mel_from_samples(x, cfg, out) is out
-    np.testing.assert_array_equal(out, want)
+    _made_into_out(audio.log_mel_from_samples, x, cfg)
 
 
 def test_lidar_bev_rasterises_into_out():
@@ -72,19 +78,13 @@ def test_lidar_bev_rasterises_into_out():
     pts = np.random.default_rng(1).uniform(-40, 40, (5000, 4)).astype(np.float32)
     pts[:, 2] = np.abs(pts[:, 2]) % 3 - 1.5
     pts[:, 3] = np.abs(pts[:, 3]) / 40
-    want = lidar.bev(pts, cfg)
-    out = np.full(want.shape, np.nan, np.float32)
-    assert lidar.bev(pts, cfg, out) is out
-    np.testing.assert_array_equal(out, want)
+    _made_into_out(lidar.bev, pts, cfg)
 
 
 def test_radar_points_bev_rasterises_into_out():
     cfg = RadarConfig()
     pts = np.random.default_rng(2).uniform(-30, 30, (800, 5)).astype(np.float32)
-    want = radar.points_bev(pts, cfg)
-    out = np.full(want.shape, np.nan, np.float32)
-    assert radar.points_bev(pts, cfg, out) is out
-    np.testing.assert_array_equal(out, want)
+    _made_into_out(radar.points_bev, pts, cfg)
 
 
 def test_an_unknown_float32_file_is_read_straight_into_out(tmp_path):

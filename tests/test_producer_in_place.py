@@ -3,6 +3,8 @@
 Bytes copied into slots beyond the pipeline's own output are counted in status `copies`."""
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from pathlib import Path
 
@@ -64,6 +66,17 @@ def _run(source, *args, env=None) -> Daemon:
                   "--slot-bytes", str(SLOT_BYTES), *args, env=env)
 
 
+@contextlib.contextmanager
+def _in_place(source):
+    """A running daemon that has made a few samples in place already; stopped after."""
+    d = _run(source)
+    try:
+        wait_for(lambda: _copies(d)["in_place_samples"] >= 3, what="samples made in place")
+        yield d
+    finally:
+        d.stop()
+
+
 def _copies(d: Daemon) -> dict:
     return d.status()["copies"]
 
@@ -82,23 +95,17 @@ def test_after_a_generations_first_sample_no_byte_is_copied_into_the_ring(plain)
 
 
 def test_a_sample_made_in_place_reads_back_equal_to_the_pipelines_own(plain):
-    d = _run(plain)
-    try:
-        wait_for(lambda: _copies(d)["in_place_samples"] >= 3, what="samples made in place")
+    with _in_place(plain) as d:
         s = first_sample_of(d.ring, 1)
         by_key = {x.key: x for x in index_dataset(plain).samples}
         want = Pipeline(PipelineConfig(clip_frames=4)).process(by_key[s.meta.source])
         assert list(s.arrays) == list(want)
         for name, a in want.items():
             np.testing.assert_array_equal(s.arrays[name], a, err_msg=name)
-    finally:
-        d.stop()
 
 
 def test_a_filter_change_copies_its_first_sample_once_then_is_back_to_zero(plain):
-    d = _run(plain)
-    try:
-        wait_for(lambda: _copies(d)["in_place_samples"] >= 3, what="samples made in place")
+    with _in_place(plain) as d:
         before = _copies(d)
         gen = d.request("filter", spec="gray")["generation"]
         first_sample_of(d.ring, gen)
@@ -107,8 +114,6 @@ def test_a_filter_change_copies_its_first_sample_once_then_is_back_to_zero(plain
         assert c["copied_samples"] == before["copied_samples"] + 1  # the new schema's first
         assert c["copy_bytes_per_sample"] == 0
         assert d.status()["generation"] == gen
-    finally:
-        d.stop()
 
 
 def test_samples_alternating_between_two_schemas_copy_only_the_input_that_differs(mixed):
@@ -127,10 +132,8 @@ def test_a_reader_one_ring_behind_keeps_its_next_sample_and_a_lapped_one_costs_n
     making of the new one (tens of ms at 1080p); the step makes that one apart and publishes
     it by copy instead, counted. Once the reader is lapped (it never reads here) its next
     sample is gone whatever a write does, so the samples after it are made in place again
-    while it is still attached (protocol/ring_writer.py next_slot_needed)."""
-    d = _run(plain)
-    try:
-        wait_for(lambda: _copies(d)["in_place_samples"] >= 3, what="samples made in place")
+    while it is still attached (protocol/ring_readers.py next_slot_needed)."""
+    with _in_place(plain) as d:
         with RingReader.attach(d.ring, start="newest"):  # registered, never reads
             c = wait_for(lambda: (c := _copies(d))["copied_reader_behind"] >= 1 and c,
                          what="the sample made apart for the reader one ring behind")
@@ -139,8 +142,6 @@ def test_a_reader_one_ring_behind_keeps_its_next_sample_and_a_lapped_one_costs_n
                              >= c["in_place_samples"] + 3 and a,
                              what="in place again with the lapped reader still attached")
             assert after["copied_reader_behind"] == c["copied_reader_behind"]
-    finally:
-        d.stop()
 
 
 def test_the_forced_copy_path_copies_every_whole_sample(plain):
