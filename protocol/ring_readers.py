@@ -64,10 +64,9 @@ class ReaderTable:
             dropped = sl.load_acquire(mm, base + R["dropped"])
             seen = self._drops.get(i)
             if seen is None or seen[0] != start:      # a reader new to this entry
-                seen = (start, dropped, _NEVER)
+                seen = self._drops[i] = (start, dropped, _NEVER)
             elif seen[1] != dropped:                  # lapped since the last look
-                seen = (start, dropped, n)
-            self._drops[i] = seen
+                seen = self._drops[i] = (start, dropped, n)
             if n == sl.load_seq_cst(mm, base + R["position"]) + self._slots \
                     and n - seen[2] > LAPPED_WINDOW * self._slots:
                 needed = True
